@@ -1,0 +1,291 @@
+"""Sources files: YAML validated by pydantic models.
+
+Every problem is reported at once, each naming the file, the entry and the
+field, so a user fixes a file in one pass instead of one error per run.
+String values may reference environment variables as ``${NAME}`` or
+``${NAME:-default}``; a missing variable is a config error, not an empty string.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trawl.errors import ConfigError, ConfigIssue
+
+__all__ = [
+    "ApiField",
+    "ApiSource",
+    "FieldType",
+    "FollowRules",
+    "HtmlField",
+    "HtmlSource",
+    "Pagination",
+    "Politeness",
+    "Source",
+    "SourcesFile",
+    "load_sources",
+    "select_sources",
+]
+
+FieldType = Literal["text", "int", "float", "bool", "date", "timestamp", "json"]
+_NAME = r"^[a-z][a-z0-9_]{0,62}$"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _check_regex(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+    return value
+
+
+def _check_http_url(value: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError(f"not an http(s) URL: {value!r}")
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Politeness(_Model):
+    """Per-source overrides of the per-host politeness settings."""
+
+    concurrency: int | None = Field(default=None, ge=1)
+    delay: float | None = Field(default=None, ge=0)
+
+
+class HtmlField(_Model):
+    """A field pulled from a page with a CSS selector."""
+
+    type: FieldType = "text"
+    selector: str = Field(min_length=1)
+    attr: str | None = None
+    all: bool = False
+    regex: str | None = None
+    required: bool = False
+
+    _regex = field_validator("regex")(_check_regex)
+
+
+class ApiField(_Model):
+    """A field of a JSON item; ``path`` is a dotted path into the item (default: its name)."""
+
+    type: FieldType = "text"
+    path: str | None = None
+    required: bool = False
+
+
+class FollowRules(_Model):
+    """Which links a crawl follows from its start URLs."""
+
+    allow: list[str] = Field(default_factory=list)
+    deny: list[str] = Field(default_factory=list)
+    same_host: bool = True
+    max_depth: int = Field(default=3, ge=0)
+
+    @field_validator("allow", "deny")
+    @classmethod
+    def _regexes(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            _check_regex(pattern)
+        return value
+
+
+class HtmlSource(_Model):
+    """Static HTML: a fixed URL list, or a crawl from start URLs."""
+
+    kind: Literal["html"]
+    name: str = Field(pattern=_NAME)
+    urls: list[str] = Field(default_factory=list)
+    start_urls: list[str] = Field(default_factory=list)
+    follow: FollowRules = Field(default_factory=FollowRules)
+    record_urls: str | None = Field(
+        default=None, description="Regex: only pages whose URL matches produce records (default: every page)."
+    )
+    item_selector: str | None = Field(
+        default=None, description="CSS selector: one record per match, fields selected inside it."
+    )
+    key: str | list[str] = "url"
+    fields: dict[str, HtmlField] = Field(min_length=1)
+    politeness: Politeness = Field(default_factory=Politeness)
+    enabled: bool = True
+
+    _record_urls = field_validator("record_urls")(_check_regex)
+
+    @field_validator("urls", "start_urls")
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        return [_check_http_url(u) for u in value]
+
+    @model_validator(mode="after")
+    def _shape(self) -> HtmlSource:
+        if not self.urls and not self.start_urls:
+            raise ValueError("needs `urls` (a fixed list) or `start_urls` (a crawl)")
+        for k in self.key_fields:
+            if k != "url" and k not in self.fields:
+                raise ValueError(f"key field {k!r} is not a declared field")
+        return self
+
+    @property
+    def key_fields(self) -> list[str]:
+        return [self.key] if isinstance(self.key, str) else list(self.key)
+
+
+class Pagination(_Model):
+    """How an API's pages are walked."""
+
+    type: Literal["none", "page", "offset", "cursor", "next_url", "link_header"] = "none"
+    param: str | None = Field(default=None, description="Query parameter carrying the page, offset or cursor.")
+    start: int | None = Field(default=None, ge=0, description="First page number (1) or offset (0).")
+    size_param: str | None = Field(default=None, description="Query parameter carrying the page size.")
+    size: int | None = Field(default=None, ge=1)
+    cursor_path: str | None = Field(default=None, description="Dotted path of the next cursor in the body.")
+    next_path: str | None = Field(default=None, description="Dotted path of the next page's URL in the body.")
+    max_pages: int = Field(default=100_000, ge=1)
+
+    @model_validator(mode="after")
+    def _shape(self) -> Pagination:
+        if self.type == "cursor" and not self.cursor_path:
+            raise ValueError("cursor pagination needs `cursor_path`")
+        if self.type == "next_url" and not self.next_path:
+            raise ValueError("next_url pagination needs `next_path`")
+        if self.type == "offset" and not self.size:
+            raise ValueError("offset pagination needs `size`")
+        return self
+
+
+class ApiSource(_Model):
+    """A JSON HTTP API, walked page by page."""
+
+    kind: Literal["api"]
+    name: str = Field(pattern=_NAME)
+    url: str
+    params: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(default_factory=dict)
+    items_path: str | None = Field(default=None, description="Dotted path to the list of items (default: the body).")
+    pagination: Pagination = Field(default_factory=Pagination)
+    key: str | list[str] = "url"
+    fields: dict[str, ApiField] = Field(default_factory=dict)
+    politeness: Politeness = Field(default_factory=Politeness)
+    enabled: bool = True
+
+    _url = field_validator("url")(_check_http_url)
+
+    @property
+    def key_fields(self) -> list[str]:
+        return [self.key] if isinstance(self.key, str) else list(self.key)
+
+
+Source = Annotated[HtmlSource | ApiSource, Field(discriminator="kind")]
+
+
+class SourcesFile(_Model):
+    """A whole sources file."""
+
+    version: Literal[1] = 1
+    sources: list[Source] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> SourcesFile:
+        seen: set[str] = set()
+        for s in self.sources:
+            if s.name in seen:
+                raise ValueError(f"source name {s.name!r} is used twice")
+            seen.add(s.name)
+        return self
+
+
+def _interpolate(node: Any, env: Mapping[str, str], path: tuple[Any, ...], missing: list[tuple[tuple[Any, ...], str]]) -> Any:
+    if isinstance(node, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            missing.append((path, name))
+            return m.group(0)
+
+        return _ENV_REF.sub(sub, node)
+    if isinstance(node, list):
+        return [_interpolate(v, env, (*path, i), missing) for i, v in enumerate(node)]
+    if isinstance(node, dict):
+        return {k: _interpolate(v, env, (*path, k), missing) for k, v in node.items()}
+    return node
+
+
+def _locate(raw: Any, loc: tuple[Any, ...]) -> tuple[str, str]:
+    """Split a pydantic error location into ('sources[2] (name)', 'fields.price.type')."""
+    if len(loc) >= 2 and loc[0] == "sources" and isinstance(loc[1], int):
+        index = loc[1]
+        rest = list(loc[2:])
+        entry = f"sources[{index}]"
+        item = raw.get("sources")[index] if isinstance(raw, dict) and isinstance(raw.get("sources"), list) else None
+        if isinstance(item, dict):
+            if item.get("name"):
+                entry += f" ({item['name']})"
+            if rest and rest[0] == item.get("kind"):
+                rest = rest[1:]  # the discriminator tag pydantic inserts
+        return entry, ".".join(str(p) for p in rest)
+    return "(file)", ".".join(str(p) for p in loc)
+
+
+def load_sources(path: str | Path, env: Mapping[str, str] | None = None) -> SourcesFile:
+    """Read and validate a sources file; raises ConfigError listing every problem."""
+    file = str(path)
+    env = os.environ if env is None else env
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read sources file: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+        problem = getattr(exc, "problem", None) or str(exc)
+        issue = ConfigIssue(file, where, "", f"invalid YAML: {problem}")
+        raise ConfigError(str(issue), [issue]) from None
+    if not isinstance(raw, dict):
+        issue = ConfigIssue(file, "(file)", "", "expected a mapping with a `sources:` list")
+        raise ConfigError(str(issue), [issue])
+    missing: list[tuple[tuple[Any, ...], str]] = []
+    data = _interpolate(raw, env, (), missing)
+    issues = []
+    for loc, name in missing:
+        entry, fld = _locate(raw, loc)
+        issues.append(ConfigIssue(file, entry, fld, f"environment variable {name} is not set"))
+    try:
+        parsed = SourcesFile.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            entry, fld = _locate(raw, tuple(err["loc"]))
+            msg = err["msg"].removeprefix("Value error, ")
+            issues.append(ConfigIssue(file, entry, fld, msg))
+        parsed = None
+    if issues or parsed is None:
+        raise ConfigError(f"{file}: {len(issues)} problem(s)", issues)
+    return parsed
+
+
+def select_sources(spec: SourcesFile, names: list[str] | None) -> list[HtmlSource | ApiSource]:
+    """The enabled sources, or exactly the named ones (unknown names are an error)."""
+    if not names:
+        return [s for s in spec.sources if s.enabled]
+    by_name = {s.name: s for s in spec.sources}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ConfigError(f"unknown source(s): {', '.join(unknown)} (known: {', '.join(by_name)})")
+    return [by_name[n] for n in names]

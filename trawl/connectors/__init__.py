@@ -1,0 +1,26 @@
+"""Source kinds: each turns one configured source into a stream of records."""
+
+from __future__ import annotations
+
+from trawl.config import ApiSource, HtmlSource
+from trawl.connectors.api import ApiConnector
+from trawl.connectors.base import Connector, SourceContext, SourceStats, make_record, record_key
+from trawl.connectors.html import HtmlConnector
+
+__all__ = [
+    "ApiConnector",
+    "Connector",
+    "HtmlConnector",
+    "SourceContext",
+    "SourceStats",
+    "connector_for",
+    "make_record",
+    "record_key",
+]
+
+
+def connector_for(source: HtmlSource | ApiSource, ctx: SourceContext) -> Connector:
+    """The connector that runs a source of this kind."""
+    if isinstance(source, HtmlSource):
+        return HtmlConnector(source, ctx)
+    return ApiConnector(source, ctx)

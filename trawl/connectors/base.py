@@ -1,0 +1,122 @@
+"""What every connector shares: the context it runs in and the one way it fetches a URL."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+import orjson
+import structlog
+
+from trawl.errors import BlockedNetworkError, FetchError
+from trawl.extract import get_path
+from trawl.fetch import Fetcher, Response, TransportName
+from trawl.records import Outcome, OutcomeKind, Record
+from trawl.settings import Settings
+
+__all__ = ["Connector", "SourceContext", "SourceStats", "make_record", "record_key"]
+
+log = structlog.get_logger("trawl.connectors")
+
+
+@dataclass(slots=True)
+class SourceStats:
+    """Running counts of one source's crawl."""
+
+    pages: int = 0
+    records: int = 0
+    bytes: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    discovered: int = 0
+
+    @property
+    def failures(self) -> int:
+        return sum(n for k, n in self.outcomes.items() if k != OutcomeKind.FETCHED)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "pages": self.pages,
+            "records": self.records,
+            "bytes": self.bytes,
+            "discovered": self.discovered,
+            "failures": self.failures,
+            "outcomes": dict(self.outcomes),
+        }
+
+
+@dataclass(slots=True)
+class SourceContext:
+    """What a connector needs to run: shared fetcher, its source's run id, and an outcome sink."""
+
+    run_id: str
+    settings: Settings
+    fetcher: Fetcher
+    emit_outcome: Callable[[Outcome], Awaitable[None]]
+    stats: SourceStats = field(default_factory=SourceStats)
+
+    async def fetch(
+        self,
+        source: str,
+        url: str,
+        *,
+        transport: TransportName,
+        headers: Mapping[str, str] | None = None,
+        concurrency: int | None = None,
+        delay: float | None = None,
+    ) -> Response | None:
+        """Fetch a URL and record exactly one outcome for it; None when it failed."""
+        try:
+            resp = await self.fetcher.get(
+                url, transport=transport, headers=headers, concurrency=concurrency, delay=delay
+            )
+        except FetchError as exc:
+            kind = OutcomeKind.BLOCKED_NETWORK if isinstance(exc, BlockedNetworkError) else OutcomeKind.FAILED
+            log.warning("url failed", url=url, outcome=kind.value, error=str(exc), attempts=exc.attempts)
+            await self.outcome(
+                Outcome(self.run_id, source, url, kind, exc.status, exc.attempts, 0, exc.elapsed_ms, str(exc))
+            )
+            return None
+        self.stats.pages += 1
+        self.stats.bytes += len(resp.body)
+        return resp
+
+    async def outcome(self, outcome: Outcome) -> None:
+        """Count and stage one URL outcome."""
+        self.stats.outcomes[outcome.outcome.value] += 1
+        await self.emit_outcome(outcome)
+
+    async def fetched(self, source: str, url: str, resp: Response, kind: OutcomeKind = OutcomeKind.FETCHED,
+                      error: str | None = None) -> None:
+        """Record the outcome of a URL whose response was received."""
+        await self.outcome(
+            Outcome(self.run_id, source, url, kind, resp.status, resp.attempts, len(resp.body), resp.elapsed_ms, error)
+        )
+
+
+class Connector(Protocol):
+    """A source kind: ``fetch()`` yields records and records one outcome per URL it touches."""
+
+    def fetch(self) -> AsyncIterator[Record]: ...
+
+
+def record_key(data: Mapping[str, Any], url: str, key_fields: list[str]) -> str | None:
+    """The natural key: the URL, one field's value, or a JSON array of several (None if any is missing)."""
+    if key_fields == ["url"]:
+        return url
+    values = []
+    for name in key_fields:
+        v = url if name == "url" else get_path(data, name)
+        if v is None or v == "" or v == []:
+            return None
+        values.append(v if isinstance(v, str) else orjson.dumps(v).decode())
+    return values[0] if len(values) == 1 else orjson.dumps(values).decode()
+
+
+def make_record(
+    source: str, run_id: str, url: str, fetched_at: datetime, data: dict[str, Any], key_fields: list[str]
+) -> Record:
+    """Wrap extracted data in its staging envelope."""
+    return Record(source, record_key(data, url, key_fields), url, fetched_at, run_id, data)

@@ -1,0 +1,352 @@
+"""The one request path every connector uses.
+
+:class:`Fetcher` owns the HTTP clients (aiohttp for bulk HTML, httpx for APIs)
+and applies, per host, a concurrency cap and a minimum delay between request
+starts; retries transient failures with capped exponential backoff, full jitter
+and ``Retry-After``; follows redirects itself so every hop passes the network
+guard; and caps body size while streaming (after decompression).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any, Literal, Protocol
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+import httpx
+import orjson
+import structlog
+
+from trawl.errors import BlockedNetworkError, FetchError, PermanentFetchError, TransientFetchError
+from trawl.records import utcnow
+from trawl.settings import Settings
+
+__all__ = ["Fetcher", "NetworkGuard", "Response", "TransportName"]
+
+log = structlog.get_logger("trawl.fetch")
+
+TransportName = Literal["aiohttp", "httpx"]
+_TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504, 507, 508, 509, 520, 521, 522, 523, 524})
+_REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A fetched response: final URL, status, lower-cased headers and the whole body."""
+
+    url: str
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    attempts: int
+    elapsed_ms: int
+
+    def json(self) -> Any:
+        """The body parsed as JSON; a parse failure is permanent."""
+        try:
+            return orjson.loads(self.body)
+        except orjson.JSONDecodeError as exc:
+            raise PermanentFetchError(f"invalid JSON: {exc}", url=self.url, status=self.status) from None
+
+    def text(self) -> str:
+        """The body decoded with the declared charset (UTF-8 default), never raising."""
+        ctype = self.headers.get("content-type", "")
+        charset = "utf-8"
+        for part in ctype.split(";")[1:]:
+            k, _, v = part.strip().partition("=")
+            if k.lower() == "charset" and v:
+                charset = v.strip('"')
+        try:
+            return self.body.decode(charset, errors="replace")
+        except LookupError:
+            return self.body.decode("utf-8", errors="replace")
+
+
+class NetworkGuard:
+    """Refuses hosts that resolve to loopback, private, link-local, CGNAT, multicast or reserved
+    addresses unless one of the allowed networks contains them."""
+
+    _CGNAT = ipaddress.ip_network("100.64.0.0/10")
+
+    def __init__(self, allowed: list[str]) -> None:
+        self._allowed = [ipaddress.ip_network(n, strict=False) for n in allowed]
+        self._cache: dict[str, str | None] = {}
+
+    def _forbidden(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(ip in net for net in self._allowed):
+            return False
+        return (
+            ip.is_loopback
+            or ip.is_private
+            or ip.is_link_local
+            or ip.is_multicast
+            or ip.is_reserved
+            or ip.is_unspecified
+            or (isinstance(ip, ipaddress.IPv4Address) and ip in self._CGNAT)
+        )
+
+    async def check(self, url: str) -> None:
+        """Raise BlockedNetworkError when the URL's host resolves to a forbidden address."""
+        host = urlsplit(url).hostname or ""
+        if host not in self._cache:
+            self._cache[host] = await self._verdict(host)
+        reason = self._cache[host]
+        if reason:
+            raise BlockedNetworkError(reason, url=url)
+
+    async def _verdict(self, host: str) -> str | None:
+        try:
+            addrs = [ipaddress.ip_address(host)]
+        except ValueError:
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            except OSError:
+                return None  # let the connection attempt fail and be retried/recorded as usual
+            addrs = [ipaddress.ip_address(str(i[4][0]).split("%")[0]) for i in infos]
+        for ip in addrs:
+            if self._forbidden(ip):
+                return f"{host} resolves to {ip}, a network the settings do not allow"
+        return None
+
+
+@dataclass(slots=True)
+class _HostGate:
+    """Per-host concurrency cap and minimum gap between request starts."""
+
+    slots: asyncio.Semaphore
+    delay: float
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    next_start: float = 0.0
+
+    async def wait_turn(self) -> None:
+        if self.delay <= 0:
+            return
+        async with self.lock:
+            now = time.monotonic()
+            if self.next_start > now:
+                await asyncio.sleep(self.next_start - now)
+            self.next_start = max(now, self.next_start) + self.delay
+
+
+class _Transport(Protocol):
+    async def get(
+        self, url: str, headers: Mapping[str, str], max_bytes: int
+    ) -> tuple[int, dict[str, str], bytes]: ...
+
+    async def close(self) -> None: ...
+
+
+def _too_large(url: str, limit: int) -> PermanentFetchError:
+    return PermanentFetchError(f"body larger than {limit} bytes", url=url)
+
+
+class _AiohttpTransport:
+    def __init__(self, settings: Settings) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
+            ),
+            connector=aiohttp.TCPConnector(limit=settings.total_concurrency, ttl_dns_cache=300),
+            headers={"User-Agent": settings.user_agent},
+        )
+
+    async def get(self, url: str, headers: Mapping[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]:
+        try:
+            async with self._session.get(url, headers=dict(headers), allow_redirects=False) as resp:
+                declared = resp.content_length
+                if declared is not None and declared > max_bytes and resp.status < 300:
+                    raise _too_large(url, max_bytes)
+                chunks = []
+                size = 0
+                async for chunk in resp.content.iter_chunked(_CHUNK):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise _too_large(url, max_bytes)
+                    chunks.append(chunk)
+                hdrs = {k.lower(): v for k, v in resp.headers.items()}
+                return resp.status, hdrs, b"".join(chunks)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise TransientFetchError(f"{type(exc).__name__}: {exc}", url=url) from exc
+        except aiohttp.ClientError as exc:
+            raise PermanentFetchError(f"{type(exc).__name__}: {exc}", url=url) from exc
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+class _HttpxTransport:
+    def __init__(self, settings: Settings) -> None:
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
+            limits=httpx.Limits(max_connections=settings.total_concurrency),
+            headers={"User-Agent": settings.user_agent},
+            follow_redirects=False,
+        )
+
+    async def get(self, url: str, headers: Mapping[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]:
+        try:
+            async with self._client.stream("GET", url, headers=dict(headers)) as resp:
+                chunks = []
+                size = 0
+                async for chunk in resp.aiter_bytes(_CHUNK):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise _too_large(url, max_bytes)
+                    chunks.append(chunk)
+                hdrs = {k.lower(): v for k, v in resp.headers.items()}
+                return resp.status_code, hdrs, b"".join(chunks)
+        except httpx.TransportError as exc:  # connect/read errors, timeouts, truncated bodies
+            raise TransientFetchError(f"{type(exc).__name__}: {exc}", url=url) from exc
+        except httpx.HTTPError as exc:
+            raise PermanentFetchError(f"{type(exc).__name__}: {exc}", url=url) from exc
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - utcnow()).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+class Fetcher:
+    """Every request of a process goes through one Fetcher (an async context manager)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._guard = NetworkGuard(settings.allowed_networks)
+        self._gates: dict[str, _HostGate] = {}
+        self._transports: dict[str, _Transport] = {}
+
+    async def __aenter__(self) -> Fetcher:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for transport in self._transports.values():
+            await transport.close()
+        self._transports.clear()
+
+    def _transport(self, name: TransportName) -> _Transport:
+        if name not in self._transports:
+            self._transports[name] = (
+                _AiohttpTransport(self._settings) if name == "aiohttp" else _HttpxTransport(self._settings)
+            )
+        return self._transports[name]
+
+    def _gate(self, host: str, concurrency: int | None, delay: float | None) -> _HostGate:
+        gate = self._gates.get(host)
+        if gate is None:
+            gate = _HostGate(
+                slots=asyncio.Semaphore(concurrency or self._settings.per_host_concurrency),
+                delay=self._settings.per_host_delay if delay is None else delay,
+            )
+            self._gates[host] = gate
+        return gate
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        s = self._settings
+        sleep = random.uniform(0, min(s.backoff_max, s.backoff_base * 2**attempt))
+        if retry_after is not None:
+            sleep = max(sleep, min(retry_after, s.backoff_max))
+        return sleep
+
+    async def get(
+        self,
+        url: str,
+        *,
+        transport: TransportName = "aiohttp",
+        headers: Mapping[str, str] | None = None,
+        concurrency: int | None = None,
+        delay: float | None = None,
+    ) -> Response:
+        """GET a URL through politeness, retries, redirects and limits.
+
+        Raises FetchError (with ``attempts`` and ``elapsed_ms`` set) when the URL
+        finally fails; a non-2xx final status is an error too.
+        """
+        started = time.monotonic()
+        attempts = 0
+        last: FetchError | None = None
+        try:
+            for attempt in range(self._settings.max_retries + 1):
+                attempts += 1
+                retry_after: float | None = None
+                try:
+                    final_url, status, hdrs, body = await self._attempt(
+                        url, transport, headers or {}, concurrency, delay
+                    )
+                    if 200 <= status < 300:
+                        return Response(
+                            final_url, status, hdrs, body, attempts, int((time.monotonic() - started) * 1000)
+                        )
+                    cls = TransientFetchError if status in _TRANSIENT_STATUS else PermanentFetchError
+                    last = cls(f"HTTP {status}", url=final_url, status=status)
+                    retry_after = _retry_after(hdrs)
+                except FetchError as exc:
+                    last = exc
+                if not last.transient or attempt == self._settings.max_retries:
+                    break
+                pause = self._backoff(attempt, retry_after)
+                log.info("retrying", url=url, attempt=attempts, error=str(last), sleep_s=round(pause, 3))
+                await asyncio.sleep(pause)
+            assert last is not None
+            raise last
+        except FetchError as exc:
+            exc.attempts = attempts
+            exc.elapsed_ms = int((time.monotonic() - started) * 1000)
+            raise
+
+    async def _attempt(
+        self,
+        url: str,
+        transport: TransportName,
+        headers: Mapping[str, str],
+        concurrency: int | None,
+        delay: float | None,
+    ) -> tuple[str, int, dict[str, str], bytes]:
+        client = self._transport(transport)
+        s = self._settings
+        current = url
+        for _hop in range(s.max_redirects + 1):
+            parts = urlsplit(current)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise PermanentFetchError(f"not an http(s) URL: {current}", url=current)
+            await self._guard.check(current)
+            gate = self._gate(parts.netloc.lower(), concurrency, delay)
+            async with gate.slots:
+                await gate.wait_turn()
+                try:
+                    async with asyncio.timeout(s.total_timeout):
+                        status, hdrs, body = await client.get(current, headers, s.max_body_bytes)
+                except TimeoutError:
+                    raise TransientFetchError(
+                        f"timed out after {s.total_timeout}s", url=current
+                    ) from None
+            if status in _REDIRECT_STATUS and "location" in hdrs:
+                current = urljoin(current, hdrs["location"])
+                continue
+            return current, status, hdrs, body
+        raise PermanentFetchError(f"more than {s.max_redirects} redirects", url=url)

@@ -1,0 +1,107 @@
+"""The values that flow between stages: records and URL outcomes."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "Outcome",
+    "OutcomeKind",
+    "Record",
+    "canonical_json",
+    "content_hash",
+    "utcnow",
+]
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, the only clock records use."""
+    return datetime.now(UTC)
+
+
+def canonical_json(value: Any) -> bytes:
+    """Deterministic JSON: sorted keys, no whitespace, UTC datetimes."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS)
+
+
+def content_hash(data: dict[str, Any]) -> str:
+    """sha256 over the canonical JSON of a record's data: equal data, equal hash."""
+    return hashlib.sha256(canonical_json(data)).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One scraped record in its staging envelope."""
+
+    source: str
+    key: str | None
+    url: str
+    fetched_at: datetime
+    run_id: str
+    data: dict[str, Any]
+    content_hash: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.content_hash:
+            object.__setattr__(self, "content_hash", content_hash(self.data))
+
+    def envelope(self) -> dict[str, Any]:
+        """The JSON object staged for this record (DESIGN.md: staging layout)."""
+        return {
+            "source": self.source,
+            "key": self.key,
+            "url": self.url,
+            "fetched_at": self.fetched_at,
+            "run_id": self.run_id,
+            "content_hash": self.content_hash,
+            "data": self.data,
+        }
+
+
+class OutcomeKind(StrEnum):
+    """How a URL ended: exactly one per URL a run touches."""
+
+    FETCHED = "fetched"
+    NOT_MODIFIED = "not_modified"
+    FAILED = "failed"
+    SKIPPED_ROBOTS = "skipped_robots"
+    SKIPPED_BREAKER = "skipped_breaker"
+    BLOCKED_NETWORK = "blocked_network"
+    FILTERED = "filtered"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The recorded end of one URL."""
+
+    run_id: str
+    source: str
+    url: str
+    outcome: OutcomeKind
+    http_status: int | None = None
+    attempts: int = 0
+    bytes: int = 0
+    elapsed_ms: int = 0
+    error: str | None = None
+    at: datetime = field(default_factory=utcnow)
+
+    def envelope(self) -> dict[str, Any]:
+        """The JSON object staged for this outcome."""
+        return {
+            "run_id": self.run_id,
+            "source": self.source,
+            "url": self.url,
+            "outcome": self.outcome.value,
+            "http_status": self.http_status,
+            "attempts": self.attempts,
+            "bytes": self.bytes,
+            "elapsed_ms": self.elapsed_ms,
+            "error": self.error,
+            "at": self.at,
+        }

@@ -1,0 +1,91 @@
+"""The one settings object, read from ``TRAWL_*`` environment variables.
+
+Settings are built once at the edge (CLI, flow entry) and passed down
+explicitly; nothing deeper in the call tree reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Every knob trawl has, each overridable as ``TRAWL_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="TRAWL_", extra="ignore", frozen=True)
+
+    staging: str = Field(
+        default="file://./.trawl/staging",
+        description="Where raw records and outcomes are staged: `file://DIR` (or a plain path) or `s3://BUCKET/PREFIX`.",
+    )
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="PostgreSQL DSN to load into. Unset: an embedded PostgreSQL under `embedded_pg_dir`.",
+    )
+    db_schema: str = Field(
+        default="trawl",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="PostgreSQL schema holding the source tables and the `_runs`/`_loads`/`_rejects`/`_outcomes` tables.",
+    )
+    embedded_pg_dir: Path = Field(
+        default=Path(".trawl/pg"),
+        description="Data directory of the embedded PostgreSQL used when no database URL is given.",
+    )
+    allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs the fetch layer may connect to even though they are loopback/private/link-local "
+        "(e.g. `127.0.0.0/8` for a local demo). Empty: only public addresses.",
+    )
+    per_host_concurrency: int = Field(
+        default=8, ge=1, description="At most this many requests in flight to one host (sources may lower it)."
+    )
+    per_host_delay: float = Field(
+        default=0.0, ge=0, description="At least this many seconds between request starts to one host."
+    )
+    total_concurrency: int = Field(
+        default=128, ge=1, description="At most this many requests in flight across all hosts of one process."
+    )
+    connect_timeout: float = Field(default=10.0, gt=0, description="Seconds to establish a connection.")
+    read_timeout: float = Field(default=30.0, gt=0, description="Seconds to wait for the next bytes of a response.")
+    total_timeout: float = Field(default=60.0, gt=0, description="Seconds one attempt may take in all.")
+    max_retries: int = Field(
+        default=3, ge=0, description="Retries after the first attempt for transient failures (connect errors, timeouts, 429, 5xx)."
+    )
+    backoff_base: float = Field(
+        default=0.5, ge=0, description="Base of the exponential backoff between retries, in seconds (full jitter)."
+    )
+    backoff_max: float = Field(default=30.0, ge=0, description="Cap on one backoff sleep, `Retry-After` included.")
+    max_redirects: int = Field(default=10, ge=0, description="Redirects followed before a URL fails.")
+    max_body_bytes: int = Field(
+        default=10 * 1024 * 1024, ge=1024, description="Largest response body accepted (after decompression)."
+    )
+    user_agent: str = Field(
+        default="trawl/0.1 (+https://github.com/trawl/trawl)", description="User-Agent header sent with every request."
+    )
+    part_max_records: int = Field(default=50_000, ge=1, description="A staged part is closed after this many lines.")
+    part_max_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="A staged part is closed once this many compressed bytes are written."
+    )
+    max_pages: int | None = Field(
+        default=None, ge=1, description="Stop each source after this many fetched pages (None: no limit)."
+    )
+    queue_size: int = Field(
+        default=1000, ge=1, description="Bound of the queues between fetch workers and the stager (back-pressure)."
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="`json` lines, a readable `console` renderer, or `auto`: console on a TTY, else JSON."
+    )
+    log_level: str = Field(default="INFO", description="Lowest level logged by trawl's own loggers.")
+    demo_url: str | None = Field(
+        default=None, description="Base URL of the demo site; `trawl demo` sets it for `examples/demo.yaml`."
+    )
+
+    def database_dsn(self) -> str | None:
+        """The configured DSN as plain text (never log it)."""
+        return self.database_url.get_secret_value() if self.database_url else None

@@ -48,6 +48,14 @@ def _check_regex(value: str | None) -> str | None:
     return value
 
 
+def _check_field_names(value: dict[str, Any]) -> dict[str, Any]:
+    # Field names become column names: keep them plain identifiers that cannot clash with `_key`, `_extra`, ...
+    bad = [name for name in value if not re.match(_NAME, name)]
+    if bad:
+        raise ValueError(f"field name(s) {', '.join(map(repr, bad))} must match {_NAME} (they become column names)")
+    return value
+
+
 def _check_http_url(value: str) -> str:
     if not re.match(r"^https?://[^/\s]+", value):
         raise ValueError(f"not an http(s) URL: {value!r}")
@@ -122,6 +130,7 @@ class HtmlSource(_Model):
     enabled: bool = True
 
     _record_urls = field_validator("record_urls")(_check_regex)
+    _fields = field_validator("fields")(_check_field_names)
 
     @field_validator("urls", "start_urls")
     @classmethod
@@ -181,6 +190,7 @@ class ApiSource(_Model):
     enabled: bool = True
 
     _url = field_validator("url")(_check_http_url)
+    _fields = field_validator("fields")(_check_field_names)
 
     @property
     def key_fields(self) -> list[str]:
@@ -267,11 +277,14 @@ def load_sources(path: str | Path, env: Mapping[str, str] | None = None) -> Sour
     for loc, name in missing:
         entry, fld = _locate(raw, loc)
         issues.append(ConfigIssue(file, entry, fld, f"environment variable {name} is not set"))
+    unset = {_locate(raw, loc) for loc, _ in missing}
     try:
         parsed = SourcesFile.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors():
             entry, fld = _locate(raw, tuple(err["loc"]))
+            if (entry, fld) in unset or (entry, fld.rpartition(".")[0]) in unset:
+                continue  # already reported as the unset variable it follows from
             msg = err["msg"].removeprefix("Value error, ")
             issues.append(ConfigIssue(file, entry, fld, msg))
         parsed = None

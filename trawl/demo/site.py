@@ -374,7 +374,7 @@ def _product_html(p: Product) -> str:
     body = f"""<article class="product" data-id="{p.id}">
 <h1 class="name">{escape(p.name)}</h1>
 <p>SKU: <span class="sku">{p.sku}</span></p>
-<p class="price">${p.price:,.2f}</p>
+<p class="price" data-amount="{p.price:.2f}">${p.price:,.2f}</p>
 <p>Category: <span class="category">{escape(p.category)}</span></p>
 <p><span class="stock">{"In stock" if p.in_stock else "Out of stock"}</span></p>
 <p>Rating: <span class="rating" data-stars="{p.rating}">{stars}</span></p>

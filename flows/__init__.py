@@ -1,0 +1,1 @@
+"""Prefect flows: ``crawl`` (sources → staging), ``load`` (staging → PostgreSQL), ``pipeline`` (both)."""

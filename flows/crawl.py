@@ -1,0 +1,75 @@
+"""The crawl flow: every selected source concurrently, in one event loop, into staging."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows._common import current_flow_run_id, settings_for
+from sinks.stage import Stager, open_stager
+from trawl.config import ApiSource, HtmlSource, load_sources, select_sources
+from trawl.crawler import SourceFailed, SourceResult, crawl_source, new_run_id
+from trawl.fetch import Fetcher
+from trawl.logs import bind
+from trawl.settings import Settings
+
+__all__ = ["crawl"]
+
+log = structlog.get_logger("flows.crawl")
+
+
+@task(name="crawl-source", task_run_name="crawl-{name}", cache_policy=NO_CACHE)
+async def crawl_source_task(
+    name: str,
+    source: HtmlSource | ApiSource,
+    run_id: str,
+    settings: Settings,
+    fetcher: Fetcher,
+    stager: Stager,
+) -> SourceResult:
+    """One source's crawl, as its own task run in the UI (failed sources show as failed tasks)."""
+    return await crawl_source(
+        source, run_id=run_id, settings=settings, fetcher=fetcher, stager=stager,
+        flow_run_id=current_flow_run_id(),
+    )
+
+
+@flow(name="crawl", log_prints=True)
+async def crawl(
+    sources_file: str,
+    sources: list[str] | None = None,
+    staging: str | None = None,
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """Crawl the sources of SOURCES_FILE (all enabled ones, or those named) and stage them.
+
+    Returns ``{"run_id", "staging", "sources": [per-source result]}``; a failed
+    source does not stop the others, its task shows as failed and its status in
+    the result says why.
+    """
+    settings = settings_for(staging)
+    selected = select_sources(load_sources(sources_file), sources)
+    run_id = run_id or new_run_id()
+    bind(run_id=run_id, flow_run_id=current_flow_run_id())
+    stager = open_stager(settings.staging, part_max_records=settings.part_max_records,
+                         part_max_bytes=settings.part_max_bytes)
+    log.info("crawl started", sources=[s.name for s in selected], staging=stager.uri)
+    async with Fetcher(settings) as fetcher:
+        states = await asyncio.gather(*(
+            crawl_source_task(s.name, s, run_id, settings, fetcher, stager, return_state=True) for s in selected
+        ))
+    results = []
+    for src, state in zip(selected, states, strict=True):
+        value = await state.aresult(raise_on_failure=False)
+        if isinstance(value, SourceFailed):
+            results.append(value.result.as_dict())
+        elif isinstance(value, SourceResult):
+            results.append(value.as_dict())
+        else:  # the task itself broke (e.g. cancelled) before a result existed
+            results.append({"source": src.name, "status": "failed", "error": repr(value), "seconds": 0.0})
+    log.info("crawl finished", failed=[r["source"] for r in results if r["status"] != "complete"])
+    return {"run_id": run_id, "staging": stager.uri, "sources": results}

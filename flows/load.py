@@ -1,0 +1,83 @@
+"""The load flow: committed staged runs → PostgreSQL, every part exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+import structlog
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows._common import current_flow_run_id, settings_for
+from sinks.postgres import Loader, PartLoad
+from sinks.stage import Manifest, open_stager
+from trawl.database import connect_pool, resolve_dsn
+from trawl.logs import bind
+
+__all__ = ["load"]
+
+log = structlog.get_logger("flows.load")
+
+
+@task(name="load-source", task_run_name="load-{name}", cache_policy=NO_CACHE)
+async def load_source_task(name: str, loader: Loader, manifests: list[Manifest], todo: set[str]) -> list[PartLoad]:
+    """Load one source's committed manifests (outcomes and records) part by part."""
+    bind(source=name)
+    results: list[PartLoad] = []
+    for m in manifests:
+        results.extend(await loader.load_manifest(m, todo))
+    return results
+
+
+def _totals(loads: list[PartLoad]) -> dict[str, int]:
+    records = [p for p in loads if p.kind == "raw"]
+    return {
+        "parts_loaded": sum(1 for p in loads if not p.skipped),
+        "parts_skipped": sum(1 for p in loads if p.skipped),
+        "inserted": sum(p.inserted for p in records),
+        "updated": sum(p.updated for p in records),
+        "unchanged": sum(p.unchanged for p in records),
+        "rejected": sum(p.rejected for p in records),
+        "outcomes": sum(p.inserted + p.updated for p in loads if p.kind == "outcomes"),
+    }
+
+
+@flow(name="load")
+async def load(
+    staging: str | None = None,
+    run_ids: list[str] | None = None,
+    sources: list[str] | None = None,
+) -> dict[str, Any]:
+    """Load committed runs from staging: the given run ids, or every run not yet in the ledger.
+
+    The database comes from ``TRAWL_DATABASE_URL`` (never a flow parameter, so it
+    never shows in the UI), else the embedded PostgreSQL.
+    """
+    settings = settings_for(staging)
+    bind(flow_run_id=current_flow_run_id())
+    stager = open_stager(settings.staging)
+    manifests = [
+        m for kind in ("outcomes", "raw") for m in await stager.manifests(kind)  # type: ignore[arg-type]
+        if (not run_ids or m.run_id in run_ids) and (not sources or m.source in sources)
+    ]
+    pool = await connect_pool(resolve_dsn(settings), max_size=4)
+    try:
+        loader = Loader(pool, stager, settings.db_schema)
+        await loader.setup()
+        todo = await loader.pending(manifests)
+        by_source: dict[str, list[Manifest]] = defaultdict(list)
+        for m in manifests:
+            by_source[m.source].append(m)
+        log.info("load started", staging=stager.uri, runs=sorted({m.run_id for m in manifests}),
+                 parts_pending=len(todo))
+        per_source = await asyncio.gather(*(
+            load_source_task(name, loader, ms, todo) for name, ms in sorted(by_source.items())
+        ))
+    finally:
+        await pool.close()
+    summary = {name: _totals(loads) for name, loads in zip(sorted(by_source), per_source, strict=True)}
+    log.info("load finished", **{f"{k}_total": sum(s[k] for s in summary.values()) for k in
+                                 ("parts_loaded", "parts_skipped", "inserted", "updated", "rejected")})
+    return {"staging": stager.uri, "runs": sorted({m.run_id for m in manifests}), "sources": summary}

@@ -1,0 +1,1 @@
+"""Where crawled data goes: staging writers and the PostgreSQL loader."""

@@ -1,0 +1,1 @@
+"""Scrapy spiders (plain Scrapy classes, also runnable with ``scrapy crawl``); the ``spider`` kind lands later."""

@@ -1,0 +1,210 @@
+"""``trawl run|crawl|load|check|demo``: the command line, a thin shell around the Prefect flows.
+
+Exit codes: 0 every source done; 1 some sources (or loads) failed, the rest
+still staged and loaded; 2 bad usage or config, or nothing could start
+(unreachable database). A user's mistake is one line per problem on stderr,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from trawl.errors import ConfigError, TrawlError
+from trawl.logs import redact
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trawl", description="Crawl sources into staging and load them into PostgreSQL.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser, *, stages: bool = True, loads: bool = True, file: bool = True) -> None:
+        if file:
+            sp.add_argument("sources_file", metavar="SOURCES.yaml", help="sources file")
+        if stages:
+            sp.add_argument("--staging", metavar="URL", help="file://DIR or s3://BUCKET/PREFIX (env TRAWL_STAGING)")
+            sp.add_argument("--source", action="append", dest="sources", metavar="NAME",
+                            help="only this source (repeatable; default: every enabled source)")
+        if loads:
+            sp.add_argument("--database-url", metavar="DSN",
+                            help="PostgreSQL to load into (env TRAWL_DATABASE_URL; default: embedded in .trawl/pg)")
+        sp.add_argument("--log-format", choices=("auto", "json", "console"), help="log renderer (env TRAWL_LOG_FORMAT)")
+
+    common(sub.add_parser("run", help="crawl the sources and load them (the pipeline flow)"))
+    common(sub.add_parser("crawl", help="crawl the sources into staging only"), loads=False)
+    load = sub.add_parser("load", help="load committed staged runs not yet in the ledger")
+    common(load, file=False)
+    load.add_argument("--run-id", action="append", dest="run_ids", metavar="ID", help="only this run (repeatable)")
+    common(sub.add_parser("check", help="validate a sources file and report every problem"), stages=False, loads=False)
+    demo = sub.add_parser("demo", help="serve the bundled demo site and run the pipeline against it")
+    common(demo, file=False)
+    return p
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"trawl: error: {redact(message)}", file=sys.stderr)
+    return code
+
+
+def _quiet_prefect() -> None:
+    # Offline and private: no telemetry, and room for the ephemeral server to start on a slow machine.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def _demo_sources_file() -> Path:
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        path = base / "examples" / "demo.yaml"
+        if path.is_file():
+            return path
+    raise ConfigError("examples/demo.yaml not found (run `trawl demo` from the trawl checkout)")
+
+
+def _render(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table: first column left-aligned, the rest right-aligned."""
+    widths = [max(len(str(v)) for v in col) for col in zip(header, *rows, strict=True)]
+    return "\n".join(
+        "  ".join(str(v).rjust(w) if i else str(v).ljust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+        for r in (header, *rows)
+    )
+
+
+def _summary(result: dict[str, Any]) -> str:
+    """The per-source summary printed at the end of `run`, `crawl` and `demo`."""
+    loads = result.get("load") or {}
+    rows = [
+        (s["source"], s["status"], s.get("pages", 0), s.get("records", 0),
+         loads[s["source"]]["rejected"] if s["source"] in loads else "-", s.get("failures", 0),
+         f"{s.get('seconds', 0):.2f}")
+        for s in result["crawl"]
+    ]
+    errors = [f"{s['source']}: {s['error']}" for s in result["crawl"] if s.get("error")]
+    table = _render(("source", "status", "pages", "records", "rejects", "failures", "seconds"), rows)
+    return "\n".join([table, *errors])
+
+
+def _load_summary(summary: dict[str, dict[str, int]]) -> str:
+    if not summary:
+        return "nothing to load: no committed runs in staging"
+    cols = ("source", "parts_loaded", "parts_skipped", "inserted", "updated", "unchanged", "rejected", "outcomes")
+    return _render(cols, [(name, *(s[c] for c in cols[1:])) for name, s in summary.items()])
+
+
+def _run_flow(coro_fn: Callable[..., Coroutine[Any, Any, dict[str, Any]]], **params: Any) -> dict[str, Any]:
+    return asyncio.run(coro_fn(**params))
+
+
+def _check_database(settings: Any) -> str:
+    """Resolve the database (starting the embedded one if needed) and connect once, before any flow runs."""
+    from trawl.database import connect_pool, resolve_dsn
+
+    dsn = resolve_dsn(settings)
+
+    async def probe() -> None:
+        pool = await connect_pool(dsn, max_size=1)
+        await pool.close()
+
+    asyncio.run(probe())
+    return dsn
+
+
+def _execute(args: argparse.Namespace) -> int:
+    from trawl.config import load_sources, select_sources
+    from trawl.settings import Settings
+
+    if args.command == "check":
+        spec = load_sources(args.sources_file)
+        print(f"{args.sources_file}: OK, {len(spec.sources)} source(s): "
+              + ", ".join(f"{s.name} ({s.kind})" for s in spec.sources))
+        return EXIT_OK
+
+    for flag, env in (("staging", "TRAWL_STAGING"), ("database_url", "TRAWL_DATABASE_URL"),
+                      ("log_format", "TRAWL_LOG_FORMAT")):
+        if getattr(args, flag, None):
+            os.environ[env] = getattr(args, flag)
+    demo_site = None
+    if args.command == "demo":
+        from trawl.demo.site import DemoSiteThread
+
+        args.sources_file = str(_demo_sources_file())
+        demo_site = DemoSiteThread()
+        demo_site.__enter__()
+        os.environ["TRAWL_DEMO_URL"] = demo_site.url
+        # The demo site is on loopback, which the fetch layer refuses unless allowed.
+        os.environ.setdefault("TRAWL_ALLOWED_NETWORKS", '["127.0.0.0/8"]')
+    try:
+        settings = Settings()
+        if args.command in ("run", "crawl", "demo"):
+            select_sources(load_sources(args.sources_file), args.sources)  # fail fast, before Prefect starts
+        if args.command in ("run", "load", "demo"):
+            os.environ["TRAWL_DATABASE_URL"] = _check_database(settings)
+
+        _quiet_prefect()
+        import prefect  # noqa: F401  - configure logging after Prefect has applied its own config
+
+        from trawl.logs import configure_logging
+
+        configure_logging(settings.log_format, settings.log_level)
+        if args.command == "load":
+            from flows.load import load
+
+            result = {"load": _run_flow(load, staging=None, run_ids=args.run_ids, sources=args.sources)["sources"]}
+            print(_load_summary(result["load"]))
+            return EXIT_OK
+        if args.command == "crawl":
+            from flows.crawl import crawl
+
+            crawled = _run_flow(crawl, sources_file=args.sources_file, sources=args.sources)
+            result = {"crawl": crawled["sources"], "run_id": crawled["run_id"], "staging": crawled["staging"]}
+        else:
+            from flows.pipeline import pipeline
+
+            result = _run_flow(pipeline, sources_file=args.sources_file, sources=args.sources)
+        print(_summary(result))
+        print(f"\nrun {result['run_id']}: staged under {result['staging']}")
+        if "load" in result:
+            print(f"loaded into {redact(os.environ['TRAWL_DATABASE_URL'])} schema {settings.db_schema}: "
+                  + ", ".join(f"{settings.db_schema}.{s}" for s in result["load"]))
+        return EXIT_FAILED if any(s["status"] != "complete" for s in result["crawl"]) else EXIT_OK
+    finally:
+        if demo_site is not None:
+            demo_site.__exit__(None, None, None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``trawl`` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return _execute(args)
+    except ConfigError as exc:
+        for line in exc.lines():
+            print(f"trawl: error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValidationError as exc:  # settings from the environment
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            print(f"trawl: error: setting TRAWL_{where.upper()}: {err['msg']}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrawlError as exc:
+        from trawl.errors import DatabaseUnavailable
+
+        return _fail(str(exc), EXIT_USAGE if isinstance(exc, DatabaseUnavailable) else EXIT_FAILED)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""Which PostgreSQL to load into: the configured DSN, or an embedded server under ``.trawl/pg``.
+
+The embedded server is pip's ``pgserver`` (PostgreSQL 16 binaries in a wheel):
+it installs with the rest of trawl on any machine, starts in under a second,
+and needs no system packages or second user. It keeps running after trawl
+exits (so the rows stay queryable with ``psql``) and is reused by the next run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from pathlib import Path
+
+import asyncpg
+
+from trawl.errors import DatabaseUnavailable
+from trawl.logs import redact
+from trawl.settings import Settings
+
+__all__ = ["connect_pool", "embedded_dsn", "resolve_dsn"]
+
+
+def embedded_dsn(data_dir: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL in ``data_dir`` and return its DSN."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (as under root/CI) and falls back to /tmp: fine here.
+            warnings.simplefilter("ignore")
+            import pgserver  # deferred: only needed without a configured database
+
+            server = pgserver.get_server(str(data_dir.resolve()), cleanup_mode=None)
+    except Exception as exc:  # pgserver raises plain exceptions with the server log in them
+        raise DatabaseUnavailable(f"embedded PostgreSQL in {data_dir} did not start: {exc}") from None
+    uri: str = server.get_uri()
+    return uri
+
+
+def resolve_dsn(settings: Settings) -> str:
+    """The DSN to load into: the setting if given, else the embedded server's."""
+    return settings.database_dsn() or embedded_dsn(settings.embedded_pg_dir)
+
+
+async def connect_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+    """An asyncpg pool, or DatabaseUnavailable with one line saying which database and why."""
+    try:
+        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, timeout=10, command_timeout=None)
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL at {redact(dsn)}: {reason}") from None
+    assert pool is not None
+    return pool

@@ -1,0 +1,96 @@
+"""One log stream: structlog JSON lines (a console renderer on a TTY) for trawl, Prefect and the stdlib.
+
+Context (``run_id``, ``flow_run_id``, ``source``, ``host``, ``url``) is bound
+with contextvars, so every line logged inside a source's task carries it.
+Configure after ``import prefect``: Prefect applies its own logging config once
+on import, and we replace its console handlers while keeping the handlers that
+ship run logs to the Prefect API.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any, Literal
+
+import structlog
+from structlog.types import EventDict, Processor
+
+__all__ = ["bind", "configure_logging", "redact", "unbind"]
+
+bind = structlog.contextvars.bind_contextvars
+unbind = structlog.contextvars.unbind_contextvars
+
+# userinfo in URLs/DSNs and credential-looking query parameters never reach a log line.
+_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s:]+(?::[^/@\s]*)?@", re.IGNORECASE)
+_SECRET_QS = re.compile(r"(?P<k>[?&](?:access_token|api_key|apikey|token|key|password|secret|sig|signature)=)[^&\s#]+",
+                        re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Mask passwords in URLs/DSNs and credential query parameters."""
+    text = _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", text)
+    return _SECRET_QS.sub(lambda m: f"{m.group('k')}***", text)
+
+
+def _redact_values(_: Any, __: str, event: EventDict) -> EventDict:
+    for k, v in event.items():
+        if isinstance(v, str):
+            event[k] = redact(v)
+    return event
+
+
+# Prefect's handlers that write to the console (the API handlers stay: they feed the Prefect UI).
+_CONSOLE_HANDLER_LOGGERS = ("", "prefect", "prefect._internal", "uvicorn", "fastapi", "prefect.server")
+
+
+def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: str = "INFO") -> None:
+    """Route trawl's, Prefect's and the stdlib's loggers into one structlog renderer on stdout."""
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact_values,
+    ]
+    console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
+    renderer: Processor = (
+        structlog.dev.ConsoleRenderer(colors=True) if console else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            *shared,
+            # Prefect puts flow_run_id/task_run_name etc. on the record as extras.
+            structlog.stdlib.ExtraAdder(allow=("flow_run_id", "flow_run_name", "flow_name", "task_run_id",
+                                               "task_run_name", "task_name")),
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    handler.set_name("trawl")
+    for name in _CONSOLE_HANDLER_LOGGERS:
+        logger = logging.getLogger(name)
+        for h in list(logger.handlers):
+            if h.get_name() == "trawl" or type(h).__name__ != "APILogHandler":
+                logger.removeHandler(h)
+        if name:
+            logger.propagate = True
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    for name in ("trawl", "flows", "sinks", "spiders", "prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).setLevel(level.upper())
+    for noisy in ("httpx", "httpcore", "aiohttp.access", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trawl.errors import ConfigError, ConfigIssue
 
@@ -60,6 +60,10 @@ def _check_http_url(value: str) -> str:
     if not re.match(r"^https?://[^/\s]+", value):
         raise ValueError(f"not an http(s) URL: {value!r}")
     return value
+
+
+# Checked per item, so an error names the index (`urls.3`), not just the list.
+_HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
 
 
 class _Model(BaseModel):
@@ -115,8 +119,8 @@ class HtmlSource(_Model):
 
     kind: Literal["html"]
     name: str = Field(pattern=_NAME)
-    urls: list[str] = Field(default_factory=list)
-    start_urls: list[str] = Field(default_factory=list)
+    urls: list[_HttpUrl] = Field(default_factory=list)
+    start_urls: list[_HttpUrl] = Field(default_factory=list)
     follow: FollowRules = Field(default_factory=FollowRules)
     record_urls: str | None = Field(
         default=None, description="Regex: only pages whose URL matches produce records (default: every page)."
@@ -131,11 +135,6 @@ class HtmlSource(_Model):
 
     _record_urls = field_validator("record_urls")(_check_regex)
     _fields = field_validator("fields")(_check_field_names)
-
-    @field_validator("urls", "start_urls")
-    @classmethod
-    def _urls(cls, value: list[str]) -> list[str]:
-        return [_check_http_url(u) for u in value]
 
     @model_validator(mode="after")
     def _shape(self) -> HtmlSource:

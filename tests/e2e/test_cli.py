@@ -1,0 +1,150 @@
+"""`trawl` as users run it: subprocesses, the demo site, a real PostgreSQL, Prefect in ephemeral mode."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from trawl.demo.site import ITEM_COUNT, PAGE_COUNT, PRODUCT_COUNT, DemoSiteThread
+
+pytestmark = [pytest.mark.e2e]
+
+REPO = Path(__file__).resolve().parents[2]
+TRAWL = [str(Path(sys.executable).parent / "trawl")]  # the installed console script
+
+
+@pytest.fixture
+def site() -> Iterator[DemoSiteThread]:
+    with DemoSiteThread() as s:
+        yield s
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """A clean environment for the CLI: its own Prefect home, staging in tmp, JSON logs."""
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("TRAWL_", "PREFECT_"))}
+    return {
+        **keep,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "TRAWL_STAGING": f"file://{tmp_path / 'staging'}",
+        "TRAWL_LOG_FORMAT": "json",
+    }
+
+
+def trawl(*args: str, env: dict[str, str], cwd: Path = REPO, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*TRAWL, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+@pytest.mark.slow
+async def test_run_load_and_rerun_demo(site: DemoSiteThread, env: dict[str, str], database_url: str,
+                                       db: asyncpg.Connection, tmp_path: Path) -> None:
+    env = {**env, "TRAWL_DEMO_URL": site.url, "TRAWL_ALLOWED_NETWORKS": '["127.0.0.0/8"]'}
+
+    first = trawl("run", "examples/demo.yaml", "--database-url", database_url, env=env)
+    assert first.returncode == 0, first.stderr + first.stdout[-3000:]
+    assert "products" in first.stdout and "complete" in first.stdout
+
+    # Ground truth: every product page and every API item, exactly once.
+    assert await db.fetchval("SELECT count(*) FROM trawl.products") == PRODUCT_COUNT
+    assert await db.fetchval("SELECT count(*) FROM trawl.items") == ITEM_COUNT
+    assert await db.fetchval("SELECT count(*) FROM trawl._rejects") == 0
+    sample = await db.fetchrow("SELECT name, price, rating FROM trawl.products WHERE _url = $1",
+                               f"{site.url}/products/5")
+    assert sample is not None and sample["price"] == 4070.09
+
+    # Lineage: every row points at a staged object that exists.
+    objects = [r[0] for r in await db.fetch(
+        "SELECT DISTINCT _staged_object FROM trawl.products UNION SELECT DISTINCT _staged_object FROM trawl.items")]
+    assert objects
+    for uri in objects:
+        assert uri.startswith("file://") and Path(uri.removeprefix("file://")).is_file(), uri
+
+    # Every fetched URL has exactly one outcome row, and the site saw each page once.
+    outcomes = await db.fetch("SELECT url, outcome FROM trawl._outcomes")
+    assert len(outcomes) == len({r["url"] for r in outcomes})
+    product_urls = {r["url"] for r in outcomes if "/products/" in r["url"]}
+    assert len(product_urls) == PRODUCT_COUNT
+    assert sum(1 for r in outcomes if "/catalogue/page/" in r["url"]) == PAGE_COUNT
+    assert {r["outcome"] for r in outcomes} == {"fetched"}
+    assert max(n for path, n in site.requests.items() if path.startswith("/products/")) == 1
+
+    # `trawl load` again: the ledger has every part, nothing changes.
+    before = await db.fetch("SELECT _key, _last_seen_at FROM trawl.items ORDER BY _key")
+    again = trawl("load", "--database-url", database_url, env=env)
+    assert again.returncode == 0, again.stderr
+    assert await db.fetch("SELECT _key, _last_seen_at FROM trawl.items ORDER BY _key") == before
+    assert await db.fetchval("SELECT count(*) FROM trawl._loads") == 4
+    assert await db.fetchval("SELECT sum(inserted + updated) FROM trawl._loads WHERE kind = 'raw'") == (
+        PRODUCT_COUNT + ITEM_COUNT)
+
+    # A second run: same content, so only _last_seen_at moves.
+    snapshot = "SELECT _key, name, price, _content_hash, _run_id, _first_seen_at, _last_seen_at FROM trawl.products"
+    old = {r["_key"]: r for r in await db.fetch(snapshot)}
+    second = trawl("run", "examples/demo.yaml", "--database-url", database_url, env=env)
+    assert second.returncode == 0, second.stderr
+    new = {r["_key"]: r for r in await db.fetch(snapshot)}
+    assert new.keys() == old.keys()
+    for key, row in new.items():
+        was = old[key]
+        assert row["_last_seen_at"] > was["_last_seen_at"]
+        assert (row["name"], row["price"], row["_content_hash"], row["_run_id"], row["_first_seen_at"]) == (
+            was["name"], was["price"], was["_content_hash"], was["_run_id"], was["_first_seen_at"])
+    counts = await db.fetchrow("SELECT sum(inserted) AS i, sum(updated) AS u, sum(unchanged) AS n FROM trawl._loads "
+                               "WHERE kind = 'raw' AND run_id <> $1", old[next(iter(old))]["_run_id"])
+    assert counts is not None and (counts["i"], counts["u"], counts["n"]) == (0, 0, PRODUCT_COUNT + ITEM_COUNT)
+
+
+@pytest.mark.slow
+def test_demo_command(env: dict[str, str], database_url: str, tmp_path: Path) -> None:
+    staging = tmp_path / "demo-staging"
+    done = trawl("demo", "--database-url", database_url, "--staging", f"file://{staging}", env=env)
+    assert done.returncode == 0, done.stderr + done.stdout[-3000:]
+    lines = done.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("source "))
+    table = {line.split()[0]: line.split() for line in lines[header + 1: header + 3]}
+    assert table["products"][1:4] == ["complete", str(PRODUCT_COUNT + PAGE_COUNT), str(PRODUCT_COUNT)]
+    assert table["items"][3] == str(ITEM_COUNT)
+    assert f"staged under file://{staging}" in done.stdout
+    assert "loaded into" in done.stdout and "trawl.products" in done.stdout
+    assert list(staging.glob("raw/source=products/dt=*/run=*/_manifest.json"))
+
+
+def test_malformed_sources_file_exits_2_naming_every_problem(env: dict[str, str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "sources:\n"
+        "  - name: shop\n    kind: html\n    urls: [ftp://x]\n    fields: {price: {selector: p, type: money}}\n"
+        "  - name: feed\n    kind: api\n    url: https://api.example.com\n    pagination: {type: cursor}\n"
+    )
+    done = trawl("run", str(bad), env=env)
+    assert done.returncode == 2
+    errors = done.stderr.strip().splitlines()
+    assert f"{bad}: sources[0] (shop): urls.0: not an http(s) URL: 'ftp://x'" in done.stderr
+    assert any(line.startswith(f"trawl: error: {bad}: sources[0] (shop): fields.price.type:") for line in errors)
+    assert any(f"{bad}: sources[1] (feed): pagination" in line and "cursor_path" in line for line in errors)
+    assert "Traceback" not in done.stderr
+    checked = trawl("check", str(bad), env=env)
+    assert checked.returncode == 2 and checked.stderr == done.stderr
+
+
+def test_check_accepts_the_demo_file(env: dict[str, str]) -> None:
+    done = trawl("check", "examples/demo.yaml", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "products (html)" in done.stdout and "items (api)" in done.stdout
+
+
+def test_unreachable_database_is_one_line(env: dict[str, str]) -> None:
+    dsn = "postgresql://trawl:s3cret@127.0.0.1:1/nowhere"
+    done = trawl("load", "--database-url", dsn, env=env)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("trawl: error: cannot connect to PostgreSQL at postgresql://***@127.0.0.1:1/nowhere")
+    assert "s3cret" not in done.stderr + done.stdout

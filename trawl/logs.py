@@ -56,7 +56,7 @@ def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: s
     ]
     console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
     renderer: Processor = (
-        structlog.dev.ConsoleRenderer(colors=True) if console else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()) if console else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

@@ -59,8 +59,10 @@ async def crawl(
                          part_max_bytes=settings.part_max_bytes)
     log.info("crawl started", sources=[s.name for s in selected], staging=stager.uri)
     async with Fetcher(settings) as fetcher:
+        # With return_state=True Prefect returns awaitable states; its overloads type them as plain States.
         states = await asyncio.gather(*(
-            crawl_source_task(s.name, s, run_id, settings, fetcher, stager, return_state=True) for s in selected
+            crawl_source_task(s.name, s, run_id, settings, fetcher, stager, return_state=True)  # type: ignore[call-overload]
+            for s in selected
         ))
     results = []
     for src, state in zip(selected, states, strict=True):

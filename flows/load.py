@@ -12,13 +12,15 @@ from prefect.cache_policies import NO_CACHE
 
 from flows._common import current_flow_run_id, settings_for
 from sinks.postgres import Loader, PartLoad
-from sinks.stage import Manifest, open_stager
+from sinks.stage import Manifest, StreamKind, open_stager
 from trawl.database import connect_pool, resolve_dsn
 from trawl.logs import bind
 
 __all__ = ["load"]
 
 log = structlog.get_logger("flows.load")
+
+_KINDS: tuple[StreamKind, ...] = ("outcomes", "raw")
 
 
 @task(name="load-source", task_run_name="load-{name}", cache_policy=NO_CACHE)
@@ -59,7 +61,7 @@ async def load(
     bind(flow_run_id=current_flow_run_id())
     stager = open_stager(settings.staging)
     manifests = [
-        m for kind in ("outcomes", "raw") for m in await stager.manifests(kind)  # type: ignore[arg-type]
+        m for kind in _KINDS for m in await stager.manifests(kind)
         if (not run_ids or m.run_id in run_ids) and (not sources or m.source in sources)
     ]
     pool = await connect_pool(resolve_dsn(settings), max_size=4)

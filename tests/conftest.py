@@ -92,3 +92,16 @@ def settings(tmp_path: Path) -> Settings:
         read_timeout=2,
         total_timeout=5,
     )
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """Run flows against ``prefect_test_harness`` (a throwaway server and database); yields its API URL.
+
+    Subprocesses given this URL as ``PREFECT_API_URL`` skip the ~10 s ephemeral-server start.
+    """
+    import prefect.settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield str(prefect.settings.PREFECT_API_URL.value())

@@ -30,7 +30,7 @@ def embedded_dsn(data_dir: Path) -> str:
             warnings.simplefilter("ignore")
             import pgserver  # deferred: only needed without a configured database
 
-            server = pgserver.get_server(str(data_dir.resolve()), cleanup_mode=None)
+            server = pgserver.get_server(str(data_dir.resolve()), cleanup_mode=None)  # type: ignore[attr-defined]
     except Exception as exc:  # pgserver raises plain exceptions with the server log in them
         raise DatabaseUnavailable(f"embedded PostgreSQL in {data_dir} did not start: {exc}") from None
     uri: str = server.get_uri()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -50,6 +51,12 @@ async def test_run_load_and_rerun_demo(site: DemoSiteThread, env: dict[str, str]
     first = trawl("run", "examples/demo.yaml", "--database-url", database_url, env=env)
     assert first.returncode == 0, first.stderr + first.stdout[-3000:]
     assert "products" in first.stdout and "complete" in first.stdout
+    # Logs: JSON lines (the summary table follows them), source lines carry run and source context.
+    logs = [json.loads(line) for line in first.stdout.splitlines() if line.startswith("{")]
+    finished = [r for r in logs if r["event"] == "source finished"]
+    assert sorted(r["source"] for r in finished) == ["items", "products"]
+    assert all(r["run_id"] and r["flow_run_id"] for r in finished)
+    assert any(r["logger"] == "prefect.flow_runs" for r in logs)
 
     # Ground truth: every product page and every API item, exactly once.
     assert await db.fetchval("SELECT count(*) FROM trawl.products") == PRODUCT_COUNT
@@ -132,6 +139,24 @@ def test_malformed_sources_file_exits_2_naming_every_problem(env: dict[str, str]
     assert "Traceback" not in done.stderr
     checked = trawl("check", str(bad), env=env)
     assert checked.returncode == 2 and checked.stderr == done.stderr
+
+
+def test_run_exits_1_when_a_source_fails(site: DemoSiteThread, env: dict[str, str], database_url: str,
+                                         prefect_api: str, tmp_path: Path) -> None:
+    sources = tmp_path / "sources.yaml"
+    sources.write_text(
+        "sources:\n"
+        f"  - {{name: items, kind: api, url: '{site.url}/api/items', items_path: items, key: id,\n"
+        "      pagination: {type: cursor, cursor_path: next_cursor}}\n"
+        f"  - {{name: gone, kind: api, url: '{site.url}/api/gone', key: id}}\n"
+    )
+    env = {**env, "PREFECT_API_URL": prefect_api, "TRAWL_ALLOWED_NETWORKS": '["127.0.0.0/8"]'}
+    done = trawl("run", str(sources), "--database-url", database_url, env=env)
+    assert done.returncode == 1, done.stderr + done.stdout[-3000:]
+    summary = {line.split()[0]: line.split()[1] for line in done.stdout.splitlines()
+               if line.split()[:1] in (["items"], ["gone"])}
+    assert summary == {"items": "complete", "gone": "failed"}
+    assert f"gone: page {site.url}/api/gone failed" in done.stdout
 
 
 def test_check_accepts_the_demo_file(env: dict[str, str]) -> None:

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from trawl.errors import ConfigError, TrawlError
 from trawl.logs import redact
+
+if TYPE_CHECKING:
+    from trawl.settings import Settings
 
 __all__ = ["main"]
 
@@ -103,11 +107,7 @@ def _load_summary(summary: dict[str, dict[str, int]]) -> str:
     return _render(cols, [(name, *(s[c] for c in cols[1:])) for name, s in summary.items()])
 
 
-def _run_flow(coro_fn: Callable[..., Coroutine[Any, Any, dict[str, Any]]], **params: Any) -> dict[str, Any]:
-    return asyncio.run(coro_fn(**params))
-
-
-def _check_database(settings: Any) -> str:
+def _check_database(settings: Settings) -> str:
     """Resolve the database (starting the embedded one if needed) and connect once, before any flow runs."""
     from trawl.database import connect_pool, resolve_dsn
 
@@ -122,8 +122,7 @@ def _check_database(settings: Any) -> str:
 
 
 def _execute(args: argparse.Namespace) -> int:
-    from trawl.config import load_sources, select_sources
-    from trawl.settings import Settings
+    from trawl.config import load_sources
 
     if args.command == "check":
         spec = load_sources(args.sources_file)
@@ -135,53 +134,58 @@ def _execute(args: argparse.Namespace) -> int:
                       ("log_format", "TRAWL_LOG_FORMAT")):
         if getattr(args, flag, None):
             os.environ[env] = getattr(args, flag)
-    demo_site = None
-    if args.command == "demo":
-        from trawl.demo.site import DemoSiteThread
+    with contextlib.ExitStack() as stack:
+        if args.command == "demo":
+            from trawl.demo.site import DemoSiteThread
 
-        args.sources_file = str(_demo_sources_file())
-        demo_site = DemoSiteThread()
-        demo_site.__enter__()
-        os.environ["TRAWL_DEMO_URL"] = demo_site.url
-        # The demo site is on loopback, which the fetch layer refuses unless allowed.
-        os.environ.setdefault("TRAWL_ALLOWED_NETWORKS", '["127.0.0.0/8"]')
-    try:
-        settings = Settings()
-        if args.command in ("run", "crawl", "demo"):
-            select_sources(load_sources(args.sources_file), args.sources)  # fail fast, before Prefect starts
-        if args.command in ("run", "load", "demo"):
-            os.environ["TRAWL_DATABASE_URL"] = _check_database(settings)
+            args.sources_file = str(_demo_sources_file())
+            site = stack.enter_context(DemoSiteThread())
+            os.environ["TRAWL_DEMO_URL"] = site.url
+            # The demo site is on loopback, which the fetch layer refuses unless allowed.
+            os.environ.setdefault("TRAWL_ALLOWED_NETWORKS", '["127.0.0.0/8"]')
+        return _run(args)
 
-        _quiet_prefect()
-        import prefect  # noqa: F401  - configure logging after Prefect has applied its own config
 
-        from trawl.logs import configure_logging
+def _run(args: argparse.Namespace) -> int:
+    """Validate everything a user can get wrong, then run the flow the command names."""
+    from sinks.stage import open_stager
+    from trawl.config import load_sources, select_sources
+    from trawl.settings import Settings
 
-        configure_logging(settings.log_format, settings.log_level)
-        if args.command == "load":
-            from flows.load import load
+    settings = Settings()
+    open_stager(settings.staging)  # a bad staging URL fails here, not inside a flow
+    if args.command in ("run", "crawl", "demo"):
+        select_sources(load_sources(args.sources_file), args.sources)
+    if args.command in ("run", "load", "demo"):
+        os.environ["TRAWL_DATABASE_URL"] = _check_database(settings)
 
-            result = {"load": _run_flow(load, staging=None, run_ids=args.run_ids, sources=args.sources)["sources"]}
-            print(_load_summary(result["load"]))
-            return EXIT_OK
-        if args.command == "crawl":
-            from flows.crawl import crawl
+    _quiet_prefect()
+    import prefect  # noqa: F401  - configure logging after Prefect has applied its own config
 
-            crawled = _run_flow(crawl, sources_file=args.sources_file, sources=args.sources)
-            result = {"crawl": crawled["sources"], "run_id": crawled["run_id"], "staging": crawled["staging"]}
-        else:
-            from flows.pipeline import pipeline
+    from trawl.logs import configure_logging
 
-            result = _run_flow(pipeline, sources_file=args.sources_file, sources=args.sources)
-        print(_summary(result))
-        print(f"\nrun {result['run_id']}: staged under {result['staging']}")
-        if "load" in result:
-            print(f"loaded into {redact(os.environ['TRAWL_DATABASE_URL'])} schema {settings.db_schema}: "
-                  + ", ".join(f"{settings.db_schema}.{s}" for s in result["load"]))
-        return EXIT_FAILED if any(s["status"] != "complete" for s in result["crawl"]) else EXIT_OK
-    finally:
-        if demo_site is not None:
-            demo_site.__exit__(None, None, None)
+    configure_logging(settings.log_format, settings.log_level)
+    if args.command == "load":
+        from flows.load import load
+
+        loaded = asyncio.run(load(staging=None, run_ids=args.run_ids, sources=args.sources))
+        print(_load_summary(loaded["sources"]))
+        return EXIT_OK
+    if args.command == "crawl":
+        from flows.crawl import crawl
+
+        crawled = asyncio.run(crawl(sources_file=args.sources_file, sources=args.sources))
+        result = {"crawl": crawled["sources"], "run_id": crawled["run_id"], "staging": crawled["staging"]}
+    else:
+        from flows.pipeline import pipeline
+
+        result = asyncio.run(pipeline(sources_file=args.sources_file, sources=args.sources))
+    print(_summary(result))
+    print(f"\nrun {result['run_id']}: staged under {result['staging']}")
+    if "load" in result:
+        print(f"loaded into {redact(os.environ['TRAWL_DATABASE_URL'])} schema {settings.db_schema}: "
+              + ", ".join(f"{settings.db_schema}.{s}" for s in result["load"]))
+    return EXIT_FAILED if any(s["status"] != "complete" for s in result["crawl"]) else EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

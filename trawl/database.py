@@ -8,7 +8,6 @@ exits (so the rows stay queryable with ``psql``) and is reused by the next run.
 
 from __future__ import annotations
 
-import asyncio
 import warnings
 from pathlib import Path
 
@@ -46,7 +45,7 @@ async def connect_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asy
     """An asyncpg pool, or DatabaseUnavailable with one line saying which database and why."""
     try:
         pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, timeout=10, command_timeout=None)
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DatabaseUnavailable(f"cannot connect to PostgreSQL at {redact(dsn)}: {reason}") from None
     assert pool is not None

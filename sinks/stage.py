@@ -151,7 +151,7 @@ class PartWriter:
         os.replace(self._dir / f"{name}.partial", self._dir / name)
         part = StagedPart(f"{self._uri_prefix}/{name}", self._rows, self._written, self._sha.hexdigest())
         self._file = self._zip = self._sha = None
-        self._rows = 0
+        self._rows = self._written = 0
         return part
 
     async def _flush(self) -> None:
@@ -172,7 +172,7 @@ class PartWriter:
             self._buf.append(line)
             self._buf_bytes += len(line)
             self._rows += 1
-            if self._buf_bytes >= _FLUSH_BYTES:
+            if self._buf_bytes >= min(_FLUSH_BYTES, self._max_bytes):
                 await self._flush()
             if self._rows >= self._max_rows or self._written >= self._max_bytes:
                 await self._close_part()
@@ -288,7 +288,7 @@ class LocalStager:
         return sorted(found, key=lambda m: (m.started_at, m.source))
 
     def _path(self, uri: str) -> Path:
-        path = Path(uri.removeprefix("file://"))
+        path = Path(os.path.normpath(uri.removeprefix("file://")))  # no `..` out of the root
         if not uri.startswith("file://") or not path.is_relative_to(self.root):
             raise StagingError(f"{uri} is not inside the staging target {self.uri}")
         return path

@@ -1,0 +1,337 @@
+"""Staging on local disk: layout, part rolling, manifests last, verified reads, and the staging URL."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from sinks.stage import LocalStager, Manifest, PartWriter, SourceStage, StagedPart, open_stager
+from trawl.errors import ConfigError, StagingError
+from trawl.records import Outcome, OutcomeKind, Record
+
+STARTED = datetime(2026, 3, 14, 23, 59, 30, 123456, tzinfo=UTC)
+RUN = "20260314T235930Z-abc123"
+SCHEMA: dict[str, Any] = {"key": ["id"], "fields": {"id": {"type": "int", "required": True}}}
+
+
+def record(i: int, *, source: str = "shop", run_id: str = RUN) -> Record:
+    return Record(
+        source=source, key=str(i), url=f"https://example.test/item/{i}",
+        fetched_at=STARTED + timedelta(seconds=i), run_id=run_id, data={"id": i, "name": f"item {i}"},
+    )
+
+
+def outcome(i: int, *, source: str = "shop") -> Outcome:
+    return Outcome(
+        run_id=RUN, source=source, url=f"https://example.test/item/{i}", outcome=OutcomeKind.FETCHED,
+        http_status=200, attempts=1, bytes=100 + i, elapsed_ms=5, at=STARTED + timedelta(seconds=i),
+    )
+
+
+def local(uri: str) -> Path:
+    assert uri.startswith("file://"), uri
+    return Path(uri.removeprefix("file://"))
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in gzip.decompress(path.read_bytes()).splitlines()]
+
+
+def expected_json(envelope: dict[str, Any]) -> dict[str, Any]:
+    """What a staged envelope reads back as: datetimes become ISO 8601 strings."""
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in envelope.items()}
+
+
+async def stage_records(stager: LocalStager, n: int, *, source: str = "shop", run_id: str = RUN) -> SourceStage:
+    stage = stager.open_source(source, run_id, STARTED)
+    for i in range(n):
+        await stage.records.write(record(i, source=source, run_id=run_id).envelope())
+    return stage
+
+
+async def test_layout_paths_and_part_rolling_by_record_count(tmp_path: Path) -> None:
+    stager = LocalStager(tmp_path, part_max_records=10)
+    stage = await stage_records(stager, 25)
+    for i in range(3):
+        await stage.outcomes.write(outcome(i).envelope())
+    outcomes, raw = await stage.commit(status="complete", schema=SCHEMA, stats={"records": 25})
+
+    run_dir = tmp_path / "raw" / "source=shop" / "dt=2026-03-14" / f"run={RUN}"
+    out_dir = tmp_path / "outcomes" / "source=shop" / "dt=2026-03-14" / f"run={RUN}"
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "_manifest.json", "part-00001.jsonl.gz", "part-00002.jsonl.gz", "part-00003.jsonl.gz",
+    ]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["_manifest.json", "part-00001.jsonl.gz"]
+    assert [p.rows for p in raw.parts] == [10, 10, 5]
+    assert [p.uri for p in raw.parts] == [f"file://{run_dir}/part-0000{n}.jsonl.gz" for n in (1, 2, 3)]
+    assert raw.uri == f"file://{run_dir}/_manifest.json"
+    assert outcomes.uri == f"file://{out_dir}/_manifest.json"
+    assert (raw.kind, raw.source, raw.run_id, raw.dt, raw.status, raw.rows) == ("raw", "shop", RUN, "2026-03-14",
+                                                                               "complete", 25)
+    assert (outcomes.kind, outcomes.rows, len(outcomes.parts)) == ("outcomes", 3, 1)
+    assert stager.uri == f"file://{tmp_path.resolve()}"
+
+
+async def test_manifest_matches_files_on_disk_and_lines_are_the_envelopes(tmp_path: Path) -> None:
+    stager = LocalStager(tmp_path, part_max_records=10)
+    stage = await stage_records(stager, 25)
+    await stage.outcomes.write(outcome(7).envelope())
+    outcomes, raw = await stage.commit(status="complete", schema=SCHEMA, stats={"records": 25}, flow_run_id="fr-1")
+
+    staged: list[dict[str, Any]] = []
+    for part in raw.parts:
+        data = local(part.uri).read_bytes()
+        assert part.bytes == len(data)
+        assert part.sha256 == hashlib.sha256(data).hexdigest()
+        part_lines = lines(local(part.uri))
+        assert len(part_lines) == part.rows
+        staged.extend(part_lines)
+    assert staged == [expected_json(record(i).envelope()) for i in range(25)]
+    assert staged[3]["fetched_at"] == "2026-03-14T23:59:33.123456+00:00"
+    assert lines(local(outcomes.parts[0].uri)) == [expected_json(outcome(7).envelope())]
+
+    body = orjson.loads(local(raw.uri).read_bytes())
+    assert body["parts"] == [p.as_dict() for p in raw.parts]
+    assert body["rows"] == 25
+    assert body["schema"] == SCHEMA
+    assert body["stats"] == {"records": 25}
+    assert body["flow_run_id"] == "fr-1"
+    assert body["started_at"] == STARTED.isoformat()
+    assert datetime.fromisoformat(body["finished_at"]) >= STARTED
+    assert Manifest.from_json(raw.uri, local(raw.uri).read_bytes()) == raw
+
+
+async def test_read_part_yields_the_verified_lines(tmp_path: Path) -> None:
+    stager = LocalStager(tmp_path, part_max_records=4)
+    stage = await stage_records(stager, 6)
+    _, raw = await stage.commit(status="complete", schema=SCHEMA, stats={})
+
+    read = [orjson.loads(line) for part in raw.parts async for line in stager.read_part(part)]
+
+    assert [r["key"] for r in read] == [str(i) for i in range(6)]
+    assert read[5] == expected_json(record(5).envelope())
+
+
+async def test_parts_roll_at_part_max_bytes(tmp_path: Path) -> None:
+    max_bytes = 32 * 1024
+    stager = LocalStager(tmp_path, part_max_records=1_000_000, part_max_bytes=max_bytes)
+    stage = stager.open_source("blobs", RUN, STARTED)
+    rng = random.Random(7)  # incompressible payload, so compressed size tracks input size
+    n = 1500
+    for i in range(n):
+        await stage.records.write({"i": i, "blob": rng.randbytes(300).hex()})
+    _, raw = await stage.commit(status="complete", schema={}, stats={})
+
+    sizes = [p.bytes for p in raw.parts]
+    assert len(raw.parts) >= 5, sizes
+    assert sum(p.rows for p in raw.parts) == n
+    assert all(max_bytes <= size < max_bytes + 64 * 1024 for size in sizes[:-1]), sizes
+    # A part closed by size must not leave the next one closing after a single row.
+    assert all(p.rows > 1 for p in raw.parts), [p.rows for p in raw.parts]
+    assert [p.bytes for p in raw.parts] == [local(p.uri).stat().st_size for p in raw.parts]
+    keys = [line["i"] for p in raw.parts for line in lines(local(p.uri))]
+    assert keys == list(range(n))
+
+
+async def test_nothing_is_loadable_before_commit(tmp_path: Path) -> None:
+    stager = LocalStager(tmp_path, part_max_records=10)
+    done = await stage_records(stager, 3, source="done", run_id="run-a")
+    await done.commit(status="complete", schema=SCHEMA, stats={})
+    stage = await stage_records(stager, 15, source="shop", run_id="run-b")
+
+    assert [m.source for m in await stager.manifests()] == ["done"]
+    assert [m.source for m in await stager.manifests("outcomes")] == ["done"]
+    run_dir = tmp_path / "raw" / "source=shop" / "dt=2026-03-14" / "run=run-b"
+    # The first part closed at 10 rows; the 5 buffered rows are not on disk; no manifest yet.
+    assert sorted(p.name for p in run_dir.iterdir()) == ["part-00001.jsonl.gz"]
+    assert stage.records.rows == 15
+
+    _, raw = await stage.commit(status="complete", schema=SCHEMA, stats={})
+
+    listed = await stager.manifests()
+    assert [(m.source, m.run_id, m.rows) for m in listed] == [("done", "run-a", 3), ("shop", "run-b", 15)]
+    assert listed[1] == raw
+    assert [(m.source, m.rows) for m in await stager.manifests("outcomes")] == [("done", 0), ("shop", 0)]
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+async def test_open_part_is_partial_until_closed(tmp_path: Path) -> None:
+    writer = PartWriter(tmp_path / "d", "file://x", max_rows=1000, max_bytes=1 << 20)
+    rng = random.Random(1)
+    for i in range(70):  # past the 256 KiB write buffer, below both part limits
+        await writer.write({"i": i, "blob": rng.randbytes(2000).hex()})
+
+    assert writer.parts == []
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["part-00001.jsonl.gz.partial"]
+
+    parts = await writer.close()
+
+    assert [p.rows for p in parts] == [70]
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["part-00001.jsonl.gz"]
+
+
+async def test_failed_status_and_error_are_preserved(tmp_path: Path) -> None:
+    stager = LocalStager(tmp_path)
+    stage = await stage_records(stager, 2)
+    await stage.outcomes.write(
+        Outcome(RUN, "shop", "https://example.test/p3", OutcomeKind.FAILED, http_status=503, attempts=4,
+                error="503 Service Unavailable", at=STARTED).envelope()
+    )
+    outcomes, raw = await stage.commit(status="failed", schema=SCHEMA, stats={"failed": 1},
+                                       error="too many failures on example.test")
+
+    [listed] = await stager.manifests()
+    [listed_outcomes] = await stager.manifests("outcomes")
+    for m in (raw, outcomes, listed, listed_outcomes):
+        assert m.status == "failed"
+        assert m.error == "too many failures on example.test"
+    assert listed.rows == 2
+    assert lines(local(listed_outcomes.parts[0].uri))[0]["error"] == "503 Service Unavailable"
+
+
+async def test_empty_run_commits_a_manifest_without_parts(tmp_path: Path) -> None:
+    stager = LocalStager(tmp_path)
+    outcomes, raw = await stager.open_source("empty", RUN, STARTED).commit(status="complete", schema={}, stats={})
+
+    assert (raw.parts, raw.rows, outcomes.parts) == ((), 0, ())
+    assert [m.source for m in await stager.manifests()] == ["empty"]
+
+
+async def test_manifests_are_listed_oldest_first(tmp_path: Path) -> None:
+    stager = LocalStager(tmp_path)
+    for source, hours in (("b", 2), ("a", 1), ("c", 0)):
+        stage = stager.open_source(source, f"run-{source}", STARTED - timedelta(hours=hours))
+        await stage.commit(status="complete", schema={}, stats={})
+
+    assert [m.source for m in await stager.manifests()] == ["b", "a", "c"]
+
+
+async def test_unreadable_manifest_is_a_staging_error(tmp_path: Path) -> None:
+    stager = LocalStager(tmp_path)
+    run_dir = tmp_path / "raw" / "source=x" / "dt=2026-03-14" / "run=r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "_manifest.json").write_bytes(b'{"kind": "raw"}')
+
+    with pytest.raises(StagingError, match=r"_manifest\.json: unreadable manifest"):
+        await stager.manifests()
+
+
+async def test_read_part_rejects_a_corrupted_part(tmp_path: Path) -> None:
+    stager = LocalStager(tmp_path)
+    _, raw = await (await stage_records(stager, 5)).commit(status="complete", schema=SCHEMA, stats={})
+    part = raw.parts[0]
+    path = local(part.uri)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(StagingError, match="does not match the manifest") as info:
+        [line async for line in stager.read_part(part)]
+    assert part.uri in str(info.value)
+
+
+async def test_read_part_rejects_a_missing_part(tmp_path: Path) -> None:
+    stager = LocalStager(tmp_path)
+    _, raw = await (await stage_records(stager, 5)).commit(status="complete", schema=SCHEMA, stats={})
+    local(raw.parts[0].uri).unlink()
+
+    with pytest.raises(StagingError, match="staged part is missing"):
+        [line async for line in stager.read_part(raw.parts[0])]
+
+
+@pytest.mark.parametrize("uri", [
+    "file:///etc/passwd",
+    "s3://bucket/raw/part-00001.jsonl.gz",
+    "file://{root}/../outside/part-00001.jsonl.gz",
+])
+async def test_read_part_refuses_objects_outside_the_staging_target(tmp_path: Path, uri: str) -> None:
+    root = tmp_path / "staging"
+    root.mkdir()
+    (tmp_path / "outside").mkdir()
+    secret = b"not staged"
+    (tmp_path / "outside" / "part-00001.jsonl.gz").write_bytes(secret)
+    stager = LocalStager(root)
+    part = StagedPart(uri.format(root=root), 1, len(secret), hashlib.sha256(secret).hexdigest())
+
+    with pytest.raises(StagingError, match="is not inside the staging target"):
+        [line async for line in stager.read_part(part)]
+
+
+async def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
+    writer = PartWriter(tmp_path, f"file://{tmp_path}", max_rows=37, max_bytes=64 * 1024 * 1024)
+
+    async def produce(task: int) -> None:
+        for i in range(50):
+            await writer.write({"task": task, "i": i})
+            if i % 7 == 0:
+                await asyncio.sleep(0)
+
+    await asyncio.gather(*(produce(t) for t in range(40)))
+    parts = await writer.close()
+
+    assert sum(p.rows for p in parts) == 2000 == writer.rows
+    assert all(p.rows == 37 for p in parts[:-1])
+    seen = [(line["task"], line["i"]) for p in parts for line in lines(local(p.uri))]
+    assert len(seen) == 2000
+    assert sorted(seen) == [(t, i) for t in range(40) for i in range(50)]
+    for t in range(40):  # each task's own writes stay in order
+        assert [i for task, i in seen if task == t] == list(range(50))
+
+
+async def test_close_twice_returns_the_same_parts(tmp_path: Path) -> None:
+    writer = PartWriter(tmp_path, f"file://{tmp_path}", max_rows=3, max_bytes=1 << 20)
+    for i in range(7):
+        await writer.write({"i": i})
+
+    first = await writer.close()
+    second = await writer.close()
+
+    assert [p.rows for p in first] == [3, 3, 1]
+    assert second == first
+
+
+def test_open_stager_relative_file_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    stager = open_stager("file://./rel/staging", part_max_records=5, part_max_bytes=2048)
+
+    assert stager.root == tmp_path.resolve() / "rel" / "staging"
+    assert stager.uri == f"file://{tmp_path.resolve()}/rel/staging"
+
+
+def test_open_stager_absolute_file_url(tmp_path: Path) -> None:
+    assert open_stager(f"file://{tmp_path}/abs").root == tmp_path.resolve() / "abs"
+
+
+def test_open_stager_plain_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    assert open_stager(str(tmp_path / "plain")).root == tmp_path.resolve() / "plain"
+    assert open_stager(".trawl/staging").root == tmp_path.resolve() / ".trawl" / "staging"
+
+
+async def test_open_stager_passes_part_limits(tmp_path: Path) -> None:
+    stager = open_stager(f"file://{tmp_path}", part_max_records=2)
+    _, raw = await (await stage_records(stager, 5)).commit(status="complete", schema={}, stats={})
+
+    assert [p.rows for p in raw.parts] == [2, 2, 1]
+
+
+def test_open_stager_s3_is_a_clear_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"^staging s3://bucket/prefix: s3:// staging is not available"):
+        open_stager("s3://bucket/prefix")
+
+
+@pytest.mark.parametrize("url", ["ftp://host/dir", "gs://bucket/prefix", "http://example.test/x"])
+def test_open_stager_unknown_scheme_is_a_config_error(url: str) -> None:
+    scheme = url.split(":", 1)[0]
+    with pytest.raises(ConfigError, match=rf"unsupported scheme '{scheme}'") as info:
+        open_stager(url)
+    assert url in str(info.value)

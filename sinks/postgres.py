@@ -92,7 +92,11 @@ def coerce(value: Any, kind: str) -> Any:
         case "date":
             if isinstance(value, str):
                 try:
-                    return date.fromisoformat(value.strip()[:10])
+                    return date.fromisoformat(value.strip())
+                except ValueError:
+                    pass
+                try:  # the date part of a full timestamp, never of any string that starts like a date
+                    return datetime.fromisoformat(value.strip()).date()
                 except ValueError:
                     pass
             raise ValueError(f"expected date (YYYY-MM-DD), got {value!r}")

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from trawl.errors import ConfigError, ConfigIssue
 
@@ -37,6 +38,10 @@ __all__ = [
 FieldType = Literal["text", "int", "float", "bool", "date", "timestamp", "json"]
 _NAME = r"^[a-z][a-z0-9_]{0,62}$"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# Error type of the checks spanning fields or entries: `load_sources` runs them on the raw data
+# instead, because pydantic skips them once any field of the model fails, and cannot name a field.
+_CROSS = "cross_check"
+_NO_URLS = "needs `urls` (a fixed list) or `start_urls` (a crawl)"
 
 
 def _check_regex(value: str | None) -> str | None:
@@ -54,6 +59,12 @@ def _check_field_names(value: dict[str, Any]) -> dict[str, Any]:
     if bad:
         raise ValueError(f"field name(s) {', '.join(map(repr, bad))} must match {_NAME} (they become column names)")
     return value
+
+
+def _undeclared_keys(key: Any, fields: Any) -> list[str]:
+    keys = [key] if isinstance(key, str) else key if isinstance(key, list) else []
+    declared = fields if isinstance(fields, Mapping) else {}
+    return [k for k in keys if isinstance(k, str) and k != "url" and k not in declared]
 
 
 def _check_http_url(value: str) -> str:
@@ -139,10 +150,9 @@ class HtmlSource(_Model):
     @model_validator(mode="after")
     def _shape(self) -> HtmlSource:
         if not self.urls and not self.start_urls:
-            raise ValueError("needs `urls` (a fixed list) or `start_urls` (a crawl)")
-        for k in self.key_fields:
-            if k != "url" and k not in self.fields:
-                raise ValueError(f"key field {k!r} is not a declared field")
+            raise PydanticCustomError(_CROSS, _NO_URLS)
+        for k in _undeclared_keys(self.key, self.fields):
+            raise PydanticCustomError(_CROSS, "key field {key} is not a declared field", {"key": repr(k)})
         return self
 
     @property
@@ -210,7 +220,7 @@ class SourcesFile(_Model):
         seen: set[str] = set()
         for s in self.sources:
             if s.name in seen:
-                raise ValueError(f"source name {s.name!r} is used twice")
+                raise PydanticCustomError(_CROSS, "source name {name} is used twice", {"name": repr(s.name)})
             seen.add(s.name)
         return self
 
@@ -233,6 +243,30 @@ def _interpolate(node: Any, env: Mapping[str, str], path: tuple[Any, ...], missi
     if isinstance(node, dict):
         return {k: _interpolate(v, env, (*path, k), missing) for k, v in node.items()}
     return node
+
+
+def _cross_checks(data: Any) -> list[tuple[tuple[Any, ...], str]]:
+    """The `_CROSS` checks on raw data, each located at the field to fix."""
+    sources = data.get("sources") if isinstance(data, dict) else None
+    if not isinstance(sources, list):
+        return []
+    found: list[tuple[tuple[Any, ...], str]] = []
+    first: dict[str, int] = {}
+    for i, item in enumerate(sources):
+        if not isinstance(item, dict):
+            continue
+        name = item.get("name")
+        if isinstance(name, str):
+            if name in first:
+                message = f"source name {name!r} is used twice (first: sources[{first[name]}])"
+                found.append((("sources", i, "name"), message))
+            first.setdefault(name, i)
+        if item.get("kind") == "html":
+            if not item.get("urls") and not item.get("start_urls"):
+                found.append((("sources", i, "urls"), _NO_URLS))
+            for k in _undeclared_keys(item.get("key", "url"), item.get("fields")):
+                found.append((("sources", i, "key"), f"key field {k!r} is not a declared field"))
+    return found
 
 
 def _locate(raw: Any, loc: tuple[Any, ...]) -> tuple[str, str]:
@@ -277,10 +311,14 @@ def load_sources(path: str | Path, env: Mapping[str, str] | None = None) -> Sour
         entry, fld = _locate(raw, loc)
         issues.append(ConfigIssue(file, entry, fld, f"environment variable {name} is not set"))
     unset = {_locate(raw, loc) for loc, _ in missing}
+    for loc, message in _cross_checks(data):
+        issues.append(ConfigIssue(file, *_locate(raw, loc), message))
     try:
         parsed = SourcesFile.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors():
+            if err["type"] == _CROSS:
+                continue  # already reported by _cross_checks, with its field
             entry, fld = _locate(raw, tuple(err["loc"]))
             if (entry, fld) in unset or (entry, fld.rpartition(".")[0]) in unset:
                 continue  # already reported as the unset variable it follows from

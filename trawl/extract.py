@@ -25,8 +25,14 @@ def _regex(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
+def _text(node: LexborNode) -> str:
+    # Whitespace collapsed over the whole subtree; `text(strip=True)` strips each text node
+    # and glues them, so `Price: <b>$5</b> each` would read `Price:$5each`.
+    return " ".join(node.text().split())
+
+
 def _value(node: LexborNode, spec: HtmlField) -> str | None:
-    raw = node.attributes.get(spec.attr) if spec.attr else node.text(strip=True)
+    raw = node.attributes.get(spec.attr) if spec.attr else _text(node)
     if raw is None:
         return None
     if spec.regex:

@@ -49,6 +49,22 @@ def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _no_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_no_nul(k): _no_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nul(v) for v in value]
+    return value
+
+
+def jsonb(value: Any) -> str:
+    """JSON text PostgreSQL's jsonb accepts: it cannot store U+0000, so NULs become U+FFFD (the staged copy keeps them)."""
+    text = orjson.dumps(value).decode()
+    return orjson.dumps(_no_nul(value)).decode() if "\\u0000" in text else text
+
+
 def coerce(value: Any, kind: str) -> Any:
     """Convert a staged JSON value to the Python value asyncpg writes for ``kind``; ValueError if it cannot."""
     if value is None:
@@ -57,6 +73,8 @@ def coerce(value: Any, kind: str) -> Any:
         case "text":
             if isinstance(value, (dict, list)):
                 raise ValueError(f"expected text, got {type(value).__name__}")
+            if isinstance(value, str) and "\x00" in value:
+                raise ValueError("contains a NUL character, which PostgreSQL text cannot store")
             return value if isinstance(value, str) else orjson.dumps(value).decode()
         case "int":
             if isinstance(value, bool):
@@ -110,7 +128,7 @@ def coerce(value: Any, kind: str) -> Any:
                     return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
             raise ValueError(f"expected ISO 8601 timestamp, got {value!r}")
         case "json":
-            return orjson.dumps(value).decode()
+            return jsonb(value)
     raise ValueError(f"unknown type {kind!r}")
 
 
@@ -315,13 +333,16 @@ class Loader:
             key = env.get("key")
             if key in (None, ""):
                 reasons.append("key: missing (" + ", ".join(m.schema.get("key") or ["url"]) + ")")
+            elif "\x00" in str(key):
+                reasons.append("key: contains a NUL character")
             if reasons:
-                rejects.append((m.run_id, m.source, key, env.get("url"), reasons,
-                                orjson.dumps(env).decode(), part.uri))
+                rejects.append((m.run_id, m.source, _no_nul(key), _no_nul(env.get("url")), _no_nul(reasons),
+                                jsonb(env), part.uri))
                 continue
+            key = str(key)
             extra = {k: v for k, v in data.items() if k not in fields}
             fetched = datetime.fromisoformat(env["fetched_at"])
-            row = (*values, key, orjson.dumps(extra).decode() if extra else None, env["url"],
+            row = (*values, key, jsonb(extra) if extra else None, env["url"],
                    env["content_hash"], env["run_id"], fetched, part.uri)
             prev = latest.get(key)
             if prev is None or fetched >= prev[-2]:  # latest fetched_at wins within the part

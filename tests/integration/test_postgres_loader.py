@@ -346,6 +346,26 @@ async def test_undeclared_fields_land_in_extra(loader: Loader, stager: LocalStag
     assert "colour" not in got["1"]
 
 
+async def test_nul_characters_never_block_a_part(loader: Loader, stager: LocalStager, db: asyncpg.Connection) -> None:
+    # PostgreSQL text and jsonb cannot hold U+0000: a declared text value with one is rejected with a reason,
+    # an undeclared or json value keeps its place with U+FFFD, and the part still loads.
+    records = [
+        rec("1", item(1, name="bad\x00name"), run_id="r1", at=T0),
+        rec("2", item(2, note="a\x00b", meta={"k\x00": "v\x00"}), run_id="r1", at=T0),
+    ]
+    _, raw = await stage(stager, "r1", records)
+
+    assert loaded(await loader.load_manifest(raw)) == (1, 0, 0, 1)
+
+    got = await rows(db)
+    assert orjson.loads(got["2"]["_extra"]) == {"note": "a\ufffdb"}
+    assert orjson.loads(got["2"]["meta"]) == {"k\ufffd": "v\ufffd"}
+    reject = await db.fetchrow("SELECT key, reasons, record FROM trawl._rejects")
+    assert reject is not None and reject["key"] == "1"
+    assert reject["reasons"] == ["name: contains a NUL character, which PostgreSQL text cannot store"]
+    assert orjson.loads(reject["record"])["data"]["name"] == "bad\ufffdname"
+
+
 async def test_a_field_declared_later_adds_a_column(loader: Loader, stager: LocalStager,
                                                     db: asyncpg.Connection) -> None:
     _, run1 = await stage(stager, "r1", [rec("1", item(1), run_id="r1", at=T0)])

@@ -47,16 +47,25 @@ async def _run(repeat: int, database_url: str | None) -> None:
                 async with Fetcher(settings) as fetcher:
                     for source in spec.sources:
                         t0 = time.perf_counter()
-                        res = await crawl_source(source, run_id=run_id, settings=settings, fetcher=fetcher,
-                                                 stager=stager)
+                        res = await crawl_source(
+                            source, run_id=run_id, settings=settings, fetcher=fetcher, stager=stager
+                        )
                         dt = time.perf_counter() - t0
-                        print(orjson.dumps({
-                            "bench": f"crawl.{source.kind}", "source": source.name, "pages": res.stats["pages"],
-                            "records": res.stats["records"], "seconds": round(dt, 3),
-                            "pages_per_s": round(res.stats["pages"] / dt, 1),
-                            "records_per_s": round(res.stats["records"] / dt, 1),
-                            "peak_rss_mb": round(_peak_rss_mb(), 1),
-                        }).decode(), flush=True)
+                        print(
+                            orjson.dumps(
+                                {
+                                    "bench": f"crawl.{source.kind}",
+                                    "source": source.name,
+                                    "pages": res.stats["pages"],
+                                    "records": res.stats["records"],
+                                    "seconds": round(dt, 3),
+                                    "pages_per_s": round(res.stats["pages"] / dt, 1),
+                                    "records_per_s": round(res.stats["records"] / dt, 1),
+                                    "peak_rss_mb": round(_peak_rss_mb(), 1),
+                                }
+                            ).decode(),
+                            flush=True,
+                        )
             if database_url:
                 await _load(stager, database_url)
 
@@ -77,8 +86,12 @@ async def _load(stager: LocalStager, database_url: str) -> None:
         dt = time.perf_counter() - t0
         async with pool.acquire() as conn:
             await conn.execute(f'DROP SCHEMA "{loader.schema}" CASCADE')
-        print(orjson.dumps({"bench": "load", "rows": rows, "seconds": round(dt, 3),
-                            "rows_per_s": round(rows / dt, 1)}).decode(), flush=True)
+        print(
+            orjson.dumps(
+                {"bench": "load", "rows": rows, "seconds": round(dt, 3), "rows_per_s": round(rows / dt, 1)}
+            ).decode(),
+            flush=True,
+        )
     finally:
         await pool.close()
 

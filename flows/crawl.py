@@ -33,7 +33,11 @@ async def crawl_source_task(
 ) -> SourceResult:
     """One source's crawl, as its own task run in the UI (failed sources show as failed tasks)."""
     return await crawl_source(
-        source, run_id=run_id, settings=settings, fetcher=fetcher, stager=stager,
+        source,
+        run_id=run_id,
+        settings=settings,
+        fetcher=fetcher,
+        stager=stager,
         flow_run_id=current_flow_run_id(),
     )
 
@@ -55,15 +59,18 @@ async def crawl(
     selected = select_sources(load_sources(sources_file), sources)
     run_id = run_id or new_run_id()
     bind(run_id=run_id, flow_run_id=current_flow_run_id())
-    stager = open_stager(settings.staging, part_max_records=settings.part_max_records,
-                         part_max_bytes=settings.part_max_bytes)
+    stager = open_stager(
+        settings.staging, part_max_records=settings.part_max_records, part_max_bytes=settings.part_max_bytes
+    )
     log.info("crawl started", sources=[s.name for s in selected], staging=stager.uri)
     async with Fetcher(settings) as fetcher:
         # With return_state=True Prefect returns awaitable states; its overloads type them as plain States.
-        states = await asyncio.gather(*(
-            crawl_source_task(s.name, s, run_id, settings, fetcher, stager, return_state=True)  # type: ignore[call-overload]
-            for s in selected
-        ))
+        states = await asyncio.gather(
+            *(
+                crawl_source_task(s.name, s, run_id, settings, fetcher, stager, return_state=True)  # type: ignore[call-overload]
+                for s in selected
+            )
+        )
     results = []
     for src, state in zip(selected, states, strict=True):
         value = await state.aresult(raise_on_failure=False)

@@ -61,7 +61,9 @@ async def load(
     bind(flow_run_id=current_flow_run_id())
     stager = open_stager(settings.staging)
     manifests = [
-        m for kind in _KINDS for m in await stager.manifests(kind)
+        m
+        for kind in _KINDS
+        for m in await stager.manifests(kind)
         if (not run_ids or m.run_id in run_ids) and (not sources or m.source in sources)
     ]
     pool = await connect_pool(resolve_dsn(settings), max_size=4)
@@ -72,14 +74,20 @@ async def load(
         by_source: dict[str, list[Manifest]] = defaultdict(list)
         for m in manifests:
             by_source[m.source].append(m)
-        log.info("load started", staging=stager.uri, runs=sorted({m.run_id for m in manifests}),
-                 parts_pending=len(todo))
-        per_source = await asyncio.gather(*(
-            load_source_task(name, loader, ms, todo) for name, ms in sorted(by_source.items())
-        ))
+        log.info(
+            "load started", staging=stager.uri, runs=sorted({m.run_id for m in manifests}), parts_pending=len(todo)
+        )
+        per_source = await asyncio.gather(
+            *(load_source_task(name, loader, ms, todo) for name, ms in sorted(by_source.items()))
+        )
     finally:
         await pool.close()
     summary = {name: _totals(loads) for name, loads in zip(sorted(by_source), per_source, strict=True)}
-    log.info("load finished", **{f"{k}_total": sum(s[k] for s in summary.values()) for k in
-                                 ("parts_loaded", "parts_skipped", "inserted", "updated", "rejected")})
+    log.info(
+        "load finished",
+        **{
+            f"{k}_total": sum(s[k] for s in summary.values())
+            for k in ("parts_loaded", "parts_skipped", "inserted", "updated", "rejected")
+        },
+    )
     return {"staging": stager.uri, "runs": sorted({m.run_id for m in manifests}), "sources": summary}

@@ -25,5 +25,9 @@ async def pipeline(
     """
     crawled = await crawl(sources_file, sources, staging)
     loaded = await load(staging, [crawled["run_id"]], None)
-    return {"run_id": crawled["run_id"], "staging": crawled["staging"], "crawl": crawled["sources"],
-            "load": loaded["sources"]}
+    return {
+        "run_id": crawled["run_id"],
+        "staging": crawled["staging"],
+        "crawl": crawled["sources"],
+        "load": loaded["sources"],
+    }

@@ -23,7 +23,7 @@ import structlog
 from sinks.stage import Manifest, StagedPart, Stager
 from trawl.errors import LoadError, StagingError
 
-__all__ = ["Loader", "PartLoad", "coerce", "PG_TYPES"]
+__all__ = ["PG_TYPES", "Loader", "PartLoad", "coerce"]
 
 log = structlog.get_logger("sinks.postgres")
 
@@ -199,8 +199,19 @@ CREATE TABLE IF NOT EXISTS {s}._outcomes (
 );
 """
 
-_OUTCOME_COLS = ("run_id", "source", "url", "outcome", "http_status", "attempts", "bytes", "elapsed_ms", "error",
-                 "at", "staged_object")
+_OUTCOME_COLS = (
+    "run_id",
+    "source",
+    "url",
+    "outcome",
+    "http_status",
+    "attempts",
+    "bytes",
+    "elapsed_ms",
+    "error",
+    "at",
+    "staged_object",
+)
 
 
 class Loader:
@@ -249,7 +260,8 @@ class Loader:
                 for r in await conn.fetch(
                     "SELECT column_name, data_type FROM information_schema.columns"
                     " WHERE table_schema = $1 AND table_name = $2",
-                    self.schema, manifest.source,
+                    self.schema,
+                    manifest.source,
                 )
             }
             for name, kind in fields.items():
@@ -305,8 +317,16 @@ class Loader:
         await conn.execute(
             f"INSERT INTO {self._s}._loads (staged_object, sha256, run_id, source, kind, rows, inserted, updated,"
             " unchanged, rejected) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            part.uri, part.sha256, m.run_id, m.source, m.kind, res.rows, res.inserted, res.updated,
-            res.unchanged, res.rejected,
+            part.uri,
+            part.sha256,
+            m.run_id,
+            m.source,
+            m.kind,
+            res.rows,
+            res.inserted,
+            res.updated,
+            res.unchanged,
+            res.rejected,
         )
 
     async def _load_records(self, m: Manifest, part: StagedPart, fields: Mapping[str, str]) -> PartLoad:
@@ -336,14 +356,23 @@ class Loader:
             elif "\x00" in str(key):
                 reasons.append("key: contains a NUL character")
             if reasons:
-                rejects.append((m.run_id, m.source, _no_nul(key), _no_nul(env.get("url")), _no_nul(reasons),
-                                jsonb(env), part.uri))
+                rejects.append(
+                    (m.run_id, m.source, _no_nul(key), _no_nul(env.get("url")), _no_nul(reasons), jsonb(env), part.uri)
+                )
                 continue
             key = str(key)
             extra = {k: v for k, v in data.items() if k not in fields}
             fetched = datetime.fromisoformat(env["fetched_at"])
-            row = (*values, key, jsonb(extra) if extra else None, env["url"],
-                   env["content_hash"], env["run_id"], fetched, part.uri)
+            row = (
+                *values,
+                key,
+                jsonb(extra) if extra else None,
+                env["url"],
+                env["content_hash"],
+                env["run_id"],
+                fetched,
+                part.uri,
+            )
             prev = latest.get(key)
             if prev is None or fetched >= prev[-2]:  # latest fetched_at wins within the part
                 latest[key] = row
@@ -374,15 +403,24 @@ class Loader:
             updated = len(flags) - inserted
             if rejects:
                 await conn.copy_records_to_table(
-                    "_rejects", schema_name=self.schema, records=rejects,
+                    "_rejects",
+                    schema_name=self.schema,
+                    records=rejects,
                     columns=["run_id", "source", "key", "url", "reasons", "record", "staged_object"],
                 )
             # `unchanged` from the UPDATE, plus keys older than what the table holds (a run loaded late).
-            res = PartLoad(part.uri, m.source, m.kind, rows, inserted, updated, len(latest) - len(flags),
-                           len(rejects))
+            res = PartLoad(part.uri, m.source, m.kind, rows, inserted, updated, len(latest) - len(flags), len(rejects))
             await self._ledger(conn, m, part, res)
-        log.info("part loaded", source=m.source, staged_object=part.uri, rows=rows, inserted=res.inserted,
-                 updated=res.updated, unchanged=res.unchanged, rejected=res.rejected)
+        log.info(
+            "part loaded",
+            source=m.source,
+            staged_object=part.uri,
+            rows=rows,
+            inserted=res.inserted,
+            updated=res.updated,
+            unchanged=res.unchanged,
+            rejected=res.rejected,
+        )
         return res
 
     async def _load_outcomes(self, m: Manifest, part: StagedPart) -> PartLoad:
@@ -394,9 +432,19 @@ class Loader:
             k = (env["run_id"], env["source"], env["url"])
             prev = latest.get(k)
             if prev is None or at >= prev[9]:
-                latest[k] = (env["run_id"], env["source"], env["url"], env["outcome"], env.get("http_status"),
-                             env.get("attempts", 0), env.get("bytes", 0), float(env.get("elapsed_ms", 0.0)),
-                             env.get("error"), at, part.uri)
+                latest[k] = (
+                    env["run_id"],
+                    env["source"],
+                    env["url"],
+                    env["outcome"],
+                    env.get("http_status"),
+                    env.get("attempts", 0),
+                    env.get("bytes", 0),
+                    float(env.get("elapsed_ms", 0.0)),
+                    env.get("error"),
+                    at,
+                    part.uri,
+                )
         cols = ", ".join(_OUTCOME_COLS)
         updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _OUTCOME_COLS[3:])
         async with self.pool.acquire() as conn, conn.transaction():
@@ -411,8 +459,7 @@ class Loader:
                 ON CONFLICT (run_id, source, url) DO UPDATE SET {updates} WHERE EXCLUDED.at >= t.at
                 RETURNING (xmax = 0) AS inserted""")
             inserted = sum(1 for f in flags if f["inserted"])
-            res = PartLoad(part.uri, m.source, m.kind, rows, inserted, len(flags) - inserted,
-                           len(latest) - len(flags))
+            res = PartLoad(part.uri, m.source, m.kind, rows, inserted, len(flags) - inserted, len(latest) - len(flags))
             await self._ledger(conn, m, part, res)
         return res
 
@@ -434,6 +481,10 @@ class Loader:
                     loaded_at = now()
                 WHERE NOT r.sources @> EXCLUDED.sources  -- reloading the same run changes nothing
                 """,
-                m.run_id, m.flow_run_id, datetime.fromisoformat(m.started_at),
-                datetime.fromisoformat(m.finished_at), m.status, entry,
+                m.run_id,
+                m.flow_run_id,
+                datetime.fromisoformat(m.started_at),
+                datetime.fromisoformat(m.finished_at),
+                m.status,
+                entry,
             )

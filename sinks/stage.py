@@ -86,10 +86,19 @@ class Manifest:
         try:
             d = orjson.loads(raw)
             return cls(
-                uri=uri, kind=d["kind"], source=d["source"], run_id=d["run_id"], dt=d["dt"], status=d["status"],
+                uri=uri,
+                kind=d["kind"],
+                source=d["source"],
+                run_id=d["run_id"],
+                dt=d["dt"],
+                status=d["status"],
                 parts=tuple(StagedPart(p["uri"], p["rows"], p["bytes"], p["sha256"]) for p in d["parts"]),
-                schema=d.get("schema") or {}, stats=d.get("stats") or {}, error=d.get("error"),
-                started_at=d["started_at"], finished_at=d["finished_at"], flow_run_id=d.get("flow_run_id"),
+                schema=d.get("schema") or {},
+                stats=d.get("stats") or {},
+                error=d.get("error"),
+                started_at=d["started_at"],
+                finished_at=d["finished_at"],
+                flow_run_id=d.get("flow_run_id"),
             )
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             raise StagingError(f"{uri}: unreadable manifest: {exc}") from None
@@ -209,13 +218,23 @@ class SourceStage:
         """Close both streams and write their manifests: outcomes first, records last (the commit)."""
         finished = utcnow()
         manifests = []
-        for kind, writer in (("outcomes", self.outcomes), ("raw", self.records)):
+        streams: tuple[tuple[StreamKind, PartWriter], ...] = (("outcomes", self.outcomes), ("raw", self.records))
+        for kind, writer in streams:
             parts = await writer.close()
             body = {
-                "version": 1, "kind": kind, "source": self.source, "run_id": self.run_id, "dt": self.dt,
-                "status": status, "error": error, "started_at": self.started_at.isoformat(),
-                "finished_at": finished.isoformat(), "flow_run_id": flow_run_id,
-                "schema": schema, "stats": stats, "parts": [p.as_dict() for p in parts],
+                "version": 1,
+                "kind": kind,
+                "source": self.source,
+                "run_id": self.run_id,
+                "dt": self.dt,
+                "status": status,
+                "error": error,
+                "started_at": self.started_at.isoformat(),
+                "finished_at": finished.isoformat(),
+                "flow_run_id": flow_run_id,
+                "schema": schema,
+                "stats": stats,
+                "parts": [p.as_dict() for p in parts],
                 "rows": sum(p.rows for p in parts),
             }
             manifests.append(await self.stager.write_manifest(kind, self.source, self.dt, self.run_id, body))
@@ -319,9 +338,9 @@ def open_stager(url: str, *, part_max_records: int = 50_000, part_max_bytes: int
         raise ConfigError(f"staging {url}: s3:// staging is not available in this version; use file://DIR")
     if scheme == "file":
         # file://./x is relative (netloc "."); file:///x is absolute
-        rest = url[len("file://"):]
+        rest = url[len("file://") :]
         path = Path(rest)
-    elif scheme in ("", ) or len(scheme) == 1:  # plain path (or a Windows drive letter)
+    elif scheme in ("",) or len(scheme) == 1:  # plain path (or a Windows drive letter)
         path = Path(url)
     else:
         raise ConfigError(f"staging {url}: unsupported scheme {scheme!r}; use file://DIR or s3://BUCKET/PREFIX")

@@ -39,11 +39,19 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("sources_file", metavar="SOURCES.yaml", help="sources file")
         if stages:
             sp.add_argument("--staging", metavar="URL", help="file://DIR or s3://BUCKET/PREFIX (env TRAWL_STAGING)")
-            sp.add_argument("--source", action="append", dest="sources", metavar="NAME",
-                            help="only this source (repeatable; default: every enabled source)")
+            sp.add_argument(
+                "--source",
+                action="append",
+                dest="sources",
+                metavar="NAME",
+                help="only this source (repeatable; default: every enabled source)",
+            )
         if loads:
-            sp.add_argument("--database-url", metavar="DSN",
-                            help="PostgreSQL to load into (env TRAWL_DATABASE_URL; default: embedded in .trawl/pg)")
+            sp.add_argument(
+                "--database-url",
+                metavar="DSN",
+                help="PostgreSQL to load into (env TRAWL_DATABASE_URL; default: embedded in .trawl/pg)",
+            )
         sp.add_argument("--log-format", choices=("auto", "json", "console"), help="log renderer (env TRAWL_LOG_FORMAT)")
 
     common(sub.add_parser("run", help="crawl the sources and load them (the pipeline flow)"))
@@ -90,9 +98,15 @@ def _summary(result: dict[str, Any]) -> str:
     """The per-source summary printed at the end of `run`, `crawl` and `demo`."""
     loads = result.get("load") or {}
     rows = [
-        (s["source"], s["status"], s.get("pages", 0), s.get("records", 0),
-         loads[s["source"]]["rejected"] if s["source"] in loads else "-", s.get("failures", 0),
-         f"{s.get('seconds', 0):.2f}")
+        (
+            s["source"],
+            s["status"],
+            s.get("pages", 0),
+            s.get("records", 0),
+            loads[s["source"]]["rejected"] if s["source"] in loads else "-",
+            s.get("failures", 0),
+            f"{s.get('seconds', 0):.2f}",
+        )
         for s in result["crawl"]
     ]
     errors = [f"{s['source']}: {s['error']}" for s in result["crawl"] if s.get("error")]
@@ -126,12 +140,17 @@ def _execute(args: argparse.Namespace) -> int:
 
     if args.command == "check":
         spec = load_sources(args.sources_file)
-        print(f"{args.sources_file}: OK, {len(spec.sources)} source(s): "
-              + ", ".join(f"{s.name} ({s.kind})" for s in spec.sources))
+        print(
+            f"{args.sources_file}: OK, {len(spec.sources)} source(s): "
+            + ", ".join(f"{s.name} ({s.kind})" for s in spec.sources)
+        )
         return EXIT_OK
 
-    for flag, env in (("staging", "TRAWL_STAGING"), ("database_url", "TRAWL_DATABASE_URL"),
-                      ("log_format", "TRAWL_LOG_FORMAT")):
+    for flag, env in (
+        ("staging", "TRAWL_STAGING"),
+        ("database_url", "TRAWL_DATABASE_URL"),
+        ("log_format", "TRAWL_LOG_FORMAT"),
+    ):
         if getattr(args, flag, None):
             os.environ[env] = getattr(args, flag)
     with contextlib.ExitStack() as stack:
@@ -183,8 +202,10 @@ def _run(args: argparse.Namespace) -> int:
     print(_summary(result))
     print(f"\nrun {result['run_id']}: staged under {result['staging']}")
     if "load" in result:
-        print(f"loaded into {redact(os.environ['TRAWL_DATABASE_URL'])} schema {settings.db_schema}: "
-              + ", ".join(f"{settings.db_schema}.{s}" for s in result["load"]))
+        print(
+            f"loaded into {redact(os.environ['TRAWL_DATABASE_URL'])} schema {settings.db_schema}: "
+            + ", ".join(f"{settings.db_schema}.{s}" for s in result["load"])
+        )
     return EXIT_FAILED if any(s["status"] != "complete" for s in result["crawl"]) else EXIT_OK
 
 

@@ -225,7 +225,9 @@ class SourcesFile(_Model):
         return self
 
 
-def _interpolate(node: Any, env: Mapping[str, str], path: tuple[Any, ...], missing: list[tuple[tuple[Any, ...], str]]) -> Any:
+def _interpolate(
+    node: Any, env: Mapping[str, str], path: tuple[Any, ...], missing: list[tuple[tuple[Any, ...], str]]
+) -> Any:
     if isinstance(node, str):
 
         def sub(m: re.Match[str]) -> str:
@@ -275,7 +277,8 @@ def _locate(raw: Any, loc: tuple[Any, ...]) -> tuple[str, str]:
         index = loc[1]
         rest = list(loc[2:])
         entry = f"sources[{index}]"
-        item = raw.get("sources")[index] if isinstance(raw, dict) and isinstance(raw.get("sources"), list) else None
+        listed = raw.get("sources") if isinstance(raw, dict) else None
+        item = listed[index] if isinstance(listed, list) and index < len(listed) else None
         if isinstance(item, dict):
             if item.get("name"):
                 entry += f" ({item['name']})"

@@ -52,8 +52,14 @@ class SourceResult:
     manifest: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "status": self.status, "seconds": round(self.seconds, 3),
-                "error": self.error, "manifest": self.manifest, **self.stats}
+        return {
+            "source": self.source,
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+            "manifest": self.manifest,
+            **self.stats,
+        }
 
 
 class SourceFailed(TrawlError):
@@ -99,8 +105,14 @@ async def crawl_source(
             status=status, schema=source_schema(source), stats=stats, error=error, flow_run_id=flow_run_id
         )
         result = SourceResult(source.name, status, time.monotonic() - started, stats, error, raw.uri)
-        log.info("source finished", status=status, error=error, seconds=round(result.seconds, 3),
-                 parts=len(raw.parts), **stats)
+        log.info(
+            "source finished",
+            status=status,
+            error=error,
+            seconds=round(result.seconds, 3),
+            parts=len(raw.parts),
+            **stats,
+        )
     finally:
         unbind("source")
     if error:

@@ -100,25 +100,29 @@ class NetworkGuard:
     async def check(self, url: str) -> None:
         """Raise BlockedNetworkError when the URL's host resolves to a forbidden address."""
         host = urlsplit(url).hostname or ""
-        if host not in self._cache:
-            self._cache[host] = await self._verdict(host)
-        reason = self._cache[host]
+        if host in self._cache:
+            reason = self._cache[host]
+        else:
+            reason, final = await self._verdict(host)
+            if final:  # a failed lookup is not cached: the next attempt must check again
+                self._cache[host] = reason
         if reason:
             raise BlockedNetworkError(reason, url=url)
 
-    async def _verdict(self, host: str) -> str | None:
+    async def _verdict(self, host: str) -> tuple[str | None, bool]:
+        """(why the host is blocked or None, whether that answer may be cached)."""
         try:
             addrs = [ipaddress.ip_address(host)]
         except ValueError:
             try:
                 infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
             except OSError:
-                return None  # let the connection attempt fail and be retried/recorded as usual
+                return None, False  # let the connection attempt fail and be retried/recorded as usual
             addrs = [ipaddress.ip_address(str(i[4][0]).split("%")[0]) for i in infos]
         for ip in addrs:
             if self._forbidden(ip):
-                return f"{host} resolves to {ip}, a network the settings do not allow"
-        return None
+                return f"{host} resolves to {ip}, a network the settings do not allow", True
+        return None, True
 
 
 @dataclass(slots=True)
@@ -141,9 +145,7 @@ class _HostGate:
 
 
 class _Transport(Protocol):
-    async def get(
-        self, url: str, headers: Mapping[str, str], max_bytes: int
-    ) -> tuple[int, dict[str, str], bytes]: ...
+    async def get(self, url: str, headers: Mapping[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]: ...
 
     async def close(self) -> None: ...
 
@@ -342,9 +344,7 @@ class Fetcher:
                     async with asyncio.timeout(s.total_timeout):
                         status, hdrs, body = await client.get(current, headers, s.max_body_bytes)
                 except TimeoutError:
-                    raise TransientFetchError(
-                        f"timed out after {s.total_timeout}s", url=current
-                    ) from None
+                    raise TransientFetchError(f"timed out after {s.total_timeout}s", url=current) from None
             if status in _REDIRECT_STATUS and "location" in hdrs:
                 current = urljoin(current, hdrs["location"])
                 continue

@@ -24,8 +24,9 @@ unbind = structlog.contextvars.unbind_contextvars
 
 # userinfo in URLs/DSNs and credential-looking query parameters never reach a log line.
 _USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s:]+(?::[^/@\s]*)?@", re.IGNORECASE)
-_SECRET_QS = re.compile(r"(?P<k>[?&](?:access_token|api_key|apikey|token|key|password|secret|sig|signature)=)[^&\s#]+",
-                        re.IGNORECASE)
+_SECRET_QS = re.compile(
+    r"(?P<k>[?&](?:access_token|api_key|apikey|token|key|password|secret|sig|signature)=)[^&\s#]+", re.IGNORECASE
+)
 
 
 def redact(text: str) -> str:
@@ -68,8 +69,9 @@ def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: s
         foreign_pre_chain=[
             *shared,
             # Prefect puts flow_run_id/task_run_name etc. on the record as extras.
-            structlog.stdlib.ExtraAdder(allow=("flow_run_id", "flow_run_name", "flow_name", "task_run_id",
-                                               "task_run_name", "task_name")),
+            structlog.stdlib.ExtraAdder(
+                allow=("flow_run_id", "flow_run_name", "flow_name", "task_run_id", "task_run_name", "task_name")
+            ),
         ],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,

@@ -55,7 +55,9 @@ class Settings(BaseSettings):
     read_timeout: float = Field(default=30.0, gt=0, description="Seconds to wait for the next bytes of a response.")
     total_timeout: float = Field(default=60.0, gt=0, description="Seconds one attempt may take in all.")
     max_retries: int = Field(
-        default=3, ge=0, description="Retries after the first attempt for transient failures (connect errors, timeouts, 429, 5xx)."
+        default=3,
+        ge=0,
+        description="Retries after the first attempt for transient failures (connect errors, timeouts, 429, 5xx).",
     )
     backoff_base: float = Field(
         default=0.5, ge=0, description="Base of the exponential backoff between retries, in seconds (full jitter)."
@@ -70,7 +72,9 @@ class Settings(BaseSettings):
     )
     part_max_records: int = Field(default=50_000, ge=1, description="A staged part is closed after this many lines.")
     part_max_bytes: int = Field(
-        default=64 * 1024 * 1024, ge=1024, description="A staged part is closed once this many compressed bytes are written."
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="A staged part is closed once this many compressed bytes are written.",
     )
     max_pages: int | None = Field(
         default=None, ge=1, description="Stop each source after this many fetched pages (None: no limit)."
@@ -79,7 +83,8 @@ class Settings(BaseSettings):
         default=1000, ge=1, description="Bound of the queues between fetch workers and the stager (back-pressure)."
     )
     log_format: Literal["auto", "json", "console"] = Field(
-        default="auto", description="`json` lines, a readable `console` renderer, or `auto`: console on a TTY, else JSON."
+        default="auto",
+        description="`json` lines, a readable `console` renderer, or `auto`: console on a TTY, else JSON.",
     )
     log_level: str = Field(default="INFO", description="Lowest level logged by trawl's own loggers.")
     demo_url: str | None = Field(

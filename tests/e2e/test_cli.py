@@ -39,13 +39,15 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 def trawl(*args: str, env: dict[str, str], cwd: Path = REPO, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*TRAWL, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    return subprocess.run(
+        [*TRAWL, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 @pytest.mark.slow
-async def test_run_load_and_rerun_demo(site: DemoSiteThread, env: dict[str, str], database_url: str,
-                                       db: asyncpg.Connection, tmp_path: Path) -> None:
+async def test_run_load_and_rerun_demo(
+    site: DemoSiteThread, env: dict[str, str], database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
     env = {**env, "TRAWL_DEMO_URL": site.url, "TRAWL_ALLOWED_NETWORKS": '["127.0.0.0/8"]'}
 
     first = trawl("run", "examples/demo.yaml", "--database-url", database_url, env=env)
@@ -62,13 +64,18 @@ async def test_run_load_and_rerun_demo(site: DemoSiteThread, env: dict[str, str]
     assert await db.fetchval("SELECT count(*) FROM trawl.products") == PRODUCT_COUNT
     assert await db.fetchval("SELECT count(*) FROM trawl.items") == ITEM_COUNT
     assert await db.fetchval("SELECT count(*) FROM trawl._rejects") == 0
-    sample = await db.fetchrow("SELECT name, price, rating FROM trawl.products WHERE _url = $1",
-                               f"{site.url}/products/5")
+    sample = await db.fetchrow(
+        "SELECT name, price, rating FROM trawl.products WHERE _url = $1", f"{site.url}/products/5"
+    )
     assert sample is not None and sample["price"] == 4070.09
 
     # Lineage: every row points at a staged object that exists.
-    objects = [r[0] for r in await db.fetch(
-        "SELECT DISTINCT _staged_object FROM trawl.products UNION SELECT DISTINCT _staged_object FROM trawl.items")]
+    objects = [
+        r[0]
+        for r in await db.fetch(
+            "SELECT DISTINCT _staged_object FROM trawl.products UNION SELECT DISTINCT _staged_object FROM trawl.items"
+        )
+    ]
     assert objects
     for uri in objects:
         assert uri.startswith("file://") and Path(uri.removeprefix("file://")).is_file(), uri
@@ -89,7 +96,8 @@ async def test_run_load_and_rerun_demo(site: DemoSiteThread, env: dict[str, str]
     assert await db.fetch("SELECT _key, _last_seen_at FROM trawl.items ORDER BY _key") == before
     assert await db.fetchval("SELECT count(*) FROM trawl._loads") == 4
     assert await db.fetchval("SELECT sum(inserted + updated) FROM trawl._loads WHERE kind = 'raw'") == (
-        PRODUCT_COUNT + ITEM_COUNT)
+        PRODUCT_COUNT + ITEM_COUNT
+    )
 
     # A second run: same content, so only _last_seen_at moves.
     snapshot = "SELECT _key, name, price, _content_hash, _run_id, _first_seen_at, _last_seen_at FROM trawl.products"
@@ -102,9 +110,17 @@ async def test_run_load_and_rerun_demo(site: DemoSiteThread, env: dict[str, str]
         was = old[key]
         assert row["_last_seen_at"] > was["_last_seen_at"]
         assert (row["name"], row["price"], row["_content_hash"], row["_run_id"], row["_first_seen_at"]) == (
-            was["name"], was["price"], was["_content_hash"], was["_run_id"], was["_first_seen_at"])
-    counts = await db.fetchrow("SELECT sum(inserted) AS i, sum(updated) AS u, sum(unchanged) AS n FROM trawl._loads "
-                               "WHERE kind = 'raw' AND run_id <> $1", old[next(iter(old))]["_run_id"])
+            was["name"],
+            was["price"],
+            was["_content_hash"],
+            was["_run_id"],
+            was["_first_seen_at"],
+        )
+    counts = await db.fetchrow(
+        "SELECT sum(inserted) AS i, sum(updated) AS u, sum(unchanged) AS n FROM trawl._loads "
+        "WHERE kind = 'raw' AND run_id <> $1",
+        old[next(iter(old))]["_run_id"],
+    )
     assert counts is not None and (counts["i"], counts["u"], counts["n"]) == (0, 0, PRODUCT_COUNT + ITEM_COUNT)
 
 
@@ -115,7 +131,7 @@ def test_demo_command(env: dict[str, str], database_url: str, tmp_path: Path) ->
     assert done.returncode == 0, done.stderr + done.stdout[-3000:]
     lines = done.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("source "))
-    table = {line.split()[0]: line.split() for line in lines[header + 1: header + 3]}
+    table = {line.split()[0]: line.split() for line in lines[header + 1 : header + 3]}
     assert table["products"][1:4] == ["complete", str(PRODUCT_COUNT + PAGE_COUNT), str(PRODUCT_COUNT)]
     assert table["items"][3] == str(ITEM_COUNT)
     assert f"staged under file://{staging}" in done.stdout
@@ -141,8 +157,9 @@ def test_malformed_sources_file_exits_2_naming_every_problem(env: dict[str, str]
     assert checked.returncode == 2 and checked.stderr == done.stderr
 
 
-def test_run_exits_1_when_a_source_fails(site: DemoSiteThread, env: dict[str, str], database_url: str,
-                                         prefect_api: str, tmp_path: Path) -> None:
+def test_run_exits_1_when_a_source_fails(
+    site: DemoSiteThread, env: dict[str, str], database_url: str, prefect_api: str, tmp_path: Path
+) -> None:
     sources = tmp_path / "sources.yaml"
     sources.write_text(
         "sources:\n"
@@ -153,8 +170,11 @@ def test_run_exits_1_when_a_source_fails(site: DemoSiteThread, env: dict[str, st
     env = {**env, "PREFECT_API_URL": prefect_api, "TRAWL_ALLOWED_NETWORKS": '["127.0.0.0/8"]'}
     done = trawl("run", str(sources), "--database-url", database_url, env=env)
     assert done.returncode == 1, done.stderr + done.stdout[-3000:]
-    summary = {line.split()[0]: line.split()[1] for line in done.stdout.splitlines()
-               if line.split()[:1] in (["items"], ["gone"])}
+    summary = {
+        line.split()[0]: line.split()[1]
+        for line in done.stdout.splitlines()
+        if line.split()[:1] in (["items"], ["gone"])
+    }
     assert summary == {"items": "complete", "gone": "failed"}
     assert f"gone: page {site.url}/api/gone failed" in done.stdout
 

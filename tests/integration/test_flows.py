@@ -36,10 +36,15 @@ def flow_env(
 
 def _sources_with_broken_api(tmp_path: Path, base: str) -> Path:
     spec = yaml.safe_load((REPO / "examples" / "demo.yaml").read_text())
-    spec["sources"].append({
-        "name": "broken", "kind": "api", "url": f"{base}/api/does-not-exist",
-        "key": "id", "fields": {"id": {"type": "int"}},
-    })
+    spec["sources"].append(
+        {
+            "name": "broken",
+            "kind": "api",
+            "url": f"{base}/api/does-not-exist",
+            "key": "id",
+            "fields": {"id": {"type": "int"}},
+        }
+    )
     path = tmp_path / "sources.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

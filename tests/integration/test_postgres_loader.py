@@ -36,16 +36,22 @@ SCHEMA: dict[str, Any] = {"key": ["id"], "fields": FIELDS}
 
 def item(i: int, **changes: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
-        "id": i, "name": f"item {i}", "price": i + 0.5, "in_stock": i % 2 == 0, "released": f"2021-01-{i + 1:02d}",
-        "updated": f"2021-02-03T04:05:{i:02d}Z", "meta": {"tags": ["t", str(i)]},
+        "id": i,
+        "name": f"item {i}",
+        "price": i + 0.5,
+        "in_stock": i % 2 == 0,
+        "released": f"2021-01-{i + 1:02d}",
+        "updated": f"2021-02-03T04:05:{i:02d}Z",
+        "meta": {"tags": ["t", str(i)]},
     }
     data.update(changes)
     return {k: v for k, v in data.items() if v is not ...}
 
 
 def rec(key: str | None, data: dict[str, Any], *, run_id: str, at: datetime, source: str = "items") -> Record:
-    return Record(source=source, key=key, url=f"https://shop.test/{source}/{key}", fetched_at=at, run_id=run_id,
-                  data=data)
+    return Record(
+        source=source, key=key, url=f"https://shop.test/{source}/{key}", fetched_at=at, run_id=run_id, data=data
+    )
 
 
 async def stage(
@@ -67,8 +73,12 @@ async def stage(
         await s.records.write(r.envelope())
     for o in outcomes:
         await s.outcomes.write(o.envelope())
-    return await s.commit(status=status, schema=SCHEMA if schema is None else schema,
-                          stats=stats if stats is not None else {"records": len(records)}, error=error)
+    return await s.commit(
+        status=status,
+        schema=SCHEMA if schema is None else schema,
+        stats=stats if stats is not None else {"records": len(records)},
+        error=error,
+    )
 
 
 @pytest.fixture
@@ -105,12 +115,17 @@ async def snapshot(db: asyncpg.Connection) -> list[list[tuple[Any, ...]]]:
 
 
 def loaded(results: Sequence[PartLoad]) -> tuple[int, int, int, int]:
-    return (sum(r.inserted for r in results), sum(r.updated for r in results),
-            sum(r.unchanged for r in results), sum(r.rejected for r in results))
+    return (
+        sum(r.inserted for r in results),
+        sum(r.updated for r in results),
+        sum(r.unchanged for r in results),
+        sum(r.rejected for r in results),
+    )
 
 
-async def test_setup_creates_schema_and_bookkeeping_tables(pool: asyncpg.Pool, stager: LocalStager,
-                                                           db: asyncpg.Connection) -> None:
+async def test_setup_creates_schema_and_bookkeeping_tables(
+    pool: asyncpg.Pool, stager: LocalStager, db: asyncpg.Connection
+) -> None:
     loader = Loader(pool, stager)
     await asyncio.gather(loader.setup(), Loader(pool, stager).setup())
     await loader.setup()  # idempotent
@@ -119,8 +134,9 @@ async def test_setup_creates_schema_and_bookkeeping_tables(pool: asyncpg.Pool, s
     assert sorted(r[0] for r in tables) == ["_loads", "_outcomes", "_rejects", "_runs"]
 
 
-async def test_source_table_has_one_typed_column_per_declared_field(loader: Loader, stager: LocalStager,
-                                                                   db: asyncpg.Connection) -> None:
+async def test_source_table_has_one_typed_column_per_declared_field(
+    loader: Loader, stager: LocalStager, db: asyncpg.Connection
+) -> None:
     _, raw = await stage(stager, "r1", [rec("1", item(1), run_id="r1", at=T0)])
     await loader.load_manifest(raw)
 
@@ -161,7 +177,8 @@ async def test_rows_land_typed_with_lineage(loader: Loader, stager: LocalStager,
     results = await loader.load_manifest(raw)
 
     assert [(r.staged_object, r.rows, r.inserted, r.skipped) for r in results] == [
-        (raw.parts[0].uri, 3, 3, False), (raw.parts[1].uri, 2, 2, False),
+        (raw.parts[0].uri, 3, 3, False),
+        (raw.parts[1].uri, 2, 2, False),
     ]
     got = await rows(db)
     assert sorted(got) == ["1", "2", "3", "4", "5"]
@@ -181,17 +198,20 @@ async def test_rows_land_typed_with_lineage(loader: Loader, stager: LocalStager,
         assert Path(row["_staged_object"].removeprefix("file://")).is_file()
 
     ledger = await db.fetch("SELECT * FROM trawl._loads ORDER BY staged_object")
-    assert [(r["staged_object"], r["sha256"], r["run_id"], r["source"], r["kind"], r["rows"], r["inserted"])
-            for r in ledger] == [(p.uri, p.sha256, "r1", "items", "raw", p.rows, p.rows) for p in raw.parts]
+    assert [
+        (r["staged_object"], r["sha256"], r["run_id"], r["source"], r["kind"], r["rows"], r["inserted"]) for r in ledger
+    ] == [(p.uri, p.sha256, "r1", "items", "raw", p.rows, p.rows) for p in raw.parts]
     assert await db.fetchval("SELECT count(*) FROM trawl._rejects") == 0
 
 
-async def test_loading_the_same_manifest_again_changes_nothing(pool: asyncpg.Pool, loader: Loader,
-                                                               stager: LocalStager, db: asyncpg.Connection) -> None:
+async def test_loading_the_same_manifest_again_changes_nothing(
+    pool: asyncpg.Pool, loader: Loader, stager: LocalStager, db: asyncpg.Connection
+) -> None:
     records = [rec(str(i), item(i), run_id="r1", at=T0) for i in range(7)]
     records.append(rec(None, item(99), run_id="r1", at=T0))  # one reject, which must not be duplicated
-    outcomes, raw = await stage(stager, "r1", records,
-                                outcomes=[Outcome("r1", "items", "https://shop.test/a", OutcomeKind.FETCHED, at=T0)])
+    outcomes, raw = await stage(
+        stager, "r1", records, outcomes=[Outcome("r1", "items", "https://shop.test/a", OutcomeKind.FETCHED, at=T0)]
+    )
     await loader.load_manifest(outcomes)
     await loader.load_manifest(raw)
     before = await snapshot(db)
@@ -209,14 +229,14 @@ async def test_loading_the_same_manifest_again_changes_nothing(pool: asyncpg.Poo
     assert await snapshot(db) == before
 
 
-async def test_identical_second_run_only_moves_last_seen(loader: Loader, stager: LocalStager,
-                                                         db: asyncpg.Connection) -> None:
+async def test_identical_second_run_only_moves_last_seen(
+    loader: Loader, stager: LocalStager, db: asyncpg.Connection
+) -> None:
     _, run1 = await stage(stager, "r1", [rec(str(i), item(i), run_id="r1", at=T0) for i in range(4)])
     await loader.load_manifest(run1)
     first = await rows(db)
     t2 = T0 + timedelta(days=1)
-    _, run2 = await stage(stager, "r2", [rec(str(i), item(i), run_id="r2", at=t2) for i in range(4)],
-                          started=t2)
+    _, run2 = await stage(stager, "r2", [rec(str(i), item(i), run_id="r2", at=t2) for i in range(4)], started=t2)
 
     results = await loader.load_manifest(run2)
 
@@ -239,8 +259,12 @@ async def test_changed_content_rewrites_the_row(loader: Loader, stager: LocalSta
     await loader.load_manifest(run1)
     t2 = T0 + timedelta(hours=6)
     changed = item(1, price=9.99, in_stock=False, meta={"tags": []})
-    records = [rec("0", item(0), run_id="r2", at=t2), rec("1", changed, run_id="r2", at=t2),
-               rec("2", item(2), run_id="r2", at=t2), rec("3", item(3), run_id="r2", at=t2)]
+    records = [
+        rec("0", item(0), run_id="r2", at=t2),
+        rec("1", changed, run_id="r2", at=t2),
+        rec("2", item(2), run_id="r2", at=t2),
+        rec("3", item(3), run_id="r2", at=t2),
+    ]
     _, run2 = await stage(stager, "r2", records, started=t2)
 
     results = await loader.load_manifest(run2)
@@ -254,13 +278,15 @@ async def test_changed_content_rewrites_the_row(loader: Loader, stager: LocalSta
     assert r1["_staged_object"] == run2.parts[0].uri
     assert (got["3"]["_first_seen_at"], got["3"]["_run_id"]) == (t2, "r2")
     assert (got["0"]["_run_id"], got["0"]["_last_seen_at"]) == ("r1", t2)
-    ledger = await db.fetchrow("SELECT sum(inserted), sum(updated), sum(unchanged) FROM trawl._loads"
-                               " WHERE run_id = 'r2'")
+    ledger = await db.fetchrow(
+        "SELECT sum(inserted), sum(updated), sum(unchanged) FROM trawl._loads WHERE run_id = 'r2'"
+    )
     assert tuple(ledger) == (1, 1, 2)
 
 
-async def test_an_older_run_loaded_late_does_not_overwrite_newer_rows(loader: Loader, stager: LocalStager,
-                                                                      db: asyncpg.Connection) -> None:
+async def test_an_older_run_loaded_late_does_not_overwrite_newer_rows(
+    loader: Loader, stager: LocalStager, db: asyncpg.Connection
+) -> None:
     t2 = T0 + timedelta(days=1)
     _, new = await stage(stager, "r2", [rec("1", item(1, name="new"), run_id="r2", at=t2)], started=t2)
     _, old = await stage(stager, "r1", [rec("1", item(1, name="old"), run_id="r1", at=T0)])
@@ -273,8 +299,9 @@ async def test_an_older_run_loaded_late_does_not_overwrite_newer_rows(loader: Lo
     assert (row["name"], row["_run_id"], row["_last_seen_at"]) == ("new", "r2", t2)
 
 
-async def test_latest_fetched_at_wins_per_key_within_a_part(loader: Loader, stager: LocalStager,
-                                                            db: asyncpg.Connection) -> None:
+async def test_latest_fetched_at_wins_per_key_within_a_part(
+    loader: Loader, stager: LocalStager, db: asyncpg.Connection
+) -> None:
     records = [
         rec("1", item(1, name="middle"), run_id="r1", at=T0 + timedelta(minutes=2)),
         rec("1", item(1, name="latest"), run_id="r1", at=T0 + timedelta(minutes=3)),
@@ -292,8 +319,9 @@ async def test_latest_fetched_at_wins_per_key_within_a_part(loader: Loader, stag
     assert got["1"]["_fetched_at"] == T0 + timedelta(minutes=3)
 
 
-async def test_records_that_do_not_fit_go_to_rejects(loader: Loader, stager: LocalStager,
-                                                     db: asyncpg.Connection) -> None:
+async def test_records_that_do_not_fit_go_to_rejects(
+    loader: Loader, stager: LocalStager, db: asyncpg.Connection
+) -> None:
     records = [
         rec("1", item(1), run_id="r1", at=T0),
         rec("2", item(2, id="abc"), run_id="r1", at=T0),
@@ -314,8 +342,14 @@ async def test_records_that_do_not_fit_go_to_rejects(loader: Loader, stager: Loc
         ("3", ["price: expected float, got 'cheap'", "released: expected date (YYYY-MM-DD), got '2021-13-45'"]),
         ("4", ["name: required but missing"]),
         (None, ["key: missing (id)"]),
-        ("6", ["name: required but missing", "in_stock: expected bool, got 'perhaps'",
-               "updated: expected ISO 8601 timestamp, got 'yesterday'"]),
+        (
+            "6",
+            [
+                "name: required but missing",
+                "in_stock: expected bool, got 'perhaps'",
+                "updated: expected ISO 8601 timestamp, got 'yesterday'",
+            ],
+        ),
     ]
     by_key = {r["key"]: r for r in rejects}
     assert orjson.loads(by_key["3"]["record"]) == orjson.loads(orjson.dumps(records[2].envelope()))
@@ -366,22 +400,35 @@ async def test_nul_characters_never_block_a_part(loader: Loader, stager: LocalSt
     assert orjson.loads(reject["record"])["data"]["name"] == "bad\ufffdname"
 
 
-async def test_a_field_declared_later_adds_a_column(loader: Loader, stager: LocalStager,
-                                                    db: asyncpg.Connection) -> None:
+async def test_a_field_declared_later_adds_a_column(
+    loader: Loader, stager: LocalStager, db: asyncpg.Connection
+) -> None:
     _, run1 = await stage(stager, "r1", [rec("1", item(1), run_id="r1", at=T0)])
     await loader.load_manifest(run1)
     t2 = T0 + timedelta(days=1)
-    wider = {"key": ["id"], "fields": {**FIELDS, "rating": {"type": "float", "required": False},
-                                       "Seller Name": {"type": "text", "required": False}}}
-    records = [rec("1", item(1, rating=4.5), run_id="r2", at=t2),
-               rec("2", item(2, rating="3", **{"Seller Name": "Ann"}), run_id="r2", at=t2)]
+    wider = {
+        "key": ["id"],
+        "fields": {
+            **FIELDS,
+            "rating": {"type": "float", "required": False},
+            "Seller Name": {"type": "text", "required": False},
+        },
+    }
+    records = [
+        rec("1", item(1, rating=4.5), run_id="r2", at=t2),
+        rec("2", item(2, rating="3", **{"Seller Name": "Ann"}), run_id="r2", at=t2),
+    ]
     _, run2 = await stage(stager, "r2", records, schema=wider, started=t2)
 
     results = await loader.load_manifest(run2)
 
     assert loaded(results) == (1, 1, 0, 0)
-    types = dict(await db.fetch("SELECT column_name, data_type FROM information_schema.columns"
-                                " WHERE table_schema = 'trawl' AND table_name = 'items'"))
+    types = dict(
+        await db.fetch(
+            "SELECT column_name, data_type FROM information_schema.columns"
+            " WHERE table_schema = 'trawl' AND table_name = 'items'"
+        )
+    )
     assert (types["rating"], types["Seller Name"]) == ("double precision", "text")
     assert len(types) == 18
     got = await rows(db)
@@ -389,13 +436,20 @@ async def test_a_field_declared_later_adds_a_column(loader: Loader, stager: Loca
     assert (got["2"]["rating"], got["2"]["Seller Name"]) == (3.0, "Ann")
 
 
-async def test_a_changed_declared_type_is_a_load_error(loader: Loader, stager: LocalStager,
-                                                       db: asyncpg.Connection) -> None:
+async def test_a_changed_declared_type_is_a_load_error(
+    loader: Loader, stager: LocalStager, db: asyncpg.Connection
+) -> None:
     _, run1 = await stage(stager, "r1", [rec("1", item(1), run_id="r1", at=T0)])
     await loader.load_manifest(run1)
     before = await snapshot(db)
-    changed = {"key": ["id"], "fields": {**FIELDS, "price": {"type": "int", "required": False},
-                                         "rating": {"type": "float", "required": False}}}
+    changed = {
+        "key": ["id"],
+        "fields": {
+            **FIELDS,
+            "price": {"type": "int", "required": False},
+            "rating": {"type": "float", "required": False},
+        },
+    }
     _, run2 = await stage(stager, "r2", [rec("1", item(1, price=3), run_id="r2", at=T0)], schema=changed)
 
     with pytest.raises(LoadError) as info:
@@ -423,8 +477,9 @@ async def test_a_corrupted_part_loads_nothing(loader: Loader, stager: LocalStage
     assert await db.fetchval("SELECT count(*) FROM trawl._loads") == 0
 
 
-async def test_a_part_with_fewer_lines_than_its_manifest_is_refused(loader: Loader, stager: LocalStager,
-                                                                    db: asyncpg.Connection) -> None:
+async def test_a_part_with_fewer_lines_than_its_manifest_is_refused(
+    loader: Loader, stager: LocalStager, db: asyncpg.Connection
+) -> None:
     _, raw = await stage(stager, "r1", [rec(str(i), item(i), run_id="r1", at=T0) for i in range(2)])
     [part] = raw.parts
     lying = dataclasses.replace(raw, parts=(StagedPart(part.uri, 5, part.bytes, part.sha256),))
@@ -440,30 +495,42 @@ async def test_outcomes_load_one_row_per_url(loader: Loader, stager: LocalStager
     second = timedelta(seconds=1)
     outcomes = [
         # part 1: url 2 twice, the later `at` wins whatever the line order
-        Outcome("r1", "items", url(1), OutcomeKind.FETCHED, http_status=200, attempts=1, bytes=512,
-                elapsed_ms=12, at=T0),
-        Outcome("r1", "items", url(2), OutcomeKind.FAILED, http_status=503, attempts=3, elapsed_ms=900,
-                error="503 Service Unavailable", at=T0 + second),
+        Outcome(
+            "r1", "items", url(1), OutcomeKind.FETCHED, http_status=200, attempts=1, bytes=512, elapsed_ms=12, at=T0
+        ),
+        Outcome(
+            "r1",
+            "items",
+            url(2),
+            OutcomeKind.FAILED,
+            http_status=503,
+            attempts=3,
+            elapsed_ms=900,
+            error="503 Service Unavailable",
+            at=T0 + second,
+        ),
         Outcome("r1", "items", url(2), OutcomeKind.FAILED, http_status=500, attempts=1, error="500", at=T0),
         # part 2: an outcome older than the loaded one for url 1 does not replace it
         Outcome("r1", "items", url(3), OutcomeKind.SKIPPED_ROBOTS, at=T0),
         Outcome("r1", "items", url(4), OutcomeKind.NOT_MODIFIED, http_status=304, attempts=1, at=T0),
         Outcome("r1", "items", url(1), OutcomeKind.FAILED, error="stale", at=T0 - second),
         # part 3: a newer outcome for url 4 does
-        Outcome("r1", "items", url(4), OutcomeKind.FETCHED, http_status=200, attempts=5, bytes=64,
-                at=T0 + 2 * second),
+        Outcome("r1", "items", url(4), OutcomeKind.FETCHED, http_status=200, attempts=5, bytes=64, at=T0 + 2 * second),
     ]
     out, _ = await stage(stager, "r1", [], outcomes=outcomes)
-    other, _ = await stage(stager, "r1", [], source="other",
-                           outcomes=[Outcome("r1", "other", url(1), OutcomeKind.FILTERED, at=T0)])
+    other, _ = await stage(
+        stager, "r1", [], source="other", outcomes=[Outcome("r1", "other", url(1), OutcomeKind.FILTERED, at=T0)]
+    )
     assert [p.rows for p in out.parts] == [3, 3, 1]
 
     results = await loader.load_manifest(out) + await loader.load_manifest(other)
 
     assert [(r.inserted, r.updated, r.unchanged) for r in results] == [(2, 0, 0), (2, 0, 1), (0, 1, 0), (1, 0, 0)]
     got = await db.fetch("SELECT * FROM trawl._outcomes ORDER BY source, url")
-    assert [(r["source"], r["url"], r["outcome"], r["http_status"], r["attempts"], r["bytes"], r["elapsed_ms"],
-             r["error"]) for r in got] == [
+    assert [
+        (r["source"], r["url"], r["outcome"], r["http_status"], r["attempts"], r["bytes"], r["elapsed_ms"], r["error"])
+        for r in got
+    ] == [
         ("items", url(1), "fetched", 200, 1, 512, 12.0, None),
         ("items", url(2), "failed", 503, 3, 0, 900.0, "503 Service Unavailable"),
         ("items", url(3), "skipped_robots", None, 0, 0, 0.0, None),
@@ -481,13 +548,28 @@ async def test_outcomes_load_one_row_per_url(loader: Loader, stager: LocalStager
     assert await db.fetchval("SELECT count(*) FROM trawl._outcomes") == 5
 
 
-async def test_runs_get_one_row_per_run_merged_across_sources(loader: Loader, stager: LocalStager,
-                                                              db: asyncpg.Connection) -> None:
+async def test_runs_get_one_row_per_run_merged_across_sources(
+    loader: Loader, stager: LocalStager, db: asyncpg.Connection
+) -> None:
     t1 = T0 + timedelta(minutes=5)
-    _, a = await stage(stager, "r1", [rec("1", item(1), run_id="r1", at=T0, source="a")], source="a",
-                       started=t1, stats={"records": 1, "pages": 2})
-    b_out, b = await stage(stager, "r1", [], source="b", started=T0, status="failed",
-                           error="b.test: circuit open", stats={"records": 0, "pages": 0})
+    _, a = await stage(
+        stager,
+        "r1",
+        [rec("1", item(1), run_id="r1", at=T0, source="a")],
+        source="a",
+        started=t1,
+        stats={"records": 1, "pages": 2},
+    )
+    b_out, b = await stage(
+        stager,
+        "r1",
+        [],
+        source="b",
+        started=T0,
+        status="failed",
+        error="b.test: circuit open",
+        stats={"records": 0, "pages": 0},
+    )
     _, c = await stage(stager, "r2", [], source="c", stats={"records": 0})
 
     for m in (a, b_out, b, c):
@@ -513,13 +595,17 @@ async def test_runs_get_one_row_per_run_merged_across_sources(loader: Loader, st
     assert sorted(orjson.loads(r1["sources"])) == ["a", "b", "d"]
 
 
-async def test_racing_loads_of_one_manifest_load_each_part_once(database_url: str, stager: LocalStager,
-                                                                db: asyncpg.Connection) -> None:
-    records = [rec(str(i), item(i % 28, name=f"n{i}"), run_id="r1", at=T0 + timedelta(seconds=i))
-               for i in range(60)]
+async def test_racing_loads_of_one_manifest_load_each_part_once(
+    database_url: str, stager: LocalStager, db: asyncpg.Connection
+) -> None:
+    records = [rec(str(i), item(i % 28, name=f"n{i}"), run_id="r1", at=T0 + timedelta(seconds=i)) for i in range(60)]
     records += [rec(None, item(1), run_id="r1", at=T0) for _ in range(3)]
-    outcomes, raw = await stage(stager, "r1", records, outcomes=[
-        Outcome("r1", "items", f"https://shop.test/{i}", OutcomeKind.FETCHED, at=T0) for i in range(10)])
+    outcomes, raw = await stage(
+        stager,
+        "r1",
+        records,
+        outcomes=[Outcome("r1", "items", f"https://shop.test/{i}", OutcomeKind.FETCHED, at=T0) for i in range(10)],
+    )
     assert len(raw.parts) == 21
     pool_a, pool_b = await connect_pool(database_url), await connect_pool(database_url)
     try:
@@ -534,8 +620,7 @@ async def test_racing_loads_of_one_manifest_load_each_part_once(database_url: st
         await pool_b.close()
 
     for first, second, manifest in ((res_a, res_b, raw), (out_a, out_b, outcomes)):
-        assert [r.staged_object for r in first] == [r.staged_object for r in second] == [p.uri for p in
-                                                                                        manifest.parts]
+        assert [r.staged_object for r in first] == [r.staged_object for r in second] == [p.uri for p in manifest.parts]
         # Every part was loaded by exactly one of the two loaders.
         assert [x.skipped != y.skipped for x, y in zip(first, second, strict=True)] == [True] * len(manifest.parts)
     done = [r for r in res_a + res_b if not r.skipped]

@@ -20,7 +20,7 @@ __all__ = ["ApiConnector", "next_link"]
 
 log = structlog.get_logger("trawl.connectors.api")
 
-_LINK_PART = re.compile(r'<([^>]*)>\s*((?:;\s*[^;,]+)*)')
+_LINK_PART = re.compile(r"<([^>]*)>\s*((?:;\s*[^;,]+)*)")
 
 
 def next_link(header: str | None, base: str) -> str | None:
@@ -32,7 +32,7 @@ def next_link(header: str | None, base: str) -> str | None:
         for p in params.split(";"):
             k, _, v = p.strip().partition("=")
             if k.strip().lower() == "rel" and "next" in v.strip().strip('"').lower().split():
-                return urljoin(base, m.group(1).strip())
+                return urljoin(base, str(m.group(1)).strip())
     return None
 
 
@@ -71,8 +71,12 @@ class ApiConnector:
         limit = self.ctx.settings.max_pages
         while url is not None and pages < p.max_pages and (limit is None or pages < limit):
             resp = await self.ctx.fetch(
-                src.name, url, transport="httpx", headers=src.headers,
-                concurrency=src.politeness.concurrency, delay=src.politeness.delay,
+                src.name,
+                url,
+                transport="httpx",
+                headers=src.headers,
+                concurrency=src.politeness.concurrency,
+                delay=src.politeness.delay,
             )
             if resp is None:
                 raise FetchError(f"page {url} failed; pagination stopped", url=url)

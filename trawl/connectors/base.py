@@ -88,8 +88,9 @@ class SourceContext:
         self.stats.outcomes[outcome.outcome.value] += 1
         await self.emit_outcome(outcome)
 
-    async def fetched(self, source: str, url: str, resp: Response, kind: OutcomeKind = OutcomeKind.FETCHED,
-                      error: str | None = None) -> None:
+    async def fetched(
+        self, source: str, url: str, resp: Response, kind: OutcomeKind = OutcomeKind.FETCHED, error: str | None = None
+    ) -> None:
         """Record the outcome of a URL whose response was received."""
         await self.outcome(
             Outcome(self.run_id, source, url, kind, resp.status, resp.attempts, len(resp.body), resp.elapsed_ms, error)

@@ -21,13 +21,9 @@ async def serve(host: str, port: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and serve until interrupted; returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m trawl.demo", description="Serve the trawl demo site until Ctrl-C."
-    )
+    parser = argparse.ArgumentParser(prog="python -m trawl.demo", description="Serve the trawl demo site until Ctrl-C.")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    parser.add_argument(
-        "--port", type=int, default=8080, help="port to bind; 0 picks a free one (default 8080)"
-    )
+    parser.add_argument("--port", type=int, default=8080, help="port to bind; 0 picks a free one (default 8080)")
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(args.host, args.port))

@@ -297,11 +297,7 @@ def catalogue_urls(base: str) -> list[str]:
 
 def encode_cursor(offset: int) -> str:
     """The opaque cursor ``/api/items`` hands out for the item at ``offset``."""
-    return (
-        base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{offset}".encode("ascii"))
-        .decode("ascii")
-        .rstrip("=")
-    )
+    return base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{offset}".encode("ascii")).decode("ascii").rstrip("=")
 
 
 def decode_cursor(cursor: str) -> int:
@@ -350,9 +346,7 @@ def _catalogue_html(n: int) -> str:
     last = min(n * PAGE_SIZE, PRODUCT_COUNT)
     lines = [f"<h1>Catalogue, page {n} of {PAGE_COUNT}</h1>", '<ul class="products">']
     for i in range(first, last + 1):
-        lines.append(
-            f'<li class="product"><a href="/products/{i}">{escape(product(i).name)}</a></li>'
-        )
+        lines.append(f'<li class="product"><a href="/products/{i}">{escape(product(i).name)}</a></li>')
     lines.append("</ul>")
     nav = ['<nav class="pager">']
     if n > 1:
@@ -367,8 +361,7 @@ def _product_html(p: Product) -> str:
     stars = "★" * p.rating + "☆" * (5 - p.rating)
     tags = "".join(f'<li class="tag">{escape(t)}</li>' for t in p.tags)
     related = "".join(
-        f'<li><a class="related" href="/products/{r}">{escape(product(r).name)}</a></li>'
-        for r in related_ids(p.id)
+        f'<li><a class="related" href="/products/{r}">{escape(product(r).name)}</a></li>' for r in related_ids(p.id)
     )
     page = catalogue_page_of(p.id)
     body = f"""<article class="product" data-id="{p.id}">
@@ -391,16 +384,11 @@ def _png_1x1() -> bytes:
     """A valid 1x1 grey PNG, so product images resolve instead of 404ing."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)
     return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00\x80"))
-        + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00\x80")) + chunk(b"IEND", b"")
     )
 
 
@@ -438,9 +426,7 @@ def _items(offset: int, count: int) -> list[dict[str, Any]]:
 
 
 async def _robots(request: web.Request) -> web.Response:
-    return web.Response(
-        text="User-agent: *\nAllow: /\n", content_type="text/plain", charset="utf-8"
-    )
+    return web.Response(text="User-agent: *\nAllow: /\n", content_type="text/plain", charset="utf-8")
 
 
 async def _home(request: web.Request) -> web.Response:
@@ -450,18 +436,14 @@ async def _home(request: web.Request) -> web.Response:
 async def _catalogue(request: web.Request) -> web.Response:
     n = int(request.match_info["n"])
     if not 1 <= n <= PAGE_COUNT:
-        raise web.HTTPNotFound(
-            text=_page("Not found", "<h1>No such catalogue page</h1>"), content_type=_HTML
-        )
+        raise web.HTTPNotFound(text=_page("Not found", "<h1>No such catalogue page</h1>"), content_type=_HTML)
     return _html(_catalogue_html(n))
 
 
 async def _product(request: web.Request) -> web.Response:
     i = int(request.match_info["id"])
     if not 1 <= i <= PRODUCT_COUNT:
-        raise web.HTTPNotFound(
-            text=_page("Not found", "<h1>No such product</h1>"), content_type=_HTML
-        )
+        raise web.HTTPNotFound(text=_page("Not found", "<h1>No such product</h1>"), content_type=_HTML)
     return _html(_product_html(product(i)))
 
 
@@ -521,9 +503,7 @@ def _counting_middleware(paths: Counter[str], paths_qs: Counter[str]) -> Middlew
     return count
 
 
-def make_app(
-    requests: Counter[str] | None = None, requests_qs: Counter[str] | None = None
-) -> web.Application:
+def make_app(requests: Counter[str] | None = None, requests_qs: Counter[str] | None = None) -> web.Application:
     """The demo site's application; given counters, every request's path is tallied in them."""
     app = web.Application()
     if requests is not None or requests_qs is not None:
@@ -574,9 +554,7 @@ class DemoSite:
         """Start listening; with port 0 the OS picks a free port, read back into ``port``."""
         if self._runner is not None:
             raise RuntimeError("DemoSite already running")
-        runner = web.AppRunner(
-            make_app(self.requests, self.requests_qs), access_log=None, shutdown_timeout=1.0
-        )
+        runner = web.AppRunner(make_app(self.requests, self.requests_qs), access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
             site = web.TCPSite(runner, self.host, self.port)

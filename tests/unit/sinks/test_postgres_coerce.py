@@ -50,8 +50,11 @@ ACCEPTED: list[tuple[str, Any, Any]] = [
     # timestamp: ISO 8601; naive means UTC; offsets are kept
     ("timestamp", "2021-02-28T10:11:12Z", datetime(2021, 2, 28, 10, 11, 12, tzinfo=UTC)),
     ("timestamp", "2021-02-28T10:11:12", datetime(2021, 2, 28, 10, 11, 12, tzinfo=UTC)),
-    ("timestamp", "2021-02-28 10:11:12.5+02:00",
-     datetime(2021, 2, 28, 10, 11, 12, 500000, tzinfo=timezone(timedelta(hours=2)))),
+    (
+        "timestamp",
+        "2021-02-28 10:11:12.5+02:00",
+        datetime(2021, 2, 28, 10, 11, 12, 500000, tzinfo=timezone(timedelta(hours=2))),
+    ),
     ("timestamp", "2021-02-28", datetime(2021, 2, 28, tzinfo=UTC)),
     # json: any JSON value, as JSON text for jsonb
     ("json", {"a": [1, 2]}, '{"a":[1,2]}'),
@@ -126,6 +129,11 @@ def test_json_round_trips_nested_values() -> None:
 
 def test_every_declared_type_has_a_column_type() -> None:
     assert dict(PG_TYPES) == {
-        "text": "text", "int": "bigint", "float": "double precision", "bool": "boolean", "date": "date",
-        "timestamp": "timestamp with time zone", "json": "jsonb",
+        "text": "text",
+        "int": "bigint",
+        "float": "double precision",
+        "bool": "boolean",
+        "date": "date",
+        "timestamp": "timestamp with time zone",
+        "json": "jsonb",
     }

@@ -24,15 +24,26 @@ SCHEMA: dict[str, Any] = {"key": ["id"], "fields": {"id": {"type": "int", "requi
 
 def record(i: int, *, source: str = "shop", run_id: str = RUN) -> Record:
     return Record(
-        source=source, key=str(i), url=f"https://example.test/item/{i}",
-        fetched_at=STARTED + timedelta(seconds=i), run_id=run_id, data={"id": i, "name": f"item {i}"},
+        source=source,
+        key=str(i),
+        url=f"https://example.test/item/{i}",
+        fetched_at=STARTED + timedelta(seconds=i),
+        run_id=run_id,
+        data={"id": i, "name": f"item {i}"},
     )
 
 
 def outcome(i: int, *, source: str = "shop") -> Outcome:
     return Outcome(
-        run_id=RUN, source=source, url=f"https://example.test/item/{i}", outcome=OutcomeKind.FETCHED,
-        http_status=200, attempts=1, bytes=100 + i, elapsed_ms=5, at=STARTED + timedelta(seconds=i),
+        run_id=RUN,
+        source=source,
+        url=f"https://example.test/item/{i}",
+        outcome=OutcomeKind.FETCHED,
+        http_status=200,
+        attempts=1,
+        bytes=100 + i,
+        elapsed_ms=5,
+        at=STARTED + timedelta(seconds=i),
     )
 
 
@@ -67,15 +78,24 @@ async def test_layout_paths_and_part_rolling_by_record_count(tmp_path: Path) -> 
     run_dir = tmp_path / "raw" / "source=shop" / "dt=2026-03-14" / f"run={RUN}"
     out_dir = tmp_path / "outcomes" / "source=shop" / "dt=2026-03-14" / f"run={RUN}"
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "_manifest.json", "part-00001.jsonl.gz", "part-00002.jsonl.gz", "part-00003.jsonl.gz",
+        "_manifest.json",
+        "part-00001.jsonl.gz",
+        "part-00002.jsonl.gz",
+        "part-00003.jsonl.gz",
     ]
     assert sorted(p.name for p in out_dir.iterdir()) == ["_manifest.json", "part-00001.jsonl.gz"]
     assert [p.rows for p in raw.parts] == [10, 10, 5]
     assert [p.uri for p in raw.parts] == [f"file://{run_dir}/part-0000{n}.jsonl.gz" for n in (1, 2, 3)]
     assert raw.uri == f"file://{run_dir}/_manifest.json"
     assert outcomes.uri == f"file://{out_dir}/_manifest.json"
-    assert (raw.kind, raw.source, raw.run_id, raw.dt, raw.status, raw.rows) == ("raw", "shop", RUN, "2026-03-14",
-                                                                               "complete", 25)
+    assert (raw.kind, raw.source, raw.run_id, raw.dt, raw.status, raw.rows) == (
+        "raw",
+        "shop",
+        RUN,
+        "2026-03-14",
+        "complete",
+        25,
+    )
     assert (outcomes.kind, outcomes.rows, len(outcomes.parts)) == ("outcomes", 3, 1)
     assert stager.uri == f"file://{tmp_path.resolve()}"
 
@@ -182,11 +202,20 @@ async def test_failed_status_and_error_are_preserved(tmp_path: Path) -> None:
     stager = LocalStager(tmp_path)
     stage = await stage_records(stager, 2)
     await stage.outcomes.write(
-        Outcome(RUN, "shop", "https://example.test/p3", OutcomeKind.FAILED, http_status=503, attempts=4,
-                error="503 Service Unavailable", at=STARTED).envelope()
+        Outcome(
+            RUN,
+            "shop",
+            "https://example.test/p3",
+            OutcomeKind.FAILED,
+            http_status=503,
+            attempts=4,
+            error="503 Service Unavailable",
+            at=STARTED,
+        ).envelope()
     )
-    outcomes, raw = await stage.commit(status="failed", schema=SCHEMA, stats={"failed": 1},
-                                       error="too many failures on example.test")
+    outcomes, raw = await stage.commit(
+        status="failed", schema=SCHEMA, stats={"failed": 1}, error="too many failures on example.test"
+    )
 
     [listed] = await stager.manifests()
     [listed_outcomes] = await stager.manifests("outcomes")
@@ -247,11 +276,14 @@ async def test_read_part_rejects_a_missing_part(tmp_path: Path) -> None:
         [line async for line in stager.read_part(raw.parts[0])]
 
 
-@pytest.mark.parametrize("uri", [
-    "file:///etc/passwd",
-    "s3://bucket/raw/part-00001.jsonl.gz",
-    "file://{root}/../outside/part-00001.jsonl.gz",
-])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "file:///etc/passwd",
+        "s3://bucket/raw/part-00001.jsonl.gz",
+        "file://{root}/../outside/part-00001.jsonl.gz",
+    ],
+)
 async def test_read_part_refuses_objects_outside_the_staging_target(tmp_path: Path, uri: str) -> None:
     root = tmp_path / "staging"
     root.mkdir()

@@ -40,16 +40,12 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def get_text(
-    http: aiohttp.ClientSession, url: str
-) -> tuple[int, str, aiohttp.ClientResponse]:
+async def get_text(http: aiohttp.ClientSession, url: str) -> tuple[int, str, aiohttp.ClientResponse]:
     async with http.get(url) as resp:
         return resp.status, await resp.text(), resp
 
 
-async def get_json(
-    http: aiohttp.ClientSession, url: str
-) -> tuple[int, Any, aiohttp.ClientResponse]:
+async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any, aiohttp.ClientResponse]:
     async with http.get(url) as resp:
         return resp.status, await resp.json(), resp
 
@@ -94,9 +90,7 @@ async def test_home_and_robots(site: DemoSite, http: aiohttp.ClientSession) -> N
     assert "/catalogue/page/1" in hrefs
 
 
-async def test_catalogue_lists_every_product_once(
-    site: DemoSite, http: aiohttp.ClientSession
-) -> None:
+async def test_catalogue_lists_every_product_once(site: DemoSite, http: aiohttp.ClientSession) -> None:
     pages = await asyncio.gather(*(get_text(http, u) for u in catalogue_urls(site.url)))
     seen: list[int] = []
     for n, (status, text, _) in enumerate(pages, start=1):
@@ -108,12 +102,8 @@ async def test_catalogue_lists_every_product_once(
         assert links[0].text() == product((n - 1) * PAGE_SIZE + 1).name
         nxt = tree.css_first('a[rel="next"].next')
         prev = tree.css_first('a[rel="prev"]')
-        assert (nxt.attributes["href"] if nxt else None) == (
-            f"/catalogue/page/{n + 1}" if n < PAGE_COUNT else None
-        )
-        assert (prev.attributes["href"] if prev else None) == (
-            f"/catalogue/page/{n - 1}" if n > 1 else None
-        )
+        assert (nxt.attributes["href"] if nxt else None) == (f"/catalogue/page/{n + 1}" if n < PAGE_COUNT else None)
+        assert (prev.attributes["href"] if prev else None) == (f"/catalogue/page/{n - 1}" if n > 1 else None)
         hrefs = [a.attributes.get("href") for a in tree.css("a")]
         assert "mailto:shop@example.com" in hrefs
         assert "https://example.com/elsewhere" in hrefs

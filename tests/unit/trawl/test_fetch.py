@@ -409,3 +409,21 @@ async def test_network_guard(host: str, allowed: list[str], blocked: bool) -> No
         assert info.value.url == url
     else:
         await guard.check(url)
+
+
+async def test_a_failed_lookup_is_checked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # DNS that fails once and then answers with a loopback address: the second check must see it.
+    loop = asyncio.get_running_loop()
+    answers: list[Any] = [OSError("temporary failure in name resolution"), "127.0.0.1"]
+
+    async def getaddrinfo(host: str, port: Any, **kwargs: Any) -> list[Any]:
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answer, 0))]
+
+    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+    guard = NetworkGuard([])
+    await guard.check("http://flaky.example/")  # unresolvable: left to the connection attempt
+    with pytest.raises(BlockedNetworkError, match=r"flaky\.example resolves to 127\.0\.0\.1"):
+        await guard.check("http://flaky.example/")

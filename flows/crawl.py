@@ -51,7 +51,7 @@ async def crawl(
 ) -> dict[str, Any]:
     """Crawl the sources of SOURCES_FILE (all enabled ones, or those named) and stage them.
 
-    Returns ``{"run_id", "staging", "sources": [per-source result]}``; a failed
+    Returns ``{"run_id", "flow_run_id", "staging", "sources": [per-source result]}``; a failed
     source does not stop the others, its task shows as failed and its status in
     the result says why.
     """
@@ -81,4 +81,4 @@ async def crawl(
         else:  # the task itself broke (e.g. cancelled) before a result existed
             results.append({"source": src.name, "status": "failed", "error": repr(value), "seconds": 0.0})
     log.info("crawl finished", failed=[r["source"] for r in results if r["status"] != "complete"])
-    return {"run_id": run_id, "staging": stager.uri, "sources": results}
+    return {"run_id": run_id, "flow_run_id": current_flow_run_id(), "staging": stager.uri, "sources": results}

@@ -27,6 +27,7 @@ async def pipeline(
     loaded = await load(staging, [crawled["run_id"]], None)
     return {
         "run_id": crawled["run_id"],
+        "crawl_flow_run_id": crawled["flow_run_id"],
         "staging": crawled["staging"],
         "crawl": crawled["sources"],
         "load": loaded["sources"],

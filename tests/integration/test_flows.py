@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from uuid import UUID
 
 import asyncpg
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.crawl import crawl
 from flows.load import load
@@ -65,10 +67,19 @@ async def test_pipeline_loads_every_product_and_item(flow_env: Path, db: asyncpg
     run = await db.fetchrow("SELECT status, sources FROM trawl._runs WHERE run_id = $1", result["run_id"])
     assert run is not None and run["status"] == "complete"
 
-    # One task run per source, named after it, in the Prefect API.
+    # One task run per source, named after it, in the Prefect API; the sources ran at the same time.
     async with get_client() as client:
         names = {t.name for t in await client.read_task_runs()}
+        crawls = {
+            t.name: t
+            for t in await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(result["crawl_flow_run_id"])]))
+            )
+        }
     assert {"crawl-products", "crawl-items", "load-products", "load-items"} <= names
+    products, items = crawls["crawl-products"], crawls["crawl-items"]
+    assert products.start_time and products.end_time and items.start_time and items.end_time
+    assert products.start_time < items.end_time and items.start_time < products.end_time
 
 
 async def test_failed_source_does_not_stop_the_others(

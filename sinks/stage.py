@@ -198,7 +198,7 @@ class PartWriter:
 class SourceStage:
     """The two streams one source writes during one run, and their commit."""
 
-    stager: LocalStager
+    stager: Stager
     source: str
     run_id: str
     dt: str
@@ -251,6 +251,10 @@ class Stager(Protocol):
     async def manifests(self, kind: StreamKind = "raw") -> list[Manifest]: ...
 
     def read_part(self, part: StagedPart) -> AsyncIterator[bytes]: ...
+
+    async def write_manifest(
+        self, kind: StreamKind, source: str, dt: str, run_id: str, body: Mapping[str, Any]
+    ) -> Manifest: ...
 
 
 class LocalStager:

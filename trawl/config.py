@@ -142,6 +142,12 @@ class HtmlSource(_Model):
     key: str | list[str] = "url"
     fields: dict[str, HtmlField] = Field(min_length=1)
     politeness: Politeness = Field(default_factory=Politeness)
+    robots: bool = Field(default=True, description="Obey the hosts' robots.txt (set false only for sites you own).")
+    content_types: list[str] = Field(
+        default_factory=lambda: ["text/html", "application/xhtml+xml"],
+        min_length=1,
+        description="Media types parsed as pages; other responses get the outcome `filtered`.",
+    )
     enabled: bool = True
 
     _record_urls = field_validator("record_urls")(_check_regex)
@@ -196,6 +202,7 @@ class ApiSource(_Model):
     key: str | list[str] = "url"
     fields: dict[str, ApiField] = Field(default_factory=dict)
     politeness: Politeness = Field(default_factory=Politeness)
+    robots: bool = Field(default=True, description="Obey the host's robots.txt (set false only for APIs you own).")
     enabled: bool = True
 
     _url = field_validator("url")(_check_http_url)

@@ -8,8 +8,10 @@ property of its class (``transient``), never of its message::
     ├── DatabaseUnavailable         cannot reach / start PostgreSQL            (exit 2)
     ├── FetchError                  one URL could not be fetched
     │   ├── TransientFetchError     connect errors, timeouts, 408/425/429/5xx, truncated bodies
-    │   └── PermanentFetchError     other 4xx, bad content, body too large, too many redirects
-    │       └── BlockedNetworkError the URL resolves to a network the settings forbid
+    │   ├── PermanentFetchError     other 4xx, bad content, body too large, too many redirects
+    │   │   ├── BlockedNetworkError the URL resolves to a network the settings forbid
+    │   │   └── RobotsDisallowed    the host's robots.txt forbids the URL
+    │   └── BreakerOpen             the host's circuit breaker is open: not requested (retry later)
     ├── StagingError                staging target unreadable/unwritable, corrupt part
     └── LoadError                   a part could not be loaded into PostgreSQL
 """
@@ -20,12 +22,14 @@ from dataclasses import dataclass
 
 __all__ = [
     "BlockedNetworkError",
+    "BreakerOpen",
     "ConfigError",
     "ConfigIssue",
     "DatabaseUnavailable",
     "FetchError",
     "LoadError",
     "PermanentFetchError",
+    "RobotsDisallowed",
     "StagingError",
     "TransientFetchError",
     "TrawlError",
@@ -107,3 +111,16 @@ class LoadError(TrawlError):
     def __init__(self, message: str, *, staged_object: str | None = None) -> None:
         super().__init__(message)
         self.staged_object = staged_object
+
+
+class RobotsDisallowed(PermanentFetchError):
+    """The host's robots.txt does not allow this URL for our user agent."""
+
+
+class BreakerOpen(FetchError):
+    """The host's breaker is open (or its one probe is in flight): the URL was not requested."""
+
+    def __init__(self, host: str, url: str, retry_in: float) -> None:
+        super().__init__(f"circuit breaker for {host} is open; retry in {retry_in:.1f}s", url=url)
+        self.host = host
+        self.retry_in = retry_in

@@ -26,8 +26,17 @@ import httpx
 import orjson
 import structlog
 
-from trawl.errors import BlockedNetworkError, FetchError, PermanentFetchError, TransientFetchError
+from trawl.breakers import BreakerRegistry
+from trawl.errors import (
+    BlockedNetworkError,
+    BreakerOpen,
+    FetchError,
+    PermanentFetchError,
+    RobotsDisallowed,
+    TransientFetchError,
+)
 from trawl.records import utcnow
+from trawl.robots import ROBOTS_MAX_BYTES, RobotsCache
 from trawl.settings import Settings
 
 __all__ = ["Fetcher", "NetworkGuard", "Response", "TransportName"]
@@ -233,13 +242,20 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
 
 
 class Fetcher:
-    """Every request of a process goes through one Fetcher (an async context manager)."""
+    """Every request of a process goes through one Fetcher (an async context manager).
 
-    def __init__(self, settings: Settings) -> None:
+    Per request: robots.txt (once per origin), then per attempt and redirect hop:
+    the network guard, the host's gate (concurrency, delay, ``Crawl-delay``), the
+    host's circuit breaker, the transport with its size and time limits.
+    """
+
+    def __init__(self, settings: Settings, breakers: BreakerRegistry | None = None) -> None:
         self._settings = settings
         self._guard = NetworkGuard(settings.allowed_networks)
         self._gates: dict[str, _HostGate] = {}
         self._transports: dict[str, _Transport] = {}
+        self.breakers = breakers or BreakerRegistry(settings.breaker_fail_max, settings.breaker_reset_timeout)
+        self.robots = RobotsCache(_agent_token(settings.user_agent), unavailable=settings.robots_unavailable)
 
     async def __aenter__(self) -> Fetcher:
         return self
@@ -275,6 +291,22 @@ class Fetcher:
             sleep = max(sleep, min(retry_after, s.backoff_max))
         return sleep
 
+    async def _obey_robots(self, url: str, concurrency: int | None, delay: float | None) -> None:
+        async def fetch(robots_url: str) -> tuple[int, bytes]:
+            # With the asking source's limits: this may be the first request to the host, which sets up its gate.
+            resp = await self.get(
+                robots_url, robots=False, max_bytes=ROBOTS_MAX_BYTES, concurrency=concurrency, delay=delay
+            )
+            return resp.status, resp.body
+
+        rules = await self.robots.rules(url, fetch)
+        if not rules.allows(url, self.robots.agent):
+            raise RobotsDisallowed("disallowed by robots.txt", url=url)
+        crawl_delay = rules.crawl_delay(self.robots.agent)
+        if crawl_delay:
+            gate = self._gate(urlsplit(url).netloc.lower(), concurrency, delay)
+            gate.delay = max(gate.delay, min(crawl_delay, self._settings.max_crawl_delay))
+
     async def get(
         self,
         url: str,
@@ -283,30 +315,44 @@ class Fetcher:
         headers: Mapping[str, str] | None = None,
         concurrency: int | None = None,
         delay: float | None = None,
+        robots: bool = True,
+        max_bytes: int | None = None,
     ) -> Response:
-        """GET a URL through politeness, retries, redirects and limits.
+        """GET a URL through robots.txt, politeness, the breaker, retries, redirects and limits.
 
         Raises FetchError (with ``attempts`` and ``elapsed_ms`` set) when the URL
-        finally fails; a non-2xx final status is an error too.
+        finally fails; a final status other than 2xx or 304 is an error too.
+        BreakerOpen means the URL was not (or no longer) requested.
         """
         started = time.monotonic()
         attempts = 0
         last: FetchError | None = None
         try:
+            if robots:
+                await self._obey_robots(url, concurrency, delay)
             for attempt in range(self._settings.max_retries + 1):
                 attempts += 1
                 retry_after: float | None = None
                 try:
                     final_url, status, hdrs, body = await self._attempt(
-                        url, transport, headers or {}, concurrency, delay
+                        url,
+                        transport,
+                        headers or {},
+                        concurrency,
+                        delay,
+                        max_bytes or self._settings.max_body_bytes,
+                        robots,
                     )
-                    if 200 <= status < 300:
+                    if 200 <= status < 300 or status == 304:
                         return Response(
                             final_url, status, hdrs, body, attempts, int((time.monotonic() - started) * 1000)
                         )
                     cls = TransientFetchError if status in _TRANSIENT_STATUS else PermanentFetchError
                     last = cls(f"HTTP {status}", url=final_url, status=status)
                     retry_after = _retry_after(hdrs)
+                except BreakerOpen:
+                    attempts -= 1  # nothing was sent
+                    raise
                 except FetchError as exc:
                     last = exc
                 if not last.transient or attempt == self._settings.max_retries:
@@ -328,25 +374,48 @@ class Fetcher:
         headers: Mapping[str, str],
         concurrency: int | None,
         delay: float | None,
+        max_bytes: int,
+        robots: bool,
     ) -> tuple[str, int, dict[str, str], bytes]:
         client = self._transport(transport)
         s = self._settings
         current = url
-        for _hop in range(s.max_redirects + 1):
+        for hop in range(s.max_redirects + 1):
             parts = urlsplit(current)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise PermanentFetchError(f"not an http(s) URL: {current}", url=current)
             await self._guard.check(current)
-            gate = self._gate(parts.netloc.lower(), concurrency, delay)
+            if hop and robots:  # a redirect target answers to its own robots.txt (as in Scrapy)
+                await self._obey_robots(current, concurrency, delay)
+            host = parts.netloc.lower()
+            gate = self._gate(host, concurrency, delay)
+            breaker = self.breakers.get(host)
             async with gate.slots:
-                await gate.wait_turn()
+                probe = breaker.admit(current)  # after waiting for a slot: the breaker may have opened meanwhile
+                verdict: bool | None = None
                 try:
+                    await gate.wait_turn()
                     async with asyncio.timeout(s.total_timeout):
-                        status, hdrs, body = await client.get(current, headers, s.max_body_bytes)
+                        status, hdrs, body = await client.get(current, headers, max_bytes)
+                    verdict = status not in _TRANSIENT_STATUS
                 except TimeoutError:
+                    verdict = False
                     raise TransientFetchError(f"timed out after {s.total_timeout}s", url=current) from None
+                except FetchError as exc:
+                    verdict = not exc.transient
+                    raise
+                finally:
+                    if verdict is None:
+                        breaker.release(probe)
+                    else:
+                        breaker.record(verdict, probe)
             if status in _REDIRECT_STATUS and "location" in hdrs:
                 current = urljoin(current, hdrs["location"])
                 continue
             return current, status, hdrs, body
         raise PermanentFetchError(f"more than {s.max_redirects} redirects", url=url)
+
+
+def _agent_token(user_agent: str) -> str:
+    """The product token robots.txt groups match against (``trawl`` in ``trawl/0.1 (+url)``)."""
+    return user_agent.split("/", 1)[0].split()[0] if user_agent.strip() else "*"

@@ -67,6 +67,25 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=10 * 1024 * 1024, ge=1024, description="Largest response body accepted (after decompression)."
     )
+    breaker_fail_max: int = Field(
+        default=5, ge=1, description="Consecutive failed requests (transient errors) after which a host's breaker opens."
+    )
+    breaker_reset_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds an open breaker waits before letting one probe request through."
+    )
+    breaker_requeues: int = Field(
+        default=2,
+        ge=0,
+        description="Times a URL skipped by an open breaker is put back to wait for it to close; then `skipped_breaker`.",
+    )
+    max_crawl_delay: float = Field(
+        default=10.0, ge=0, description="Cap on a robots.txt `Crawl-delay` (seconds between request starts to a host)."
+    )
+    robots_unavailable: Literal["allow", "disallow"] = Field(
+        default="allow",
+        description="What a robots.txt that cannot be fetched (5xx, connection errors) means: `allow` everything, as "
+        "Scrapy does, or `disallow` everything, as RFC 9309 asks. A 4xx always means allow.",
+    )
     user_agent: str = Field(
         default="trawl/0.1 (+https://github.com/trawl/trawl)", description="User-Agent header sent with every request."
     )

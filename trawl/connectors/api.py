@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -11,7 +12,7 @@ import structlog
 
 from trawl.config import ApiSource
 from trawl.connectors.base import SourceContext, make_record
-from trawl.errors import FetchError, PermanentFetchError
+from trawl.errors import BreakerOpen, FetchError, PermanentFetchError
 from trawl.extract import get_path
 from trawl.fetch import Response
 from trawl.records import OutcomeKind, Record, utcnow
@@ -70,14 +71,7 @@ class ApiConnector:
         pages = 0
         limit = self.ctx.settings.max_pages
         while url is not None and pages < p.max_pages and (limit is None or pages < limit):
-            resp = await self.ctx.fetch(
-                src.name,
-                url,
-                transport="httpx",
-                headers=src.headers,
-                concurrency=src.politeness.concurrency,
-                delay=src.politeness.delay,
-            )
+            resp = await self._get(url)
             if resp is None:
                 raise FetchError(f"page {url} failed; pagination stopped", url=url)
             pages += 1
@@ -107,6 +101,25 @@ class ApiConnector:
                 page_no += 1
             elif p.type == "offset":
                 page_no += len(items)
+
+    async def _get(self, url: str) -> Response | None:
+        """One page; while the host's breaker is open, wait for it (pagination cannot skip ahead)."""
+        src = self.source
+        for waited in range(self.ctx.settings.breaker_requeues + 1):
+            try:
+                return await self.ctx.fetch(
+                    src.name,
+                    url,
+                    transport="httpx",
+                    headers=src.headers,
+                    concurrency=src.politeness.concurrency,
+                    delay=src.politeness.delay,
+                    robots=src.robots,
+                    park=waited < self.ctx.settings.breaker_requeues,
+                )
+            except BreakerOpen as exc:
+                await asyncio.sleep(exc.retry_in)
+        return None
 
     def _next(self, url: str, resp: Response, body: Any, items: list[Any], page_no: int) -> str | None:
         p = self.source.pagination

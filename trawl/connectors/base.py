@@ -7,11 +7,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import orjson
 import structlog
 
-from trawl.errors import BlockedNetworkError, FetchError
+from trawl.errors import BlockedNetworkError, BreakerOpen, FetchError, RobotsDisallowed
 from trawl.extract import get_path
 from trawl.fetch import Fetcher, Response, TransportName
 from trawl.records import Outcome, OutcomeKind, Record
@@ -20,6 +21,12 @@ from trawl.settings import Settings
 __all__ = ["Connector", "SourceContext", "SourceStats", "make_record", "record_key"]
 
 log = structlog.get_logger("trawl.connectors")
+
+# Failures that are not the host's fault get their own outcome kind (subclasses before their bases).
+_OUTCOME_OF: dict[type[FetchError], OutcomeKind] = {
+    BlockedNetworkError: OutcomeKind.BLOCKED_NETWORK,
+    RobotsDisallowed: OutcomeKind.SKIPPED_ROBOTS,
+}
 
 
 @dataclass(slots=True)
@@ -66,15 +73,27 @@ class SourceContext:
         headers: Mapping[str, str] | None = None,
         concurrency: int | None = None,
         delay: float | None = None,
+        robots: bool = True,
+        park: bool = False,
     ) -> Response | None:
-        """Fetch a URL and record exactly one outcome for it; None when it failed."""
+        """Fetch a URL and record exactly one outcome for it when it failed; None when it failed.
+
+        With ``park`` a BreakerOpen is raised instead of recorded, so the caller can
+        put the URL back until the breaker closes (and record ``skipped_breaker`` later).
+        """
         try:
             resp = await self.fetcher.get(
-                url, transport=transport, headers=headers, concurrency=concurrency, delay=delay
+                url, transport=transport, headers=headers, concurrency=concurrency, delay=delay, robots=robots
             )
+        except BreakerOpen:
+            if park:
+                raise
+            await self.skipped_breaker(source, url)
+            return None
         except FetchError as exc:
-            kind = OutcomeKind.BLOCKED_NETWORK if isinstance(exc, BlockedNetworkError) else OutcomeKind.FAILED
-            log.warning("url failed", url=url, outcome=kind.value, error=str(exc), attempts=exc.attempts)
+            kind = _OUTCOME_OF.get(type(exc), OutcomeKind.FAILED)
+            if kind is OutcomeKind.FAILED:
+                log.warning("url failed", url=url, error=str(exc), attempts=exc.attempts)
             await self.outcome(
                 Outcome(self.run_id, source, url, kind, exc.status, exc.attempts, 0, exc.elapsed_ms, str(exc))
             )
@@ -82,6 +101,14 @@ class SourceContext:
         self.stats.pages += 1
         self.stats.bytes += len(resp.body)
         return resp
+
+    async def skipped_breaker(self, source: str, url: str) -> None:
+        """Record that a URL was given up on because its host's breaker stayed open."""
+        breaker = self.fetcher.breakers.get(urlsplit(url).netloc.lower())
+        await self.outcome(
+            Outcome(self.run_id, source, url, OutcomeKind.SKIPPED_BREAKER, None, 0, 0, 0,
+                    f"circuit breaker for {breaker.host} is {breaker.state}")
+        )
 
     async def outcome(self, outcome: Outcome) -> None:
         """Count and stage one URL outcome."""

@@ -12,6 +12,7 @@ import structlog
 
 from trawl.config import HtmlSource
 from trawl.connectors.base import SourceContext, make_record
+from trawl.errors import BreakerOpen
 from trawl.extract import extract_items, extract_links, parse_html
 from trawl.records import OutcomeKind, Record, utcnow
 
@@ -19,7 +20,6 @@ __all__ = ["HtmlConnector"]
 
 log = structlog.get_logger("trawl.connectors.html")
 
-_HTML_TYPES = ("text/html", "application/xhtml+xml")
 _DONE = object()
 
 
@@ -29,7 +29,12 @@ def _url_hash(url: str) -> int:
 
 
 class HtmlConnector:
-    """Crawls a source with a pool of workers sharing one in-memory frontier."""
+    """Crawls a source with a pool of workers sharing one in-memory frontier.
+
+    The crawl ends when no URL is queued, being fetched, or parked: URLs whose
+    host's breaker is open wait (parked) until it may let requests through
+    again, up to ``breaker_requeues`` times, then end as ``skipped_breaker``.
+    """
 
     def __init__(self, source: HtmlSource, ctx: SourceContext) -> None:
         self.source = source
@@ -37,12 +42,15 @@ class HtmlConnector:
         self._allow = [re.compile(p) for p in source.follow.allow]
         self._deny = [re.compile(p) for p in source.follow.deny]
         self._record_re = re.compile(source.record_urls) if source.record_urls else None
+        self._types = frozenset(t.lower() for t in source.content_types)
         self._seeds = list(source.urls) + list(source.start_urls)
         self._crawl = bool(source.start_urls)
         self._hosts = {urlsplit(u).netloc.lower() for u in self._seeds}
         self._seen: set[int] = set()
-        self._frontier: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+        self._frontier: asyncio.Queue[tuple[str, int, int]] = asyncio.Queue()
         self._scheduled = 0
+        self._outstanding = 0  # queued + being fetched + parked
+        self._idle = asyncio.Event()
 
     def _follow(self, url: str) -> bool:
         rules = self.source.follow
@@ -62,10 +70,16 @@ class HtmlConnector:
         self._seen.add(h)
         self._scheduled += 1
         self.ctx.stats.discovered += 1
-        self._frontier.put_nowait((url, depth))
+        self._outstanding += 1
+        self._frontier.put_nowait((url, depth, 0))
+
+    def _settle(self) -> None:
+        self._outstanding -= 1
+        if self._outstanding == 0:
+            self._idle.set()
 
     async def fetch(self) -> AsyncIterator[Record]:
-        """Yield records as pages are fetched; workers stop when the frontier is drained."""
+        """Yield records as pages are fetched; workers stop when nothing is left to fetch."""
         out: asyncio.Queue[object] = asyncio.Queue(maxsize=self.ctx.settings.queue_size)
         for url in self._seeds:
             self._schedule(url, 0)
@@ -73,22 +87,30 @@ class HtmlConnector:
             self.ctx.settings.total_concurrency,
             (self.source.politeness.concurrency or self.ctx.settings.per_host_concurrency) * max(1, len(self._hosts)),
         )
+        loop = asyncio.get_running_loop()
 
         async def worker() -> None:
             while True:
-                url, depth = await self._frontier.get()
+                url, depth, requeues = await self._frontier.get()
                 try:
                     await self._page(url, depth, out)
-                finally:
-                    self._frontier.task_done()
+                except BreakerOpen as exc:
+                    if requeues < self.ctx.settings.breaker_requeues:
+                        # Parked, still outstanding: back in the frontier when the breaker may admit a probe.
+                        loop.call_later(exc.retry_in, self._frontier.put_nowait, (url, depth, requeues + 1))
+                        continue
+                    await self.ctx.skipped_breaker(self.source.name, url)
+                self._settle()
 
         async def supervise(workers: list[asyncio.Task[None]]) -> None:
-            # Workers only ever end by crashing; the frontier draining is the normal end.
-            drained = asyncio.ensure_future(self._frontier.join())
-            done, _ = await asyncio.wait([drained, *workers], return_when=asyncio.FIRST_COMPLETED)
-            crashed = [t for t in done if t is not drained]
+            # Workers only ever end by crashing; running out of URLs is the normal end.
+            if self._outstanding == 0:
+                self._idle.set()
+            idle = asyncio.ensure_future(self._idle.wait())
+            done, _ = await asyncio.wait([idle, *workers], return_when=asyncio.FIRST_COMPLETED)
+            crashed = [t for t in done if t is not idle]
             if crashed:
-                drained.cancel()
+                idle.cancel()
                 await out.put(crashed[0].exception() or RuntimeError("html worker stopped"))
             else:
                 await out.put(_DONE)
@@ -112,13 +134,21 @@ class HtmlConnector:
     async def _page(self, url: str, depth: int, out: asyncio.Queue[object]) -> None:
         src = self.source
         resp = await self.ctx.fetch(
-            src.name, url, transport="aiohttp", concurrency=src.politeness.concurrency, delay=src.politeness.delay
+            src.name,
+            url,
+            transport="aiohttp",
+            concurrency=src.politeness.concurrency,
+            delay=src.politeness.delay,
+            robots=src.robots,
+            park=True,
         )
         if resp is None:
             return
+        if resp.url != url:
+            self._seen.add(_url_hash(resp.url))  # a redirect target is not fetched again by its own link
         ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype and ctype not in _HTML_TYPES:
-            await self.ctx.fetched(src.name, url, resp, OutcomeKind.FILTERED, f"content-type {ctype} is not HTML")
+        if ctype and ctype not in self._types:
+            await self.ctx.fetched(src.name, url, resp, OutcomeKind.FILTERED, f"content-type {ctype} is not allowed")
             return
         fetched_at = utcnow()
         tree = parse_html(resp.text())

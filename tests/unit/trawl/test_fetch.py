@@ -38,6 +38,7 @@ class Misbehaving:
     counts: Counter[str] = field(default_factory=Counter)
     in_flight: int = 0
     max_in_flight: int = 0
+    robots_hits: int = 0
     redirect_target: str = ""
     _runner: web.AppRunner | None = None
 
@@ -50,6 +51,9 @@ class Misbehaving:
 
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/robots.txt":  # the fetch layer asks once per origin; counted separately
+            self.robots_hits += 1
+            return web.Response(status=404)
         self.hits.append(Hit(request.path_qs, time.monotonic()))
         self.counts[request.path_qs] += 1
         response: web.StreamResponse = await handler(request)

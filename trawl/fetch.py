@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+import aiohttp.abc
 import httpx
 import orjson
 import structlog
@@ -86,14 +87,20 @@ class NetworkGuard:
     addresses unless one of the allowed networks contains them."""
 
     _CGNAT = ipaddress.ip_network("100.64.0.0/10")
+    _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
     def __init__(self, allowed: list[str]) -> None:
         self._allowed = [ipaddress.ip_network(n, strict=False) for n in allowed]
         self._cache: dict[str, str | None] = {}
 
     def _forbidden(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
+        if isinstance(ip, ipaddress.IPv6Address):
+            # IPv4 carried inside IPv6 (mapped, 6to4, Teredo, NAT64) is judged as the IPv4 it reaches.
+            embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+            if embedded is None and ip in self._NAT64:
+                embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+            if embedded is not None:
+                return self._forbidden(embedded)
         if any(ip in net for net in self._allowed):
             return False
         return (
@@ -103,6 +110,7 @@ class NetworkGuard:
             or ip.is_multicast
             or ip.is_reserved
             or ip.is_unspecified
+            or (isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local)
             or (isinstance(ip, ipaddress.IPv4Address) and ip in self._CGNAT)
         )
 
@@ -132,6 +140,33 @@ class NetworkGuard:
             if self._forbidden(ip):
                 return f"{host} resolves to {ip}, a network the settings do not allow", True
         return None, True
+
+
+class _RefusedAddress(OSError):
+    """Raised by the resolver: aiohttp reports it as the connection error's ``os_error``."""
+
+
+class _GuardedResolver(aiohttp.abc.AbstractResolver):
+    """aiohttp resolver that applies the guard to the addresses it will actually connect to.
+
+    The guard's own lookup happens earlier; checking again here closes the gap in
+    which a host's DNS answer could change between the check and the connect.
+    """
+
+    def __init__(self, guard: NetworkGuard) -> None:
+        self._guard = guard
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        infos = await self._inner.resolve(host, port, family)
+        for info in infos:
+            ip = ipaddress.ip_address(str(info["host"]).split("%")[0])
+            if self._guard._forbidden(ip):
+                raise _RefusedAddress(f"{host} resolves to {ip}, a network the settings do not allow")
+        return list(infos)
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 @dataclass(slots=True)
@@ -164,12 +199,14 @@ def _too_large(url: str, limit: int) -> PermanentFetchError:
 
 
 class _AiohttpTransport:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, guard: NetworkGuard) -> None:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
             ),
-            connector=aiohttp.TCPConnector(limit=settings.total_concurrency, ttl_dns_cache=300),
+            connector=aiohttp.TCPConnector(
+                limit=settings.total_concurrency, ttl_dns_cache=300, resolver=_GuardedResolver(guard)
+            ),
             headers={"User-Agent": settings.user_agent},
         )
 
@@ -188,6 +225,10 @@ class _AiohttpTransport:
                     chunks.append(chunk)
                 hdrs = {k.lower(): v for k, v in resp.headers.items()}
                 return resp.status, hdrs, b"".join(chunks)
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, _RefusedAddress):
+                raise BlockedNetworkError(str(exc.os_error), url=url) from None
+            raise TransientFetchError(f"{type(exc).__name__}: {exc}", url=url) from exc
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise TransientFetchError(f"{type(exc).__name__}: {exc}", url=url) from exc
         except aiohttp.ClientError as exc:
@@ -270,7 +311,7 @@ class Fetcher:
     def _transport(self, name: TransportName) -> _Transport:
         if name not in self._transports:
             self._transports[name] = (
-                _AiohttpTransport(self._settings) if name == "aiohttp" else _HttpxTransport(self._settings)
+                _AiohttpTransport(self._settings, self._guard) if name == "aiohttp" else _HttpxTransport(self._settings)
             )
         return self._transports[name]
 

@@ -1,0 +1,186 @@
+"""Per-host circuit breakers, robots.txt and the connect-time network guard, against a local server."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from trawl.errors import BlockedNetworkError, BreakerOpen, PermanentFetchError, RobotsDisallowed, TransientFetchError
+from trawl.fetch import Fetcher, NetworkGuard, _GuardedResolver, _RefusedAddress
+from trawl.settings import Settings
+
+
+class Host:
+    """One local host: /page fails with 500 while ``failing``; /robots.txt serves ``robots`` (or a status)."""
+
+    def __init__(self, ip: str = "127.0.0.1") -> None:
+        self.ip = ip
+        self.failing = False
+        self.robots: str | int = 404
+        self.hits: Counter[str] = Counter()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.ip}:{self.port}"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.hits[request.path] += 1
+        if request.path == "/robots.txt":
+            if isinstance(self.robots, int):
+                return web.Response(status=self.robots)
+            return web.Response(text=self.robots, content_type="text/plain")
+        if request.path.startswith("/missing"):
+            return web.Response(status=404)
+        if self.failing:
+            return web.Response(status=500)
+        return web.Response(text="<p>ok</p>", content_type="text/html")
+
+    async def __aenter__(self) -> Host:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self.handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.ip, 0)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+@pytest.fixture
+async def host() -> AsyncIterator[Host]:
+    async with Host() as h:
+        yield h
+
+
+def fast(settings: Settings, **update: Any) -> Settings:
+    base = {"max_retries": 0, "breaker_fail_max": 3, "breaker_reset_timeout": 0.3}
+    return settings.model_copy(update={**base, **update})
+
+
+async def test_breaker_opens_probes_once_and_closes(settings: Settings, host: Host) -> None:
+    host.failing = True
+    async with Fetcher(fast(settings)) as fetcher:
+        for _ in range(3):
+            with pytest.raises(TransientFetchError):
+                await fetcher.get(f"{host.url}/page")
+        breaker = fetcher.breakers.get(f"{host.ip}:{host.port}")
+        assert breaker.state == "open"
+        # Open: not requested at all.
+        with pytest.raises(BreakerOpen) as info:
+            await fetcher.get(f"{host.url}/page")
+        assert 0 < info.value.retry_in <= 0.3
+        assert host.hits["/page"] == 3
+
+        await asyncio.sleep(0.35)
+        host.failing = False
+        # Half-open: of many concurrent callers exactly one probe goes through; the rest are told to wait.
+        results = await asyncio.gather(*(fetcher.get(f"{host.url}/page") for _ in range(5)), return_exceptions=True)
+        assert sum(1 for r in results if not isinstance(r, BaseException)) == 1
+        assert all(isinstance(r, BreakerOpen) for r in results if isinstance(r, BaseException))
+        assert host.hits["/page"] == 4
+        assert breaker.state == "closed"
+        await fetcher.get(f"{host.url}/page")
+        assert fetcher.breakers.trips() == 1
+
+
+async def test_failed_probe_reopens(settings: Settings, host: Host) -> None:
+    host.failing = True
+    async with Fetcher(fast(settings)) as fetcher:
+        for _ in range(3):
+            with pytest.raises(TransientFetchError):
+                await fetcher.get(f"{host.url}/page")
+        await asyncio.sleep(0.35)
+        with pytest.raises(TransientFetchError):
+            await fetcher.get(f"{host.url}/page")  # the probe, failing
+        with pytest.raises(BreakerOpen):
+            await fetcher.get(f"{host.url}/page")
+        assert fetcher.breakers.trips() == 2
+        assert host.hits["/page"] == 4
+
+
+async def test_a_broken_host_does_not_trip_another(settings: Settings) -> None:
+    async with Host("127.0.0.2") as bad, Host("127.0.0.3") as good, Fetcher(fast(settings)) as fetcher:
+        bad.failing = True
+        for _ in range(4):
+            with pytest.raises((TransientFetchError, BreakerOpen)):
+                await fetcher.get(f"{bad.url}/page")
+        resp = await fetcher.get(f"{good.url}/page")
+        assert resp.status == 200
+        assert fetcher.breakers.states() == {f"127.0.0.2:{bad.port}": "open", f"127.0.0.3:{good.port}": "closed"}
+
+
+async def test_permanent_errors_do_not_count_against_the_host(settings: Settings, host: Host) -> None:
+    async with Fetcher(fast(settings)) as fetcher:
+        for i in range(5):
+            with pytest.raises(PermanentFetchError, match="HTTP 404"):
+                await fetcher.get(f"{host.url}/missing/{i}")
+        assert fetcher.breakers.states()[f"{host.ip}:{host.port}"] == "closed"
+    assert host.hits["/missing/4"] == 1
+
+
+async def test_robots_disallowed_urls_are_never_requested(settings: Settings, host: Host) -> None:
+    host.robots = "User-agent: *\nDisallow: /private/\n\nUser-agent: trawl\nDisallow: /private/\nAllow: /\n"
+    async with Fetcher(settings) as fetcher:
+        await asyncio.gather(*(fetcher.get(f"{host.url}/public/{i}") for i in range(5)))
+        for i in range(3):
+            with pytest.raises(RobotsDisallowed):
+                await fetcher.get(f"{host.url}/private/{i}")
+    assert host.hits["/robots.txt"] == 1  # once per origin, even with concurrent first requests
+    assert not any(path.startswith("/private/") for path in host.hits)
+
+
+async def test_crawl_delay_spaces_requests(settings: Settings, host: Host) -> None:
+    host.robots = "User-agent: *\nCrawl-delay: 0.2\n"
+    async with Fetcher(settings.model_copy(update={"max_crawl_delay": 0.15})) as fetcher:
+        loop = asyncio.get_running_loop()
+        await fetcher.get(f"{host.url}/page")
+        start = loop.time()
+        await asyncio.gather(*(fetcher.get(f"{host.url}/page?{i}") for i in range(4)))
+        elapsed = loop.time() - start
+    # Each of the four waits its 0.15 s turn after the previous start: ~0.6 s; uncapped (0.2) ~0.8 s, unspaced ~0.
+    assert 0.55 <= elapsed < 0.75
+
+
+@pytest.mark.parametrize(
+    ("status", "setting", "allowed"),
+    [(404, "allow", True), (403, "disallow", True), (500, "allow", True), (500, "disallow", False)],
+)
+async def test_robots_status_semantics(
+    settings: Settings, host: Host, status: int, setting: str, allowed: bool
+) -> None:
+    host.robots = status
+    async with Fetcher(fast(settings, robots_unavailable=setting)) as fetcher:
+        if allowed:
+            assert (await fetcher.get(f"{host.url}/page")).status == 200
+        else:
+            with pytest.raises(RobotsDisallowed):
+                await fetcher.get(f"{host.url}/page")
+
+
+async def test_resolver_refuses_forbidden_addresses_at_connect_time(
+    settings: Settings, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(_RefusedAddress, match="localhost resolves to"):
+        await _GuardedResolver(NetworkGuard([])).resolve("localhost", 80, socket.AF_INET)
+    strict = settings.model_copy(update={"allowed_networks": []})
+    async with Fetcher(strict) as fetcher:
+        # As if DNS changed between the guard's own lookup and the connection: the resolver still refuses.
+        async def passes(url: str) -> None:
+            return None
+
+        monkeypatch.setattr(fetcher._guard, "check", passes)
+        with pytest.raises(BlockedNetworkError, match=r"localhost resolves to 127\.0\.0\.1"):
+            await fetcher.get(f"http://localhost:{host.port}/page", robots=False)
+    assert host.hits == Counter()

@@ -10,9 +10,13 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows._common import current_flow_run_id, settings_for
+from sinks.postgres import load_validators
 from sinks.stage import Stager, open_stager
 from trawl.config import ApiSource, HtmlSource, load_sources, select_sources
+from trawl.connectors.base import Validators
 from trawl.crawler import SourceFailed, SourceResult, crawl_source, new_run_id
+from trawl.database import connect_pool
+from trawl.errors import DatabaseUnavailable
 from trawl.fetch import Fetcher
 from trawl.logs import bind
 from trawl.settings import Settings
@@ -39,7 +43,24 @@ async def crawl_source_task(
         fetcher=fetcher,
         stager=stager,
         flow_run_id=current_flow_run_id(),
+        validators=await _validators(settings, name),
     )
+
+
+async def _validators(settings: Settings, source: str) -> dict[str, Validators]:
+    """ETag / Last-Modified from earlier runs, when there is a database to remember them (else none)."""
+    dsn = settings.database_dsn()
+    if not dsn:
+        return {}
+    try:
+        pool = await connect_pool(dsn, max_size=1)
+    except DatabaseUnavailable as exc:
+        log.warning("no conditional requests: database unavailable", source=source, error=str(exc))
+        return {}
+    try:
+        return await load_validators(pool, settings.db_schema, source)
+    finally:
+        await pool.close()
 
 
 @flow(name="crawl", log_prints=True)

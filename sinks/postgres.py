@@ -23,7 +23,7 @@ import structlog
 from sinks.stage import Manifest, StagedPart, Stager
 from trawl.errors import LoadError, StagingError
 
-__all__ = ["PG_TYPES", "Loader", "PartLoad", "coerce"]
+__all__ = ["PG_TYPES", "Loader", "PartLoad", "coerce", "jsonb", "load_validators"]
 
 log = structlog.get_logger("sinks.postgres")
 
@@ -197,6 +197,10 @@ CREATE TABLE IF NOT EXISTS {s}._outcomes (
     staged_object text NOT NULL,
     PRIMARY KEY (run_id, source, url)
 );
+ALTER TABLE {s}._outcomes ADD COLUMN IF NOT EXISTS etag text;
+ALTER TABLE {s}._outcomes ADD COLUMN IF NOT EXISTS last_modified text;
+CREATE INDEX IF NOT EXISTS _outcomes_validators ON {s}._outcomes (source, url, at DESC)
+    WHERE etag IS NOT NULL OR last_modified IS NOT NULL;
 """
 
 _OUTCOME_COLS = (
@@ -211,6 +215,8 @@ _OUTCOME_COLS = (
     "error",
     "at",
     "staged_object",
+    "etag",
+    "last_modified",
 )
 
 
@@ -255,6 +261,8 @@ class Loader:
                     _last_seen_at timestamptz NOT NULL,
                     _staged_object text NOT NULL
                 )""")
+            # not_modified outcomes find their rows by URL.
+            await conn.execute(f"CREATE INDEX IF NOT EXISTS {_q(manifest.source[:50] + '__url')} ON {table} (_url)")
             existing = {
                 r["column_name"]: r["data_type"]
                 for r in await conn.fetch(
@@ -444,6 +452,8 @@ class Loader:
                     env.get("error"),
                     at,
                     part.uri,
+                    env.get("etag"),
+                    env.get("last_modified"),
                 )
         cols = ", ".join(_OUTCOME_COLS)
         updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _OUTCOME_COLS[3:])
@@ -459,6 +469,12 @@ class Loader:
                 ON CONFLICT (run_id, source, url) DO UPDATE SET {updates} WHERE EXCLUDED.at >= t.at
                 RETURNING (xmax = 0) AS inserted""")
             inserted = sum(1 for f in flags if f["inserted"])
+            table = f"{self._s}.{_q(m.source)}"
+            if await conn.fetchval("SELECT to_regclass($1)", f"{self.schema}.{m.source}"):
+                # Not modified since an earlier run: the row is still current, so it was seen now.
+                await conn.execute(f"""
+                    UPDATE {table} t SET _last_seen_at = GREATEST(t._last_seen_at, s.at)
+                    FROM _stage s WHERE s.outcome = 'not_modified' AND t._url = s.url""")
             res = PartLoad(part.uri, m.source, m.kind, rows, inserted, len(flags) - inserted, len(latest) - len(flags))
             await self._ledger(conn, m, part, res)
         return res
@@ -488,3 +504,18 @@ class Loader:
                 m.status,
                 entry,
             )
+
+
+async def load_validators(pool: asyncpg.Pool, schema: str, source: str) -> dict[str, tuple[str | None, str | None]]:
+    """The latest ETag / Last-Modified per URL of a source, for conditional requests in the next crawl."""
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT to_regclass($1)", f"{schema}._outcomes"):
+            return {}
+        rows = await conn.fetch(
+            f"""SELECT DISTINCT ON (url) url, etag, last_modified FROM {_q(schema)}._outcomes
+                WHERE source = $1 AND (etag IS NOT NULL OR last_modified IS NOT NULL)
+                  AND outcome IN ('fetched', 'not_modified')
+                ORDER BY url, at DESC""",
+            source,
+        )
+    return {r["url"]: (r["etag"], r["last_modified"]) for r in rows}

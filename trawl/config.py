@@ -143,6 +143,11 @@ class HtmlSource(_Model):
     fields: dict[str, HtmlField] = Field(min_length=1)
     politeness: Politeness = Field(default_factory=Politeness)
     robots: bool = Field(default=True, description="Obey the hosts' robots.txt (set false only for sites you own).")
+    conditional: bool = Field(
+        default=True,
+        description="Send If-None-Match / If-Modified-Since for record pages fetched in earlier runs; a 304 is "
+        "`not_modified`. Record pages are then treated as leaves: links only they carry are not followed again.",
+    )
     content_types: list[str] = Field(
         default_factory=lambda: ["text/html", "application/xhtml+xml"],
         min_length=1,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ import structlog
 from sinks.stage import SourceStage, Stager
 from trawl.config import ApiSource, HtmlSource
 from trawl.connectors import SourceContext, connector_for
+from trawl.connectors.base import Validators
 from trawl.errors import TrawlError
 from trawl.fetch import Fetcher
 from trawl.logs import bind, unbind
@@ -78,6 +80,7 @@ async def crawl_source(
     fetcher: Fetcher,
     stager: Stager,
     flow_run_id: str | None = None,
+    validators: Mapping[str, Validators] | None = None,
 ) -> SourceResult:
     """Crawl one source to a committed manifest; raises SourceFailed (after committing) if it broke off."""
     started = time.monotonic()
@@ -86,7 +89,7 @@ async def crawl_source(
     async def emit(outcome: Outcome) -> None:
         await stage.outcomes.write(outcome.envelope())
 
-    ctx = SourceContext(run_id, settings, fetcher, emit)
+    ctx = SourceContext(run_id, settings, fetcher, emit, validators=validators or {})
     bind(source=source.name)
     error: str | None = None
     try:

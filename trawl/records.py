@@ -90,6 +90,8 @@ class Outcome:
     elapsed_ms: int = 0
     error: str | None = None
     at: datetime = field(default_factory=utcnow)
+    etag: str | None = None
+    last_modified: str | None = None
 
     def envelope(self) -> dict[str, Any]:
         """The JSON object staged for this outcome."""
@@ -104,4 +106,6 @@ class Outcome:
             "elapsed_ms": self.elapsed_ms,
             "error": self.error,
             "at": self.at,
+            "etag": self.etag,
+            "last_modified": self.last_modified,
         }

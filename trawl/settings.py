@@ -68,7 +68,9 @@ class Settings(BaseSettings):
         default=10 * 1024 * 1024, ge=1024, description="Largest response body accepted (after decompression)."
     )
     breaker_fail_max: int = Field(
-        default=5, ge=1, description="Consecutive failed requests (transient errors) after which a host's breaker opens."
+        default=5,
+        ge=1,
+        description="Consecutive failed requests (transient errors) after which a host's breaker opens.",
     )
     breaker_reset_timeout: float = Field(
         default=30.0, gt=0, description="Seconds an open breaker waits before letting one probe request through."

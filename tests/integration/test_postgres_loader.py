@@ -13,7 +13,7 @@ import asyncpg
 import orjson
 import pytest
 
-from sinks.postgres import Loader, PartLoad
+from sinks.postgres import Loader, PartLoad, load_validators
 from sinks.stage import LocalStager, Manifest, StagedPart
 from trawl.database import connect_pool
 from trawl.errors import LoadError, StagingError
@@ -630,3 +630,31 @@ async def test_racing_loads_of_one_manifest_load_each_part_once(
     assert await db.fetchval("SELECT count(*) FROM trawl._rejects") == 3
     assert await db.fetchval("SELECT count(*) FROM trawl._outcomes") == 10
     assert await db.fetchval("SELECT count(*) FROM trawl._runs") == 1
+
+
+async def test_not_modified_moves_last_seen_and_validators_carry_over(
+    pool: asyncpg.Pool, loader: Loader, stager: LocalStager, db: asyncpg.Connection
+) -> None:
+    records = [rec(str(i), item(i), run_id="r1", at=T0) for i in (1, 2)]
+    fetched = [
+        Outcome("r1", "items", r.url, OutcomeKind.FETCHED, 200, 1, 100, 5, at=T0, etag=f'"v{r.key}"') for r in records
+    ]
+    out1, raw1 = await stage(stager, "r1", records, outcomes=fetched)
+    for m in (out1, raw1):
+        await loader.load_manifest(m)
+    assert await load_validators(pool, "trawl", "items") == {r.url: (f'"v{r.key}"', None) for r in records}
+
+    later = T0 + timedelta(days=1)
+    not_modified = [
+        Outcome("r2", "items", records[0].url, OutcomeKind.NOT_MODIFIED, 304, 1, 0, 3, at=later, etag='"v1"')
+    ]
+    out2, raw2 = await stage(stager, "r2", [], outcomes=not_modified, started=later)
+    for m in (out2, raw2):
+        await loader.load_manifest(m)
+
+    got = await rows(db)
+    assert got["1"]["_last_seen_at"] == later  # still current, seen in run r2
+    assert got["1"]["_run_id"] == "r1" and got["1"]["_fetched_at"] == T0
+    assert got["2"]["_last_seen_at"] == T0
+    assert (await load_validators(pool, "trawl", "items"))[records[0].url] == ('"v1"', None)
+    assert await load_validators(pool, "trawl", "nothing-here") == {}

@@ -74,6 +74,9 @@ class ApiConnector:
             resp = await self._get(url)
             if resp is None:
                 raise FetchError(f"page {url} failed; pagination stopped", url=url)
+            if resp.status == 304:  # only asked for when there is no pagination: nothing changed
+                await self.ctx.fetched(src.name, url, resp)
+                return
             pages += 1
             try:
                 body = resp.json()
@@ -111,7 +114,10 @@ class ApiConnector:
                     src.name,
                     url,
                     transport="httpx",
-                    headers=src.headers,
+                    # Conditional only without pagination: a 304 carries no next page.
+                    headers=self.ctx.conditional_headers(url, src.headers)
+                    if src.pagination.type == "none"
+                    else src.headers,
                     concurrency=src.politeness.concurrency,
                     delay=src.politeness.delay,
                     robots=src.robots,

@@ -18,7 +18,9 @@ from trawl.fetch import Fetcher, Response, TransportName
 from trawl.records import Outcome, OutcomeKind, Record
 from trawl.settings import Settings
 
-__all__ = ["Connector", "SourceContext", "SourceStats", "make_record", "record_key"]
+__all__ = ["Connector", "SourceContext", "SourceStats", "Validators", "make_record", "record_key"]
+
+Validators = tuple[str | None, str | None]  # (ETag, Last-Modified)
 
 log = structlog.get_logger("trawl.connectors")
 
@@ -63,6 +65,18 @@ class SourceContext:
     fetcher: Fetcher
     emit_outcome: Callable[[Outcome], Awaitable[None]]
     stats: SourceStats = field(default_factory=SourceStats)
+    validators: Mapping[str, Validators] = field(default_factory=dict)
+    """ETag / Last-Modified per URL from earlier runs (conditional requests)."""
+
+    def conditional_headers(self, url: str, headers: Mapping[str, str] | None = None) -> dict[str, str]:
+        """``headers`` plus If-None-Match / If-Modified-Since for a URL fetched in an earlier run."""
+        out = dict(headers or {})
+        etag, last_modified = self.validators.get(url, (None, None))
+        if etag:
+            out["If-None-Match"] = etag
+        if last_modified:
+            out["If-Modified-Since"] = last_modified
+        return out
 
     async def fetch(
         self,
@@ -106,8 +120,17 @@ class SourceContext:
         """Record that a URL was given up on because its host's breaker stayed open."""
         breaker = self.fetcher.breakers.get(urlsplit(url).netloc.lower())
         await self.outcome(
-            Outcome(self.run_id, source, url, OutcomeKind.SKIPPED_BREAKER, None, 0, 0, 0,
-                    f"circuit breaker for {breaker.host} is {breaker.state}")
+            Outcome(
+                self.run_id,
+                source,
+                url,
+                OutcomeKind.SKIPPED_BREAKER,
+                None,
+                0,
+                0,
+                0,
+                f"circuit breaker for {breaker.host} is {breaker.state}",
+            )
         )
 
     async def outcome(self, outcome: Outcome) -> None:
@@ -118,9 +141,26 @@ class SourceContext:
     async def fetched(
         self, source: str, url: str, resp: Response, kind: OutcomeKind = OutcomeKind.FETCHED, error: str | None = None
     ) -> None:
-        """Record the outcome of a URL whose response was received."""
+        """Record the outcome of a URL whose response was received (with its validators for next time)."""
+        etag, last_modified = resp.headers.get("etag"), resp.headers.get("last-modified")
+        if resp.status == 304:  # a 304 may omit them; the ones we sent still hold
+            kind = OutcomeKind.NOT_MODIFIED
+            sent = self.validators.get(url, (None, None))
+            etag, last_modified = etag or sent[0], last_modified or sent[1]
         await self.outcome(
-            Outcome(self.run_id, source, url, kind, resp.status, resp.attempts, len(resp.body), resp.elapsed_ms, error)
+            Outcome(
+                self.run_id,
+                source,
+                url,
+                kind,
+                resp.status,
+                resp.attempts,
+                len(resp.body),
+                resp.elapsed_ms,
+                error,
+                etag=etag,
+                last_modified=last_modified,
+            )
         )
 
 

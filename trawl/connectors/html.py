@@ -133,9 +133,13 @@ class HtmlConnector:
 
     async def _page(self, url: str, depth: int, out: asyncio.Queue[object]) -> None:
         src = self.source
+        is_record_page = self._record_re is None or bool(self._record_re.search(url))
+        # Only pages we need nothing else from may come back empty (304): record pages, or every page of a list.
+        conditional = src.conditional and (not self._crawl or (self._record_re is not None and is_record_page))
         resp = await self.ctx.fetch(
             src.name,
             url,
+            headers=self.ctx.conditional_headers(url) if conditional else None,
             transport="aiohttp",
             concurrency=src.politeness.concurrency,
             delay=src.politeness.delay,
@@ -143,6 +147,9 @@ class HtmlConnector:
             park=True,
         )
         if resp is None:
+            return
+        if resp.status == 304:
+            await self.ctx.fetched(src.name, url, resp)
             return
         if resp.url != url:
             self._seen.add(_url_hash(resp.url))  # a redirect target is not fetched again by its own link

@@ -425,6 +425,9 @@ def _items(offset: int, count: int) -> list[dict[str, Any]]:
     return [item_json(i) for i in range(offset + 1, min(offset + count, ITEM_COUNT) + 1)]
 
 
+_LAST_MODIFIED = "Wed, 01 Jan 2025 00:00:00 GMT"
+
+
 async def _robots(request: web.Request) -> web.Response:
     return web.Response(text="User-agent: *\nAllow: /\n", content_type="text/plain", charset="utf-8")
 
@@ -444,7 +447,14 @@ async def _product(request: web.Request) -> web.Response:
     i = int(request.match_info["id"])
     if not 1 <= i <= PRODUCT_COUNT:
         raise web.HTTPNotFound(text=_page("Not found", "<h1>No such product</h1>"), content_type=_HTML)
-    return _html(_product_html(product(i)))
+    page = _product_html(product(i))
+    # Validators, so conditional requests can be shown: the same page always has the same ETag.
+    validators = {"ETag": f'"{hashlib.sha256(page.encode()).hexdigest()[:20]}"', "Last-Modified": _LAST_MODIFIED}
+    if request.headers.get("If-None-Match") == validators["ETag"]:
+        return web.Response(status=304, headers=validators)
+    response = _html(page)
+    response.headers.update(validators)
+    return response
 
 
 async def _image(request: web.Request) -> web.Response:

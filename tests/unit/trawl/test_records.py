@@ -103,6 +103,8 @@ def test_outcome_envelope_and_defaults() -> None:
         "elapsed_ms",
         "error",
         "at",
+        "etag",
+        "last_modified",
     }
     assert env["outcome"] == "filtered"
     assert type(env["outcome"]) is str

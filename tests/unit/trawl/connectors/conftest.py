@@ -27,11 +27,16 @@ class Harness:
     async def _emit(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
 
-    async def run(self, source: HtmlSource | ApiSource, settings: Settings | None = None) -> list[Record]:
+    async def run(
+        self,
+        source: HtmlSource | ApiSource,
+        settings: Settings | None = None,
+        validators: dict[str, tuple[str | None, str | None]] | None = None,
+    ) -> list[Record]:
         """Consume the source's records; exceptions from ``fetch()`` propagate, outcomes so far stay."""
         s = settings or self.settings
         async with Fetcher(s) as fetcher:
-            ctx = SourceContext(RUN_ID, s, fetcher, self._emit, self.stats)
+            ctx = SourceContext(RUN_ID, s, fetcher, self._emit, self.stats, validators=validators or {})
             async for record in connector_for(source, ctx).fetch():
                 self.records.append(record)
         return self.records

@@ -164,3 +164,28 @@ async def test_blocked_network_outcome(harness: Harness, demo_site: DemoSite, se
     [outcome] = harness.outcomes
     assert (outcome.outcome, outcome.url) == (OutcomeKind.BLOCKED_NETWORK, f"{demo_site.url}/catalogue/page/1")
     assert site_pages(demo_site.requests) == {}
+
+
+async def test_conditional_requests_turn_unchanged_record_pages_into_not_modified(
+    harness: Harness, demo_site: DemoSite
+) -> None:
+    source = demo_products(demo_site).model_copy(update={"start_urls": [f"{demo_site.url}/catalogue/page/1"]})
+    source = source.model_copy(update={"follow": source.follow.model_copy(update={"max_depth": 1})})
+    await harness.run(source)
+    first = {o.url: o for o in harness.outcomes}
+    product_urls = [u for u in first if "/products/" in u]
+    assert product_urls and all(first[u].etag and first[u].last_modified for u in product_urls)
+    catalogue = f"{demo_site.url}/catalogue/page/1"
+    # Validators as a later run reads them from PostgreSQL: every fetched page's, the catalogue's too.
+    validators = {u: (o.etag, o.last_modified) for u, o in first.items()} | {catalogue: ('"x"', None)}
+
+    harness.outcomes.clear()
+    harness.records.clear()
+    await harness.run(source, validators=validators)
+
+    kinds = {o.url: o.outcome.value for o in harness.outcomes}
+    assert {kinds[u] for u in product_urls} == {"not_modified"}
+    assert kinds[catalogue] == "fetched"  # a page the crawl needs links from is never asked conditionally
+    assert harness.records == []
+    # A 304 carries the validators forward for the run after.
+    assert all(o.etag == first[o.url].etag for o in harness.outcomes if o.outcome.value == "not_modified")

@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urldefrag, urljoin
+from urllib.parse import urljoin, urlsplit
 
 from selectolax.lexbor import LexborHTMLParser, LexborNode
 
@@ -18,6 +18,9 @@ __all__ = ["extract_fields", "extract_items", "extract_links", "get_path", "pars
 def parse_html(text: str) -> LexborHTMLParser:
     """Parse a page; Lexbor never raises on malformed markup."""
     return LexborHTMLParser(text)
+
+
+_SKIP_SCHEMES = ("#", "mailto:", "javascript:", "tel:", "data:")
 
 
 @lru_cache(maxsize=256)
@@ -71,12 +74,23 @@ def extract_links(tree: LexborHTMLParser, base_url: str) -> list[str]:
     base_node = tree.css_first("base[href]")
     if base_node is not None and base_node.attributes.get("href"):
         base = urljoin(base_url, base_node.attributes["href"] or "")
+    parts = urlsplit(base)
+    origin = f"{parts.scheme}://{parts.netloc}"
     links: list[str] = []
     for node in tree.css("a[href]"):
         href = (node.attributes.get("href") or "").strip()
-        if not href or href.startswith(("#", "mailto:", "javascript:", "tel:", "data:")):
+        if not href or href.startswith(_SKIP_SCHEMES):
             continue
-        url = urldefrag(urljoin(base, href)).url
+        # The common cases need no urljoin (~18 us a link): root-relative and absolute, without dot segments.
+        if "/." in href or "\\" in href:
+            url = urljoin(base, href)
+        elif href[0] == "/" and href[1:2] != "/":
+            url = origin + href
+        elif href.startswith(("http://", "https://")):
+            url = href
+        else:
+            url = urljoin(base, href)
+        url = url.partition("#")[0]
         if url.startswith(("http://", "https://")):
             links.append(url)
     return links

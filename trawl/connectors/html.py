@@ -54,7 +54,8 @@ class HtmlConnector:
 
     def _follow(self, url: str) -> bool:
         rules = self.source.follow
-        if rules.same_host and urlsplit(url).netloc.lower() not in self._hosts:
+        # Links are absolute http(s) URLs here, so the netloc is the third '/'-separated part (no urlsplit).
+        if rules.same_host and url.split("/", 3)[2].lower() not in self._hosts:
             return False
         if self._allow and not any(p.search(url) for p in self._allow):
             return False

@@ -114,9 +114,10 @@ class NetworkGuard:
             or (isinstance(ip, ipaddress.IPv4Address) and ip in self._CGNAT)
         )
 
-    async def check(self, url: str) -> None:
-        """Raise BlockedNetworkError when the URL's host resolves to a forbidden address."""
-        host = urlsplit(url).hostname or ""
+    async def check(self, url: str, host: str | None = None) -> None:
+        """Raise BlockedNetworkError when the URL's host (``host``, if the caller split it) resolves to a
+        forbidden address."""
+        host = (urlsplit(url).hostname or "") if host is None else host
         if host in self._cache:
             reason = self._cache[host]
         else:
@@ -212,18 +213,21 @@ class _AiohttpTransport:
 
     async def get(self, url: str, headers: Mapping[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]:
         try:
-            async with self._session.get(url, headers=dict(headers), allow_redirects=False) as resp:
+            async with self._session.get(url, headers=headers or None, allow_redirects=False) as resp:
                 declared = resp.content_length
+                hdrs = {k.lower(): v for k, v in resp.headers.items()}
                 if declared is not None and declared > max_bytes and resp.status < 300:
                     raise _too_large(url, max_bytes)
+                if declared is not None and declared <= max_bytes and "content-encoding" not in hdrs:
+                    # The size is known and within the cap: one read, no chunk loop.
+                    return resp.status, hdrs, await resp.read()
                 chunks = []
                 size = 0
                 async for chunk in resp.content.iter_chunked(_CHUNK):
-                    size += len(chunk)
+                    size += len(chunk)  # after decompression: a gzip bomb is cut off here
                     if size > max_bytes:
                         raise _too_large(url, max_bytes)
                     chunks.append(chunk)
-                hdrs = {k.lower(): v for k, v in resp.headers.items()}
                 return resp.status, hdrs, b"".join(chunks)
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, _RefusedAddress):
@@ -425,7 +429,7 @@ class Fetcher:
             parts = urlsplit(current)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise PermanentFetchError(f"not an http(s) URL: {current}", url=current)
-            await self._guard.check(current)
+            await self._guard.check(current, parts.hostname)
             if hop and robots:  # a redirect target answers to its own robots.txt (as in Scrapy)
                 await self._obey_robots(current, concurrency, delay)
             host = parts.netloc.lower()

@@ -63,6 +63,8 @@ class RobotsCache:
         """The rules for ``url``'s origin; the first asker's ``fetch`` gets the file, later askers wait for it."""
         origin = origin_of(url)
         task = self._rules.get(origin)
+        if task is not None and task.done() and not task.cancelled() and task.exception() is None:
+            return task.result()  # the common case: known rules, no await, no shield
         if task is None:
             task = self._rules[origin] = asyncio.ensure_future(self._load(origin, fetch))
         try:

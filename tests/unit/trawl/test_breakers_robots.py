@@ -177,7 +177,7 @@ async def test_resolver_refuses_forbidden_addresses_at_connect_time(
     strict = settings.model_copy(update={"allowed_networks": []})
     async with Fetcher(strict) as fetcher:
         # As if DNS changed between the guard's own lookup and the connection: the resolver still refuses.
-        async def passes(url: str) -> None:
+        async def passes(url: str, host: str | None = None) -> None:
             return None
 
         monkeypatch.setattr(fetcher._guard, "check", passes)

@@ -8,7 +8,7 @@ TEST_PG ?= postgresql://postgres@127.0.0.1:5432/test
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: venv run test test-fast lint bench clean
+.PHONY: venv run test test-fast lint bench bench-demo clean
 
 # A venv copied without its symlinks (or from another machine) is rebuilt, not trusted.
 $(STAMP): pyproject.toml
@@ -36,7 +36,13 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# trawl vs Scrapy vs a minimal aiohttp+selectolax crawler on a generated 20,000-page site served by nginx.
 bench: venv
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { apt-get update && apt-get install -y nginx; }
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+# The small in-process benchmark on the demo site.
+bench-demo: venv
 	$(BIN)/python -m benchmarks.crawl_demo
 
 clean:

@@ -76,8 +76,13 @@ class _Crawl:
 
     async def load_robots(self) -> None:
         for origin in self.origins:
-            async with self.session.get(f"{origin}/robots.txt") as resp:
-                text = await resp.text() if resp.status == 200 else ""
+            text = ""  # unavailable or not there: allow everything, as Scrapy and trawl's default do
+            try:
+                async with self.session.get(f"{origin}/robots.txt") as resp:
+                    if resp.status == 200:
+                        text = await resp.text()
+            except (aiohttp.ClientError, TimeoutError):
+                pass
             self.robots[origin] = Protego.parse(text)
 
     def links(self, tree: LexborHTMLParser, url: str, origin: str) -> None:

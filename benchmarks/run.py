@@ -88,6 +88,8 @@ class RunResult:
     crawl_s: float = 0.0  # the crawl itself, as the child reports it
     crawl_cpu_s: float = 0.0
     nginx_cpu_s: float = 0.0
+    other_cpu_s: float = 0.0  # everything else on the machine meanwhile: noise when large
+    steal_s: float = 0.0  # CPU the hypervisor gave to other guests meanwhile
     pages: int = 0  # unique pages of the site fetched with a 2xx
     records: int = 0  # unique product records with the right field values
     problems: list[str] = field(default_factory=list)
@@ -292,6 +294,17 @@ def _check_minimal(result: RunResult, out: Path, report: dict[str, Any], site: S
         (result.problems if strict else result.notes).append(f"responses other than 200: {bad}")
 
 
+def _machine_cpu() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine so far, stolen CPU seconds so far) from /proc/stat."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    hz = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / hz, steal / hz
+
+
 def _run_one(contender: str, repeat: int, site: Site, server: Nginx, seeds: list[str], timeout: float) -> RunResult:
     out = BENCH_DIR.resolve() / "runs" / f"{contender}-{repeat}"
     shutil.rmtree(out, ignore_errors=True)
@@ -299,9 +312,18 @@ def _run_one(contender: str, repeat: int, site: Site, server: Nginx, seeds: list
     log = out.with_suffix(".log")
     errors_before = server.error_log()
     nginx_cpu = server.cpu_seconds()
+    busy, steal = _machine_cpu()
     code, wall, cpu, rss = _spawn(_command(contender, seeds, out), log, timeout)
+    busy_after, steal_after = _machine_cpu()
     result = RunResult(contender, repeat, code, round(wall, 3), round(cpu, 3), round(rss, 1))
     result.nginx_cpu_s = round(server.cpu_seconds() - nginx_cpu, 3)
+    result.other_cpu_s = round(max(0.0, busy_after - busy - cpu - result.nginx_cpu_s), 3)
+    result.steal_s = round(steal_after - steal, 3)
+    if result.other_cpu_s > 0.1 * wall or result.steal_s > 0.1 * wall:
+        result.notes.append(
+            f"noisy machine: other processes used {result.other_cpu_s:.1f} CPU s and the hypervisor stole "
+            f"{result.steal_s:.1f} s during this {wall:.0f} s run; figures may be low"
+        )
     if code is None:
         result.problems.append(f"timed out after {timeout:.0f}s (log: {log})")
     elif code != 0:
@@ -333,7 +355,8 @@ def _run_one(contender: str, repeat: int, site: Site, server: Nginx, seeds: list
 
 
 def _median(runs: list[RunResult]) -> RunResult:
-    ordered = sorted(runs, key=lambda r: r.pages_per_s)
+    """The median run by pages/s among the runs that passed their checks (among all when none did)."""
+    ordered = sorted([r for r in runs if r.ok] or runs, key=lambda r: r.pages_per_s)
     return ordered[(len(ordered) - 1) // 2]
 
 
@@ -349,6 +372,7 @@ _COLUMNS = (
     ("peak RSS MB", "{:>11.0f}"),
     ("process s", "{:>9.1f}"),
     ("nginx CPU s", "{:>11.1f}"),
+    ("other CPU s", "{:>11.1f}"),
 )
 
 
@@ -365,6 +389,7 @@ def _row(r: RunResult) -> list[Any]:
         r.peak_rss_mb,
         r.wall_s,
         r.nginx_cpu_s,
+        r.other_cpu_s,
     ]
 
 
@@ -394,6 +419,7 @@ def _ratios(summary: dict[str, RunResult]) -> dict[str, dict[str, Any]]:
         ratio = trawl.pages_per_s / base.pages_per_s
         cpu = trawl.cpu_s_per_1k / base.cpu_s_per_1k if base.cpu_s_per_1k else None
         out[key] = {
+            "valid": trawl.ok and base.ok,  # a ratio against a failed run means nothing
             "pages_per_s": round(ratio, 3),
             "cpu_per_page": round(cpu, 3) if cpu is not None else None,
             "target": TARGETS[key],
@@ -443,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     _warm(site.root)
+    shutil.rmtree(BENCH_DIR / "runs", ignore_errors=True)  # only this invocation's outputs and logs stay
     runs: list[RunResult] = []
     try:
         with Nginx(site.root) as server:
@@ -466,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for key, ratio in ratios.items():
         mark = "meets" if ratio["meets_target"] else "BELOW"
+        if not ratio["valid"]:
+            mark = "INVALID, a run failed its checks; vs"
         print(
             f"{key}: {ratio['pages_per_s']:.2f}x pages/s ({mark} target {ratio['target']}x); "
             f"CPU per page {ratio['cpu_per_page']}x"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -230,6 +231,11 @@ def _generate(params: SiteParams, directory: Path) -> None:
     tmp.rename(directory)
 
 
+def _count_files(directory: Path) -> int:
+    with os.scandir(directory) as entries:
+        return sum(1 for e in entries if e.is_file())
+
+
 def ensure_site(params: SiteParams, directory: Path = DEFAULT_DIR) -> tuple[Site, bool]:
     """The site for these params in ``directory``: reused when its stamp matches, else (re)generated.
 
@@ -238,8 +244,10 @@ def ensure_site(params: SiteParams, directory: Path = DEFAULT_DIR) -> tuple[Site
     directory = directory.resolve()
     stamp = directory / _STAMP
     try:
-        if json.loads(stamp.read_text()) == asdict(params):
-            return Site(params, directory), False
+        site = Site(params, directory)
+        # A matching stamp and every product page still there (a deleted page would read as a crawler's miss).
+        if json.loads(stamp.read_text()) == asdict(params) and _count_files(site.root / "p") == site.products:
+            return site, False
     except (OSError, ValueError):
         pass
     if params.pages < 2:

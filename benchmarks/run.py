@@ -26,8 +26,16 @@ in the JSON. Results go to ``.trawl/bench/results.json``, outputs and logs of
 the last runs to ``.trawl/bench/runs/``. Exit status 1 when any run failed its
 checks.
 
-Hook for chaos testing: ``--extra-seed URL`` (repeatable) adds seeds on other
-hosts to every contender; the checks then cover only the generated site's pages.
+The chaos variant (on by default, ``--no-chaos`` skips it): trawl's crawl
+again, with every host of the chaos fleet (``trawl.demo.chaos``: 500s, resets,
+hangs, drips, 429 bursts, a gzip bomb, redirect loops, ...) among the seeds, and
+the fleet's short timeouts (``EXPECTED_SETTINGS``) so the crawl's tail stays
+short. The figure is the healthy host's rate: the site's pages / seconds from
+the crawl's start to the site's last outcome, against the plain run's same
+figure. Target: less than 10% lower.
+
+``--extra-seed URL`` (repeatable) adds seeds on other hosts to every contender;
+the checks then cover only the generated site's pages.
 """
 
 from __future__ import annotations
@@ -65,11 +73,14 @@ from benchmarks.site import (
     ensure_site,
     page_path,
 )
+from trawl.demo.chaos import ChaosFleetThread
 
 __all__ = ["CONTENDERS", "RunResult", "main"]
 
 CONTENDERS = ("trawl", "scrapy", "minimal")
+CHAOS = "trawl+chaos"
 TARGETS = {"trawl/minimal": 0.60, "trawl/scrapy": 3.0}  # the issue's targets on pages/s
+CHAOS_MAX_DROP = 0.10  # the healthy host's pages/s with the chaos fleet among the seeds
 BENCH_DIR = Path(".trawl/bench")
 REPO = Path(__file__).resolve().parents[1]
 _CONCURRENCY = 64
@@ -87,6 +98,7 @@ class RunResult:
     peak_rss_mb: float
     crawl_s: float = 0.0  # the crawl itself, as the child reports it
     crawl_cpu_s: float = 0.0
+    host_s: float = 0.0  # trawl only: crawl start to the site's last outcome (the healthy host's own time)
     nginx_cpu_s: float = 0.0
     other_cpu_s: float = 0.0  # everything else on the machine meanwhile: noise when large
     steal_s: float = 0.0  # CPU the hypervisor gave to other guests meanwhile
@@ -104,6 +116,10 @@ class RunResult:
         return self.pages / self.crawl_s if self.crawl_s > 0 else 0.0
 
     @property
+    def host_pages_per_s(self) -> float:
+        return self.pages / self.host_s if self.host_s > 0 else 0.0
+
+    @property
     def cpu_s_per_1k(self) -> float:
         return self.cpu_s / self.pages * 1000 if self.pages else 0.0
 
@@ -116,6 +132,7 @@ class RunResult:
             **asdict(self),
             "ok": self.ok,
             "pages_per_s": round(self.pages_per_s, 1),
+            "host_pages_per_s": round(self.host_pages_per_s, 1),
             "cpu_s_per_1k_pages": round(self.cpu_s_per_1k, 3),
             "crawl_cpu_s_per_1k_pages": round(self.crawl_cpu_s_per_1k, 3),
         }
@@ -124,10 +141,19 @@ class RunResult:
 # --- running a child ------------------------------------------------------------------------------------------------
 
 
+def _chaos_settings() -> dict[str, Any]:
+    from trawl.demo.chaos import EXPECTED_SETTINGS
+
+    return {k: v for k, v in EXPECTED_SETTINGS.items() if k != "allowed_networks"}
+
+
 def _command(contender: str, seeds: list[str], out: Path) -> list[str]:
     py = sys.executable
-    if contender == "trawl":
-        return [py, "-m", "benchmarks.trawl_crawl", *(f"--url={u}" for u in seeds), f"--out={out}"]
+    if contender in ("trawl", CHAOS):
+        argv = [py, "-m", "benchmarks.trawl_crawl", *(f"--url={u}" for u in seeds), f"--out={out}"]
+        if contender == CHAOS:
+            argv.append(f"--settings={json.dumps(_chaos_settings())}")
+        return argv
     if contender == "minimal":
         return [py, "-m", "benchmarks.minimal", *(f"--url={u}" for u in seeds), f"--out={out}"]
     return [
@@ -231,7 +257,9 @@ def _check_pages(result: RunResult, fetched: int, site: Site, what: str) -> None
         result.problems.append(f"{fetched} unique pages of the site {what}, expected exactly {site.params.pages}")
 
 
-def _check_trawl(result: RunResult, out: Path, site: Site, base: str, strict_status: bool) -> None:
+def _check_trawl(
+    result: RunResult, out: Path, report: dict[str, Any], site: Site, base: str, strict_status: bool
+) -> None:
     staging = out / "staging"
     raw = sorted(staging.glob("raw/source=bench/dt=*/run=*/part-*.jsonl.gz"))
     outcomes = sorted(staging.glob("outcomes/source=bench/dt=*/run=*/part-*.jsonl.gz"))
@@ -245,14 +273,18 @@ def _check_trawl(result: RunResult, out: Path, site: Site, base: str, strict_sta
     _check_records(result, (r["data"] | {"url": r["url"]} for p in raw for r in _jsonl(p)), site, base)
     kinds: Counter[str] = Counter()
     fetched: set[str] = set()
+    last = 0.0
     for part in outcomes:
         for o in _jsonl(part):
             if not o["url"].startswith(base + "/"):
                 continue
+            last = max(last, datetime.fromisoformat(o["at"]).timestamp())
             kinds[f"{o['outcome']}/{o['http_status']}"] += 1
             if o["outcome"] == "fetched" and 200 <= (o["http_status"] or 0) < 300:
                 fetched.add(urlsplit(o["url"]).path)
     _check_pages(result, len(fetched), site, "fetched (outcomes)")
+    if report.get("started_at") and last:
+        result.host_s = round(last - float(report["started_at"]), 3)
     bad = {k: n for k, n in kinds.items() if k != "fetched/200"}
     if bad:
         (result.problems if strict_status else result.notes).append(f"outcomes other than fetched/200: {bad}")
@@ -337,8 +369,8 @@ def _run_one(contender: str, repeat: int, site: Site, server: Nginx, seeds: list
     strict = len(seeds) == 1  # with chaos hosts among the seeds, failures elsewhere are expected
     base = seeds[0].rsplit("/", 1)[0]
     try:
-        if contender == "trawl":
-            _check_trawl(result, out, site, base, strict)
+        if contender in ("trawl", CHAOS):
+            _check_trawl(result, out, report, site, base, strict)
         elif contender == "scrapy":
             _check_scrapy(result, out, report, site, base, strict)
         else:
@@ -356,8 +388,25 @@ def _run_one(contender: str, repeat: int, site: Site, server: Nginx, seeds: list
 
 def _median(runs: list[RunResult]) -> RunResult:
     """The median run by pages/s among the runs that passed their checks (among all when none did)."""
-    ordered = sorted([r for r in runs if r.ok] or runs, key=lambda r: r.pages_per_s)
+    key = (lambda r: r.host_pages_per_s) if runs[0].contender == CHAOS else (lambda r: r.pages_per_s)
+    ordered = sorted([r for r in runs if r.ok] or runs, key=key)
     return ordered[(len(ordered) - 1) // 2]
+
+
+def _chaos_ratio(summary: dict[str, RunResult]) -> dict[str, Any] | None:
+    plain, chaos = summary.get("trawl"), summary.get(CHAOS)
+    if plain is None or chaos is None or not plain.host_pages_per_s:
+        return None
+    drop = 1 - chaos.host_pages_per_s / plain.host_pages_per_s
+    return {
+        "valid": plain.ok and chaos.ok,
+        "healthy_pages_per_s": round(plain.host_pages_per_s, 1),
+        "healthy_pages_per_s_with_chaos": round(chaos.host_pages_per_s, 1),
+        "drop": round(drop, 3),
+        "target_max_drop": CHAOS_MAX_DROP,
+        "meets_target": drop < CHAOS_MAX_DROP,
+        "chaos_settings": _chaos_settings(),
+    }
 
 
 _COLUMNS = (
@@ -367,6 +416,7 @@ _COLUMNS = (
     ("records", "{:>7,}"),
     ("crawl s", "{:>8.1f}"),
     ("pages/s", "{:>8.0f}"),
+    ("site host pages/s", "{:>17.0f}"),
     ("CPU s/1k pages", "{:>14.2f}"),
     ("crawl CPU s/1k", "{:>14.2f}"),
     ("peak RSS MB", "{:>11.0f}"),
@@ -384,6 +434,7 @@ def _row(r: RunResult) -> list[Any]:
         r.records,
         r.crawl_s,
         r.pages_per_s,
+        r.host_pages_per_s,
         r.cpu_s_per_1k,
         r.crawl_cpu_s_per_1k,
         r.peak_rss_mb,
@@ -454,7 +505,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per contender; the median by pages/s is shown")
     parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated subset of: trawl,scrapy,minimal")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one run may take before it is killed")
-    parser.add_argument("--extra-seed", action="append", default=[], metavar="URL", help="more seeds (chaos hosts)")
+    parser.add_argument("--extra-seed", action="append", default=[], metavar="URL", help="more seeds (other hosts)")
+    parser.add_argument(
+        "--chaos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also crawl with trawl with the chaos fleet among the seeds (needs trawl in --only)",
+    )
     args = parser.parse_args(argv)
     only = [c.strip() for c in args.only.split(",") if c.strip()]
     unknown = [c for c in only if c not in CONTENDERS]
@@ -471,23 +528,31 @@ def main(argv: list[str] | None = None) -> int:
     _warm(site.root)
     shutil.rmtree(BENCH_DIR / "runs", ignore_errors=True)  # only this invocation's outputs and logs stay
     runs: list[RunResult] = []
+    contenders = [*only, CHAOS] if args.chaos and "trawl" in only else only
     try:
         with Nginx(site.root) as server:
             seeds = [f"{server.url}{page_path(0)}", *args.extra_seed]
             print(f"nginx: {server.url} (workers: {len(server.pids()) - 1})", flush=True)
             for repeat in range(1, args.repeat + 1):
-                for contender in only:
+                for contender in contenders:
                     print(f"run {repeat}/{args.repeat}: {contender} ...", end=" ", flush=True)
-                    r = _run_one(contender, repeat, site, server, seeds, args.timeout)
+                    if contender == CHAOS:
+                        with ChaosFleetThread() as fleet:
+                            r = _run_one(contender, repeat, site, server, [*seeds, *fleet.seed_urls()], args.timeout)
+                        rate = f"healthy host {r.host_pages_per_s:,.0f} pages/s"
+                    else:
+                        r = _run_one(contender, repeat, site, server, seeds, args.timeout)
+                        rate = f"{r.pages_per_s:,.0f} pages/s"
                     runs.append(r)
                     verdict = "ok" if r.ok else "FAILED: " + "; ".join(r.problems)
-                    print(f"{r.pages_per_s:,.0f} pages/s in {r.crawl_s:.1f}s, {verdict}", flush=True)
+                    print(f"{rate} in {r.crawl_s:.1f}s, {verdict}", flush=True)
     except NginxError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    summary = {c: _median([r for r in runs if r.contender == c]) for c in only}
+    summary = {c: _median([r for r in runs if r.contender == c]) for c in contenders}
     ratios = _ratios(summary)
+    chaos = _chaos_ratio(summary)
     print()
     print(_table(list(summary.values())))
     print()
@@ -498,6 +563,15 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{key}: {ratio['pages_per_s']:.2f}x pages/s ({mark} target {ratio['target']}x); "
             f"CPU per page {ratio['cpu_per_page']}x"
+        )
+    if chaos is not None:
+        mark = "meets" if chaos["meets_target"] else "MISSES"
+        if not chaos["valid"]:
+            mark = "INVALID, a run failed its checks; vs"
+        print(
+            f"chaos: the healthy host at {chaos['healthy_pages_per_s_with_chaos']:,.0f} pages/s with the chaos fleet "
+            f"among the seeds vs {chaos['healthy_pages_per_s']:,.0f} without: {chaos['drop']:+.1%} slower "
+            f"({mark} target < {CHAOS_MAX_DROP:.0%})"
         )
     for r in runs:
         for note in r.notes:
@@ -520,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         "aggregate": "median run by pages/s (lower middle for an even count)",
         "summary": {c: r.as_dict() for c, r in summary.items()},
         "ratios": ratios,
+        "chaos": chaos,
         "runs": [r.as_dict() for r in runs],
         "ok": not failed,
     }

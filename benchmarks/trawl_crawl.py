@@ -60,21 +60,25 @@ def bench_source(seeds: list[str]) -> HtmlSource:
     )
 
 
-def bench_settings(concurrency: int) -> Settings:
+def bench_settings(concurrency: int, overrides: dict[str, Any] | None = None) -> Settings:
     """Politeness opened up to ``concurrency`` in flight to the one host; loopback allowed."""
     # The runner starts this process without TRAWL_* variables, so nothing else comes from the environment.
     return Settings(
         per_host_concurrency=concurrency,
         total_concurrency=concurrency,
         allowed_networks=["127.0.0.0/8"],
+        **(overrides or {}),
     )
 
 
-async def crawl(seeds: list[str], out_dir: Path, *, concurrency: int = 64) -> dict[str, Any]:
+async def crawl(
+    seeds: list[str], out_dir: Path, *, concurrency: int = 64, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Crawl the benchmark source into ``out_dir/staging``; returns the report."""
     source = bench_source(seeds)
-    settings = bench_settings(concurrency)
+    settings = bench_settings(concurrency, overrides)
     stager = LocalStager(out_dir / "staging")
+    started_at = time.time()
     t0, c0 = time.perf_counter(), _cpu()
     async with Fetcher(settings) as fetcher:
         try:
@@ -83,6 +87,7 @@ async def crawl(seeds: list[str], out_dir: Path, *, concurrency: int = 64) -> di
             result = exc.result
     return {
         "contender": "trawl",
+        "started_at": started_at,
         "crawl_seconds": time.perf_counter() - t0,
         "crawl_cpu_s": _cpu() - c0,
         "status": result.status,
@@ -97,10 +102,11 @@ def main() -> None:
     parser.add_argument("--url", action="append", required=True, help="start URL (repeat for more seeds)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--settings", type=orjson.loads, default={}, help="JSON object of Settings overrides")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     configure_logging("json", "INFO")
-    report = asyncio.run(crawl(args.url, args.out, concurrency=args.concurrency))
+    report = asyncio.run(crawl(args.url, args.out, concurrency=args.concurrency, overrides=args.settings))
     (args.out / "report.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
 
 

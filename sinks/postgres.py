@@ -228,10 +228,14 @@ class Loader:
         self.stager = stager
         self.schema = schema
         self._s = _q(schema)
+        self.identity = schema
+        """Which database and schema this loads into (no credentials): known after :meth:`setup`."""
 
     async def setup(self) -> None:
         """Create the schema and the bookkeeping tables (idempotent, safe to race)."""
         async with self.pool.acquire() as conn, conn.transaction():
+            db, port = await conn.fetchrow("SELECT current_database(), inet_server_port()")
+            self.identity = f"{db}:{port or 'socket'}:{self.schema}"
             await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"trawl-setup:{self.schema}")
             await conn.execute(_META_DDL.format(s=self._s))
 
@@ -289,19 +293,29 @@ class Loader:
         """Load every part of one committed manifest that is not in the ledger yet."""
         if todo is None:
             todo = await self.pending([manifest])
-        fields = await self.ensure_table(manifest) if manifest.kind == "raw" else {}
+        fields = await self.prepare(manifest)
         results = []
         for part in manifest.parts:
             if part.uri not in todo:
                 results.append(PartLoad(part.uri, manifest.source, manifest.kind, part.rows, skipped=True))
                 continue
-            if manifest.kind == "raw":
-                result = await self._load_records(manifest, part, fields)
-            else:
-                result = await self._load_outcomes(manifest, part)
-            results.append(result)
-        await self._record_run(manifest)
+            results.append(await self.load_part(manifest, part, fields))
+        await self.finish(manifest)
         return results
+
+    async def prepare(self, manifest: Manifest) -> dict[str, str]:
+        """Before a manifest's parts load: its table exists with every declared column (field → type)."""
+        return await self.ensure_table(manifest) if manifest.kind == "raw" else {}
+
+    async def load_part(self, manifest: Manifest, part: StagedPart, fields: Mapping[str, str]) -> PartLoad:
+        """Load one part in one transaction with its ledger row (a part already in the ledger is skipped)."""
+        if manifest.kind == "raw":
+            return await self._load_records(manifest, part, fields)
+        return await self._load_outcomes(manifest, part)
+
+    async def finish(self, manifest: Manifest) -> None:
+        """After a manifest's parts load: the run's row in ``_runs``."""
+        await self._record_run(manifest)
 
     async def _lines(self, part: StagedPart) -> AsyncIterator[dict[str, Any]]:
         n = 0

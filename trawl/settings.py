@@ -108,6 +108,17 @@ class Settings(BaseSettings):
         description="`json` lines, a readable `console` renderer, or `auto`: console on a TTY, else JSON.",
     )
     log_level: str = Field(default="INFO", description="Lowest level logged by trawl's own loggers.")
+    source_lock: Literal["wait", "refuse", "off"] = Field(
+        default="wait",
+        description="Two flow runs never crawl one source at once (a Prefect global concurrency limit "
+        "`trawl-source-NAME`): the second `wait`s for it, is `refuse`d at once, or `off` skips the lock.",
+    )
+    source_lock_timeout: float = Field(
+        default=3600.0, gt=0, description="Seconds a flow run waits for a source busy in another run, then fails it."
+    )
+    progress_interval: float = Field(
+        default=2.0, gt=0, description="Seconds between updates of a crawl's progress artifact in Prefect."
+    )
     demo_url: str | None = Field(
         default=None, description="Base URL of the demo site; `trawl demo` sets it for `examples/demo.yaml`."
     )

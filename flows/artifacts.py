@@ -45,6 +45,7 @@ ERRORS_KEY = "trawl-top-errors"
 log = structlog.get_logger("flows.artifacts")
 
 _OUTCOMES = [k.value for k in OutcomeKind]
+_DONE = (OutcomeKind.FETCHED.value, OutcomeKind.NOT_MODIFIED.value)
 
 
 def _progress(stats: Sequence[SourceStats]) -> float:
@@ -107,36 +108,29 @@ def _cell(value: Any) -> str:
 
 def summary_markdown(run_id: str, crawl: Sequence[Mapping[str, Any]], load: Mapping[str, Any] | None) -> str:
     """One row per source: pages, records, rejects, outcomes, breaker trips, bytes, seconds."""
-    head = [
-        "source",
-        "status",
-        "pages",
-        "records",
-        "rejects",
-        *_OUTCOMES,
-        "breaker trips",
-        "bytes",
-        "seconds",
-    ]
+    head = ["source", "status", "pages", "records", "rejects", "fetched", "not modified", "failures by outcome"]
+    head += ["breaker trips", "MB", "seconds"]
     lines = [
         f"# trawl run `{run_id}`",
         "",
         "| " + " | ".join(head) + " |",
-        "|" + "|".join([":--", ":--", *["--:"] * (len(head) - 2)]) + "|",
+        "|" + "|".join([":--", ":--", *["--:"] * 5, ":--", *["--:"] * 3]) + "|",
     ]
     for src in crawl:
         outcomes = src.get("outcomes") or {}
         loaded = (load or {}).get(src["source"])
-        rejects = loaded["rejected"] if loaded else "not loaded"
+        failures = ", ".join(f"{k} {outcomes[k]}" for k in _OUTCOMES if outcomes.get(k) and k not in _DONE)
         cells = [
             src["source"],
             src["status"] + (f" ({src['error']})" if src.get("error") else ""),
             src.get("pages", 0),
             src.get("records", 0),
-            rejects,
-            *[outcomes.get(k, 0) for k in _OUTCOMES],
+            loaded["rejected"] if loaded else "not loaded",
+            outcomes.get("fetched", 0),
+            outcomes.get("not_modified", 0),
+            failures or "none",
             src.get("breaker_trips", 0),
-            src.get("bytes", 0),
+            f"{src.get('bytes', 0) / 1e6:.1f}",
             src.get("seconds", 0.0),
         ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")

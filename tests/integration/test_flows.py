@@ -157,9 +157,9 @@ async def test_pipeline_publishes_summary_progress_link_and_errors(
         for line in summary.data.splitlines()
         if line.startswith("| ") and not line.startswith("| source")
     }
-    # source, status, pages, records, rejects, fetched, not_modified, failed, ...
-    assert rows["items"][:6] == ["items", "complete", "25", str(ITEM_COUNT), "0", "25"]
-    assert rows["broken"][1].startswith("failed (") and rows["broken"][7] == "1"
+    # source, status, pages, records, rejects, fetched, not modified, failures by outcome, breaker trips, MB, s
+    assert rows["items"][:8] == ["items", "complete", "25", str(ITEM_COUNT), "0", "25", "0", "none"]
+    assert rows["broken"][1].startswith("failed (") and rows["broken"][7] == "failed 1"
 
     crawl_artifacts = await _artifacts(result["crawl_flow_run_id"])
     assert set(crawl_artifacts) >= {PROGRESS_KEY, LINK_KEY, ERRORS_KEY}

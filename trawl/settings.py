@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "markdown_table"]
 
 
 class Settings(BaseSettings):
@@ -126,3 +126,17 @@ class Settings(BaseSettings):
     def database_dsn(self) -> str | None:
         """The configured DSN as plain text (never log it)."""
         return self.database_url.get_secret_value() if self.database_url else None
+
+
+def markdown_table() -> str:
+    """The README's settings table, generated from the fields: ``python -m trawl.settings``."""
+    rows = ["| variable | default | what it does |", "|---|---|---|"]
+    for name, f in Settings.model_fields.items():
+        default = f.get_default(call_default_factory=True)
+        shown = "(unset)" if default is None else default
+        rows.append(f"| `TRAWL_{name.upper()}` | `{shown}` | {f.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

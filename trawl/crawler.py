@@ -20,7 +20,7 @@ from trawl.connectors import SourceContext, connector_for
 from trawl.connectors.base import SourceStats, Validators
 from trawl.errors import TrawlError
 from trawl.fetch import Fetcher
-from trawl.logs import bind, unbind
+from trawl.logs import bind, redact, unbind
 from trawl.metrics import METRICS
 from trawl.records import Outcome, utcnow
 from trawl.settings import Settings
@@ -102,10 +102,10 @@ async def crawl_source(
                 await stage.records.write(record.envelope())
                 staged.inc()
         except TrawlError as exc:
-            error = str(exc)
+            error = redact(str(exc))  # it is shown in logs, the UI and the CLI: no tokens from URLs
         except Exception as exc:  # a bug in one source must not take the others down
             log.exception("source crashed")
-            error = f"{type(exc).__name__}: {exc}"
+            error = redact(f"{type(exc).__name__}: {exc}")
         summary = ctx.stats.as_dict()
         summary["breaker_trips"] = sum(fetcher.breakers.trips(host) for host in ctx.stats.hosts)
         status: Literal["complete", "failed"] = "failed" if error else "complete"

@@ -221,3 +221,54 @@ def test_unreachable_database_is_one_line(env: dict[str, str]) -> None:
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("trawl: error: cannot connect to PostgreSQL at postgresql://***@127.0.0.1:1/nowhere")
     assert "s3cret" not in done.stderr + done.stdout
+
+
+def _with_password(dsn: str, password: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(dsn)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0] or "postgres"
+    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
+
+
+_RUN_SCOPED = ("trawl.connectors", "trawl.crawler", "trawl.fetch", "flows.crawl")
+
+
+def test_every_log_line_is_json_with_context_and_no_secret(
+    site: DemoSiteThread, env: dict[str, str], database_url: str, prefect_api: str, tmp_path: Path
+) -> None:
+    """Secrets planted in a header, a cookie, a query string and the DSN never reach a log line."""
+    secrets = ["s3cr3t-HEADER", "s3cr3t-COOKIE", "s3cr3t-QUERY", "s3cr3t-DSN"]
+    sources = tmp_path / "sources.yaml"
+    sources.write_text(
+        "sources:\n"
+        f"  - {{name: items, kind: api, url: '{site.url}/api/items', items_path: items, key: id,\n"
+        "      pagination: {type: cursor, cursor_path: next_cursor}}\n"
+        f"  - name: leaky\n"
+        f"    kind: api\n"
+        f"    url: '{site.url}/api/gone?token=s3cr3t-QUERY&page=1'\n"
+        "    key: id\n"
+        "    headers: {Authorization: 'Bearer s3cr3t-HEADER', Cookie: 'session=s3cr3t-COOKIE'}\n"
+    )
+    env = {**env, "PREFECT_API_URL": prefect_api, "TRAWL_ALLOWED_NETWORKS": '["127.0.0.0/8"]'}
+    done = trawl("run", str(sources), "--database-url", _with_password(database_url, "s3cr3t-DSN"), env=env)
+
+    assert done.returncode == 1, done.stderr + done.stdout[-3000:]  # leaky's URL answers 404
+    for secret in secrets:
+        assert secret not in done.stdout + done.stderr, f"{secret} leaked into the output"
+    lines = done.stdout.splitlines()
+    logs_end = next(i for i, line in enumerate(lines) if line.startswith("source "))  # the summary table
+    records = []
+    for line in lines[:logs_end]:
+        if line.strip():
+            records.append(json.loads(line))  # every log line is one JSON object
+    assert records
+    for r in records:
+        assert {"timestamp", "level", "logger", "event"} <= set(r), r
+        if r["logger"].startswith(_RUN_SCOPED):
+            assert r.get("run_id"), r
+    per_url = [r for r in records if r["event"] in ("url failed", "source finished", "source started")]
+    assert per_url and all(r.get("source") in ("items", "leaky") for r in per_url)
+    failed = next(r for r in records if r["event"] == "url failed")
+    assert failed["url"].endswith("/api/gone?token=***&page=1")

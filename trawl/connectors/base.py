@@ -15,6 +15,7 @@ import structlog
 from trawl.errors import BlockedNetworkError, BreakerOpen, FetchError, RobotsDisallowed
 from trawl.extract import get_path
 from trawl.fetch import Fetcher, Response, TransportName
+from trawl.logs import redact
 from trawl.metrics import METRICS
 from trawl.records import Outcome, OutcomeKind, Record
 from trawl.settings import Settings
@@ -59,7 +60,12 @@ class SourceStats:
     def top_errors(self, n: int = 10) -> list[dict[str, Any]]:
         """The ``n`` most frequent (outcome, error) pairs with a count and an example URL."""
         return [
-            {"outcome": kind, "error": error, "count": count, "example_url": self.error_examples[(kind, error)]}
+            {
+                "outcome": kind,
+                "error": redact(error),
+                "count": count,
+                "example_url": redact(self.error_examples[(kind, error)]),
+            }
             for (kind, error), count in self.errors.most_common(n)
         ]
 

@@ -23,6 +23,7 @@ from trawl.errors import ConfigError, ConfigIssue
 __all__ = [
     "ApiField",
     "ApiSource",
+    "BrowserSource",
     "FieldType",
     "FollowRules",
     "HtmlField",
@@ -31,6 +32,7 @@ __all__ = [
     "Politeness",
     "Source",
     "SourcesFile",
+    "WaitFor",
     "load_sources",
     "select_sources",
 ]
@@ -218,7 +220,36 @@ class ApiSource(_Model):
         return [self.key] if isinstance(self.key, str) else list(self.key)
 
 
-Source = Annotated[HtmlSource | ApiSource, Field(discriminator="kind")]
+class WaitFor(_Model):
+    """When a rendered page is ready to extract: a selector shows, the network idles, and/or a fixed delay."""
+
+    selector: str | None = Field(default=None, min_length=1, description="CSS selector that must appear.")
+    network_idle: bool = Field(default=False, description="Wait until no request was in flight for 500 ms.")
+    delay: float = Field(default=0.0, ge=0, le=60, description="Seconds to wait after the rest.")
+
+
+class BrowserSource(HtmlSource):
+    """Pages that need JavaScript: the same crawl and extraction as ``html``, rendered by Chromium when needed.
+
+    ``render: auto`` (the default) fetches over plain HTTP first and renders only
+    pages whose required fields are missing (then every page of that URL pattern
+    on that host goes to the browser directly); ``always`` renders every page;
+    ``never`` is an ``html`` source with the same options.
+    """
+
+    kind: Literal["browser"]  # type: ignore[assignment]
+    render: Literal["auto", "always", "never"] = "auto"
+    wait_for: WaitFor = Field(default_factory=WaitFor)
+    scroll_to_bottom: bool = Field(default=False, description="Scroll to the end (infinite lists) before extracting.")
+    javascript: bool = Field(default=True, description="Run the pages' scripts (false: render the HTML as served).")
+    block_resources: list[str] | None = Field(
+        default=None,
+        description="Resource types not loaded (Playwright's names: image, media, font, stylesheet, ...); "
+        "unset: TRAWL_BROWSER_BLOCK_RESOURCES.",
+    )
+
+
+Source = Annotated[HtmlSource | ApiSource | BrowserSource, Field(discriminator="kind")]
 
 
 class SourcesFile(_Model):

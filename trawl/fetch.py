@@ -10,11 +10,12 @@ guard; and caps body size while streaming (after decompression).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import random
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from types import TracebackType
@@ -302,6 +303,86 @@ class Fetcher:
         self._transports: dict[str, _Transport] = {}
         self.breakers = breakers or BreakerRegistry(settings.breaker_fail_max, settings.breaker_reset_timeout)
         self.robots = RobotsCache(_agent_token(settings.user_agent), unavailable=settings.robots_unavailable)
+        self.resources: dict[str, Any] = {}
+        """Things other request paths share through this Fetcher (the browser pool), closed with it."""
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Run ``closer`` when the Fetcher closes (last registered, first run)."""
+        self._closers.append(closer)
+
+    async def allowed(self, url: str) -> bool:
+        """Whether the network guard lets a request to this URL out (for requests made by others, e.g. a page)."""
+        parts = urlsplit(url)
+        if parts.scheme in ("data", "blob", "about"):
+            return True
+        if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
+            return False
+        try:
+            await self._guard.check(url, parts.hostname)
+        except BlockedNetworkError:
+            return False
+        return True
+
+    @contextlib.asynccontextmanager
+    async def slot(
+        self,
+        url: str,
+        *,
+        concurrency: int | None = None,
+        delay: float | None = None,
+        robots: bool = True,
+        source: str = "-",
+    ) -> AsyncIterator[None]:
+        """Hold one request's place under the per-host rules, for a request this Fetcher does not send itself.
+
+        The network guard, robots.txt, the host's gate (concurrency, delay,
+        ``Crawl-delay``) and its breaker, exactly as for :meth:`get`: the block
+        runs when the request may go. A FetchError (or TimeoutError) raised in
+        the block counts for the breaker like a failed attempt (transient ones
+        as failures); anything else leaves the breaker's count alone.
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise PermanentFetchError(f"not an http(s) URL: {url}", url=url)
+        await self._guard.check(url, parts.hostname)
+        if robots:
+            await self._obey_robots(url, concurrency, delay)
+        host = parts.netloc.lower()
+        gate = self._gate(host, concurrency, delay)
+        breaker = self.breakers.get(host)
+        label = METRICS.host(host)
+        async with gate.slots:
+            probe = breaker.admit(url)
+            verdict: bool | None = None
+            status = "error"
+            sent = 0.0
+            try:
+                await gate.wait_turn()
+                sent = time.monotonic()
+                METRICS.in_flight.labels(source, label).inc()
+                yield
+                verdict, status = True, "2xx"
+            except TimeoutError:
+                verdict = False
+                raise
+            except FetchError as exc:
+                verdict = not exc.transient
+                status = status_class(exc.status)
+                raise
+            finally:
+                if sent:
+                    METRICS.in_flight.labels(source, label).dec()
+                    METRICS.request_seconds.labels(source, label).observe(time.monotonic() - sent)
+                    METRICS.requests.labels(source, label, status).inc()
+                if verdict is None:
+                    breaker.release(probe)
+                else:
+                    breaker.record(verdict, probe)
 
     async def __aenter__(self) -> Fetcher:
         return self
@@ -309,6 +390,12 @@ class Fetcher:
     async def __aexit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
+        closers, self._closers = self._closers, []
+        for closer in reversed(closers):
+            try:
+                await closer()
+            except Exception as exc:  # closing one resource must not keep the others open
+                log.warning("close failed", error=f"{type(exc).__name__}: {exc}")
         for transport in self._transports.values():
             await transport.close()
         self._transports.clear()

@@ -131,6 +131,22 @@ class Settings(BaseSettings):
     pushgateway_url: str | None = Field(
         default=None, description="Push all metrics to this Prometheus Pushgateway when a flow run ends (unset: off)."
     )
+    browser_path: str | None = Field(
+        default=None,
+        description="Chromium executable for `browser` sources. Unset: Playwright's own Chromium if installed, "
+        "else the system's (`/usr/lib/chromium/chromium`, `chromium`, `chromium-browser`, `google-chrome`).",
+    )
+    browser_pages: int = Field(default=4, ge=1, le=64, description="Pages rendering at once (the browser pool's size).")
+    browser_navigation_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds a page may take to load in the browser (one attempt)."
+    )
+    browser_wait_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a rendered page may take to show its `wait_for` selector."
+    )
+    browser_block_resources: list[str] = Field(
+        default_factory=lambda: ["image", "media", "font"],
+        description="Resource types rendered pages do not load (Playwright's resource type names).",
+    )
     demo_url: str | None = Field(
         default=None, description="Base URL of the demo site; `trawl demo` sets it for `examples/demo.yaml`."
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trawl.config import ApiSource, HtmlSource
+from trawl.config import ApiSource, BrowserSource, HtmlSource
 from trawl.connectors.api import ApiConnector
 from trawl.connectors.base import Connector, SourceContext, SourceStats, make_record, record_key
 from trawl.connectors.html import HtmlConnector
@@ -21,6 +21,10 @@ __all__ = [
 
 def connector_for(source: HtmlSource | ApiSource, ctx: SourceContext) -> Connector:
     """The connector that runs a source of this kind."""
+    if isinstance(source, BrowserSource):
+        from trawl.connectors.browser import BrowserConnector  # Playwright is imported only when needed
+
+        return BrowserConnector(source, ctx)
     if isinstance(source, HtmlSource):
         return HtmlConnector(source, ctx)
     return ApiConnector(source, ctx)

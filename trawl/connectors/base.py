@@ -47,6 +47,8 @@ class SourceStats:
     errors: Counter[tuple[str, str]] = field(default_factory=Counter)
     """(outcome, error message) of the URLs that did not end fetched or not_modified."""
     error_examples: dict[tuple[str, str], str] = field(default_factory=dict)
+    render: Counter[str] = field(default_factory=Counter)
+    """`browser` sources: pages per path (``http``, ``browser``, ``http+browser``)."""
 
     @property
     def failures(self) -> int:
@@ -78,6 +80,7 @@ class SourceStats:
             "failures": self.failures,
             "outcomes": dict(self.outcomes),
             "top_errors": self.top_errors(),
+            **({"render": dict(self.render)} if self.render else {}),
         }
 
 

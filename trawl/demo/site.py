@@ -29,6 +29,7 @@ from aiohttp.typedefs import Handler, Middleware
 __all__ = [
     "CATEGORIES",
     "ITEM_COUNT",
+    "JS_DEMO_COUNT",
     "LINKED_PER_PAGE",
     "MAX_LIMIT",
     "PAGE_COUNT",
@@ -380,6 +381,58 @@ def _product_html(p: Product) -> str:
     return _page(p.name, body)
 
 
+JS_DEMO_COUNT = 24
+"""Product pages the JS section's index links to (``/js/products/1..24``); any id up to PRODUCT_COUNT exists."""
+
+
+def _js_index_html() -> str:
+    links = "".join(
+        f'<li><a class="product" href="/js/products/{i}">{escape(product(i).name)}</a></li>'
+        for i in range(1, JS_DEMO_COUNT + 1)
+    )
+    return _page(
+        "Rendered in the browser", f'<h1>Products rendered by JavaScript</h1>\n<ul class="products">{links}</ul>'
+    )
+
+
+def _js_product_html(p: Product) -> str:
+    """A shell whose product fields only exist after its script ran (a short while after load)."""
+    data = json.dumps(
+        {
+            "id": p.id,
+            "name": p.name,
+            "sku": p.sku,
+            "price": f"{p.price:.2f}",
+            "category": p.category,
+            "rating": p.rating,
+        }
+    ).replace("</", "<\\/")
+    body = f"""<article id="app" class="loading"><p>Loading…</p></article>
+<script id="data" type="application/json">{data}</script>
+<script>
+setTimeout(function () {{
+  var d = JSON.parse(document.getElementById("data").textContent);
+  var app = document.getElementById("app");
+  app.className = "product";
+  app.innerHTML = "";
+  function add(tag, cls, text, attr, value) {{
+    var el = document.createElement(tag);
+    el.className = cls;
+    el.textContent = text;
+    if (attr) el.setAttribute(attr, value);
+    app.appendChild(el);
+  }}
+  add("h1", "name", d.name);
+  add("span", "sku", d.sku);
+  add("p", "price", "$" + d.price, "data-amount", d.price);
+  add("span", "category", d.category);
+  add("span", "rating", "", "data-stars", String(d.rating));
+}}, 30);
+</script>
+<p><a class="back" href="/js/">Back to the rendered products</a></p>"""
+    return _page(p.name, body)
+
+
 def _png_1x1() -> bytes:
     """A valid 1x1 grey PNG, so product images resolve instead of 404ing."""
 
@@ -457,6 +510,17 @@ async def _product(request: web.Request) -> web.Response:
     return response
 
 
+async def _js_index(request: web.Request) -> web.Response:
+    return _html(_js_index_html())
+
+
+async def _js_product(request: web.Request) -> web.Response:
+    i = int(request.match_info["id"])
+    if not 1 <= i <= PRODUCT_COUNT:
+        raise web.HTTPNotFound(text=_page("Not found", "<h1>No such product</h1>"), content_type=_HTML)
+    return _html(_js_product_html(product(i)))
+
+
 async def _image(request: web.Request) -> web.Response:
     i = int(request.match_info["id"])
     if not 1 <= i <= PRODUCT_COUNT:
@@ -528,6 +592,8 @@ def make_app(requests: Counter[str] | None = None, requests_qs: Counter[str] | N
     app.router.add_get(r"/catalogue/page/{n:\d+}", _catalogue)
     app.router.add_get(r"/products/{id:\d+}", _product)
     app.router.add_get(r"/img/{id:\d+}.png", _image)
+    app.router.add_get("/js/", _js_index)
+    app.router.add_get(r"/js/products/{id:\d+}", _js_product)
     app.router.add_get("/api/items", _api_items)
     app.router.add_get("/api/pages", _api_pages)
     app.router.add_get("/api/linked", _api_linked)

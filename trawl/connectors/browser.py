@@ -1,0 +1,425 @@
+"""`browser` sources: the `html` crawl, with pages rendered by Chromium (Playwright) when they need it.
+
+One browser per Fetcher (so per crawl run and process), started on first use and
+closed with the Fetcher; a bounded number of pages render at once; a browser
+context per host (cookies stay with their host), its pages reused. Every
+navigation goes through :meth:`trawl.fetch.Fetcher.slot` (network guard,
+robots.txt, per-host concurrency and delay, the host's breaker), and every
+request the page itself makes is checked by the network guard in a route
+handler (blocked resource types are not loaded at all).
+
+``render: auto`` fetches over plain HTTP first and renders only when the
+declared required fields are missing; it then remembers that host and URL
+pattern (digits folded: ``/js/products/{n}``) so the next pages like it go to
+the browser directly. Pages per path are counted in the source's stats
+(``render``: ``http``, ``browser``, ``http+browser``).
+
+A browser that dies is relaunched and the page retried (transient, like a
+connection reset); a page that does not load or show its selector in time is
+closed and ends ``failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import re
+import shutil
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import structlog
+
+from trawl.config import BrowserSource
+from trawl.connectors.base import _OUTCOME_OF, SourceContext, make_record
+from trawl.connectors.html import HtmlConnector, _url_hash
+from trawl.errors import BreakerOpen, FetchError, PermanentFetchError, TransientFetchError
+from trawl.extract import extract_items, extract_links, parse_html
+from trawl.fetch import Fetcher, Response
+from trawl.records import Outcome, OutcomeKind, utcnow
+from trawl.settings import Settings
+
+if TYPE_CHECKING:
+    from playwright.async_api import Browser, BrowserContext, Page, Playwright, Route
+
+__all__ = ["BrowserConnector", "BrowserPool", "find_chromium"]
+
+log = structlog.get_logger("trawl.connectors.browser")
+
+_SYSTEM_CHROMIUM = ("/usr/lib/chromium/chromium", "chromium", "chromium-browser", "google-chrome")
+# Root in a container, no network beyond the targets: no sandbox, nothing phoning home.
+_LAUNCH_ARGS = [
+    "--no-sandbox",
+    "--disable-dev-shm-usage",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-default-apps",
+    "--disable-sync",
+    "--no-first-run",
+    "--metrics-recording-only",
+]
+_DIGITS = re.compile(r"\d+")
+_RENDER_KEY = "browser-pool"
+
+
+def find_chromium(setting: str | None) -> str | None:
+    """The Chromium to launch: the setting, else Playwright's own (None: let Playwright find it), else the system's.
+
+    Raises FileNotFoundError when the setting names nothing executable, or nothing is found at all.
+    """
+    if setting:
+        path = shutil.which(setting) or (setting if os.access(setting, os.X_OK) else None)
+        if not path:
+            raise FileNotFoundError(f"TRAWL_BROWSER_PATH={setting}: not an executable")
+        return path
+    cache = Path(os.environ.get("PLAYWRIGHT_BROWSERS_PATH", Path.home() / ".cache" / "ms-playwright"))
+    if any(cache.glob("chromium-*/chrome-linux*/chrome")):
+        return None  # Playwright's own build
+    for candidate in _SYSTEM_CHROMIUM:
+        path = shutil.which(candidate) or (candidate if os.access(candidate, os.X_OK) else None)
+        if path:
+            return path
+    raise FileNotFoundError(
+        "no Chromium for browser sources: set TRAWL_BROWSER_PATH, or `apt-get install chromium` (Debian)"
+    )
+
+
+def url_pattern(url: str) -> tuple[str, str]:
+    """(host, path with every run of digits as ``{n}``): pages of one kind share it."""
+    parts = urlsplit(url)
+    return parts.netloc.lower(), _DIGITS.sub("{n}", parts.path)
+
+
+class BrowserPool:
+    """One Chromium, a context per (host, JavaScript on/off), at most ``size`` pages rendering at once."""
+
+    def __init__(self, settings: Settings, fetcher: Fetcher) -> None:
+        self.settings = settings
+        self.fetcher = fetcher
+        self.size = settings.browser_pages
+        self._slots = asyncio.Semaphore(self.size)
+        self._lock = asyncio.Lock()
+        self._pw: Playwright | None = None
+        self._browser: Browser | None = None
+        self._contexts: dict[tuple[str, bool, tuple[str, ...]], BrowserContext] = {}
+        self._idle: dict[tuple[str, bool, tuple[str, ...]], list[Page]] = {}
+        self.needs_browser: set[tuple[str, str]] = set()
+        """(host, URL pattern) pairs whose pages needed rendering (adaptive mode)."""
+        self.navigations: Counter[str] = Counter()
+        """Navigations per URL (what the browser was asked to load)."""
+        self.blocked: Counter[str] = Counter()
+        """Subresource requests refused, by reason (``network``, ``type:image``, ...)."""
+        self.launches = 0
+        self.generation = 0
+        """Bumped at every launch: a page knows which browser it came from."""
+
+    @classmethod
+    def of(cls, fetcher: Fetcher) -> BrowserPool:
+        """The Fetcher's pool, created on first use and closed with the Fetcher."""
+        pool = fetcher.resources.get(_RENDER_KEY)
+        if pool is None:
+            pool = fetcher.resources[_RENDER_KEY] = cls(fetcher.settings, fetcher)
+            fetcher.on_close(pool.close)
+        assert isinstance(pool, BrowserPool)
+        return pool
+
+    async def _ensure_browser(self) -> Browser:
+        async with self._lock:
+            if self._browser is not None and self._browser.is_connected():
+                return self._browser
+            if self._browser is not None:  # died: forget its contexts and pages
+                log.warning("browser restarted", launches=self.launches)
+                self._contexts.clear()
+                self._idle.clear()
+            from playwright.async_api import async_playwright
+
+            if self._pw is None:
+                self._pw = await async_playwright().start()
+            path = find_chromium(self.settings.browser_path)
+            t0 = time.monotonic()
+            self._browser = await self._pw.chromium.launch(executable_path=path, headless=True, args=_LAUNCH_ARGS)
+            self.launches += 1
+            self.generation += 1
+            log.info("browser launched", executable=path or "playwright", seconds=round(time.monotonic() - t0, 3))
+            return self._browser
+
+    async def _context(self, host: str, javascript: bool, blocked: tuple[str, ...]) -> BrowserContext:
+        key = (host, javascript, blocked)
+        context = self._contexts.get(key)
+        if context is not None:
+            return context
+        browser = await self._ensure_browser()
+        context = await browser.new_context(
+            java_script_enabled=javascript, user_agent=self.settings.user_agent, service_workers="block"
+        )
+        blocked_types = frozenset(blocked)
+
+        async def guard(route: Route) -> None:
+            request = route.request
+            if request.resource_type in blocked_types:
+                self.blocked[f"type:{request.resource_type}"] += 1
+                await route.abort("blockedbyclient")
+            elif not await self.fetcher.allowed(request.url):
+                self.blocked["network"] += 1
+                log.warning("page request blocked by the network guard", url=request.url, page_host=host)
+                await route.abort("blockedbyclient")
+            else:
+                await route.continue_()
+
+        await context.route("**/*", guard)
+        self._contexts[key] = context
+        return context
+
+    @contextlib.asynccontextmanager
+    async def page(self, host: str, javascript: bool, blocked: tuple[str, ...]) -> AsyncIterator[Page]:
+        """A page of the host's context for one render; reused after a clean render, closed after a failed one."""
+        async with self._slots:
+            key = (host, javascript, blocked)
+            context = await self._context(host, javascript, blocked)
+            idle = self._idle.setdefault(key, [])
+            page = idle.pop() if idle else await context.new_page()
+            ok = False
+            try:
+                yield page
+                ok = True
+            finally:
+                if ok and not page.is_closed():
+                    self._idle.setdefault(key, []).append(page)
+                else:
+                    with contextlib.suppress(Exception):
+                        await page.close()
+
+    async def reset(self, generation: int) -> None:
+        """Forget a dead browser (once, however many pages noticed it); the next page relaunches it."""
+        async with self._lock:
+            if generation != self.generation or self._browser is None:
+                return
+            browser, self._browser = self._browser, None
+            self._contexts.clear()
+            self._idle.clear()
+            log.warning("browser died; relaunching on the next page", launches=self.launches)
+        with contextlib.suppress(Exception):
+            await browser.close()
+
+    async def close(self) -> None:
+        """Close the browser and Playwright (idempotent)."""
+        browser, self._browser = self._browser, None
+        pw, self._pw = self._pw, None
+        self._contexts.clear()
+        self._idle.clear()
+        if browser is not None:
+            with contextlib.suppress(Exception):
+                await browser.close()
+        if pw is not None:
+            with contextlib.suppress(Exception):
+                await pw.stop()
+
+
+class _BrowserDied(Exception):
+    """The browser (not the host) failed: neutral for the host's breaker, retried after a relaunch."""
+
+
+def _crashed(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(s in text for s in ("closed", "crashed", "disconnected", "Target page", "Connection closed"))
+
+
+def _browser_error(exc: BaseException, url: str) -> FetchError:
+    """A Playwright failure as trawl's error: a dead browser or a load timeout may pass, the rest will not."""
+    from playwright.async_api import Error as PlaywrightError
+    from playwright.async_api import TimeoutError as PlaywrightTimeout
+
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, PlaywrightTimeout):
+        return TransientFetchError(f"browser: {text}", url=url)
+    if isinstance(exc, PlaywrightError):
+        closed = any(s in text for s in ("closed", "crashed", "Target page", "disconnected", "Connection"))
+        return (TransientFetchError if closed else PermanentFetchError)(f"browser: {text}", url=url)
+    return PermanentFetchError(f"browser: {type(exc).__name__}: {text}", url=url)
+
+
+class BrowserConnector(HtmlConnector):
+    """The `html` connector's crawl (frontier, follow rules, parking, outcomes) with a browser where needed."""
+
+    source: BrowserSource
+
+    def __init__(self, source: BrowserSource, ctx: SourceContext) -> None:
+        super().__init__(source, ctx)
+        self.pool = BrowserPool.of(ctx.fetcher)
+        self._required = [n for n, f in source.fields.items() if f.required] or list(source.fields)
+        self._blocked = tuple(
+            sorted(
+                source.block_resources if source.block_resources is not None else ctx.settings.browser_block_resources
+            )
+        )
+
+    def _complete(self, items: list[dict[str, Any]]) -> bool:
+        return bool(items) and all(all(item.get(n) not in (None, "", []) for n in self._required) for item in items)
+
+    async def _page(self, url: str, depth: int, out: asyncio.Queue[object]) -> None:
+        src = self.source
+        is_record_page = self._record_re is None or bool(self._record_re.search(url))
+        mode = src.render
+        if mode == "never" or (mode == "auto" and url_pattern(url) not in self.pool.needs_browser):
+            resp = await self.ctx.fetch(
+                src.name,
+                url,
+                transport="aiohttp",
+                concurrency=src.politeness.concurrency,
+                delay=src.politeness.delay,
+                robots=src.robots,
+                park=True,
+            )
+            if resp is None:
+                return
+            if resp.url != url:
+                self._seen.add(_url_hash(resp.url))
+            ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype and ctype not in self._types:
+                await self.ctx.fetched(
+                    src.name, url, resp, OutcomeKind.FILTERED, f"content-type {ctype} is not allowed"
+                )
+                return
+            tree = parse_html(resp.text())
+            items = list(extract_items(tree, src.item_selector, src.fields)) if is_record_page else []
+            if mode == "never" or not is_record_page or self._complete(items):
+                self.ctx.stats.render["http"] += 1
+                await self._emit(url, resp, tree, items, depth, out)
+                return
+            # The page needs its scripts: this pattern goes to the browser from now on.
+            self.pool.needs_browser.add(url_pattern(url))
+            self.ctx.stats.render["http+browser"] += 1
+            log.info("page needs the browser", url=url, pattern=url_pattern(url)[1], missing=self._required)
+        else:
+            self.ctx.stats.render["browser"] += 1
+        resp = await self._render(url)
+        if resp is None:
+            return
+        tree = parse_html(resp.text())
+        items = list(extract_items(tree, src.item_selector, src.fields)) if is_record_page else []
+        await self._emit(url, resp, tree, items, depth, out)
+
+    async def _emit(
+        self, url: str, resp: Response, tree: Any, items: list[dict[str, Any]], depth: int, out: asyncio.Queue[object]
+    ) -> None:
+        src = self.source
+        fetched_at = utcnow()
+        for data in items:
+            await out.put(make_record(src.name, self.ctx.run_id, resp.url, fetched_at, data, src.key_fields))
+            self.ctx.stats.records += 1
+        if self._crawl and depth < src.follow.max_depth:
+            for link in extract_links(tree, resp.url):
+                h = _url_hash(link)
+                if h not in self._seen and self._follow(link):
+                    self._schedule(link, depth + 1, h)
+        await self.ctx.fetched(src.name, url, resp)
+
+    async def _render(self, url: str) -> Response | None:
+        """Render one page (retrying transient failures); None after recording its outcome when it failed.
+
+        BreakerOpen propagates, so the crawl parks the URL like any other.
+        """
+        s = self.ctx.settings
+        started = time.monotonic()
+        attempts = 0
+        last: FetchError | None = None
+        for attempt in range(s.max_retries + 1):
+            attempts += 1
+            try:
+                return await self._render_once(url, attempts, started)
+            except BreakerOpen:
+                raise
+            except FetchError as exc:
+                last = exc
+            if not last.transient or attempt == s.max_retries:
+                break
+            pause = random.uniform(0, min(s.backoff_max, s.backoff_base * 2**attempt))
+            log.info("retrying", url=url, attempt=attempts, error=str(last), sleep_s=round(pause, 3))
+            await asyncio.sleep(pause)
+        assert last is not None
+        kind = _OUTCOME_OF.get(type(last), OutcomeKind.FAILED)  # robots and the network guard have their own
+        if kind is OutcomeKind.FAILED:
+            log.warning("url failed", url=url, error=str(last), attempts=attempts)
+        elapsed = int((time.monotonic() - started) * 1000)
+        await self.ctx.outcome(
+            Outcome(self.ctx.run_id, self.source.name, url, kind, last.status, attempts, 0, elapsed, str(last))
+        )
+        return None
+
+    async def _render_once(self, url: str, attempts: int, started: float) -> Response:
+        host = urlsplit(url).netloc.lower()
+        generation = self.pool.generation  # the page's browser is this one, or one launched since
+        try:
+            return await self._navigate(url, host, attempts, started)
+        except _BrowserDied as exc:
+            await self.pool.reset(generation)  # a no-op when another page already did it
+            raise TransientFetchError(f"browser died: {exc}", url=url) from exc
+
+    async def _navigate(self, url: str, host: str, attempts: int, started: float) -> Response:
+        from playwright.async_api import TimeoutError as PlaywrightTimeout
+
+        src, s = self.source, self.ctx.settings
+        async with self.ctx.fetcher.slot(
+            url,
+            concurrency=src.politeness.concurrency,
+            delay=src.politeness.delay,
+            robots=src.robots,
+            source=src.name,
+        ):
+            try:
+                async with self.pool.page(host, src.javascript, self._blocked) as page:
+                    self.pool.navigations[url] += 1
+                    nav = await page.goto(
+                        url,
+                        wait_until="networkidle" if src.wait_for.network_idle else "load",
+                        timeout=s.browser_navigation_timeout * 1000,
+                    )
+                    status = nav.status if nav is not None else 200
+                    if status >= 400:
+                        cls = TransientFetchError if status in (408, 425, 429) or status >= 500 else PermanentFetchError
+                        raise cls(f"HTTP {status}", url=url, status=status)
+                    if src.wait_for.selector:
+                        try:
+                            await page.wait_for_selector(src.wait_for.selector, timeout=s.browser_wait_timeout * 1000)
+                        except PlaywrightTimeout as exc:
+                            raise PermanentFetchError(
+                                f"selector {src.wait_for.selector!r} did not appear within {s.browser_wait_timeout}s",
+                                url=url,
+                            ) from exc
+                    if src.scroll_to_bottom:
+                        await _scroll_to_bottom(page, s.browser_wait_timeout)
+                    if src.wait_for.delay:
+                        await asyncio.sleep(src.wait_for.delay)
+                    html = await page.content()
+                    final_url = page.url
+                    headers = await nav.all_headers() if nav is not None else {}
+            except FetchError:
+                raise
+            except Exception as exc:
+                if _crashed(exc):
+                    raise _BrowserDied(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+                raise _browser_error(exc, url) from exc
+        body = html.encode("utf-8")
+        headers = {k.lower(): v for k, v in headers.items()}
+        headers["content-type"] = "text/html; charset=utf-8"  # the rendered DOM, whatever was served
+        return Response(final_url, status, headers, body, attempts, int((time.monotonic() - started) * 1000))
+
+
+async def _scroll_to_bottom(page: Page, limit_s: float) -> None:
+    """Scroll until the page stops growing (infinite lists), at most ``limit_s`` seconds."""
+    deadline = time.monotonic() + limit_s
+    height = -1
+    while time.monotonic() < deadline:
+        now = await page.evaluate("document.body ? document.body.scrollHeight : 0")
+        if now == height:
+            return
+        height = now
+        await page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+        await asyncio.sleep(0.25)

@@ -16,7 +16,7 @@ PREFECT_API = $$($(BIN)/prefect config view 2>/dev/null | sed -n "s/^PREFECT_API
 	export PREFECT_API_URL="$${api:-$(PREFECT_LOCAL_API)}"; \
 	$(BIN)/prefect work-pool inspect trawl >/dev/null 2>&1 || $(BIN)/prefect work-pool create trawl --type process
 
-.PHONY: venv test-tools run test test-fast lint bench bench-demo server worker deploy demo-site clean
+.PHONY: venv browser test-tools run test test-fast lint bench bench-demo server worker deploy demo-site clean
 
 # A venv copied without its symlinks (or from another machine) is rebuilt, not trusted.
 $(STAMP): pyproject.toml
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-run: venv
+run: venv browser
 	$(BIN)/trawl demo
 
 test: venv test-tools
@@ -35,11 +35,15 @@ test: venv test-tools
 	then export TRAWL_TEST_DATABASE_URL='$(TEST_PG)'; fi; \
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# What the tests need from Debian: Chromium for the browser tests (Playwright cannot download browsers
-# here), promtool and the Pushgateway for the metrics tests.
-test-tools:
+# Debian's Chromium for `browser` sources (Playwright cannot download browsers here; TRAWL_BROWSER_PATH
+# points elsewhere).
+browser:
+	@[ -n "$$TRAWL_BROWSER_PATH" ] || [ -x /usr/lib/chromium/chromium ] || \
+	{ apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }
+
+# What else the tests need from Debian: promtool and the Pushgateway for the metrics tests.
+test-tools: browser
 	@missing=""; \
-	[ -x /usr/lib/chromium/chromium ] || missing="$$missing chromium"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	command -v prometheus-pushgateway >/dev/null 2>&1 || missing="$$missing prometheus-pushgateway"; \
 	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; fi
@@ -54,9 +58,10 @@ lint: venv
 	$(BIN)/mypy
 
 # trawl vs Scrapy vs a minimal aiohttp+selectolax crawler on a generated 20,000-page site served by nginx.
-bench: venv
+bench: venv browser
 	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { apt-get update && apt-get install -y nginx; }
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.browser
 
 # The small in-process benchmark on the demo site.
 bench-demo: venv

@@ -12,7 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from trawl.demo.site import ITEM_COUNT, PAGE_COUNT, PRODUCT_COUNT, DemoSiteThread
+from trawl.demo.site import ITEM_COUNT, JS_DEMO_COUNT, PAGE_COUNT, PRODUCT_COUNT, DemoSiteThread
 
 pytestmark = [pytest.mark.e2e]
 
@@ -56,7 +56,7 @@ async def test_run_load_and_rerun_demo(
     # Logs: JSON lines (the summary table follows them), source lines carry run and source context.
     logs = [json.loads(line) for line in first.stdout.splitlines() if line.startswith("{")]
     finished = [r for r in logs if r["event"] == "source finished"]
-    assert sorted(r["source"] for r in finished) == ["items", "products"]
+    assert sorted(r["source"] for r in finished) == ["items", "js_products", "products"]
     assert all(r["run_id"] and r["flow_run_id"] for r in finished)
     assert any(r["logger"] == "prefect.flow_runs" for r in logs)
 
@@ -83,7 +83,7 @@ async def test_run_load_and_rerun_demo(
     # Every fetched URL has exactly one outcome row, and the site saw each page once.
     outcomes = await db.fetch("SELECT url, outcome FROM trawl._outcomes")
     assert len(outcomes) == len({r["url"] for r in outcomes})
-    product_urls = {r["url"] for r in outcomes if "/products/" in r["url"]}
+    product_urls = {r["url"] for r in outcomes if r["url"].split("/", 3)[3].startswith("products/")}
     assert len(product_urls) == PRODUCT_COUNT
     assert sum(1 for r in outcomes if "/catalogue/page/" in r["url"]) == PAGE_COUNT
     assert {r["outcome"] for r in outcomes} == {"fetched"}
@@ -94,9 +94,9 @@ async def test_run_load_and_rerun_demo(
     again = trawl("load", "--database-url", database_url, env=env)
     assert again.returncode == 0, again.stderr
     assert await db.fetch("SELECT _key, _last_seen_at FROM trawl.items ORDER BY _key") == before
-    assert await db.fetchval("SELECT count(*) FROM trawl._loads") == 4
+    assert await db.fetchval("SELECT count(*) FROM trawl._loads") == 6  # records and outcomes of 3 sources
     assert await db.fetchval("SELECT sum(inserted + updated) FROM trawl._loads WHERE kind = 'raw'") == (
-        PRODUCT_COUNT + ITEM_COUNT
+        PRODUCT_COUNT + ITEM_COUNT + JS_DEMO_COUNT
     )
 
     # A second run: same content, so only _last_seen_at moves. Product pages are asked for conditionally
@@ -128,7 +128,7 @@ async def test_run_load_and_rerun_demo(
         "WHERE kind = 'raw' AND run_id <> $1",
         first_run,
     )
-    assert counts is not None and (counts["i"], counts["u"], counts["n"]) == (0, 0, ITEM_COUNT)
+    assert counts is not None and (counts["i"], counts["u"], counts["n"]) == (0, 0, ITEM_COUNT + JS_DEMO_COUNT)
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from flows.crawl import crawl
 from flows.load import load
 from flows.params import ParameterError
 from flows.pipeline import pipeline
-from trawl.demo.site import ITEM_COUNT, PRODUCT_COUNT, DemoSite
+from trawl.demo.site import ITEM_COUNT, JS_DEMO_COUNT, PRODUCT_COUNT, DemoSite
 from trawl.settings import Settings
 
 pytestmark = [pytest.mark.integration]
@@ -65,7 +65,13 @@ async def test_pipeline_loads_every_product_and_item(flow_env: Path, db: asyncpg
     result = await pipeline(str(REPO / "examples" / "demo.yaml"))
 
     crawled = {s["source"]: s for s in result["crawl"]}
-    assert {s: crawled[s]["status"] for s in crawled} == {"products": "complete", "items": "complete"}
+    assert {s: crawled[s]["status"] for s in crawled} == {
+        "products": "complete",
+        "items": "complete",
+        "js_products": "complete",
+    }
+    assert crawled["js_products"]["records"] == JS_DEMO_COUNT
+    assert await db.fetchval("SELECT count(*) FROM trawl.js_products") == JS_DEMO_COUNT
     assert crawled["products"]["records"] == PRODUCT_COUNT
     assert crawled["items"]["records"] == ITEM_COUNT
     assert result["load"]["products"]["inserted"] == PRODUCT_COUNT
@@ -197,7 +203,11 @@ async def test_dry_run_fetches_nothing(flow_env: Path, demo_site: DemoSite, db: 
     result = await pipeline(str(REPO / "examples" / "demo.yaml"), dry_run=True)
 
     assert result["dry_run"] is True
-    assert {s["source"]: s["status"] for s in result["crawl"]} == {"products": "planned", "items": "planned"}
+    assert {s["source"]: s["status"] for s in result["crawl"]} == {
+        "products": "planned",
+        "items": "planned",
+        "js_products": "planned",
+    }
     assert not demo_site.requests
 
 

@@ -25,7 +25,7 @@ _KINDS: tuple[StreamKind, ...] = ("outcomes", "raw")
 
 @task(name="load-source", task_run_name="load-{name}", cache_policy=NO_CACHE)
 async def load_source_task(name: str, loader: Loader, manifests: list[Manifest], todo: set[str]) -> list[PartLoad]:
-    """Load one source's committed manifests (outcomes and records) part by part."""
+    """Load one source's committed manifests (outcomes and records) part by part; stops at its first failure."""
     bind(source=name)
     results: list[PartLoad] = []
     for m in manifests:
@@ -66,9 +66,15 @@ async def load(
         for m in await stager.manifests(kind)
         if (not run_ids or m.run_id in run_ids) and (not sources or m.source in sources)
     ]
-    pool = await connect_pool(resolve_dsn(settings), max_size=4)
+    pool = await connect_pool(resolve_dsn(settings), max_size=settings.db_pool_size)
     try:
-        loader = Loader(pool, stager, settings.db_schema)
+        loader = Loader(
+            pool,
+            stager,
+            settings.db_schema,
+            max_reject_rate=settings.max_reject_rate if settings.max_reject_rate < 1 else None,
+            reject_min_rows=settings.reject_min_rows,
+        )
         await loader.setup()
         todo = await loader.pending(manifests)
         by_source: dict[str, list[Manifest]] = defaultdict(list)
@@ -77,12 +83,23 @@ async def load(
         log.info(
             "load started", staging=stager.uri, runs=sorted({m.run_id for m in manifests}), parts_pending=len(todo)
         )
-        per_source = await asyncio.gather(
-            *(load_source_task(name, loader, ms, todo) for name, ms in sorted(by_source.items()))
+        # With return_state=True Prefect returns awaitable states; its overloads type them as plain States.
+        states = await asyncio.gather(
+            *(
+                load_source_task(name, loader, ms, todo, return_state=True)  # type: ignore[call-overload]
+                for name, ms in sorted(by_source.items())
+            )
         )
+        summary: dict[str, dict[str, Any]] = {}
+        for name, state in zip(sorted(by_source), states, strict=True):
+            value = await state.aresult(raise_on_failure=False)
+            if isinstance(value, BaseException):  # this source's load failed; the others went on
+                log.error("source load failed", source=name, error=str(value))
+                summary[name] = {**_totals([]), "error": str(value) or repr(value)}
+            else:
+                summary[name] = {**_totals(value), "error": None}
     finally:
         await pool.close()
-    summary = {name: _totals(loads) for name, loads in zip(sorted(by_source), per_source, strict=True)}
     log.info(
         "load finished",
         **{

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -335,17 +336,18 @@ class Loader:
             if not reasons:
                 good.append((r["_key"], value))
         if good:
+            tmp = f"_backfill_{spec['type']}"  # one name per type: asyncpg caches COPY codecs by statement text
             await conn.execute(
-                f"CREATE TEMP TABLE _backfill ON COMMIT DROP AS SELECT _key, {_q(name)} AS v FROM {table} WITH NO DATA"
+                f"CREATE TEMP TABLE {tmp} ON COMMIT DROP AS SELECT _key, {_q(name)} AS v FROM {table} WITH NO DATA"
             )
-            await conn.copy_records_to_table("_backfill", records=good, columns=["_key", "v"])
+            await conn.copy_records_to_table(tmp, records=good, columns=["_key", "v"])
             await conn.execute(
                 f"""
                 UPDATE {table} t SET {_q(name)} = b.v, _extra = NULLIF(t._extra - $1, '{{}}'::jsonb)
-                FROM _backfill b WHERE t._key = b._key""",
+                FROM {tmp} b WHERE t._key = b._key""",
                 name,
             )
-            await conn.execute("DROP TABLE _backfill")
+            await conn.execute(f"DROP TABLE {tmp}")
         return len(good), len(rows) - len(good)
 
     async def _retype(self, conn: asyncpg.Connection, table: str, m: Manifest, name: str, have: str, kind: str) -> None:
@@ -438,7 +440,7 @@ class Loader:
             while (prepared := await queue.get()) is not None:
                 if prepared.error is not None:
                     raise prepared.error
-                results[prepared.part.uri] = await self._load_records(m, prepared, fields)
+                results[prepared.part.uri] = await self._load_records(m, prepared, validator.types)
         finally:
             producer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -506,10 +508,10 @@ class Loader:
                 staged_object=prepared.part.uri,
             )
 
-    async def _load_records(self, m: Manifest, prepared: _Prepared, fields: Mapping[str, Any]) -> PartLoad:
+    async def _load_records(self, m: Manifest, prepared: _Prepared, types: Mapping[str, str]) -> PartLoad:
         part = prepared.part
         table = f"{self._s}.{_q(m.source)}"
-        cols = [*fields, *_LINEAGE]
+        cols = [*types, *_LINEAGE]
         col_list = ", ".join(_q(c) for c in cols)
         updates = ", ".join(f"{_q(c)} = EXCLUDED.{_q(c)}" for c in cols if c != "_key")
         try:
@@ -517,11 +519,14 @@ class Loader:
                 if not await self._claim(conn, part):
                     return PartLoad(part.uri, m.source, m.kind, prepared.rows, skipped=True)
                 await self._check_reject_rate(conn, m, prepared)
+                # asyncpg caches a COPY's column types by statement text: a temp table name per column-type
+                # signature keeps a cached binary codec from writing into a column whose type changed since.
+                stage = "_stage_" + hashlib.sha1(repr(sorted(types.items())).encode()).hexdigest()[:16]
                 await conn.execute(
-                    f"CREATE TEMP TABLE _stage ON COMMIT DROP AS SELECT {col_list} FROM {table} WITH NO DATA"
+                    f"CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {col_list} FROM {table} WITH NO DATA"
                 )
-                await conn.copy_records_to_table("_stage", records=list(prepared.latest.values()), columns=cols)
-                await conn.execute("ANALYZE _stage")
+                await conn.copy_records_to_table(stage, records=list(prepared.latest.values()), columns=cols)
+                await conn.execute(f"ANALYZE {stage}")
                 # Parts of one source loaded by concurrent loaders upsert one at a time: no deadlocks on shared keys.
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"trawl-upsert:{table}")
                 counts = dict(
@@ -529,11 +534,11 @@ class Loader:
                         f"""
                         WITH same AS (
                             UPDATE {table} t SET _last_seen_at = GREATEST(t._last_seen_at, s._fetched_at)
-                            FROM _stage s WHERE t._key = s._key AND t._content_hash = s._content_hash
+                            FROM {stage} s WHERE t._key = s._key AND t._content_hash = s._content_hash
                             RETURNING t._key
                         ), up AS (
                             INSERT INTO {table} AS t ({col_list}, _first_seen_at, _last_seen_at)
-                            SELECT {col_list}, s._fetched_at, s._fetched_at FROM _stage s
+                            SELECT {col_list}, s._fetched_at, s._fetched_at FROM {stage} s
                             WHERE NOT EXISTS (
                                 SELECT 1 FROM {table} x WHERE x._key = s._key AND x._content_hash = s._content_hash)
                             ON CONFLICT (_key) DO UPDATE SET {updates},
@@ -547,7 +552,7 @@ class Loader:
                                 CASE WHEN up.inserted THEN 'inserted' WHEN up._key IS NOT NULL THEN 'updated'
                                      WHEN same._key IS NOT NULL THEN 'unchanged' ELSE 'older' END,
                                 s._staged_object
-                            FROM _stage s LEFT JOIN up ON up._key = s._key LEFT JOIN same ON same._key = s._key
+                            FROM {stage} s LEFT JOIN up ON up._key = s._key LEFT JOIN same ON same._key = s._key
                             RETURNING change
                         )
                         SELECT change, count(*) FROM lin GROUP BY change""",

@@ -8,7 +8,7 @@ TEST_PG ?= postgresql://postgres@127.0.0.1:5432/test
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: venv run test test-fast lint bench bench-demo clean
+.PHONY: venv run test test-fast lint bench bench-load bench-demo clean
 
 # A venv copied without its symlinks (or from another machine) is rebuilt, not trusted.
 $(STAMP): pyproject.toml
@@ -40,6 +40,11 @@ lint: venv
 bench: venv
 	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { apt-get update && apt-get install -y nginx; }
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+	$(MAKE) bench-load
+
+# trawl's full load of 1,000,000 staged records into a 1,000,000-row table vs `psql \copy` of the same rows.
+bench-load: venv
+	$(BIN)/python -m benchmarks.load --database-url '$(TEST_PG:/test=/postgres)' $(BENCH_LOAD_ARGS)
 
 # The small in-process benchmark on the demo site.
 bench-demo: venv

@@ -1,11 +1,16 @@
 """The PostgreSQL loader: committed staged parts into typed, deduplicated tables, each part exactly once.
 
-Per part, one transaction: take an advisory lock on the part, skip it if the
-ledger (``_loads``) has it, coerce every record to its declared types (records
-that do not fit go to ``_rejects`` with the reasons), keep the latest
-``fetched_at`` per key, COPY into a temp table, then one set-based upsert:
-unchanged content hash → only ``_last_seen_at`` moves; changed → the row is
-rewritten; new key → inserted. The ledger row commits with the data.
+Per source and manifest, first the table is created or evolved to the declared
+fields (``ensure_table``: new columns back-filled from ``_extra``, lossless type
+changes only, a version row in ``_schemas``, the declared-columns view). Then
+parts are read through the ``Stager`` protocol (local or S3 alike) and decoded,
+validated (``sinks.validate``) and deduplicated in a worker thread while the
+previous part is being written. Per part, one transaction: an advisory lock on
+the part, skip it if the ledger (``_loads``) has it, check the reject rate,
+COPY into a temp table, then one statement upserts (unchanged content hash →
+only ``_last_seen_at`` moves; changed → the row is rewritten; new key →
+inserted; older than the row → nothing) and writes ``_lineage``; rejects and
+the ledger row commit with the data.
 """
 
 from __future__ import annotations
@@ -526,7 +531,6 @@ class Loader:
                     f"CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {col_list} FROM {table} WITH NO DATA"
                 )
                 await conn.copy_records_to_table(stage, records=list(prepared.latest.values()), columns=cols)
-                await conn.execute(f"ANALYZE {stage}")
                 # Parts of one source loaded by concurrent loaders upsert one at a time: no deadlocks on shared keys.
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"trawl-upsert:{table}")
                 counts = dict(
@@ -535,7 +539,11 @@ class Loader:
                         WITH same AS (
                             UPDATE {table} t SET _last_seen_at = GREATEST(t._last_seen_at, s._fetched_at)
                             FROM {stage} s WHERE t._key = s._key AND t._content_hash = s._content_hash
-                            RETURNING t._key
+                            RETURNING s._key, s._run_id, s._url, s._fetched_at, s._staged_object
+                        ), older AS (
+                            SELECT s._key, s._run_id, s._url, s._fetched_at, s._staged_object
+                            FROM {stage} s JOIN {table} t ON t._key = s._key
+                            WHERE t._content_hash <> s._content_hash AND t._fetched_at > s._fetched_at
                         ), up AS (
                             INSERT INTO {table} AS t ({col_list}, _first_seen_at, _last_seen_at)
                             SELECT {col_list}, s._fetched_at, s._fetched_at FROM {stage} s
@@ -545,14 +553,15 @@ class Loader:
                                 _first_seen_at = LEAST(t._first_seen_at, EXCLUDED._first_seen_at),
                                 _last_seen_at = GREATEST(t._last_seen_at, EXCLUDED._last_seen_at)
                             WHERE EXCLUDED._fetched_at >= t._fetched_at
-                            RETURNING t._key, (t.xmax = 0) AS inserted
+                            RETURNING t._key, t._run_id, t._url, t._fetched_at, t._staged_object,
+                                CASE WHEN t.xmax = 0 THEN 'inserted' ELSE 'updated' END AS change
                         ), lin AS (
                             INSERT INTO {self._s}._lineage (source, key, run_id, url, fetched_at, change, staged_object)
-                            SELECT $1, s._key, s._run_id, s._url, s._fetched_at,
-                                CASE WHEN up.inserted THEN 'inserted' WHEN up._key IS NOT NULL THEN 'updated'
-                                     WHEN same._key IS NOT NULL THEN 'unchanged' ELSE 'older' END,
-                                s._staged_object
-                            FROM {stage} s LEFT JOIN up ON up._key = s._key LEFT JOIN same ON same._key = s._key
+                            SELECT $1, _key, _run_id, _url, _fetched_at, change, _staged_object FROM up
+                            UNION ALL
+                            SELECT $1, _key, _run_id, _url, _fetched_at, 'unchanged', _staged_object FROM same
+                            UNION ALL
+                            SELECT $1, _key, _run_id, _url, _fetched_at, 'older', _staged_object FROM older
                             RETURNING change
                         )
                         SELECT change, count(*) FROM lin GROUP BY change""",

@@ -284,6 +284,8 @@ def _converter(name: str, spec: Mapping[str, Any]) -> Converter:
                 verdict = check(value, data)
             except ValueError as exc:
                 verdict = str(exc) or False
+            except Exception as exc:  # a bug in the check, not bad data: stop rather than reject everything
+                raise LoadError(f"field {name!r}: check {check_name} raised {exc!r}") from exc
             if verdict is False:
                 reasons.append(f"{name}: fails check {check_name}")
             elif isinstance(verdict, str):

@@ -585,10 +585,13 @@ async def test_kill_9_mid_part_then_rerun_gives_the_same_tables(
             " AND NOT granted",
         )
         # The part's rows are written (table and lineage) but not committed when the loader dies.
-        assert 2 == await db.fetchval(
-            "SELECT count(*) FROM pg_locks WHERE pid = $1 AND mode = 'RowExclusiveLock' AND granted"
-            " AND relation IN ('trawl.items'::regclass, 'trawl._lineage'::regclass)",
-            pid,
+        assert (
+            await db.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE pid = $1 AND mode = 'RowExclusiveLock' AND granted"
+                " AND relation IN ('trawl.items'::regclass, 'trawl._lineage'::regclass)",
+                pid,
+            )
+            == 2
         )
         os.kill(child.pid, signal.SIGKILL)
         child.wait()

@@ -631,3 +631,37 @@ async def test_two_loader_processes_at_once_load_each_part_once(
     every = {p.uri for kind in ("outcomes", "raw") for m in await stager.manifests(kind) for p in m.parts}  # type: ignore[arg-type]
     assert sorted(done_a + done_b) == sorted(every)  # each part by exactly one of them
     assert await _snapshot(database_url) == await _snapshot(reference_url)
+
+
+# -- the load flow ----------------------------------------------------------------------------------------
+
+
+async def test_the_load_flow_fails_only_the_source_over_the_reject_rate(
+    monkeypatch: pytest.MonkeyPatch, prefect_api: str, database_url: str, tmp_path: Path, db: asyncpg.Connection
+) -> None:
+    from flows.load import load
+
+    stager = LocalStager(tmp_path / "staging")
+    await stage(
+        stager,
+        "r1",
+        [rec(str(i), {"id": i}, run_id="r1", at=T0, source="good") for i in range(5)],
+        schema(),
+        source="good",
+    )
+    bad = [rec(str(i), {"id": i if i < 3 else "x"}, run_id="r1", at=T0, source="bad") for i in range(10)]
+    await stage(stager, "r1", bad, schema(), source="bad")
+    monkeypatch.setenv("TRAWL_DATABASE_URL", database_url)
+    monkeypatch.setenv("TRAWL_STAGING", f"file://{stager.root}")
+    monkeypatch.setenv("TRAWL_MAX_REJECT_RATE", "0.5")
+    monkeypatch.setenv("TRAWL_DB_POOL_SIZE", "2")
+
+    result = await load()
+
+    good, failed = result["sources"]["good"], result["sources"]["bad"]
+    assert (good["error"], good["inserted"]) == (None, 5)
+    assert failed["error"].startswith("source 'bad' run r1: 7 of 10 records rejected so far (70.0%)")
+    assert failed["inserted"] == 0
+    assert await db.fetchval("SELECT count(*) FROM trawl.good") == 5
+    assert await db.fetchval("SELECT count(*) FROM trawl.bad") == 0
+    assert await db.fetchval("SELECT count(*) FROM trawl._rejects WHERE source = 'bad'") == 7

@@ -513,12 +513,43 @@ class Loader:
                 staged_object=prepared.part.uri,
             )
 
+    def _upsert_sql(self, table: str, stage: str, cols: Sequence[str]) -> str:
+        """One statement: upsert the staged rows and write their lineage; returns (change, count) rows.
+
+        On a key already there: same content hash → only ``_last_seen_at`` (and
+        ``_first_seen_at``, for a run loaded late) move; a changed hash from a
+        record at least as new → the row is rewritten; older → nothing. Which
+        happened is read back from ``xmax`` (0: inserted) and ``_staged_object``
+        (this part's: rewritten).
+        """
+        col_list = ", ".join(_q(c) for c in cols)
+        keep = "t._content_hash = EXCLUDED._content_hash"
+        sets = ", ".join(
+            f"{_q(c)} = CASE WHEN {keep} THEN t.{_q(c)} ELSE EXCLUDED.{_q(c)} END" for c in cols if c != "_key"
+        )
+        return f"""
+            WITH up AS (
+                INSERT INTO {table} AS t ({col_list}, _first_seen_at, _last_seen_at)
+                SELECT {col_list}, s._fetched_at, s._fetched_at FROM {stage} s
+                ON CONFLICT (_key) DO UPDATE SET {sets},
+                    _first_seen_at = LEAST(t._first_seen_at, EXCLUDED._first_seen_at),
+                    _last_seen_at = GREATEST(t._last_seen_at, EXCLUDED._last_seen_at)
+                WHERE {keep} OR EXCLUDED._fetched_at >= t._fetched_at
+                RETURNING t._key, CASE WHEN t.xmax = 0 THEN 'inserted'
+                    WHEN t._staged_object = $2 THEN 'updated' ELSE 'unchanged' END AS change
+            ), lin AS (
+                INSERT INTO {self._s}._lineage (source, key, run_id, url, fetched_at, change, staged_object)
+                SELECT $1, s._key, s._run_id, s._url, s._fetched_at, coalesce(up.change, 'older'), s._staged_object
+                FROM {stage} s LEFT JOIN up ON up._key = s._key
+                RETURNING change
+            )
+            SELECT change, count(*) FROM lin GROUP BY change"""
+
     async def _load_records(self, m: Manifest, prepared: _Prepared, types: Mapping[str, str]) -> PartLoad:
         part = prepared.part
         table = f"{self._s}.{_q(m.source)}"
         cols = [*types, *_LINEAGE]
         col_list = ", ".join(_q(c) for c in cols)
-        updates = ", ".join(f"{_q(c)} = EXCLUDED.{_q(c)}" for c in cols if c != "_key")
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 if not await self._claim(conn, part):
@@ -533,41 +564,10 @@ class Loader:
                 await conn.copy_records_to_table(stage, records=list(prepared.latest.values()), columns=cols)
                 # Parts of one source loaded by concurrent loaders upsert one at a time: no deadlocks on shared keys.
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"trawl-upsert:{table}")
-                counts = dict(
-                    await conn.fetch(
-                        f"""
-                        WITH same AS (
-                            UPDATE {table} t SET _last_seen_at = GREATEST(t._last_seen_at, s._fetched_at)
-                            FROM {stage} s WHERE t._key = s._key AND t._content_hash = s._content_hash
-                            RETURNING s._key, s._run_id, s._url, s._fetched_at, s._staged_object
-                        ), older AS (
-                            SELECT s._key, s._run_id, s._url, s._fetched_at, s._staged_object
-                            FROM {stage} s JOIN {table} t ON t._key = s._key
-                            WHERE t._content_hash <> s._content_hash AND t._fetched_at > s._fetched_at
-                        ), up AS (
-                            INSERT INTO {table} AS t ({col_list}, _first_seen_at, _last_seen_at)
-                            SELECT {col_list}, s._fetched_at, s._fetched_at FROM {stage} s
-                            WHERE NOT EXISTS (
-                                SELECT 1 FROM {table} x WHERE x._key = s._key AND x._content_hash = s._content_hash)
-                            ON CONFLICT (_key) DO UPDATE SET {updates},
-                                _first_seen_at = LEAST(t._first_seen_at, EXCLUDED._first_seen_at),
-                                _last_seen_at = GREATEST(t._last_seen_at, EXCLUDED._last_seen_at)
-                            WHERE EXCLUDED._fetched_at >= t._fetched_at
-                            RETURNING t._key, t._run_id, t._url, t._fetched_at, t._staged_object,
-                                CASE WHEN t.xmax = 0 THEN 'inserted' ELSE 'updated' END AS change
-                        ), lin AS (
-                            INSERT INTO {self._s}._lineage (source, key, run_id, url, fetched_at, change, staged_object)
-                            SELECT $1, _key, _run_id, _url, _fetched_at, change, _staged_object FROM up
-                            UNION ALL
-                            SELECT $1, _key, _run_id, _url, _fetched_at, 'unchanged', _staged_object FROM same
-                            UNION ALL
-                            SELECT $1, _key, _run_id, _url, _fetched_at, 'older', _staged_object FROM older
-                            RETURNING change
-                        )
-                        SELECT change, count(*) FROM lin GROUP BY change""",
-                        m.source,
-                    )
-                )
+                # The lineage join of the staged rows with the upsert's RETURNING has no statistics to go by:
+                # a nested loop over it is quadratic, a hash join linear.
+                await conn.execute("SET LOCAL enable_nestloop = off")
+                counts = dict(await conn.fetch(self._upsert_sql(table, stage, cols), m.source, part.uri))
                 if prepared.rejects:
                     await self._insert_rejects(conn, prepared.rejects)
                 res = PartLoad(

@@ -7,8 +7,16 @@ STAMP  := $(VENV)/.installed-stamp
 TEST_PG ?= postgresql://postgres@127.0.0.1:5432/test
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
+# `make server` / `worker` / `deploy` talk to this Prefect API unless PREFECT_API_URL (or a profile) says otherwise.
+PREFECT_PORT ?= 4200
+PREFECT_LOCAL_API := http://127.0.0.1:$(PREFECT_PORT)/api
+# The API in use (PREFECT_API_URL from the environment or the active profile, e.g. Cloud; else the local server),
+# and the `trawl` process pool there.
+PREFECT_API = $$($(BIN)/prefect config view 2>/dev/null | sed -n "s/^PREFECT_API_URL='\(.*\)'.*/\1/p"); \
+	export PREFECT_API_URL="$${api:-$(PREFECT_LOCAL_API)}"; \
+	$(BIN)/prefect work-pool inspect trawl >/dev/null 2>&1 || $(BIN)/prefect work-pool create trawl --type process
 
-.PHONY: venv run test test-fast lint bench bench-load bench-demo clean
+.PHONY: venv chromium run test test-fast lint bench bench-load bench-demo server worker deploy demo-site clean
 
 # A venv copied without its symlinks (or from another machine) is rebuilt, not trusted.
 $(STAMP): pyproject.toml
@@ -22,10 +30,14 @@ venv: $(STAMP)
 run: venv
 	$(BIN)/trawl demo
 
-test: venv
+test: venv chromium
 	@if [ -z "$$TRAWL_TEST_DATABASE_URL" ] && $(BIN)/python -c "import asyncio, asyncpg; asyncio.run(asyncpg.connect('$(TEST_PG)', timeout=3))" 2>/dev/null; \
 	then export TRAWL_TEST_DATABASE_URL='$(TEST_PG)'; fi; \
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Debian's Chromium for the browser tests (Playwright cannot download browsers here).
+chromium:
+	@[ -x /usr/lib/chromium/chromium ] || { apt-get update -qq && apt-get install -y -qq chromium; }
 
 # Everything but the slow end-to-end cases.
 test-fast: venv
@@ -49,6 +61,24 @@ bench-load: venv
 # The small in-process benchmark on the demo site.
 bench-demo: venv
 	$(BIN)/python -m benchmarks.crawl_demo
+
+# A local Prefect server (SQLite in ~/.prefect, UI at http://127.0.0.1:4200).
+server: venv
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+# A process worker for the `trawl` pool (created if missing); flow runs inherit this shell's TRAWL_* settings.
+worker: venv
+	@api=$(PREFECT_API); \
+	exec $(BIN)/prefect worker start --pool trawl
+
+# Every deployment in prefect.yaml (the `trawl` pool is created if missing).
+deploy: venv
+	@api=$(PREFECT_API); \
+	$(BIN)/prefect --no-prompt deploy --all
+
+# The demo site on 127.0.0.1:8080, for the `*/demo` deployments.
+demo-site: venv
+	$(BIN)/python -m trawl.demo
 
 clean:
 	rm -rf .trawl .pytest_cache .mypy_cache .ruff_cache

@@ -1,19 +1,63 @@
-"""What the flows share: building settings at the flow's edge and telling which run this is."""
+"""What the flows share: settings at the flow's edge, which run this is, retries, per-source locks."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
+import structlog
+from prefect import Task
+from prefect.client.schemas.objects import State, TaskRun
 from prefect.runtime import flow_run
 
+from flows.params import ParameterError, Politeness
+from trawl.errors import TrawlError
 from trawl.settings import Settings
 
-__all__ = ["current_flow_run_id", "settings_for"]
+__all__ = [
+    "SourceBusy",
+    "current_flow_run_id",
+    "is_transient",
+    "retry_if_transient",
+    "settings_for",
+    "source_lock",
+]
+
+log = structlog.get_logger("flows")
+
+# Errors of the machinery around trawl that the next attempt may not meet (network blips, a restarting server).
+_TRANSIENT_TYPES: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
 
 
-def settings_for(staging: str | None) -> Settings:
-    """Settings from the environment, with the flow's staging parameter on top."""
+class SourceBusy(TrawlError):
+    """Another flow run holds this source's concurrency slot and the settings say not to wait."""
+
+
+async def settings_for(
+    staging: str | None,
+    politeness: Politeness | None = None,
+    database_secret: str | None = None,
+) -> Settings:
+    """Settings from the environment, with the flow's parameters on top.
+
+    ``database_secret`` names a Prefect Secret block holding the database URL; it
+    is read here, inside the run, so the URL never appears as a parameter value.
+    """
     overrides: dict[str, Any] = {"staging": staging} if staging else {}
+    if politeness is not None:
+        overrides.update(politeness.overrides())
+    if database_secret:
+        from prefect.blocks.system import Secret
+
+        try:
+            secret: Secret[Any] = await Secret.aload(database_secret)
+        except ValueError as exc:
+            raise ParameterError("database_secret", f"no Secret block named {database_secret!r}: {exc}") from None
+        value = secret.get()
+        if not isinstance(value, str) or not value:
+            raise ParameterError("database_secret", f"Secret block {database_secret!r} does not hold a URL string")
+        overrides["database_url"] = value
     return Settings(**overrides)
 
 
@@ -21,3 +65,64 @@ def current_flow_run_id() -> str | None:
     """The Prefect flow run id, when running inside one."""
     run_id = flow_run.id
     return str(run_id) if run_id else None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures the next attempt may not meet: trawl's transient errors and connection trouble."""
+    if isinstance(exc, TrawlError):
+        return exc.transient
+    if isinstance(exc, _TRANSIENT_TYPES):
+        return True
+    try:
+        import asyncpg
+    except ImportError:  # pragma: no cover - asyncpg is a dependency
+        return False
+    return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError))
+
+
+def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """``retry_condition_fn`` for trawl's tasks: retry transient failures only, never a bad config or bad data."""
+    try:
+        state.result(raise_on_failure=True)
+    except Exception as exc:
+        retry = is_transient(exc)
+        log.info("task failed", task=task_run.name, error=str(exc), retry=retry)
+        return retry
+    return False
+
+
+@contextlib.asynccontextmanager
+async def source_lock(source: str, settings: Settings) -> AsyncIterator[None]:
+    """Hold the Prefect global concurrency limit ``trawl-source-NAME`` (limit 1) while a source crawls.
+
+    Two flow runs (two deployments, or a deployment and a local run against the
+    same server) never crawl one source at once: the second waits for the slot
+    (``source_lock = "wait"``, up to ``source_lock_timeout`` seconds) or fails at
+    once (``"refuse"``). ``"off"`` skips the lock.
+    """
+    if settings.source_lock == "off":
+        yield
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.asyncio import concurrency
+    from prefect.exceptions import ObjectNotFound
+
+    name = f"trawl-source-{source}"
+    async with get_client() as client:
+        try:
+            await client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except Exception:  # created by a racing run meanwhile (409, or a 500 from SQLite's unique index)
+                await client.read_global_concurrency_limit_by_name(name)
+    timeout = 0.5 if settings.source_lock == "refuse" else settings.source_lock_timeout
+    try:
+        async with concurrency(name, occupy=1, timeout_seconds=timeout, strict=True):
+            yield
+    except TimeoutError:
+        raise SourceBusy(
+            f"source {source!r} is being crawled by another flow run (concurrency limit {name!r}); "
+            + ("refused (TRAWL_SOURCE_LOCK=refuse)" if settings.source_lock == "refuse" else f"waited {timeout:.0f}s")
+        ) from None

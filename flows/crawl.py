@@ -9,11 +9,13 @@ import structlog
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows._common import current_flow_run_id, settings_for
+from flows._common import current_flow_run_id, retry_if_transient, settings_for, source_lock
+from flows.artifacts import crawl_progress, publish_crawl, publish_summary
+from flows.params import Politeness, SourceName, SourcesPath, StagingURL, check_sources
 from sinks.postgres import load_validators
 from sinks.stage import Stager, open_stager
-from trawl.config import ApiSource, HtmlSource, load_sources, select_sources
-from trawl.connectors.base import Validators
+from trawl.config import ApiSource, HtmlSource
+from trawl.connectors.base import SourceStats, Validators
 from trawl.crawler import SourceFailed, SourceResult, crawl_source, new_run_id
 from trawl.database import connect_pool
 from trawl.errors import DatabaseUnavailable
@@ -26,7 +28,14 @@ __all__ = ["crawl"]
 log = structlog.get_logger("flows.crawl")
 
 
-@task(name="crawl-source", task_run_name="crawl-{name}", cache_policy=NO_CACHE)
+@task(
+    name="crawl-source",
+    task_run_name="crawl-{name}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_if_transient,
+)
 async def crawl_source_task(
     name: str,
     source: HtmlSource | ApiSource,
@@ -34,17 +43,23 @@ async def crawl_source_task(
     settings: Settings,
     fetcher: Fetcher,
     stager: Stager,
+    stats: SourceStats,
 ) -> SourceResult:
-    """One source's crawl, as its own task run in the UI (failed sources show as failed tasks)."""
-    return await crawl_source(
-        source,
-        run_id=run_id,
-        settings=settings,
-        fetcher=fetcher,
-        stager=stager,
-        flow_run_id=current_flow_run_id(),
-        validators=await _validators(settings, name),
-    )
+    """One source's crawl, as its own task run in the UI (failed sources show as failed tasks).
+
+    Holds the source's concurrency slot (``trawl-source-NAME``) while it runs.
+    """
+    async with source_lock(name, settings):
+        return await crawl_source(
+            source,
+            run_id=run_id,
+            settings=settings,
+            fetcher=fetcher,
+            stager=stager,
+            flow_run_id=current_flow_run_id(),
+            validators=await _validators(settings, name),
+            stats=stats,
+        )
 
 
 async def _validators(settings: Settings, source: str) -> dict[str, Validators]:
@@ -63,33 +78,53 @@ async def _validators(settings: Settings, source: str) -> dict[str, Validators]:
         await pool.close()
 
 
+def _plan(source: HtmlSource | ApiSource) -> dict[str, Any]:
+    seeds = source.start_urls if isinstance(source, HtmlSource) else [source.url]
+    return {"source": source.name, "kind": source.kind, "status": "planned", "seeds": seeds}
+
+
 @flow(name="crawl", log_prints=True)
 async def crawl(
-    sources_file: str,
-    sources: list[str] | None = None,
-    staging: str | None = None,
+    sources_file: SourcesPath = "examples/demo.yaml",
+    sources: list[SourceName] | None = None,
+    staging: StagingURL | None = None,
+    politeness: Politeness | None = None,
+    dry_run: bool = False,
     run_id: str | None = None,
+    publish: bool = True,
 ) -> dict[str, Any]:
     """Crawl the sources of SOURCES_FILE (all enabled ones, or those named) and stage them.
 
     Returns ``{"run_id", "flow_run_id", "staging", "sources": [per-source result]}``; a failed
     source does not stop the others, its task shows as failed and its status in
-    the result says why.
+    the result says why. ``dry_run`` checks the parameters and the sources file and
+    returns the plan without a request. ``publish`` adds the run summary artifact
+    (the pipeline publishes its own, with the load's rejects).
     """
-    settings = settings_for(staging)
-    selected = select_sources(load_sources(sources_file), sources)
-    run_id = run_id or new_run_id()
-    bind(run_id=run_id, flow_run_id=current_flow_run_id())
+    selected = check_sources(sources_file, sources)
+    settings = await settings_for(staging, politeness)
     stager = open_stager(
         settings.staging, part_max_records=settings.part_max_records, part_max_bytes=settings.part_max_bytes
     )
+    run_id = run_id or new_run_id()
+    bind(run_id=run_id, flow_run_id=current_flow_run_id())
+    if dry_run:
+        log.info("dry run: nothing fetched", sources=[s.name for s in selected], staging=stager.uri)
+        return {
+            "run_id": run_id,
+            "flow_run_id": current_flow_run_id(),
+            "staging": stager.uri,
+            "dry_run": True,
+            "sources": [_plan(s) for s in selected],
+        }
     log.info("crawl started", sources=[s.name for s in selected], staging=stager.uri)
-    async with Fetcher(settings) as fetcher:
+    stats = [SourceStats() for _ in selected]
+    async with Fetcher(settings) as fetcher, crawl_progress(run_id, stats, settings.progress_interval):
         # With return_state=True Prefect returns awaitable states; its overloads type them as plain States.
         states = await asyncio.gather(
             *(
-                crawl_source_task(s.name, s, run_id, settings, fetcher, stager, return_state=True)  # type: ignore[call-overload]
-                for s in selected
+                crawl_source_task(s.name, s, run_id, settings, fetcher, stager, st, return_state=True)  # type: ignore[call-overload]
+                for s, st in zip(selected, stats, strict=True)
             )
         )
     results = []
@@ -99,7 +134,11 @@ async def crawl(
             results.append(value.result.as_dict())
         elif isinstance(value, SourceResult):
             results.append(value.as_dict())
-        else:  # the task itself broke (e.g. cancelled) before a result existed
-            results.append({"source": src.name, "status": "failed", "error": repr(value), "seconds": 0.0})
+        else:  # the task itself broke (e.g. cancelled, or its source busy) before a result existed
+            error = str(value) if isinstance(value, BaseException) else repr(value)
+            results.append({"source": src.name, "status": "failed", "error": error, "seconds": 0.0})
     log.info("crawl finished", failed=[r["source"] for r in results if r["status"] != "complete"])
+    await publish_crawl(run_id, stager.uri, results)
+    if publish:
+        await publish_summary(run_id, results, None)
     return {"run_id": run_id, "flow_run_id": current_flow_run_id(), "staging": stager.uri, "sources": results}

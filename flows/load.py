@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections import defaultdict
+from datetime import timedelta
 from typing import Any
 
 import structlog
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+from prefect.runtime import flow_run
 
-from flows._common import current_flow_run_id, settings_for
+from flows._common import current_flow_run_id, retry_if_transient, settings_for
+from flows.params import SecretBlockName, SourceName, StagingURL
 from sinks.postgres import Loader, PartLoad
-from sinks.stage import Manifest, StreamKind, open_stager
+from sinks.stage import Manifest, StagedPart, StreamKind, open_stager
 from trawl.database import connect_pool, resolve_dsn
 from trawl.logs import bind
 
@@ -23,13 +27,47 @@ log = structlog.get_logger("flows.load")
 _KINDS: tuple[StreamKind, ...] = ("outcomes", "raw")
 
 
-@task(name="load-source", task_run_name="load-{name}", cache_policy=NO_CACHE)
-async def load_source_task(name: str, loader: Loader, manifests: list[Manifest], todo: set[str]) -> list[PartLoad]:
-    """Load one source's committed manifests (outcomes and records) part by part; stops at its first failure."""
-    bind(source=name)
+def _part_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """A part loaded once in this flow run is not loaded again when the flow run is retried.
+
+    The key holds the flow run id, so a new flow run always asks the ledger
+    (``trawl._loads``) instead: the cache only spares a retry the round trips.
+    """
+    part: StagedPart = parameters["part"]
+    loader: Loader = parameters["loader"]
+    ident = f"{flow_run.id}|{loader.identity}|{part.uri}|{part.sha256}"
+    return "trawl-load-" + hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+
+@task(
+    name="load-part",
+    task_run_name="load-{source}-{kind}-part-{number}",
+    cache_key_fn=_part_cache_key,
+    cache_expiration=timedelta(days=7),
+    persist_result=True,
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=retry_if_transient,
+)
+async def load_part_task(
+    source: str, kind: str, number: int, loader: Loader, manifest: Manifest, part: StagedPart, fields: dict[str, str]
+) -> PartLoad:
+    """One staged part into PostgreSQL: one transaction with its ledger row."""
+    bind(source=source)
+    return await loader.load_part(manifest, part, fields)
+
+
+async def _load_source(loader: Loader, manifests: list[Manifest], todo: set[str]) -> list[PartLoad]:
+    """One source's manifests, part by part in order (parts of one table never race each other); stops at a failure."""
     results: list[PartLoad] = []
     for m in manifests:
-        results.extend(await loader.load_manifest(m, todo))
+        fields = await loader.prepare(m)
+        for number, part in enumerate(m.parts, start=1):
+            if part.uri not in todo:
+                results.append(PartLoad(part.uri, m.source, m.kind, part.rows, skipped=True))
+                continue
+            results.append(await load_part_task(m.source, m.kind, number, loader, m, part, fields))
+        await loader.finish(m)
     return results
 
 
@@ -48,16 +86,20 @@ def _totals(loads: list[PartLoad]) -> dict[str, int]:
 
 @flow(name="load")
 async def load(
-    staging: str | None = None,
+    staging: StagingURL | None = None,
     run_ids: list[str] | None = None,
-    sources: list[str] | None = None,
+    sources: list[SourceName] | None = None,
+    database_secret: SecretBlockName | None = None,
+    dry_run: bool = False,
 ) -> dict[str, Any]:
     """Load committed runs from staging: the given run ids, or every run not yet in the ledger.
 
-    The database comes from ``TRAWL_DATABASE_URL`` (never a flow parameter, so it
-    never shows in the UI), else the embedded PostgreSQL.
+    The database comes from the Prefect Secret block named ``database_secret``,
+    else ``TRAWL_DATABASE_URL``, else the embedded PostgreSQL — never from a plain
+    parameter, so a URL with a password never shows in the UI. ``dry_run`` lists
+    the parts that would load without loading them.
     """
-    settings = settings_for(staging)
+    settings = await settings_for(staging, database_secret=database_secret)
     bind(flow_run_id=current_flow_run_id())
     stager = open_stager(settings.staging)
     manifests = [
@@ -83,21 +125,26 @@ async def load(
         log.info(
             "load started", staging=stager.uri, runs=sorted({m.run_id for m in manifests}), parts_pending=len(todo)
         )
-        # With return_state=True Prefect returns awaitable states; its overloads type them as plain States.
-        states = await asyncio.gather(
-            *(
-                load_source_task(name, loader, ms, todo, return_state=True)  # type: ignore[call-overload]
-                for name, ms in sorted(by_source.items())
-            )
+        if dry_run:
+            return {
+                "staging": stager.uri,
+                "runs": sorted({m.run_id for m in manifests}),
+                "dry_run": True,
+                "pending": sorted(todo),
+                "sources": {},
+            }
+        per_source = await asyncio.gather(
+            *(_load_source(loader, ms, todo) for _, ms in sorted(by_source.items())), return_exceptions=True
         )
         summary: dict[str, dict[str, Any]] = {}
-        for name, state in zip(sorted(by_source), states, strict=True):
-            value = await state.aresult(raise_on_failure=False)
-            if isinstance(value, BaseException):  # this source's load failed; the others went on
-                log.error("source load failed", source=name, error=str(value))
-                summary[name] = {**_totals([]), "error": str(value) or repr(value)}
+        for name, loads in zip(sorted(by_source), per_source, strict=True):
+            if isinstance(loads, BaseException):  # this source's load failed (e.g. its reject rate); others went on
+                if not isinstance(loads, Exception):
+                    raise loads
+                log.error("source load failed", source=name, error=str(loads))
+                summary[name] = {**_totals([]), "error": str(loads) or repr(loads)}
             else:
-                summary[name] = {**_totals(value), "error": None}
+                summary[name] = {**_totals(loads), "error": None}
     finally:
         await pool.close()
     log.info(

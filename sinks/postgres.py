@@ -16,7 +16,6 @@ the ledger row commit with the data.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -182,7 +181,6 @@ class _Prepared:
     rows: int
     latest: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     rejects: list[tuple[Any, ...]] = field(default_factory=list)
-    error: BaseException | None = None
 
 
 class Loader:
@@ -211,10 +209,16 @@ class Loader:
         self.max_reject_rate = max_reject_rate
         self.reject_min_rows = reject_min_rows
         self._s = _q(schema)
+        self._validators: dict[str, RecordValidator] = {}
+        self._ahead: dict[str, asyncio.Task[_Prepared]] = {}
+        self.identity = schema
+        """Which database and schema this loads into (no credentials): known after :meth:`setup`."""
 
     async def setup(self) -> None:
         """Create the schema and the bookkeeping tables (idempotent, safe to race)."""
         async with self.pool.acquire() as conn, conn.transaction():
+            db, port = await conn.fetchrow("SELECT current_database(), inet_server_port()")
+            self.identity = f"{db}:{port or 'socket'}:{self.schema}"
             await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"trawl-setup:{self.schema}")
             await conn.execute(_META_DDL.format(s=self._s, v=_q(views_schema(self.schema))))
 
@@ -396,61 +400,92 @@ class Loader:
         """Load every part of one committed manifest that is not in the ledger yet."""
         if todo is None:
             todo = await self.pending([manifest])
-        if manifest.kind == "raw":
-            results = await self._load_raw(manifest, todo)
-        else:
-            results = []
+        fields = await self.prepare(manifest)
+        pending = [p for p in manifest.parts if p.uri in todo]
+        ahead: dict[str, StagedPart | None] = {
+            p.uri: (pending[i + 1] if i + 1 < len(pending) else None) for i, p in enumerate(pending)
+        }
+        results = []
+        try:
             for part in manifest.parts:
                 if part.uri not in todo:
                     results.append(PartLoad(part.uri, manifest.source, manifest.kind, part.rows, skipped=True))
-                else:
-                    results.append(await self._load_outcomes(manifest, part))
-        await self._record_run(manifest)
+                    continue
+                results.append(await self.load_part(manifest, part, fields, ahead=ahead[part.uri]))
+        finally:
+            self._forget(manifest)
+        await self.finish(manifest)
         return results
+
+    async def prepare(self, manifest: Manifest) -> dict[str, str]:
+        """Before a manifest's parts load: its table evolved to the declaration; returns field → type to load with."""
+        if manifest.kind != "raw":
+            return {}
+        types = await self.ensure_table(manifest)
+        self._validator(manifest, types)  # an unknown check fails here, before any part
+        return types
+
+    async def load_part(
+        self, manifest: Manifest, part: StagedPart, fields: Mapping[str, str], *, ahead: StagedPart | bool | None = True
+    ) -> PartLoad:
+        """Load one part in one transaction with its ledger row (a part already in the ledger is skipped).
+
+        Pipelined: while this part is copied and upserted, the next one (``ahead``:
+        a part, None for none, True for the next in the manifest) is read, decoded
+        and validated in a worker thread, ready for the next call.
+        """
+        if manifest.kind != "raw":
+            return await self._load_outcomes(manifest, part)
+        validator = self._validator(manifest, fields)
+        job = self._ahead.pop(part.uri, None) or self._start(manifest, part, validator)
+        if ahead is True:
+            following = manifest.parts[manifest.parts.index(part) + 1 :] if part in manifest.parts else ()
+            ahead = following[0] if following else None
+        if isinstance(ahead, StagedPart) and ahead.uri not in self._ahead:
+            self._ahead[ahead.uri] = self._start(manifest, ahead, validator)
+        try:
+            return await self._load_records(manifest, await job, validator.types)
+        except BaseException:
+            self._forget(manifest)
+            raise
+
+    async def finish(self, manifest: Manifest) -> None:
+        """After a manifest's parts load: the run's row in ``_runs``."""
+        self._forget(manifest)
+        await self._record_run(manifest)
+
+    def _validator(self, manifest: Manifest, types: Mapping[str, str]) -> RecordValidator:
+        validator = self._validators.get(manifest.uri)
+        if validator is None:
+            try:
+                validator = RecordValidator(dict(manifest.schema.get("fields") or {}), types)
+            except LoadError as exc:
+                raise LoadError(f"source {manifest.source!r}: {exc}", staged_object=manifest.uri) from None
+            self._validators[manifest.uri] = validator
+        return validator
+
+    def _start(self, m: Manifest, part: StagedPart, validator: RecordValidator) -> asyncio.Task[_Prepared]:
+        async def run() -> _Prepared:
+            lines = await self._read(part)
+            return await asyncio.to_thread(_prepare, lines, m, part, validator, list(m.schema.get("key") or ["url"]))
+
+        return asyncio.create_task(run(), name=f"trawl-prepare:{part.uri}")
+
+    def _forget(self, m: Manifest) -> None:
+        """Drop a manifest's read-ahead (after it finished or failed)."""
+        self._validators.pop(m.uri, None)
+        for p in m.parts:
+            job = self._ahead.pop(p.uri, None)
+            if job is not None:
+                job.cancel()
+                # A read-ahead that failed is reported when its part is loaded, never as "never retrieved".
+                job.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _read(self, part: StagedPart) -> list[bytes]:
         lines = [line async for line in self.stager.read_part(part)]
         if len(lines) != part.rows:
             raise StagingError(f"{part.uri}: has {len(lines)} lines but the manifest says {part.rows}")
         return lines
-
-    async def _load_raw(self, m: Manifest, todo: set[str]) -> list[PartLoad]:
-        """Pipelined: part N+1 is read, decoded and validated (in a thread) while part N is copied and upserted."""
-        types = await self.ensure_table(m)
-        fields: dict[str, Any] = dict(m.schema.get("fields") or {})
-        try:
-            validator = RecordValidator(fields, types)
-        except LoadError as exc:
-            raise LoadError(f"source {m.source!r}: {exc}", staged_object=m.uri) from None
-        key_names = list(m.schema.get("key") or ["url"])
-        queue: asyncio.Queue[_Prepared | None] = asyncio.Queue(maxsize=1)
-
-        async def produce() -> None:
-            for part in m.parts:
-                if part.uri not in todo:
-                    continue
-                try:
-                    lines = await self._read(part)
-                    prepared = await asyncio.to_thread(_prepare, lines, m, part, validator, key_names)
-                except (StagingError, LoadError) as exc:
-                    prepared = _Prepared(part, 0, error=exc)
-                await queue.put(prepared)
-                if prepared.error is not None:
-                    return
-            await queue.put(None)
-
-        producer = asyncio.create_task(produce())
-        results: dict[str, PartLoad] = {}
-        try:
-            while (prepared := await queue.get()) is not None:
-                if prepared.error is not None:
-                    raise prepared.error
-                results[prepared.part.uri] = await self._load_records(m, prepared, validator.types)
-        finally:
-            producer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await producer
-        return [results.get(p.uri) or PartLoad(p.uri, m.source, m.kind, p.rows, skipped=True) for p in m.parts]
 
     async def _claim(self, conn: asyncpg.Connection, part: StagedPart) -> bool:
         """Lock the part for this transaction; False if another load already committed it."""

@@ -53,6 +53,7 @@ _INT = re.compile(r"^[+-]?\d+$")
 _TRUE = {"true", "t", "yes", "y", "1", "on"}
 _FALSE = {"false", "f", "no", "n", "0", "off"}
 _BIGINT = 2**63
+_SAFE = ("float", "bool")  # kinds whose JSON values of the same Python type need no further check
 # Currency signs and codes around a number, and the spaces people put inside one.
 _CURRENCY = re.compile(r"^[^\d+\-.,]*?([+-]?\s*[\d.,'\s\u00a0\u202f_]*\d[\d.,'\s\u00a0\u202f_]*)[^\d]*$")
 _GROUPING = re.compile(r"[\s'\u00a0\u202f_]")
@@ -256,13 +257,21 @@ def _converter(name: str, spec: Mapping[str, Any]) -> Converter:
     except ValueError as exc:
         raise LoadError(f"field {name!r}: {exc}") from None
     plain = not (pattern or lo is not None or hi is not None or allowed or max_length or checks)
+    # The common case, a JSON value already of the column's type, skips coerce() (a third of the load's CPU).
+    fast: Any = {"text": str, "int": int, "float": float, "bool": bool}.get(kind)
 
     def convert(raw: Any, data: Mapping[str, Any], reasons: list[str]) -> Any:
-        try:
-            value = coerce(raw, kind, parse=parse)
-        except ValueError as exc:
-            reasons.append(f"{name}: {exc}")
-            return None
+        value: Any
+        if type(raw) is fast and (
+            (kind == "text" and "\x00" not in raw) or (kind == "int" and -_BIGINT <= raw < _BIGINT) or kind in _SAFE
+        ):
+            value = raw
+        else:
+            try:
+                value = coerce(raw, kind, parse=parse)
+            except ValueError as exc:
+                reasons.append(f"{name}: {exc}")
+                return None
         if value is None:
             if required:
                 reasons.append(f"{name}: required but missing")

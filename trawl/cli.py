@@ -79,6 +79,8 @@ def _quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # trawl's log events reach the run's log in Prefect too (as they do under a worker, see prefect.yaml).
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "trawl,flows,sinks,spiders,scrapy,playwright")
 
 
 def _demo_sources_file() -> Path:

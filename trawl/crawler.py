@@ -17,7 +17,7 @@ import structlog
 from sinks.stage import SourceStage, Stager
 from trawl.config import ApiSource, HtmlSource
 from trawl.connectors import SourceContext, connector_for
-from trawl.connectors.base import Validators
+from trawl.connectors.base import SourceStats, Validators
 from trawl.errors import TrawlError
 from trawl.fetch import Fetcher
 from trawl.logs import bind, unbind
@@ -81,6 +81,7 @@ async def crawl_source(
     stager: Stager,
     flow_run_id: str | None = None,
     validators: Mapping[str, Validators] | None = None,
+    stats: SourceStats | None = None,
 ) -> SourceResult:
     """Crawl one source to a committed manifest; raises SourceFailed (after committing) if it broke off."""
     started = time.monotonic()
@@ -89,7 +90,7 @@ async def crawl_source(
     async def emit(outcome: Outcome) -> None:
         await stage.outcomes.write(outcome.envelope())
 
-    ctx = SourceContext(run_id, settings, fetcher, emit, validators=validators or {})
+    ctx = SourceContext(run_id, settings, fetcher, emit, stats=stats or SourceStats(), validators=validators or {})
     bind(source=source.name)
     error: str | None = None
     try:
@@ -102,19 +103,20 @@ async def crawl_source(
         except Exception as exc:  # a bug in one source must not take the others down
             log.exception("source crashed")
             error = f"{type(exc).__name__}: {exc}"
-        stats = ctx.stats.as_dict()
+        summary = ctx.stats.as_dict()
+        summary["breaker_trips"] = sum(fetcher.breakers.trips(host) for host in ctx.stats.hosts)
         status: Literal["complete", "failed"] = "failed" if error else "complete"
         _, raw = await stage.commit(
-            status=status, schema=source_schema(source), stats=stats, error=error, flow_run_id=flow_run_id
+            status=status, schema=source_schema(source), stats=summary, error=error, flow_run_id=flow_run_id
         )
-        result = SourceResult(source.name, status, time.monotonic() - started, stats, error, raw.uri)
+        result = SourceResult(source.name, status, time.monotonic() - started, summary, error, raw.uri)
         log.info(
             "source finished",
             status=status,
             error=error,
             seconds=round(result.seconds, 3),
             parts=len(raw.parts),
-            **stats,
+            **summary,
         )
     finally:
         unbind("source")

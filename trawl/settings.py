@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "markdown_table"]
 
 
 class Settings(BaseSettings):
@@ -126,6 +126,17 @@ class Settings(BaseSettings):
         description="`json` lines, a readable `console` renderer, or `auto`: console on a TTY, else JSON.",
     )
     log_level: str = Field(default="INFO", description="Lowest level logged by trawl's own loggers.")
+    source_lock: Literal["wait", "refuse", "off"] = Field(
+        default="wait",
+        description="Two flow runs never crawl one source at once (a Prefect global concurrency limit "
+        "`trawl-source-NAME`): the second `wait`s for it, is `refuse`d at once, or `off` skips the lock.",
+    )
+    source_lock_timeout: float = Field(
+        default=3600.0, gt=0, description="Seconds a flow run waits for a source busy in another run, then fails it."
+    )
+    progress_interval: float = Field(
+        default=2.0, gt=0, description="Seconds between updates of a crawl's progress artifact in Prefect."
+    )
     demo_url: str | None = Field(
         default=None, description="Base URL of the demo site; `trawl demo` sets it for `examples/demo.yaml`."
     )
@@ -133,3 +144,17 @@ class Settings(BaseSettings):
     def database_dsn(self) -> str | None:
         """The configured DSN as plain text (never log it)."""
         return self.database_url.get_secret_value() if self.database_url else None
+
+
+def markdown_table() -> str:
+    """The README's settings table, generated from the fields: ``python -m trawl.settings``."""
+    rows = ["| variable | default | what it does |", "|---|---|---|"]
+    for name, f in Settings.model_fields.items():
+        default = f.get_default(call_default_factory=True)
+        shown = "(unset)" if default is None else default
+        rows.append(f"| `TRAWL_{name.upper()}` | `{shown}` | {f.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

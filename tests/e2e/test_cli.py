@@ -146,6 +146,27 @@ def test_demo_command(env: dict[str, str], database_url: str, tmp_path: Path) ->
     assert list(staging.glob("raw/source=products/dt=*/run=*/_manifest.json"))
 
 
+@pytest.mark.slow
+def test_python_m_flows_pipeline_runs_the_same_flow_without_a_server(
+    site: DemoSiteThread, env: dict[str, str], database_url: str, prefect_api: str
+) -> None:
+    run_env = {**env, "TRAWL_DATABASE_URL": database_url, "TRAWL_DEMO_URL": site.url, "PREFECT_API_URL": prefect_api}
+    run_env["TRAWL_ALLOWED_NETWORKS"] = '["127.0.0.0/8"]'
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline", "examples/demo.yaml", "--source", "items"],
+        env=run_env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout[done.stdout.index("{\n") :])
+    assert [s["source"] for s in result["crawl"]] == ["items"]
+    assert result["load"]["items"]["inserted"] == ITEM_COUNT
+
+
 def test_malformed_sources_file_exits_2_naming_every_problem(env: dict[str, str], tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(

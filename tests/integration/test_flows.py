@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import asyncpg
+import orjson
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import Artifact
+from prefect.exceptions import ParameterTypeError
 
+from flows._common import source_lock
+from flows.artifacts import ERRORS_KEY, LINK_KEY, PROGRESS_KEY, SUMMARY_KEY
 from flows.crawl import crawl
 from flows.load import load
+from flows.params import ParameterError
 from flows.pipeline import pipeline
 from trawl.demo.site import ITEM_COUNT, PRODUCT_COUNT, DemoSite
+from trawl.settings import Settings
 
 pytestmark = [pytest.mark.integration]
 
@@ -76,7 +85,14 @@ async def test_pipeline_loads_every_product_and_item(flow_env: Path, db: asyncpg
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(result["crawl_flow_run_id"])]))
             )
         }
-    assert {"crawl-products", "crawl-items", "load-products", "load-items"} <= names
+    assert {
+        "crawl-products",
+        "crawl-items",
+        "load-products-raw-part-1",
+        "load-products-outcomes-part-1",
+        "load-items-raw-part-1",
+        "load-items-outcomes-part-1",
+    } <= names
     products, items = crawls["crawl-products"], crawls["crawl-items"]
     assert products.start_time and products.end_time and items.start_time and items.end_time
     assert products.start_time < items.end_time and items.start_time < products.end_time
@@ -117,3 +133,98 @@ async def test_crawl_then_load_skips_what_the_ledger_has(flow_env: Path, db: asy
     assert await db.fetchval("SELECT count(*) FROM trawl._loads") == 4
     row = await db.fetchrow("SELECT _run_id, _first_seen_at < _last_seen_at AS moved FROM trawl.items WHERE _key = '1'")
     assert row is not None and row["_run_id"] == first["run_id"] and row["moved"]
+
+
+async def _artifacts(flow_run_id: str) -> dict[str, Artifact]:
+    async with get_client() as client:
+        found = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)]))
+        )
+    return {a.key: a for a in found if a.key}
+
+
+async def test_pipeline_publishes_summary_progress_link_and_errors(
+    flow_env: Path, db: asyncpg.Connection, demo_site: DemoSite, tmp_path: Path
+) -> None:
+    sources = _sources_with_broken_api(tmp_path, demo_site.url)
+
+    result = await pipeline(str(sources), sources=["items", "broken"])
+
+    summary = (await _artifacts(result["flow_run_id"]))[SUMMARY_KEY]
+    assert summary.type == "markdown" and isinstance(summary.data, str)
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+        for line in summary.data.splitlines()
+        if line.startswith("| ") and not line.startswith("| source")
+    }
+    # source, status, pages, records, rejects, fetched, not modified, failures by outcome, breaker trips, MB, s
+    assert rows["items"][:8] == ["items", "complete", "25", str(ITEM_COUNT), "0", "25", "0", "none"]
+    assert rows["broken"][1].startswith("failed (") and rows["broken"][7] == "failed 1"
+
+    crawl_artifacts = await _artifacts(result["crawl_flow_run_id"])
+    assert set(crawl_artifacts) >= {PROGRESS_KEY, LINK_KEY, ERRORS_KEY}
+    assert crawl_artifacts[PROGRESS_KEY].data == 100.0
+    assert f"]({flow_env.as_uri()})" in str(crawl_artifacts[LINK_KEY].data)
+    errors = crawl_artifacts[ERRORS_KEY].data
+    table = orjson.loads(errors) if isinstance(errors, str) else errors
+    assert table[0]["source"] == "broken" and table[0]["outcome"] == "failed" and table[0]["count"] == 1
+    assert table[0]["example_url"].endswith("/api/does-not-exist")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "parameter"),
+    [
+        ({"sources": ["nope"]}, "sources"),
+        ({"sources_file": "does/not/exist.yaml"}, "sources_file"),
+    ],
+)
+async def test_bad_parameters_stop_the_run_before_any_request(
+    flow_env: Path, demo_site: DemoSite, kwargs: dict[str, Any], parameter: str
+) -> None:
+    kwargs.setdefault("sources_file", str(REPO / "examples" / "demo.yaml"))
+    with pytest.raises(ParameterError, match=f"parameter '{parameter}'"):
+        await pipeline(**kwargs)
+    assert not demo_site.requests
+
+
+async def test_malformed_staging_url_is_refused_naming_the_parameter(flow_env: Path, demo_site: DemoSite) -> None:
+    with pytest.raises(ParameterTypeError, match="staging"):
+        await pipeline(str(REPO / "examples" / "demo.yaml"), staging="ftp://example.com/x")
+    assert not demo_site.requests
+
+
+async def test_dry_run_fetches_nothing(flow_env: Path, demo_site: DemoSite, db: asyncpg.Connection) -> None:
+    result = await pipeline(str(REPO / "examples" / "demo.yaml"), dry_run=True)
+
+    assert result["dry_run"] is True
+    assert {s["source"]: s["status"] for s in result["crawl"]} == {"products": "planned", "items": "planned"}
+    assert not demo_site.requests
+
+
+async def test_a_source_busy_in_another_run_is_refused(
+    flow_env: Path, monkeypatch: pytest.MonkeyPatch, demo_site: DemoSite
+) -> None:
+    monkeypatch.setenv("TRAWL_SOURCE_LOCK", "refuse")
+    settings = Settings()
+
+    async with source_lock("products", settings):  # another run holds the source
+        result = await crawl(str(REPO / "examples" / "demo.yaml"), sources=["products"])
+
+    [products] = result["sources"]
+    assert products["status"] == "failed"
+    assert "'products' is being crawled by another flow run" in products["error"]
+    assert not demo_site.requests
+
+
+async def test_a_source_busy_in_another_run_is_waited_for(flow_env: Path, demo_site: DemoSite) -> None:
+    settings = Settings()
+    demo = str(REPO / "examples" / "demo.yaml")
+
+    async with source_lock("items", settings):  # another run holds the source
+        waiting = asyncio.create_task(crawl(demo, sources=["items"]))
+        await asyncio.sleep(5)
+        assert not waiting.done() and not demo_site.requests
+    result = await waiting
+
+    assert result["sources"][0]["status"] == "complete"
+    assert result["sources"][0]["records"] == ITEM_COUNT

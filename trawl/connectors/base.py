@@ -40,10 +40,27 @@ class SourceStats:
     bytes: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
     discovered: int = 0
+    hosts: set[str] = field(default_factory=set)
+    """Hosts (``netloc``) this source's URLs ended on: whose breakers its summary counts."""
+    errors: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """(outcome, error message) of the URLs that did not end fetched or not_modified."""
+    error_examples: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @property
     def failures(self) -> int:
         return sum(n for k, n in self.outcomes.items() if k != OutcomeKind.FETCHED)
+
+    @property
+    def done(self) -> int:
+        """URLs that have their outcome."""
+        return sum(self.outcomes.values())
+
+    def top_errors(self, n: int = 10) -> list[dict[str, Any]]:
+        """The ``n`` most frequent (outcome, error) pairs with a count and an example URL."""
+        return [
+            {"outcome": kind, "error": error, "count": count, "example_url": self.error_examples[(kind, error)]}
+            for (kind, error), count in self.errors.most_common(n)
+        ]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -53,6 +70,7 @@ class SourceStats:
             "discovered": self.discovered,
             "failures": self.failures,
             "outcomes": dict(self.outcomes),
+            "top_errors": self.top_errors(),
         }
 
 
@@ -135,7 +153,15 @@ class SourceContext:
 
     async def outcome(self, outcome: Outcome) -> None:
         """Count and stage one URL outcome."""
-        self.stats.outcomes[outcome.outcome.value] += 1
+        stats = self.stats
+        kind = outcome.outcome.value
+        stats.outcomes[kind] += 1
+        stats.hosts.add(urlsplit(outcome.url).netloc.lower())
+        if outcome.outcome not in (OutcomeKind.FETCHED, OutcomeKind.NOT_MODIFIED):
+            error = outcome.error or (f"HTTP {outcome.http_status}" if outcome.http_status else kind)
+            key = (kind, error)
+            stats.errors[key] += 1
+            stats.error_examples.setdefault(key, outcome.url)
         await self.emit_outcome(outcome)
 
     async def fetched(

@@ -1,0 +1,99 @@
+"""The flows' typed parameters: what the Prefect UI renders as a form and checks before a run starts.
+
+Prefect turns these annotations into the deployment's parameter schema. With
+``enforce_parameter_schema: true`` (prefect.yaml) the server refuses a run whose
+parameters do not match it — a malformed staging URL never reaches a worker —
+and the flow validates them again when it starts. What a schema cannot say
+(that a source name exists in the sources file) is checked by
+:func:`check_sources` before anything is fetched.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from trawl.config import Source, load_sources, select_sources
+from trawl.errors import ConfigError, TrawlError
+
+__all__ = [
+    "STAGING_PATTERN",
+    "ParameterError",
+    "Politeness",
+    "SecretBlockName",
+    "SourceName",
+    "SourcesPath",
+    "StagingURL",
+    "check_sources",
+]
+
+# file://DIR, s3://BUCKET[/PREFIX] or a plain relative/absolute path; what open_stager accepts.
+STAGING_PATTERN = r"^(file://.+|s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|[./~][^:]*|[A-Za-z0-9_][^:]*)$"
+
+
+class ParameterError(TrawlError):
+    """A flow parameter is wrong; the message names the parameter."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"parameter {parameter!r}: {message}")
+        self.parameter = parameter
+
+
+def _check_staging(url: str) -> str:
+    from sinks.stage import open_stager
+
+    try:
+        open_stager(url)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return url
+
+
+SourcesPath = Annotated[
+    str, Field(min_length=1, description="Path of the sources file (YAML), relative to the working directory.")
+]
+SourceName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,62}$", description="A source name of the sources file.")]
+StagingURL = Annotated[
+    str,
+    Field(
+        pattern=STAGING_PATTERN,
+        description="file://DIR or s3://BUCKET/PREFIX; empty for TRAWL_STAGING or the embedded default.",
+        examples=["file://./.trawl/staging", "s3://my-bucket/trawl"],
+    ),
+    AfterValidator(_check_staging),
+]
+SecretBlockName = Annotated[
+    str,
+    Field(
+        pattern=r"^[a-z0-9][a-z0-9-]*$",
+        description="Name of a Prefect Secret block holding the database URL; empty for TRAWL_DATABASE_URL.",
+    ),
+]
+
+
+class Politeness(BaseModel):
+    """Per-run overrides of the fetch layer's politeness settings (empty fields keep the settings)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    per_host_concurrency: int | None = Field(default=None, ge=1, le=256, description="Requests in flight per host.")
+    per_host_delay: float | None = Field(default=None, ge=0, le=3600, description="Seconds between starts per host.")
+    max_retries: int | None = Field(default=None, ge=0, le=20, description="Retries of transient failures per URL.")
+    total_timeout: float | None = Field(default=None, gt=0, le=3600, description="Seconds one attempt may take.")
+
+    def overrides(self) -> dict[str, object]:
+        """The settings this changes (field name → value)."""
+        return self.model_dump(exclude_none=True)
+
+
+def check_sources(sources_file: str, names: list[str] | None) -> list[Source]:
+    """The sources to run; a missing file, a bad file or an unknown name is a ParameterError."""
+    try:
+        spec = load_sources(sources_file)
+    except ConfigError as exc:
+        raise ParameterError("sources_file", "; ".join(exc.lines())) from None
+    try:
+        return select_sources(spec, names)
+    except ConfigError as exc:
+        raise ParameterError("sources", "; ".join(exc.lines())) from None

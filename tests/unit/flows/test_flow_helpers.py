@@ -1,0 +1,123 @@
+"""Flow helpers without a Prefect server: which failures retry, part cache keys, parameters, the summary table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from pydantic import TypeAdapter, ValidationError
+
+from flows._common import is_transient
+from flows.artifacts import summary_markdown, top_errors
+from flows.load import _part_cache_key
+from flows.params import ParameterError, Politeness, StagingURL, check_sources
+from sinks.stage import StagedPart
+from trawl.errors import ConfigError, DatabaseUnavailable, LoadError, PermanentFetchError, TransientFetchError
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (DatabaseUnavailable("down"), True),
+        (TransientFetchError("reset", url="http://x/"), True),
+        (ConnectionResetError(), True),
+        (TimeoutError(), True),
+        (asyncpg.CannotConnectNowError("starting up"), True),
+        (PermanentFetchError("404", url="http://x/"), False),
+        (LoadError("bad column", staged_object="file:///p"), False),
+        (ConfigError("bad file"), False),
+        (ValueError("bad data"), False),
+    ],
+)
+def test_only_transient_failures_are_retried(exc: BaseException, transient: bool) -> None:
+    assert is_transient(exc) is transient
+
+
+class _Loader:
+    identity = "test:5432:trawl"
+
+
+def test_part_cache_key_holds_for_a_retried_flow_run_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    part = StagedPart("file:///s/part-00001.jsonl.gz", 10, 100, "ab" * 32)
+    params: dict[str, Any] = {"part": part, "loader": _Loader()}
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "00000000-0000-0000-0000-000000000001")
+    first = _part_cache_key(None, params)  # type: ignore[arg-type]
+    assert first == _part_cache_key(None, params)  # type: ignore[arg-type]  # a retry of the same flow run
+    other_part = {**params, "part": StagedPart(part.uri.replace("1.", "2."), 10, 100, "cd" * 32)}
+    assert _part_cache_key(None, other_part) != first  # type: ignore[arg-type]
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "00000000-0000-0000-0000-000000000002")
+    assert _part_cache_key(None, params) != first  # type: ignore[arg-type]  # a new flow run asks the ledger
+
+
+@pytest.mark.parametrize("url", ["file://./x", "file:///tmp/x", "./staging", "/abs/dir"])
+def test_staging_parameter_accepts(url: str) -> None:
+    TypeAdapter(StagingURL).validate_python(url)
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x", "http://x/y", "s3://", ""])
+def test_staging_parameter_refuses(url: str) -> None:
+    with pytest.raises(ValidationError):
+        TypeAdapter(StagingURL).validate_python(url)
+
+
+def test_staging_pattern_is_in_the_json_schema() -> None:
+    """The server enforces the schema: the pattern must be in it, not only in a Python validator."""
+    assert "pattern" in TypeAdapter(StagingURL).json_schema()
+
+
+def test_politeness_overrides_only_what_is_set() -> None:
+    assert Politeness(per_host_delay=0.5).overrides() == {"per_host_delay": 0.5}
+    with pytest.raises(ValidationError, match="per_host_concurrency"):
+        Politeness(per_host_concurrency=0)
+    with pytest.raises(ValidationError):
+        Politeness.model_validate({"per_host_concurency": 2})  # a typo is refused, not ignored
+
+
+def test_check_sources_names_the_parameter() -> None:
+    demo = str(REPO / "examples" / "demo.yaml")
+    assert [s.name for s in check_sources(demo, ["items"])] == ["items"]
+    with pytest.raises(ParameterError, match=r"parameter 'sources': unknown source\(s\): nope"):
+        check_sources(demo, ["nope"])
+    with pytest.raises(ParameterError, match="parameter 'sources_file'"):
+        check_sources("does/not/exist.yaml", None)
+
+
+def test_summary_and_top_errors() -> None:
+    crawl = [
+        {
+            "source": "a",
+            "status": "complete",
+            "pages": 3,
+            "records": 2,
+            "bytes": 2_500_000,
+            "seconds": 1.5,
+            "breaker_trips": 1,
+            "outcomes": {"fetched": 3, "failed": 2, "skipped_breaker": 4},
+            "top_errors": [
+                {"outcome": "skipped_breaker", "error": "breaker open", "count": 4, "example_url": "http://h/4"},
+                {"outcome": "failed", "error": "HTTP 500 | x", "count": 2, "example_url": "http://h/2"},
+            ],
+        },
+        {"source": "b", "status": "failed", "error": "boom", "outcomes": {}, "top_errors": []},
+    ]
+    md = summary_markdown("r1", crawl, {"a": {"inserted": 2, "updated": 0, "unchanged": 0, "rejected": 1}})
+    rows = [line for line in md.splitlines() if line.startswith(("| a ", "| b "))]
+    assert rows[0].split(" | ")[1:] == [
+        "complete",
+        "3",
+        "2",
+        "1",
+        "3",
+        "0",
+        "failed 2, skipped_breaker 4",
+        "1",
+        "2.5",
+        "1.5 |",
+    ]
+    assert "failed (boom)" in rows[1] and "not loaded" in rows[1]
+    errors = top_errors(crawl)
+    assert [(e["rank"], e["outcome"], e["count"]) for e in errors] == [(1, "skipped_breaker", 4), (2, "failed", 2)]

@@ -16,6 +16,7 @@ the ledger row commit with the data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -439,7 +440,12 @@ class Loader:
         if manifest.kind != "raw":
             return await self._load_outcomes(manifest, part)
         validator = self._validator(manifest, fields)
-        job = self._ahead.pop(part.uri, None) or self._start(manifest, part, validator)
+        job = self._ahead.pop(part.uri, None)
+        if job is not None and job.get_loop() is not asyncio.get_running_loop():
+            _drop(job)  # read ahead in another event loop (a task runner's): not awaitable here, start over
+            job = None
+        if job is None:
+            job = self._start(manifest, part, validator)
         if ahead is True:
             following = manifest.parts[manifest.parts.index(part) + 1 :] if part in manifest.parts else ()
             ahead = following[0] if following else None
@@ -479,9 +485,7 @@ class Loader:
         for p in m.parts:
             job = self._ahead.pop(p.uri, None)
             if job is not None:
-                job.cancel()
-                # A read-ahead that failed is reported when its part is loaded, never as "never retrieved".
-                job.add_done_callback(lambda t: t.cancelled() or t.exception())
+                _drop(job)
 
     async def _read(self, part: StagedPart) -> list[bytes]:
         lines = [line async for line in self.stager.read_part(part)]
@@ -709,6 +713,21 @@ class Loader:
                 m.status,
                 entry,
             )
+
+
+def _drop(job: asyncio.Task[_Prepared]) -> None:
+    """Cancel a read-ahead nobody will await, from whichever loop (or thread) we are in."""
+    # Its failure, if it failed, is reported when its part is loaded; never as "exception never retrieved".
+    job.add_done_callback(lambda t: t.cancelled() or t.exception())
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if job.get_loop() is running:
+        job.cancel()
+    else:
+        with contextlib.suppress(RuntimeError):  # its loop is closed: nothing left to cancel
+            job.get_loop().call_soon_threadsafe(job.cancel)
 
 
 class _TooManyRejects(LoadError):

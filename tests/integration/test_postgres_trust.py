@@ -24,7 +24,7 @@ from sinks.stage import LocalStager, Manifest
 from sinks.validate import register_check
 from trawl.cli import main as trawl_main
 from trawl.database import connect_pool
-from trawl.errors import LoadError
+from trawl.errors import LoadError, StagingError
 from trawl.records import Outcome, OutcomeKind, Record
 
 pytestmark = pytest.mark.integration
@@ -665,3 +665,27 @@ async def test_the_load_flow_fails_only_the_source_over_the_reject_rate(
     assert await db.fetchval("SELECT count(*) FROM trawl.good") == 5
     assert await db.fetchval("SELECT count(*) FROM trawl.bad") == 0
     assert await db.fetchval("SELECT count(*) FROM trawl._rejects WHERE source = 'bad'") == 7
+
+
+async def test_a_bad_part_read_ahead_fails_when_its_turn_comes(
+    loader: Loader, stager: LocalStager, db: asyncpg.Connection
+) -> None:
+    raw = await stage(stager, "r1", [rec(str(i), {"id": i}, run_id="r1", at=T0) for i in range(12)], schema())
+    assert len(raw.parts) == 3
+    path = Path(raw.parts[1].uri.removeprefix("file://"))
+    path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")
+
+    with pytest.raises(StagingError, match="does not match the manifest"):
+        await loader.load_manifest(raw)
+
+    # Part 1 loaded while part 2 was read ahead; part 2's failure stopped the manifest before part 3.
+    assert [r[0] for r in await db.fetch("SELECT staged_object FROM trawl._loads")] == [raw.parts[0].uri]
+    assert await db.fetchval("SELECT count(*) FROM trawl.items") == 4
+
+    # Per-part calls, as the load flow makes them, give the same result as load_manifest.
+    path.write_bytes(b"")  # still broken; load the others one by one
+    fields = await loader.prepare(raw)
+    done = await loader.load_part(raw, raw.parts[2], fields)
+    await loader.finish(raw)
+    assert (done.inserted, done.skipped) == (4, False)
+    assert await db.fetchval("SELECT count(*) FROM trawl.items") == 8

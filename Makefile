@@ -16,7 +16,7 @@ PREFECT_API = $$($(BIN)/prefect config view 2>/dev/null | sed -n "s/^PREFECT_API
 	export PREFECT_API_URL="$${api:-$(PREFECT_LOCAL_API)}"; \
 	$(BIN)/prefect work-pool inspect trawl >/dev/null 2>&1 || $(BIN)/prefect work-pool create trawl --type process
 
-.PHONY: venv chromium run test test-fast lint bench bench-load bench-demo server worker deploy demo-site clean
+.PHONY: venv test-tools run test test-fast lint bench bench-load bench-demo server worker deploy demo-site clean
 
 # A venv copied without its symlinks (or from another machine) is rebuilt, not trusted.
 $(STAMP): pyproject.toml
@@ -30,14 +30,19 @@ venv: $(STAMP)
 run: venv
 	$(BIN)/trawl demo
 
-test: venv chromium
+test: venv test-tools
 	@if [ -z "$$TRAWL_TEST_DATABASE_URL" ] && $(BIN)/python -c "import asyncio, asyncpg; asyncio.run(asyncpg.connect('$(TEST_PG)', timeout=3))" 2>/dev/null; \
 	then export TRAWL_TEST_DATABASE_URL='$(TEST_PG)'; fi; \
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Debian's Chromium for the browser tests (Playwright cannot download browsers here).
-chromium:
-	@[ -x /usr/lib/chromium/chromium ] || { apt-get update -qq && apt-get install -y -qq chromium; }
+# What the tests need from Debian: Chromium for the browser tests (Playwright cannot download browsers
+# here), promtool and the Pushgateway for the metrics tests.
+test-tools:
+	@missing=""; \
+	[ -x /usr/lib/chromium/chromium ] || missing="$$missing chromium"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v prometheus-pushgateway >/dev/null 2>&1 || missing="$$missing prometheus-pushgateway"; \
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; fi
 
 # Everything but the slow end-to-end cases.
 test-fast: venv

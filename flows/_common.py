@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -13,11 +15,14 @@ from prefect.runtime import flow_run
 
 from flows.params import ParameterError, Politeness
 from trawl.errors import TrawlError
+from trawl.metrics import METRICS
 from trawl.settings import Settings
 
 __all__ = [
+    "FlowMetrics",
     "SourceBusy",
     "current_flow_run_id",
+    "flow_metrics",
     "is_transient",
     "retry_if_transient",
     "settings_for",
@@ -126,3 +131,39 @@ async def source_lock(source: str, settings: Settings) -> AsyncIterator[None]:
             f"source {source!r} is being crawled by another flow run (concurrency limit {name!r}); "
             + ("refused (TRAWL_SOURCE_LOCK=refuse)" if settings.source_lock == "refuse" else f"waited {timeout:.0f}s")
         ) from None
+
+
+@dataclass(slots=True)
+class FlowMetrics:
+    """What a flow tells :func:`flow_metrics` about how it ended."""
+
+    failed: bool = False
+
+
+@contextlib.asynccontextmanager
+async def flow_metrics(flow: str, settings: Settings, scope: str = "all") -> AsyncIterator[FlowMetrics]:
+    """Around a flow's body: the metrics endpoint up (``metrics_port``), the run counted and timed, then pushed.
+
+    The push to ``pushgateway_url`` happens at the end whatever the outcome, so a
+    failed run is visible too; a push failure is logged, never fails the run. The
+    Pushgateway group is ``job=trawl, flow, scope`` (``scope``: the sources run), so
+    runs of different sources do not overwrite each other's last-success times.
+    """
+    METRICS.max_hosts = settings.metrics_max_hosts
+    if settings.metrics_port is not None:
+        METRICS.serve(settings.metrics_port)
+    started = time.monotonic()
+    state = FlowMetrics()
+    try:
+        yield state
+    except BaseException:
+        state.failed = True
+        raise
+    finally:
+        METRICS.runs.labels(flow, "failed" if state.failed else "completed").inc()
+        METRICS.run_failed.labels(flow).set(1 if state.failed else 0)
+        METRICS.run_seconds.labels(flow).set(time.monotonic() - started)
+        if settings.pushgateway_url:
+            import asyncio
+
+            await asyncio.to_thread(METRICS.push, settings.pushgateway_url, "trawl", {"flow": flow, "scope": scope})

@@ -9,7 +9,7 @@ import structlog
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows._common import current_flow_run_id, retry_if_transient, settings_for, source_lock
+from flows._common import current_flow_run_id, flow_metrics, retry_if_transient, settings_for, source_lock
 from flows.artifacts import crawl_progress, publish_crawl, publish_summary
 from flows.params import Politeness, SourceName, SourcesPath, StagingURL, check_sources
 from sinks.postgres import load_validators
@@ -117,6 +117,19 @@ async def crawl(
             "dry_run": True,
             "sources": [_plan(s) for s in selected],
         }
+    async with flow_metrics("crawl", settings, "+".join(sorted(s.name for s in selected))) as measured:
+        results = await _crawl_all(selected, run_id, settings, stager)
+        measured.failed = any(r["status"] != "complete" for r in results)
+    await publish_crawl(run_id, stager.uri, results)
+    if publish:
+        await publish_summary(run_id, results, None)
+    return {"run_id": run_id, "flow_run_id": current_flow_run_id(), "staging": stager.uri, "sources": results}
+
+
+async def _crawl_all(
+    selected: list[HtmlSource | ApiSource], run_id: str, settings: Settings, stager: Stager
+) -> list[dict[str, Any]]:
+    """Every source as its own task, all at once in this loop, sharing one Fetcher; their results in order."""
     log.info("crawl started", sources=[s.name for s in selected], staging=stager.uri)
     stats = [SourceStats() for _ in selected]
     async with Fetcher(settings) as fetcher, crawl_progress(run_id, stats, settings.progress_interval):
@@ -138,7 +151,4 @@ async def crawl(
             error = str(value) if isinstance(value, BaseException) else repr(value)
             results.append({"source": src.name, "status": "failed", "error": error, "seconds": 0.0})
     log.info("crawl finished", failed=[r["source"] for r in results if r["status"] != "complete"])
-    await publish_crawl(run_id, stager.uri, results)
-    if publish:
-        await publish_summary(run_id, results, None)
-    return {"run_id": run_id, "flow_run_id": current_flow_run_id(), "staging": stager.uri, "sources": results}
+    return results

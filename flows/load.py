@@ -13,12 +13,14 @@ from prefect import flow, task
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
-from flows._common import current_flow_run_id, retry_if_transient, settings_for
+from flows._common import current_flow_run_id, flow_metrics, retry_if_transient, settings_for
 from flows.params import SecretBlockName, SourceName, StagingURL
 from sinks.postgres import Loader, PartLoad
-from sinks.stage import Manifest, StagedPart, StreamKind, open_stager
+from sinks.stage import Manifest, StagedPart, Stager, StreamKind, open_stager
 from trawl.database import connect_pool, resolve_dsn
 from trawl.logs import bind
+from trawl.metrics import METRICS
+from trawl.settings import Settings
 
 __all__ = ["load"]
 
@@ -108,6 +110,12 @@ async def load(
         for m in await stager.manifests(kind)
         if (not run_ids or m.run_id in run_ids) and (not sources or m.source in sources)
     ]
+    async with flow_metrics("load", settings):
+        return await _load_all(settings, stager, manifests, dry_run)
+
+
+async def _load_all(settings: Settings, stager: Stager, manifests: list[Manifest], dry_run: bool) -> dict[str, Any]:
+    """Every source's manifests side by side, each source's parts in order; the per-source totals."""
     pool = await connect_pool(resolve_dsn(settings), max_size=settings.db_pool_size)
     try:
         loader = Loader(
@@ -147,6 +155,9 @@ async def load(
                 summary[name] = {**_totals(loads), "error": None}
     finally:
         await pool.close()
+    for name, totals in summary.items():
+        for result in ("inserted", "updated", "unchanged", "rejected"):
+            METRICS.rows_loaded.labels(name, result).inc(totals[result])
     log.info(
         "load finished",
         **{

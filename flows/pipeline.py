@@ -17,7 +17,7 @@ import orjson
 import structlog
 from prefect import flow
 
-from flows._common import current_flow_run_id, settings_for
+from flows._common import current_flow_run_id, flow_metrics, settings_for
 from flows.artifacts import publish_summary
 from flows.crawl import crawl
 from flows.load import load
@@ -46,11 +46,25 @@ async def pipeline(
     Secret block fails the run at once, naming the parameter. ``dry_run`` checks
     the parameters, the sources file and the database and stops there.
     """
-    check_sources(sources_file, sources)
+    selected = check_sources(sources_file, sources)
     settings = await settings_for(staging, politeness, database_secret)
     if dry_run:
         pool = await connect_pool(resolve_dsn(settings), max_size=1)
         await pool.close()
+    async with flow_metrics("pipeline", settings, "+".join(sorted(s.name for s in selected))) as measured:
+        result = await _crawl_and_load(sources_file, sources, staging, database_secret, politeness, dry_run)
+        measured.failed = any(c["status"] == "failed" for c in result["crawl"])
+    return result
+
+
+async def _crawl_and_load(
+    sources_file: str,
+    sources: list[str] | None,
+    staging: str | None,
+    database_secret: str | None,
+    politeness: Politeness | None,
+    dry_run: bool,
+) -> dict[str, Any]:
     crawled = await crawl(sources_file, sources, staging, politeness, dry_run, publish=False)
     if dry_run:
         return {

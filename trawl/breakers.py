@@ -27,6 +27,7 @@ import pybreaker
 import structlog
 
 from trawl.errors import BreakerOpen
+from trawl.metrics import METRICS
 
 __all__ = ["BreakerRegistry", "HostBreaker"]
 
@@ -128,11 +129,13 @@ class BreakerRegistry:
         if new == pybreaker.STATE_OPEN:
             self.opened_at[host] = time.monotonic()
         log.warning("breaker state changed", host=host, old=old, new=new)
+        METRICS.breaker_changed(host, new)
 
     def get(self, host: str) -> HostBreaker:
         breaker = self._breakers.get(host)
         if breaker is None:
             breaker = self._breakers[host] = HostBreaker(host, self.fail_max, self.reset_timeout, self._changed)
+            METRICS.breaker_state.labels(METRICS.host(host)).set(0)  # the series exists from the first request
         return breaker
 
     def states(self) -> dict[str, str]:

@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
         if stages:
             sp.add_argument("--staging", metavar="URL", help="file://DIR or s3://BUCKET/PREFIX (env TRAWL_STAGING)")
             sp.add_argument(
+                "--metrics-port",
+                metavar="PORT",
+                help="serve Prometheus metrics on 127.0.0.1:PORT/metrics during the run (env TRAWL_METRICS_PORT)",
+            )
+            sp.add_argument(
                 "--source",
                 action="append",
                 dest="sources",
@@ -212,6 +217,7 @@ def _execute(args: argparse.Namespace) -> int:
         ("staging", "TRAWL_STAGING"),
         ("database_url", "TRAWL_DATABASE_URL"),
         ("log_format", "TRAWL_LOG_FORMAT"),
+        ("metrics_port", "TRAWL_METRICS_PORT"),
     ):
         if getattr(args, flag, None):
             os.environ[env] = getattr(args, flag)

@@ -21,6 +21,7 @@ from trawl.connectors.base import SourceStats, Validators
 from trawl.errors import TrawlError
 from trawl.fetch import Fetcher
 from trawl.logs import bind, unbind
+from trawl.metrics import METRICS
 from trawl.records import Outcome, utcnow
 from trawl.settings import Settings
 
@@ -96,8 +97,10 @@ async def crawl_source(
     try:
         log.info("source started", kind=source.kind)
         try:
+            staged = METRICS.records_staged.labels(source.name)
             async for record in connector_for(source, ctx).fetch():
                 await stage.records.write(record.envelope())
+                staged.inc()
         except TrawlError as exc:
             error = str(exc)
         except Exception as exc:  # a bug in one source must not take the others down
@@ -106,9 +109,15 @@ async def crawl_source(
         summary = ctx.stats.as_dict()
         summary["breaker_trips"] = sum(fetcher.breakers.trips(host) for host in ctx.stats.hosts)
         status: Literal["complete", "failed"] = "failed" if error else "complete"
-        _, raw = await stage.commit(
+        outcomes, raw = await stage.commit(
             status=status, schema=source_schema(source), stats=summary, error=error, flow_run_id=flow_run_id
         )
+        for m in (outcomes, raw):
+            METRICS.parts_uploaded.labels(source.name, m.kind).inc(len(m.parts))
+            METRICS.bytes_staged.labels(source.name).inc(sum(p.bytes for p in m.parts))
+        METRICS.source_runs.labels(source.name, status).inc()
+        if status == "complete":
+            METRICS.source_last_success.labels(source.name).set_to_current_time()
         result = SourceResult(source.name, status, time.monotonic() - started, summary, error, raw.uri)
         log.info(
             "source finished",

@@ -36,6 +36,7 @@ from trawl.errors import (
     RobotsDisallowed,
     TransientFetchError,
 )
+from trawl.metrics import METRICS, status_class
 from trawl.records import utcnow
 from trawl.robots import ROBOTS_MAX_BYTES, RobotsCache
 from trawl.settings import Settings
@@ -362,6 +363,7 @@ class Fetcher:
         delay: float | None = None,
         robots: bool = True,
         max_bytes: int | None = None,
+        source: str = "-",
     ) -> Response:
         """GET a URL through robots.txt, politeness, the breaker, retries, redirects and limits.
 
@@ -387,6 +389,7 @@ class Fetcher:
                         delay,
                         max_bytes or self._settings.max_body_bytes,
                         robots,
+                        source,
                     )
                     if 200 <= status < 300 or status == 304:
                         return Response(
@@ -403,6 +406,7 @@ class Fetcher:
                 if not last.transient or attempt == self._settings.max_retries:
                     break
                 pause = self._backoff(attempt, retry_after)
+                METRICS.retries.labels(source, METRICS.host(urlsplit(last.url).netloc.lower())).inc()
                 log.info("retrying", url=url, attempt=attempts, error=str(last), sleep_s=round(pause, 3))
                 await asyncio.sleep(pause)
             assert last is not None
@@ -421,6 +425,7 @@ class Fetcher:
         delay: float | None,
         max_bytes: int,
         robots: bool,
+        source: str = "-",
     ) -> tuple[str, int, dict[str, str], bytes]:
         client = self._transport(transport)
         s = self._settings
@@ -438,8 +443,14 @@ class Fetcher:
             async with gate.slots:
                 probe = breaker.admit(current)  # after waiting for a slot: the breaker may have opened meanwhile
                 verdict: bool | None = None
+                label = METRICS.host(host)
+                in_flight = METRICS.in_flight.labels(source, label)
+                sent = 0.0
+                status = 0
                 try:
                     await gate.wait_turn()
+                    in_flight.inc()
+                    sent = time.monotonic()
                     async with asyncio.timeout(s.total_timeout):
                         status, hdrs, body = await client.get(current, headers, max_bytes)
                     verdict = status not in _TRANSIENT_STATUS
@@ -448,8 +459,13 @@ class Fetcher:
                     raise TransientFetchError(f"timed out after {s.total_timeout}s", url=current) from None
                 except FetchError as exc:
                     verdict = not exc.transient
+                    status = exc.status or 0
                     raise
                 finally:
+                    if sent:
+                        in_flight.dec()
+                        METRICS.request_seconds.labels(source, label).observe(time.monotonic() - sent)
+                        METRICS.requests.labels(source, label, status_class(status)).inc()
                     if verdict is None:
                         breaker.release(probe)
                     else:

@@ -29,16 +29,35 @@ _SECRET_QS = re.compile(
 )
 
 
+_AUTH_SCHEME = re.compile(r"\b(?P<scheme>Bearer|Basic|Token|Digest)\s+[A-Za-z0-9._~+/=:-]+", re.IGNORECASE)
+_SECRET_KEY = re.compile(
+    r"^(authorization|proxy-authorization|cookie|set-cookie|x-api-key|api[-_]?key|.*password|.*secret|.*token)$",
+    re.IGNORECASE,
+)
+
+
 def redact(text: str) -> str:
-    """Mask passwords in URLs/DSNs and credential query parameters."""
+    """Mask passwords in URLs/DSNs, credential query parameters and ``Bearer …`` style credentials."""
     text = _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", text)
-    return _SECRET_QS.sub(lambda m: f"{m.group('k')}***", text)
+    text = _SECRET_QS.sub(lambda m: f"{m.group('k')}***", text)
+    return _AUTH_SCHEME.sub(lambda m: f"{m.group('scheme')} ***", text)
+
+
+def _redact_value(key: str, value: Any) -> Any:
+    if isinstance(key, str) and _SECRET_KEY.match(key) and value not in (None, ""):
+        return "***"
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):  # e.g. headers={...}
+        return {k: _redact_value(k, v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redact_value("", v) for v in value]
+    return value
 
 
 def _redact_values(_: Any, __: str, event: EventDict) -> EventDict:
     for k, v in event.items():
-        if isinstance(v, str):
-            event[k] = redact(v)
+        event[k] = _redact_value(k, v)
     return event
 
 

@@ -137,6 +137,18 @@ class Settings(BaseSettings):
     progress_interval: float = Field(
         default=2.0, gt=0, description="Seconds between updates of a crawl's progress artifact in Prefect."
     )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics on 127.0.0.1:PORT/metrics while a flow runs (unset: off; 0: any free port).",
+    )
+    metrics_max_hosts: int = Field(
+        default=100, ge=1, description="Hosts that get their own metrics label; further hosts are counted as `other`."
+    )
+    pushgateway_url: str | None = Field(
+        default=None, description="Push all metrics to this Prometheus Pushgateway when a flow run ends (unset: off)."
+    )
     demo_url: str | None = Field(
         default=None, description="Base URL of the demo site; `trawl demo` sets it for `examples/demo.yaml`."
     )
@@ -156,5 +168,18 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":
-    print(markdown_table())
+def _write_readme(path: Path) -> None:
+    """Replace the settings table in the README with :func:`markdown_table`."""
+    text = path.read_text(encoding="utf-8")
+    start = text.index("| variable | default | what it does |")
+    end = text.find("\n\n", start)
+    path.write_text(text[:start] + markdown_table() + (text[end:] if end >= 0 else "\n"), encoding="utf-8")
+
+
+if __name__ == "__main__":  # python -m trawl.settings [--write-readme README.md]
+    import sys
+
+    if sys.argv[1:2] == ["--write-readme"]:
+        _write_readme(Path(sys.argv[2] if len(sys.argv) > 2 else "README.md"))
+    else:
+        print(markdown_table())

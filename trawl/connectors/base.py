@@ -15,6 +15,7 @@ import structlog
 from trawl.errors import BlockedNetworkError, BreakerOpen, FetchError, RobotsDisallowed
 from trawl.extract import get_path
 from trawl.fetch import Fetcher, Response, TransportName
+from trawl.metrics import METRICS
 from trawl.records import Outcome, OutcomeKind, Record
 from trawl.settings import Settings
 
@@ -115,7 +116,13 @@ class SourceContext:
         """
         try:
             resp = await self.fetcher.get(
-                url, transport=transport, headers=headers, concurrency=concurrency, delay=delay, robots=robots
+                url,
+                transport=transport,
+                headers=headers,
+                concurrency=concurrency,
+                delay=delay,
+                robots=robots,
+                source=source,
             )
         except BreakerOpen:
             if park:
@@ -156,6 +163,7 @@ class SourceContext:
         stats = self.stats
         kind = outcome.outcome.value
         stats.outcomes[kind] += 1
+        METRICS.outcomes.labels(outcome.source, kind).inc()
         stats.hosts.add(urlsplit(outcome.url).netloc.lower())
         if outcome.outcome not in (OutcomeKind.FETCHED, OutcomeKind.NOT_MODIFIED):
             error = outcome.error or (f"HTTP {outcome.http_status}" if outcome.http_status else kind)

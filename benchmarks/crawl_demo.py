@@ -86,6 +86,7 @@ async def _load(stager: LocalStager, database_url: str) -> None:
         dt = time.perf_counter() - t0
         async with pool.acquire() as conn:
             await conn.execute(f'DROP SCHEMA "{loader.schema}" CASCADE')
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{loader.schema}_views" CASCADE')
         print(
             orjson.dumps(
                 {"bench": "load", "rows": rows, "seconds": round(dt, 3), "rows_per_s": round(rows / dt, 1)}

@@ -60,7 +60,7 @@ async def load_part_task(
 
 
 async def _load_source(loader: Loader, manifests: list[Manifest], todo: set[str]) -> list[PartLoad]:
-    """One source's manifests, part by part in order (parts of one table never race each other)."""
+    """One source's manifests, part by part in order (parts of one table never race each other); stops at a failure."""
     results: list[PartLoad] = []
     for m in manifests:
         fields = await loader.prepare(m)
@@ -116,9 +116,15 @@ async def load(
 
 async def _load_all(settings: Settings, stager: Stager, manifests: list[Manifest], dry_run: bool) -> dict[str, Any]:
     """Every source's manifests side by side, each source's parts in order; the per-source totals."""
-    pool = await connect_pool(resolve_dsn(settings), max_size=4)
+    pool = await connect_pool(resolve_dsn(settings), max_size=settings.db_pool_size)
     try:
-        loader = Loader(pool, stager, settings.db_schema)
+        loader = Loader(
+            pool,
+            stager,
+            settings.db_schema,
+            max_reject_rate=settings.max_reject_rate if settings.max_reject_rate < 1 else None,
+            reject_min_rows=settings.reject_min_rows,
+        )
         await loader.setup()
         todo = await loader.pending(manifests)
         by_source: dict[str, list[Manifest]] = defaultdict(list)
@@ -135,10 +141,20 @@ async def _load_all(settings: Settings, stager: Stager, manifests: list[Manifest
                 "pending": sorted(todo),
                 "sources": {},
             }
-        per_source = await asyncio.gather(*(_load_source(loader, ms, todo) for _, ms in sorted(by_source.items())))
+        per_source = await asyncio.gather(
+            *(_load_source(loader, ms, todo) for _, ms in sorted(by_source.items())), return_exceptions=True
+        )
+        summary: dict[str, dict[str, Any]] = {}
+        for name, loads in zip(sorted(by_source), per_source, strict=True):
+            if isinstance(loads, BaseException):  # this source's load failed (e.g. its reject rate); others went on
+                if not isinstance(loads, Exception):
+                    raise loads
+                log.error("source load failed", source=name, error=str(loads))
+                summary[name] = {**_totals([]), "error": str(loads) or repr(loads)}
+            else:
+                summary[name] = {**_totals(loads), "error": None}
     finally:
         await pool.close()
-    summary = {name: _totals(loads) for name, loads in zip(sorted(by_source), per_source, strict=True)}
     for name, totals in summary.items():
         for result in ("inserted", "updated", "unchanged", "rejected"):
             METRICS.rows_loaded.labels(name, result).inc(totals[result])

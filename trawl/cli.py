@@ -1,4 +1,4 @@
-"""``trawl run|crawl|load|check|demo``: the command line, a thin shell around the Prefect flows.
+"""``trawl run|crawl|load|check|lineage|demo``: the command line, a thin shell around the Prefect flows.
 
 Exit codes: 0 every source done; 1 some sources (or loads) failed, the rest
 still staged and loaded; 2 bad usage or config, or nothing could start
@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     common(load, file=False)
     load.add_argument("--run-id", action="append", dest="run_ids", metavar="ID", help="only this run (repeatable)")
     common(sub.add_parser("check", help="validate a sources file and report every problem"), stages=False, loads=False)
+    lineage = sub.add_parser("lineage", help="every run that touched one row: run, URL, fetched, staged object, load")
+    lineage.add_argument("source", metavar="SOURCE", help="source name (its table)")
+    lineage.add_argument("key", metavar="KEY", help="the row's _key")
+    common(lineage, stages=False, file=False)
     demo = sub.add_parser("demo", help="serve the bundled demo site and run the pipeline against it")
     common(demo, file=False)
     return p
@@ -117,15 +121,22 @@ def _summary(result: dict[str, Any]) -> str:
         for s in result["crawl"]
     ]
     errors = [f"{s['source']}: {s['error']}" for s in result["crawl"] if s.get("error")]
+    errors += [f"{name}: load failed: {s['error']}" for name, s in loads.items() if s.get("error")]
     table = _render(("source", "status", "pages", "records", "rejects", "failures", "seconds"), rows)
     return "\n".join([table, *errors])
 
 
-def _load_summary(summary: dict[str, dict[str, int]]) -> str:
+def _load_summary(summary: dict[str, dict[str, Any]]) -> str:
     if not summary:
         return "nothing to load: no committed runs in staging"
     cols = ("source", "parts_loaded", "parts_skipped", "inserted", "updated", "unchanged", "rejected", "outcomes")
-    return _render(cols, [(name, *(s[c] for c in cols[1:])) for name, s in summary.items()])
+    table = _render(cols, [(name, *(s[c] for c in cols[1:])) for name, s in summary.items()])
+    errors = [f"{name}: load failed: {s['error']}" for name, s in summary.items() if s.get("error")]
+    return "\n".join([table, *errors])
+
+
+def _load_failed(summary: dict[str, dict[str, Any]]) -> bool:
+    return any(s.get("error") for s in summary.values())
 
 
 def _check_database(settings: Settings) -> str:
@@ -142,8 +153,57 @@ def _check_database(settings: Settings) -> str:
     return dsn
 
 
+def _lineage(args: argparse.Namespace) -> int:
+    """``trawl lineage SOURCE KEY``: no Prefect, one query."""
+    from sinks.postgres import lineage
+    from trawl.database import connect_pool
+    from trawl.settings import Settings
+
+    if args.database_url:
+        os.environ["TRAWL_DATABASE_URL"] = args.database_url
+    settings = Settings()
+    dsn = _check_database(settings)
+
+    async def query() -> list[Any]:
+        pool = await connect_pool(dsn, max_size=1)
+        try:
+            return await lineage(pool, settings.db_schema, args.source, args.key)
+        finally:
+            await pool.close()
+
+    rows = asyncio.run(query())
+    if not rows:
+        print(f"trawl: no loads touched {settings.db_schema}.{args.source} key {args.key!r}", file=sys.stderr)
+        return EXIT_FAILED
+
+    def when(t: Any) -> str:
+        return t.isoformat(timespec="seconds") if t is not None else "-"
+
+    header = ("run_id", "url", "fetched_at", "staged_object", "loaded_at", "change")
+    print(
+        _render(
+            header,
+            [
+                (
+                    r["run_id"],
+                    r["url"] or "-",
+                    when(r["fetched_at"]),
+                    r["staged_object"],
+                    when(r["loaded_at"]),
+                    r["change"] + (": " + "; ".join(r["reasons"]) if r["reasons"] else ""),
+                )
+                for r in rows
+            ],
+        )
+    )
+    return EXIT_OK
+
+
 def _execute(args: argparse.Namespace) -> int:
     from trawl.config import load_sources
+
+    if args.command == "lineage":
+        return _lineage(args)
 
     if args.command == "check":
         spec = load_sources(args.sources_file)
@@ -197,7 +257,7 @@ def _run(args: argparse.Namespace) -> int:
 
         loaded = asyncio.run(load(staging=None, run_ids=args.run_ids, sources=args.sources))
         print(_load_summary(loaded["sources"]))
-        return EXIT_OK
+        return EXIT_FAILED if _load_failed(loaded["sources"]) else EXIT_OK
     if args.command == "crawl":
         from flows.crawl import crawl
 
@@ -214,7 +274,8 @@ def _run(args: argparse.Namespace) -> int:
             f"loaded into {redact(os.environ['TRAWL_DATABASE_URL'])} schema {settings.db_schema}: "
             + ", ".join(f"{settings.db_schema}.{s}" for s in result["load"])
         )
-    return EXIT_FAILED if any(s["status"] != "complete" for s in result["crawl"]) else EXIT_OK
+    failed = any(s["status"] != "complete" for s in result["crawl"]) or _load_failed(result.get("load") or {})
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,7 @@ __all__ = [
     "ApiField",
     "ApiSource",
     "BrowserSource",
+    "FieldRules",
     "FieldType",
     "FollowRules",
     "HtmlField",
@@ -44,6 +45,8 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # instead, because pydantic skips them once any field of the model fails, and cannot name a field.
 _CROSS = "cross_check"
 _NO_URLS = "needs `urls` (a fixed list) or `start_urls` (a crawl)"
+# A registered check's name, or `package.module:function`.
+_CHECK_NAME = r"^[A-Za-z_][A-Za-z0-9_.]*(:[A-Za-z_][A-Za-z0-9_]*)?$"
 
 
 def _check_regex(value: str | None) -> str | None:
@@ -90,25 +93,67 @@ class Politeness(_Model):
     delay: float | None = Field(default=None, ge=0)
 
 
-class HtmlField(_Model):
-    """A field pulled from a page with a CSS selector."""
+class FieldRules(_Model):
+    """What the loader checks a declared field against (`sinks/validate.py` enforces it).
+
+    ``parse`` widens what converts to the type: ``number`` reads ``"1,299.00"`` or
+    ``"$1 299,5"`` style strings as numbers (an int field still needs a whole number).
+    Without it a number field takes JSON numbers and plain numeric strings only.
+    """
 
     type: FieldType = "text"
+    required: bool = False
+    parse: Literal["number"] | None = Field(
+        default=None, description="`number`: strip currency signs, spaces and thousands separators before converting."
+    )
+    pattern: str | None = Field(default=None, description="Regex a text value must match (anywhere: anchor it).")
+    min: float | None = Field(default=None, description="Smallest allowed number (int/float fields).")
+    max: float | None = Field(default=None, description="Largest allowed number (int/float fields).")
+    choices: list[str | int | float | bool] | None = Field(
+        default=None, min_length=1, description="The only values allowed."
+    )
+    max_length: int | None = Field(default=None, ge=1, description="Longest allowed text, in characters.")
+    checks: list[Annotated[str, Field(pattern=_CHECK_NAME)]] = Field(
+        default_factory=list,
+        description="Custom checks: names registered with `sinks.validate.register_check`, or `module:function`.",
+    )
+
+    _pattern = field_validator("pattern")(_check_regex)
+
+    @model_validator(mode="after")
+    def _rules_fit_the_type(self) -> FieldRules:
+        numeric = self.type in ("int", "float")
+        if (self.min is not None or self.max is not None) and not numeric:
+            raise ValueError(f"`min`/`max` apply to int and float fields, not {self.type}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"`min` ({self.min}) is greater than `max` ({self.max})")
+        if self.parse == "number" and not numeric:
+            raise ValueError(f"`parse: number` applies to int and float fields, not {self.type}")
+        if (self.pattern is not None or self.max_length is not None) and self.type != "text":
+            raise ValueError(f"`pattern`/`max_length` apply to text fields, not {self.type}")
+        return self
+
+    def loader_spec(self) -> dict[str, Any]:
+        """The declaration written into manifests: the type and every rule that is set."""
+        spec = self.model_dump(include=set(FieldRules.model_fields), exclude_defaults=True)
+        return {"type": self.type, "required": self.required, **spec}
+
+
+class HtmlField(FieldRules):
+    """A field pulled from a page with a CSS selector."""
+
     selector: str = Field(min_length=1)
     attr: str | None = None
     all: bool = False
     regex: str | None = None
-    required: bool = False
 
     _regex = field_validator("regex")(_check_regex)
 
 
-class ApiField(_Model):
+class ApiField(FieldRules):
     """A field of a JSON item; ``path`` is a dotted path into the item (default: its name)."""
 
-    type: FieldType = "text"
     path: str | None = None
-    required: bool = False
 
 
 class FollowRules(_Model):

@@ -39,7 +39,7 @@ def source_schema(source: HtmlSource | ApiSource) -> dict[str, Any]:
     """The declared shape the loader builds the table from; written into every manifest."""
     return {
         "key": source.key_fields,
-        "fields": {name: {"type": f.type, "required": f.required} for name, f in source.fields.items()},
+        "fields": {name: f.loader_spec() for name, f in source.fields.items()},
     }
 
 

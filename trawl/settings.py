@@ -37,6 +37,24 @@ class Settings(BaseSettings):
         default=Path(".trawl/pg"),
         description="Data directory of the embedded PostgreSQL used when no database URL is given.",
     )
+    db_pool_size: int = Field(
+        default=4,
+        ge=1,
+        le=100,
+        description="Connections the loader opens to PostgreSQL; sources load concurrently up to this many.",
+    )
+    max_reject_rate: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Share of a run's records (0-1) that may be rejected before its load fails instead of loading a "
+        "broken scrape; checked once `reject_min_rows` records were seen and at the last part. 1 turns it off.",
+    )
+    reject_min_rows: int = Field(
+        default=100,
+        ge=1,
+        description="Records of a run seen before `max_reject_rate` applies (its last part is always checked).",
+    )
     allowed_networks: list[str] = Field(
         default_factory=list,
         description="CIDRs the fetch layer may connect to even though they are loopback/private/link-local "

@@ -131,7 +131,7 @@ async def test_setup_creates_schema_and_bookkeeping_tables(
     await loader.setup()  # idempotent
 
     tables = await db.fetch("SELECT table_name FROM information_schema.tables WHERE table_schema = 'trawl'")
-    assert sorted(r[0] for r in tables) == ["_loads", "_outcomes", "_rejects", "_runs"]
+    assert sorted(r[0] for r in tables) == ["_lineage", "_loads", "_outcomes", "_rejects", "_runs", "_schemas"]
 
 
 async def test_source_table_has_one_typed_column_per_declared_field(
@@ -456,8 +456,9 @@ async def test_a_changed_declared_type_is_a_load_error(
         await loader.load_manifest(run2)
 
     assert str(info.value) == (
-        '"trawl"."items".price is double precision but source \'items\' now declares it int; '
-        "change it back or migrate the column by hand"
+        '"trawl"."items".price is float (double precision) but source \'items\' now declares it int, and 1 stored '
+        "value(s) would not survive the cast (e.g. _key '1': 1.5); declare it back or migrate the column by hand "
+        "(nothing was changed)"
     )
     assert info.value.staged_object == run2.uri
     assert await snapshot(db) == before

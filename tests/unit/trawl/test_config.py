@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trawl.config import ApiSource, HtmlSource, SourcesFile, load_sources, select_sources
+from trawl.config import ApiSource, BrowserSource, HtmlSource, SourcesFile, load_sources, select_sources
 from trawl.errors import ConfigError, ConfigIssue
 
 REPO = Path(__file__).resolve().parents[3]
@@ -112,8 +112,10 @@ def test_demo_file_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRAWL_DEMO_URL", raising=False)
     spec = load_sources(REPO / "examples" / "demo.yaml")
     by_name = {s.name: s for s in spec.sources}
-    assert set(by_name) == {"products", "items"}
+    assert set(by_name) == {"products", "items", "js_products"}
     products, items = by_name["products"], by_name["items"]
+    js = by_name["js_products"]
+    assert isinstance(js, BrowserSource) and js.render == "auto" and js.wait_for.selector == "span.sku"
     assert isinstance(products, HtmlSource)
     assert products.start_urls == ["http://127.0.0.1:8080/catalogue/page/1"]
     assert products.key_fields == ["sku"]

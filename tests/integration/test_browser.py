@@ -96,6 +96,7 @@ async def test_js_injected_content_is_extracted_and_the_pattern_remembered(demo_
         p = product(i)
         assert got[p.sku]["name"] == p.name and got[p.sku]["price"] == f"{p.price:.2f}"
     assert run.kinds() == {"fetched": JS_DEMO_COUNT + 1}
+    assert run.stats.pages == JS_DEMO_COUNT + 1  # each page once, whichever path it took
     render = run.stats.render
     # The index is plain HTML; the first product pages tried HTTP, then the pattern went straight to the browser.
     assert render["http"] == 1

@@ -267,6 +267,7 @@ class BrowserConnector(HtmlConnector):
         src = self.source
         is_record_page = self._record_re is None or bool(self._record_re.search(url))
         mode = src.render
+        tried_http = False
         if mode == "never" or (mode == "auto" and url_pattern(url) not in self.pool.needs_browser):
             resp = await self.ctx.fetch(
                 src.name,
@@ -294,14 +295,19 @@ class BrowserConnector(HtmlConnector):
                 await self._emit(url, resp, tree, items, depth, out)
                 return
             # The page needs its scripts: this pattern goes to the browser from now on.
+            tried_http = True
             self.pool.needs_browser.add(url_pattern(url))
             self.ctx.stats.render["http+browser"] += 1
             log.info("page needs the browser", url=url, pattern=url_pattern(url)[1], missing=self._required)
         else:
             self.ctx.stats.render["browser"] += 1
+        direct = not tried_http
         resp = await self._render(url)
         if resp is None:
             return
+        if direct:  # a page that went over HTTP first was counted then
+            self.ctx.stats.pages += 1
+        self.ctx.stats.bytes += len(resp.body)
         tree = parse_html(resp.text())
         items = list(extract_items(tree, src.item_selector, src.fields)) if is_record_page else []
         await self._emit(url, resp, tree, items, depth, out)

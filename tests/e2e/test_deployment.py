@@ -147,33 +147,28 @@ def _wait_healthy(api: str, proc: subprocess.Popen[bytes], log: Path, timeout: f
     raise RuntimeError(f"prefect server not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
+def _admin(server_dsn: str, sql: str) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(server_dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
 def _create_database(server_dsn: str) -> str:
     from urllib.parse import urlsplit, urlunsplit
 
     name = f"trawl_deploy_{os.getpid()}_{int(time.time())}"
-
-    async def create() -> None:
-        conn = await asyncpg.connect(server_dsn)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
+    _admin(server_dsn, f'CREATE DATABASE "{name}"')
     return urlunsplit(urlsplit(server_dsn)._replace(path=f"/{name}"))
 
 
 def _drop_database(server_dsn: str, url: str) -> None:
     name = url.rsplit("/", 1)[1].split("?", 1)[0]
-
-    async def drop() -> None:
-        conn = await asyncpg.connect(server_dsn)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
-
-    asyncio.run(drop())
+    _admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextlib.asynccontextmanager

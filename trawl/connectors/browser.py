@@ -269,15 +269,7 @@ class BrowserConnector(HtmlConnector):
         mode = src.render
         tried_http = False
         if mode == "never" or (mode == "auto" and url_pattern(url) not in self.pool.needs_browser):
-            resp = await self.ctx.fetch(
-                src.name,
-                url,
-                transport="aiohttp",
-                concurrency=src.politeness.concurrency,
-                delay=src.politeness.delay,
-                robots=src.robots,
-                park=True,
-            )
+            resp = await self._get(url)
             if resp is None:
                 return
             if resp.url != url:

@@ -13,6 +13,7 @@ from trawl.config import HtmlSource
 from trawl.connectors.base import SourceContext, make_record
 from trawl.errors import BreakerOpen
 from trawl.extract import extract_items, extract_links, parse_html
+from trawl.fetch import Response
 from trawl.records import OutcomeKind, Record, utcnow
 
 __all__ = ["HtmlConnector"]
@@ -137,21 +138,29 @@ class HtmlConnector:
                 t.cancel()
             await asyncio.gather(*workers, supervisor, return_exceptions=True)
 
-    async def _page(self, url: str, depth: int, out: asyncio.Queue[object]) -> None:
+    async def _get(self, url: str, headers: dict[str, str] | None = None) -> Response | None:
+        """Fetch one page under the source's politeness; None when it failed (its outcome recorded).
+
+        BreakerOpen propagates (``park``): the crawl puts the URL back until the breaker may admit it.
+        """
         src = self.source
-        is_record_page = self._record_re is None or bool(self._record_re.search(url))
-        # Only pages we need nothing else from may come back empty (304): record pages, or every page of a list.
-        conditional = src.conditional and (not self._crawl or (self._record_re is not None and is_record_page))
-        resp = await self.ctx.fetch(
+        return await self.ctx.fetch(
             src.name,
             url,
-            headers=self.ctx.conditional_headers(url) if conditional else None,
+            headers=headers,
             transport="aiohttp",
             concurrency=src.politeness.concurrency,
             delay=src.politeness.delay,
             robots=src.robots,
             park=True,
         )
+
+    async def _page(self, url: str, depth: int, out: asyncio.Queue[object]) -> None:
+        src = self.source
+        is_record_page = self._record_re is None or bool(self._record_re.search(url))
+        # Only pages we need nothing else from may come back empty (304): record pages, or every page of a list.
+        conditional = src.conditional and (not self._crawl or (self._record_re is not None and is_record_page))
+        resp = await self._get(url, self.ctx.conditional_headers(url) if conditional else None)
         if resp is None:
             return
         if resp.status == 304:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -140,20 +142,29 @@ class FlowMetrics:
     failed: bool = False
 
 
+_IN_FLOW: contextvars.ContextVar[bool] = contextvars.ContextVar("trawl_in_flow_metrics", default=False)
+"""True inside a flow's :func:`flow_metrics` (a subflow's does not push: the outer flow's push has it)."""
+
+
 @contextlib.asynccontextmanager
 async def flow_metrics(flow: str, settings: Settings, scope: str = "all") -> AsyncIterator[FlowMetrics]:
     """Around a flow's body: the metrics endpoint up (``metrics_port``), the run counted and timed, then pushed.
 
     The push to ``pushgateway_url`` happens at the end whatever the outcome, so a
-    failed run is visible too; a push failure is logged, never fails the run. The
-    Pushgateway group is ``job=trawl, flow, scope`` (``scope``: the sources run), so
-    runs of different sources do not overwrite each other's last-success times.
+    failed run is visible too; a push failure is logged, never fails the run. Only
+    the outermost flow of a process pushes (a pipeline's crawl and load subflows
+    are in its push), once, to the group ``job=trawl, entry_flow, scope``
+    (``scope``: the sources run), so runs of different sources or flows do not
+    overwrite each other's last-success times. The group's label is not ``flow``:
+    the metrics' own ``flow`` label tells the pipeline, crawl and load apart.
     """
     METRICS.max_hosts = settings.metrics_max_hosts
     if settings.metrics_port is not None:
         METRICS.serve(settings.metrics_port)
     started = time.monotonic()
     state = FlowMetrics()
+    outermost = not _IN_FLOW.get()
+    token = _IN_FLOW.set(True)
     try:
         yield state
     except BaseException:
@@ -163,7 +174,7 @@ async def flow_metrics(flow: str, settings: Settings, scope: str = "all") -> Asy
         METRICS.runs.labels(flow, "failed" if state.failed else "completed").inc()
         METRICS.run_failed.labels(flow).set(1 if state.failed else 0)
         METRICS.run_seconds.labels(flow).set(time.monotonic() - started)
-        if settings.pushgateway_url:
-            import asyncio
-
-            await asyncio.to_thread(METRICS.push, settings.pushgateway_url, "trawl", {"flow": flow, "scope": scope})
+        _IN_FLOW.reset(token)
+        if settings.pushgateway_url and outermost:
+            group = {"entry_flow": flow, "scope": scope}
+            await asyncio.to_thread(METRICS.push, settings.pushgateway_url, "trawl", group)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from typing import Final
+from urllib.error import HTTPError
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway, start_http_server
@@ -149,7 +150,8 @@ class Metrics:
         try:
             push_to_gateway(url, job=job, registry=self.registry, grouping_key=grouping or {}, timeout=10)
         except OSError as exc:
-            log.warning("metrics push failed", pushgateway=url, error=str(exc))
+            detail = exc.read().decode(errors="replace").strip() if isinstance(exc, HTTPError) else ""
+            log.warning("metrics push failed", pushgateway=url, error=str(exc), detail=detail or None)
         else:
             log.info("metrics pushed", pushgateway=url, job=job)
 

@@ -109,12 +109,17 @@ def test_host_labels_are_capped() -> None:
 
 
 @pytest.fixture
-def pushgateway() -> Iterator[str]:
+def pushgateway(tmp_path: Path) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [_tool("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
+        # Debian's build keeps its groups in /var/lib/prometheus by default: each test starts empty.
+        [
+            _tool("prometheus-pushgateway"),
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--persistence.file={tmp_path / 'pushgateway.data'}",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -141,10 +146,30 @@ async def test_flow_end_pushes_to_the_pushgateway(pushgateway: str) -> None:
         measured.failed = True
 
     samples = _samples(await asyncio.to_thread(_get, f"{pushgateway}/metrics"))
-    group = {"job": "trawl", "flow": "crawl", "scope": "pushed_source"}
+    group = {"job": "trawl", "entry_flow": "crawl", "scope": "pushed_source"}
     assert _value(samples, "trawl_outcomes_total", source="pushed_source", outcome="fetched", **group) == 3
-    assert _value(samples, "trawl_run_failed", **group) == 1
-    assert _value(samples, "trawl_runs_total", status="failed", **group) >= 1
+    assert _value(samples, "trawl_run_failed", flow="crawl", **group) == 1
+    assert _value(samples, "trawl_runs_total", flow="crawl", status="failed", **group) >= 1
+
+
+async def test_a_pipeline_pushes_once_with_its_subflows_series(pushgateway: str) -> None:
+    """As `trawl run` does: crawl and load inside the pipeline, one process, one push at the very end."""
+    settings = Settings(pushgateway_url=pushgateway)
+    async with flow_metrics("pipeline", settings, "nested_source"):
+        async with flow_metrics("crawl", settings, "nested_source"):
+            pass
+        pushed_early = _samples(await asyncio.to_thread(_get, f"{pushgateway}/metrics"))
+        async with flow_metrics("load", settings, "nested_source") as load:
+            load.failed = True
+
+    assert not any(("scope", "nested_source") in labels for _, labels in pushed_early), "a subflow pushed"
+    samples = _samples(await asyncio.to_thread(_get, f"{pushgateway}/metrics"))
+    group = {"job": "trawl", "entry_flow": "pipeline", "scope": "nested_source"}
+    assert _value(samples, "trawl_run_failed", flow="load", **group) == 1
+    for flow in ("crawl", "pipeline"):
+        assert _value(samples, "trawl_runs_total", flow=flow, status="completed", **group) >= 1
+        assert _value(samples, "trawl_run_failed", flow=flow, **group) == 0
+    assert _value(samples, "trawl_runs_total", flow="load", status="failed", **group) >= 1
 
 
 def test_alert_rules_are_valid_and_pass_their_unit_tests() -> None:

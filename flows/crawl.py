@@ -103,9 +103,7 @@ async def crawl(
     """
     selected = check_sources(sources_file, sources)
     settings = await settings_for(staging, politeness)
-    stager = open_stager(
-        settings.staging, part_max_records=settings.part_max_records, part_max_bytes=settings.part_max_bytes
-    )
+    stager = open_stager(settings.staging, settings=settings)
     run_id = run_id or new_run_id()
     bind(run_id=run_id, flow_run_id=current_flow_run_id())
     if dry_run:
@@ -117,13 +115,30 @@ async def crawl(
             "dry_run": True,
             "sources": [_plan(s) for s in selected],
         }
-    async with flow_metrics("crawl", settings, "+".join(sorted(s.name for s in selected))) as measured:
+    async with (
+        flow_metrics("crawl", settings, "+".join(sorted(s.name for s in selected))) as measured,
+        stager,
+    ):
+        await _resume_spooled(stager)
         results = await _crawl_all(selected, run_id, settings, stager)
         measured.failed = any(r["status"] != "complete" for r in results)
     await publish_crawl(run_id, stager.uri, results)
     if publish:
         await publish_summary(run_id, results, None)
     return {"run_id": run_id, "flow_run_id": current_flow_run_id(), "staging": stager.uri, "sources": results}
+
+
+async def _resume_spooled(stager: Stager) -> None:
+    """Runs an earlier crawl left in the S3 spool (S3 was down) are finished first, when S3 answers now."""
+    from sinks.s3 import S3Stager
+
+    if not isinstance(stager, S3Stager):
+        return
+    try:
+        for r in await stager.resume():
+            log.info("earlier run resumed", run_id=r.run_id, source=r.source, kind=r.kind, result=r.message)
+    except Exception as exc:  # S3 still down, or a spooled part is bad: this crawl spools too, and says so at the end
+        log.warning("spooled runs not resumed", staging=stager.uri, error=str(exc))
 
 
 async def _crawl_all(

@@ -103,15 +103,15 @@ async def load(
     """
     settings = await settings_for(staging, database_secret=database_secret)
     bind(flow_run_id=current_flow_run_id())
-    stager = open_stager(settings.staging)
-    manifests = [
-        m
-        for kind in _KINDS
-        for m in await stager.manifests(kind)
-        if (not run_ids or m.run_id in run_ids) and (not sources or m.source in sources)
-    ]
-    async with flow_metrics("load", settings):
-        return await _load_all(settings, stager, manifests, dry_run)
+    async with open_stager(settings.staging, settings=settings) as stager:
+        manifests = [
+            m
+            for kind in _KINDS
+            for m in await stager.manifests(kind)
+            if (not run_ids or m.run_id in run_ids) and (not sources or m.source in sources)
+        ]
+        async with flow_metrics("load", settings):
+            return await _load_all(settings, stager, manifests, dry_run)
 
 
 async def _load_all(settings: Settings, stager: Stager, manifests: list[Manifest], dry_run: bool) -> dict[str, Any]:

@@ -11,6 +11,10 @@ directory without a manifest is not loadable; one with a manifest is complete.
 For a source that failed mid-crawl the manifest says ``"status": "failed"``: what
 was fetched before the failure is still staged and loadable, and its outcomes
 tell why the rest is missing.
+
+A stager is an async context manager (``async with open_stager(url) as stager:``):
+the S3 stager (:mod:`sinks.s3`) opens its client there and, on the way out,
+waits for its uploads and closes it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self
 from urllib.parse import urlsplit
 
 import orjson
@@ -31,10 +36,15 @@ import orjson
 from trawl.errors import ConfigError, StagingError
 from trawl.records import utcnow
 
+if TYPE_CHECKING:
+    from sinks.s3 import S3Stager
+    from trawl.settings import Settings
+
 __all__ = [
     "LocalStager",
     "Manifest",
     "PartWriter",
+    "RunInfo",
     "SourceStage",
     "StagedPart",
     "Stager",
@@ -104,6 +114,53 @@ class Manifest:
             raise StagingError(f"{uri}: unreadable manifest: {exc}") from None
 
 
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """One staged run of one source, as ``trawl runs ls`` shows it.
+
+    ``state`` is ``committed`` when its records manifest exists, else ``incomplete``
+    (parts written or spooled, no manifest: not loadable yet). ``rows`` is only
+    known for committed runs.
+    """
+
+    run_id: str
+    source: str
+    dt: str
+    state: Literal["committed", "incomplete"]
+    status: str | None
+    parts: int
+    rows: int | None
+    bytes: int
+    spooled: int = 0
+
+
+def summarize_runs(
+    manifests: list[Manifest], part_objects: Mapping[tuple[str, str, str], tuple[int, int]]
+) -> list[RunInfo]:
+    """Runs from the records manifests found and the record parts present ((source, dt, run) → (count, bytes))."""
+    runs: dict[tuple[str, str, str], RunInfo] = {}
+    for m in manifests:
+        runs[(m.source, m.dt, m.run_id)] = RunInfo(
+            m.run_id, m.source, m.dt, "committed", m.status, len(m.parts), m.rows, sum(p.bytes for p in m.parts)
+        )
+    for (source, dt, run_id), (count, size) in part_objects.items():
+        if (source, dt, run_id) not in runs:
+            runs[(source, dt, run_id)] = RunInfo(run_id, source, dt, "incomplete", None, count, None, size)
+    return sorted(runs.values(), key=lambda r: (r.run_id, r.source))
+
+
+def run_path_parts(path: str) -> tuple[str, str, str] | None:
+    """(source, dt, run_id) from ``…/source=S/dt=D/run=R/…``, or None."""
+    found: dict[str, str] = {}
+    for seg in path.split("/"):
+        name, sep, value = seg.partition("=")
+        if sep and name in ("source", "dt", "run") and name not in found:
+            found[name] = value
+    if len(found) != 3:
+        return None
+    return found["source"], found["dt"], found["run"]
+
+
 class PartWriter:
     """Writes envelopes into gzip JSON Lines parts, rolling at a row or byte threshold."""
 
@@ -165,14 +222,29 @@ class PartWriter:
 
     async def _flush(self) -> None:
         if self._buf:
+            if self._file is None:
+                await self._part_opening()
             data = b"".join(self._buf)
             self._buf, self._buf_bytes = [], 0
             await asyncio.to_thread(self._flush_sync, data)
+            await self._flushed(self._written)
 
     async def _close_part(self) -> None:
         await self._flush()
         if self._file is not None:
-            self._parts.append(await asyncio.to_thread(self._close_sync))
+            part = await asyncio.to_thread(self._close_sync)
+            self._parts.append(part)
+            await self._part_closed(part, self._dir / part.uri.rsplit("/", 1)[1])
+
+    # Hooks for writers that ship parts elsewhere (sinks.s3): no-ops for a local directory.
+    async def _part_opening(self) -> None:
+        """Before a new part's file is opened."""
+
+    async def _flushed(self, written: int) -> None:
+        """After compressed bytes reached the open part's file (``written`` so far)."""
+
+    async def _part_closed(self, part: StagedPart, path: Path) -> None:
+        """After a part's file is complete and renamed to ``path``."""
 
     async def write(self, envelope: Mapping[str, Any]) -> None:
         """Append one envelope; closes the current part when it reaches a threshold."""
@@ -218,6 +290,7 @@ class SourceStage:
         """Close both streams and write their manifests: outcomes first, records last (the commit)."""
         finished = utcnow()
         manifests = []
+        failure: StagingError | None = None
         streams: tuple[tuple[StreamKind, PartWriter], ...] = (("outcomes", self.outcomes), ("raw", self.records))
         for kind, writer in streams:
             parts = await writer.close()
@@ -237,7 +310,16 @@ class SourceStage:
                 "parts": [p.as_dict() for p in parts],
                 "rows": sum(p.rows for p in parts),
             }
-            manifests.append(await self.stager.write_manifest(kind, self.source, self.dt, self.run_id, body))
+            try:
+                manifests.append(await self.stager.write_manifest(kind, self.source, self.dt, self.run_id, body))
+            except StagingError as exc:
+                # Transient (S3 down): the records stream still closes and leaves its manifest body in the
+                # spool for `trawl stage resume`; the stager refuses to commit records without their outcomes.
+                if not exc.transient:
+                    raise
+                failure = failure or exc
+        if failure is not None:
+            raise failure
         return manifests[0], manifests[1]
 
 
@@ -256,6 +338,14 @@ class Stager(Protocol):
         self, kind: StreamKind, source: str, dt: str, run_id: str, body: Mapping[str, Any]
     ) -> Manifest: ...
 
+    async def runs(self) -> list[RunInfo]: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
 
 class LocalStager:
     """A directory on local disk (the embedded default)."""
@@ -266,6 +356,14 @@ class LocalStager:
         self.uri = f"file://{self.root}"
         self._max_rows = part_max_records
         self._max_bytes = part_max_bytes
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        return None
 
     def _run_dir(self, kind: StreamKind, source: str, dt: str, run_id: str) -> Path:
         return self.root / kind / f"source={source}" / f"dt={dt}" / f"run={run_id}"
@@ -310,6 +408,22 @@ class LocalStager:
         found = [Manifest.from_json(f"file://{p}", raw) for p, raw in await asyncio.to_thread(scan)]
         return sorted(found, key=lambda m: (m.started_at, m.source))
 
+    async def runs(self) -> list[RunInfo]:
+        """Every run with record parts or a records manifest: committed or incomplete, with counts."""
+
+        def scan() -> dict[tuple[str, str, str], tuple[int, int]]:
+            found: dict[tuple[str, str, str], tuple[int, int]] = {}
+            base = self.root / "raw"
+            if base.is_dir():
+                for d in base.glob("source=*/dt=*/run=*"):
+                    ident = run_path_parts(d.relative_to(base).as_posix())
+                    if ident is not None:
+                        parts = [p.stat().st_size for p in d.glob("part-*.jsonl.gz")]
+                        found[ident] = (len(parts), sum(parts))
+            return found
+
+        return summarize_runs(await self.manifests("raw"), await asyncio.to_thread(scan))
+
     def _path(self, uri: str) -> Path:
         path = Path(os.path.normpath(uri.removeprefix("file://")))  # no `..` out of the root
         if not uri.startswith("file://") or not path.is_relative_to(self.root):
@@ -335,11 +449,30 @@ class LocalStager:
                 yield line
 
 
-def open_stager(url: str, *, part_max_records: int = 50_000, part_max_bytes: int = 64 * 1024 * 1024) -> LocalStager:
-    """The stager for a staging URL: ``file://DIR`` or a plain path (``s3://`` lands with S3 staging)."""
+def open_stager(
+    url: str,
+    *,
+    settings: Settings | None = None,
+    part_max_records: int | None = None,
+    part_max_bytes: int | None = None,
+) -> LocalStager | S3Stager:
+    """The stager for a staging URL: ``file://DIR``, a plain path, or ``s3://BUCKET[/PREFIX]``.
+
+    Nothing is opened here (a bad URL is a ConfigError at once); use the result
+    as ``async with open_stager(url) as stager:``. Part limits default to the
+    settings' (``part_max_records``, ``part_max_bytes``), S3 options come from them.
+    """
+    if settings is None:
+        from trawl.settings import Settings
+
+        settings = Settings(staging=url)
+    part_max_records = part_max_records or settings.part_max_records
+    part_max_bytes = part_max_bytes or settings.part_max_bytes
     scheme = urlsplit(url).scheme
     if scheme == "s3":
-        raise ConfigError(f"staging {url}: s3:// staging is not available in this version; use file://DIR")
+        from sinks.s3 import S3Stager
+
+        return S3Stager.from_url(url, settings, part_max_records=part_max_records, part_max_bytes=part_max_bytes)
     if scheme == "file":
         # file://./x is relative (netloc "."); file:///x is absolute
         rest = url[len("file://") :]

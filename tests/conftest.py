@@ -105,3 +105,142 @@ def prefect_api() -> Iterator[str]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield str(prefect.settings.PREFECT_API_URL.value())
+
+
+# -- S3 over HTTP: moto's server, and a TCP proxy in front of it that a test can cut and restore -------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto's S3 server (``moto_server``) on a free loopback port, for the whole session."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    exe = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen(
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:  # pragma: no cover - the message says why
+            pytest.fail("moto_server did not start")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on moto; AWS credentials and region for the default chain set in the environment."""
+    import boto3
+
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    bucket = f"trawl-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return bucket
+
+
+class TcpProxy:
+    """A TCP proxy on a fixed loopback port in its own thread: ``cut()`` refuses and drops every connection."""
+
+    def __init__(self, target_port: int) -> None:
+        import asyncio
+        import threading
+
+        self.target_port = target_port
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.restore()
+
+    def _call(self, coro: object) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)  # type: ignore[arg-type]
+
+    async def _pipe(self, reader: object, writer: object) -> None:
+        try:
+            while data := await reader.read(65536):  # type: ignore[attr-defined]
+                writer.write(data)  # type: ignore[attr-defined]
+                await writer.drain()  # type: ignore[attr-defined]
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()  # type: ignore[attr-defined]
+
+    async def _handle(self, reader: object, writer: object) -> None:
+        import asyncio
+
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()  # type: ignore[attr-defined]
+            return
+        self._writers.update((writer, up_writer))  # type: ignore[arg-type]
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        self._writers.difference_update((writer, up_writer))  # type: ignore[arg-type]
+
+    def restore(self) -> None:
+        import asyncio
+
+        async def start() -> None:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
+
+        self._call(start())
+
+    def cut(self) -> None:
+        async def stop() -> None:
+            if self._server is not None:
+                self._server.close()
+                self._server = None
+            for w in list(self._writers):
+                w.transport.abort()
+            self._writers.clear()
+
+        self._call(stop())
+
+    def close(self) -> None:
+        self.cut()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+
+@pytest.fixture
+def s3_proxy(moto_endpoint: str) -> Iterator[TcpProxy]:
+    """A cuttable TCP proxy in front of moto (point ``s3_endpoint_url`` at ``proxy.url``)."""
+    from urllib.parse import urlsplit
+
+    proxy = TcpProxy(int(urlsplit(moto_endpoint).port or 0))
+    try:
+        yield proxy
+    finally:
+        proxy.close()

@@ -1,4 +1,4 @@
-"""``trawl run|crawl|load|check|lineage|demo``: the command line, a thin shell around the Prefect flows.
+"""``trawl run|crawl|load|check|lineage|demo|runs ls|stage resume``: the command line, a thin shell around the Prefect flows.
 
 Exit codes: 0 every source done; 1 some sources (or loads) failed, the rest
 still staged and loaded; 2 bad usage or config, or nothing could start
@@ -71,6 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     common(lineage, stages=False, file=False)
     demo = sub.add_parser("demo", help="serve the bundled demo site and run the pipeline against it")
     common(demo, file=False)
+    runs = sub.add_parser("runs", help="staged runs").add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls = runs.add_parser("ls", help="list staged runs with their state (committed, incomplete) and counts")
+    stage = sub.add_parser("stage", help="staging maintenance").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    resume = stage.add_parser("resume", help="upload a run's spooled parts to S3 and write its manifests")
+    resume.add_argument("run_id", metavar="RUN_ID", help="the run to finish")
+    for sp in (ls, resume):
+        sp.add_argument("--staging", metavar="URL", help="file://DIR or s3://BUCKET/PREFIX (env TRAWL_STAGING)")
+        sp.add_argument("--log-format", choices=("auto", "json", "console"), help="log renderer (env TRAWL_LOG_FORMAT)")
     return p
 
 
@@ -199,11 +209,66 @@ def _lineage(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _staging(args: argparse.Namespace) -> int:
+    """``trawl runs ls`` and ``trawl stage resume RUN_ID``: no Prefect, no database."""
+    from sinks.s3 import S3Stager
+    from sinks.stage import open_stager
+    from trawl.logs import configure_logging
+    from trawl.settings import Settings
+
+    for flag, env in (("staging", "TRAWL_STAGING"), ("log_format", "TRAWL_LOG_FORMAT")):
+        if getattr(args, flag, None):
+            os.environ[env] = getattr(args, flag)
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+    stager = open_stager(settings.staging, settings=settings)
+
+    async def runs() -> int:
+        async with stager:
+            found = await stager.runs()
+        if not found:
+            print(f"no staged runs in {stager.uri}")
+            return EXIT_OK
+        rows = [
+            (
+                r.run_id,
+                r.source,
+                r.dt,
+                r.state,
+                r.status or "-",
+                r.parts,
+                "-" if r.rows is None else r.rows,
+                r.bytes,
+                r.spooled or "-",
+            )
+            for r in found
+        ]
+        print(_render(("run_id", "source", "dt", "state", "status", "parts", "rows", "bytes", "spooled"), rows))
+        return EXIT_OK
+
+    async def resume() -> int:
+        if not isinstance(stager, S3Stager):
+            print(f"nothing to resume: {stager.uri} is a local directory (parts are written in place)")
+            return EXIT_OK
+        async with stager:
+            done = await stager.resume(args.run_id)
+        if not done:
+            print(f"nothing to resume: run {args.run_id} has nothing in the spool {stager.spool_root}")
+            return EXIT_OK
+        for r in done:
+            print(f"{r.source} {r.kind} run {r.run_id}: {r.message}")
+        return EXIT_OK if all(r.committed for r in done) else EXIT_FAILED
+
+    return asyncio.run(runs() if args.command == "runs" else resume())
+
+
 def _execute(args: argparse.Namespace) -> int:
     from trawl.config import load_sources
 
     if args.command == "lineage":
         return _lineage(args)
+    if args.command in ("runs", "stage"):
+        return _staging(args)
 
     if args.command == "check":
         spec = load_sources(args.sources_file)
@@ -240,7 +305,7 @@ def _run(args: argparse.Namespace) -> int:
     from trawl.settings import Settings
 
     settings = Settings()
-    open_stager(settings.staging)  # a bad staging URL fails here, not inside a flow
+    open_stager(settings.staging, settings=settings)  # a bad staging URL fails here, not inside a flow
     if args.command in ("run", "crawl", "demo"):
         select_sources(load_sources(args.sources_file), args.sources)
     if args.command in ("run", "load", "demo"):

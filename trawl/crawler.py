@@ -18,7 +18,7 @@ from sinks.stage import SourceStage, Stager
 from trawl.config import ApiSource, HtmlSource
 from trawl.connectors import SourceContext, connector_for
 from trawl.connectors.base import SourceStats, Validators
-from trawl.errors import TrawlError
+from trawl.errors import StagingError, TrawlError
 from trawl.fetch import Fetcher
 from trawl.logs import bind, redact, unbind
 from trawl.metrics import METRICS
@@ -109,9 +109,17 @@ async def crawl_source(
         summary = ctx.stats.as_dict()
         summary["breaker_trips"] = sum(fetcher.breakers.trips(host) for host in ctx.stats.hosts)
         status: Literal["complete", "failed"] = "failed" if error else "complete"
-        outcomes, raw = await stage.commit(
-            status=status, schema=source_schema(source), stats=summary, error=error, flow_run_id=flow_run_id
-        )
+        try:
+            outcomes, raw = await stage.commit(
+                status=status, schema=source_schema(source), stats=summary, error=error, flow_run_id=flow_run_id
+            )
+        except StagingError as exc:  # e.g. S3 still down: the parts wait in the spool for `trawl stage resume`
+            error = redact(str(exc))
+            METRICS.source_runs.labels(source.name, "failed").inc()
+            log.error("source not committed", error=error)
+            raise SourceFailed(
+                SourceResult(source.name, "failed", time.monotonic() - started, summary, error)
+            ) from None
         for m in (outcomes, raw):
             METRICS.parts_uploaded.labels(source.name, m.kind).inc(len(m.parts))
             METRICS.bytes_staged.labels(source.name).inc(sum(p.bytes for p in m.parts))

@@ -92,6 +92,18 @@ class Metrics:
             ["source", "kind"],
             registry=r,
         )
+        self.s3_uploaded_bytes = Counter(
+            "trawl_s3_uploaded_bytes_total", "Bytes of staged parts uploaded to S3.", ["source"], registry=r
+        )
+        self.s3_spooled_parts = Gauge(
+            "trawl_s3_spooled_parts", "Closed parts waiting in the local spool for S3.", registry=r
+        )
+        self.s3_upload_failures = Counter(
+            "trawl_s3_upload_failures_total",
+            "S3 uploads that failed after botocore's retries, by kind (transient: the part was spooled).",
+            ["kind"],
+            registry=r,
+        )
         self.rows_loaded = Counter(
             "trawl_rows_loaded_total",
             "Rows loaded into PostgreSQL, by result (inserted, updated, unchanged, rejected).",

@@ -115,6 +115,70 @@ class Settings(BaseSettings):
         ge=1024,
         description="A staged part is closed once this many compressed bytes are written.",
     )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="Endpoint of an S3-compatible store (MinIO, Ceph, R2, moto). Unset: AWS, from the region.",
+    )
+    s3_region: str | None = Field(
+        default=None,
+        description="S3 region. Unset: the AWS default chain (`AWS_REGION`, `AWS_DEFAULT_REGION`, `~/.aws/config`). "
+        "Credentials always come from the AWS default chain.",
+    )
+    s3_addressing_style: Literal["auto", "virtual", "path"] = Field(
+        default="auto", description="`path` for stores that need `endpoint/bucket/key` URLs (most MinIO setups)."
+    )
+    s3_sse: Literal["AES256", "aws:kms"] | None = Field(
+        default=None, description="Server-side encryption of staged objects: `AES256` or `aws:kms` (unset: none)."
+    )
+    s3_sse_kms_key_id: str | None = Field(
+        default=None, description="KMS key id or ARN with `s3_sse=aws:kms` (unset: the bucket's default key)."
+    )
+    s3_storage_class: str | None = Field(
+        default=None, description="Storage class of staged objects, e.g. `STANDARD_IA` (unset: the bucket's default)."
+    )
+    s3_tagging: bool = Field(
+        default=True, description="Tag staged objects with `source` and `run_id` (off for stores without tagging)."
+    )
+    s3_part_size: int = Field(
+        default=8 * 1024 * 1024,
+        ge=5 * 1024 * 1024,
+        le=5 * 1024 * 1024 * 1024,
+        description="Bytes per multipart chunk: a part is uploaded a chunk at a time as it grows (S3's minimum: 5 MiB).",
+    )
+    s3_max_concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Uploads to S3 in flight at once; memory holds at most this many chunks.",
+    )
+    s3_max_attempts: int = Field(
+        default=5,
+        ge=1,
+        description="Attempts of one S3 request (botocore's standard retries: connection errors, 5xx, throttling).",
+    )
+    s3_backoff_base: float = Field(
+        default=1.0, ge=0, description="Base of the backoff between retries of a spooled part's upload, in seconds."
+    )
+    s3_backoff_max: float = Field(
+        default=60.0, ge=0, description="Cap on one backoff sleep between retries of a spooled part's upload."
+    )
+    s3_connect_timeout: float = Field(default=10.0, gt=0, description="Seconds to connect to S3.")
+    s3_read_timeout: float = Field(default=60.0, gt=0, description="Seconds to wait for S3's answer.")
+    s3_commit_timeout: float = Field(
+        default=600.0,
+        ge=0,
+        description="Seconds a source's commit waits for its spooled parts to reach S3; then the run fails, the "
+        "spool is kept and `trawl stage resume RUN_ID` finishes it.",
+    )
+    s3_spool_dir: Path = Field(
+        default=Path(".trawl/spool"),
+        description="Local directory where parts wait for S3 (while they upload, and while S3 is unavailable).",
+    )
+    s3_spool_max_bytes: int = Field(
+        default=2 * 1024 * 1024 * 1024,
+        ge=1,
+        description="Closed parts the spool may hold waiting for S3; beyond this, new parts wait for room.",
+    )
     max_pages: int | None = Field(
         default=None, ge=1, description="Stop each source after this many fetched pages (None: no limit)."
     )

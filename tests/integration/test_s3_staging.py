@@ -1,0 +1,170 @@
+"""S3 staging against moto's server over HTTP: layout, multipart parts, commit last, verified reads, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import boto3
+import orjson
+import pytest
+
+from sinks.s3 import S3Stager, S3TransientError
+from sinks.stage import open_stager
+from trawl.errors import StagingError
+from trawl.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+STARTED = datetime(2026, 3, 14, 12, 0, tzinfo=UTC)
+RUN = "20260314T120000Z-abc123"
+SCHEMA: dict[str, Any] = {"key": ["id"], "fields": {"id": {"type": "int", "required": True}}}
+MIB = 1024 * 1024
+
+
+def s3_settings(bucket: str, endpoint: str, tmp_path: Path, **kw: Any) -> Settings:
+    base: dict[str, Any] = {
+        "staging": f"s3://{bucket}/lake",
+        "s3_endpoint_url": endpoint,
+        "s3_addressing_style": "path",
+        "s3_spool_dir": tmp_path / "spool",
+        "s3_max_attempts": 2,
+        "s3_connect_timeout": 1,
+        "s3_read_timeout": 5,
+        "s3_backoff_base": 0.05,
+        "s3_backoff_max": 0.3,
+        "s3_commit_timeout": 30,
+    }
+    return Settings(**{**base, **kw})
+
+
+def envelope(i: int, pad: str = "") -> dict[str, Any]:
+    return {
+        "source": "shop",
+        "key": str(i),
+        "url": f"https://example.test/item/{i}",
+        "fetched_at": "2026-03-14T12:00:00+00:00",
+        "run_id": RUN,
+        "content_hash": f"h{i}",
+        "data": {"id": i, "pad": pad},
+    }
+
+
+def client(endpoint: str) -> Any:
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
+
+async def stage(stager: Any, n: int, *, pad: Any = "", run_id: str = RUN, source: str = "shop") -> tuple[Any, Any]:
+    st = stager.open_source(source, run_id, STARTED)
+    for i in range(n):
+        await st.records.write(envelope(i, pad(i) if callable(pad) else pad))
+    await st.outcomes.write({"url": "https://example.test/", "outcome": "fetched"})
+    return await st.commit(status="complete", schema=SCHEMA, stats={"records": n})
+
+
+async def test_parts_and_manifests_land_in_the_local_layout(s3_bucket: str, moto_endpoint: str, tmp_path: Path) -> None:
+    settings = s3_settings(s3_bucket, moto_endpoint, tmp_path, part_max_records=4)
+    async with open_stager(settings.staging, settings=settings) as stager:
+        assert isinstance(stager, S3Stager)
+        outcomes, raw = await stage(stager, 10)
+        assert [p.rows for p in raw.parts] == [4, 4, 2]
+        listed = await stager.manifests()
+        read = [orjson.loads(line) for p in listed[0].parts async for line in stager.read_part(p)]
+    prefix = f"lake/raw/source=shop/dt=2026-03-14/run={RUN}"
+    keys = sorted(o["Key"] for o in client(moto_endpoint).list_objects_v2(Bucket=s3_bucket)["Contents"])
+    assert keys == sorted(
+        [
+            f"{prefix}/_manifest.json",
+            *(f"{prefix}/part-0000{i}.jsonl.gz" for i in (1, 2, 3)),
+            f"lake/outcomes/source=shop/dt=2026-03-14/run={RUN}/_manifest.json",
+            f"lake/outcomes/source=shop/dt=2026-03-14/run={RUN}/part-00001.jsonl.gz",
+        ]
+    )
+    assert raw.uri == f"s3://{s3_bucket}/{prefix}/_manifest.json"
+    assert [m.uri for m in listed] == [raw.uri]
+    assert [r["data"]["id"] for r in read] == list(range(10))
+    assert outcomes.rows == 1
+    assert not (tmp_path / "spool" / s3_bucket / "lake").exists()  # nothing left in the spool
+
+
+async def test_a_large_part_goes_up_in_chunks_and_the_manifest_comes_last(
+    s3_bucket: str, moto_endpoint: str, tmp_path: Path
+) -> None:
+    settings = s3_settings(s3_bucket, moto_endpoint, tmp_path, s3_part_size=5 * MIB, s3_max_concurrency=2)
+    s3 = client(moto_endpoint)
+    async with open_stager(settings.staging, settings=settings) as stager:
+        st = stager.open_source("shop", RUN, STARTED)
+        i = 0
+        seen_upload = False
+        while i < 14_000:  # ~15 MB of incompressible data: one part, several chunks
+            await st.records.write(envelope(i, os.urandom(1000).hex()))
+            i += 1
+            if i % 2000 == 0:
+                await asyncio.sleep(0.05)
+                uploads = s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+                seen_upload = seen_upload or bool(uploads)
+                # Nothing is visible as committed while the part is still being written.
+                assert "Contents" not in s3.list_objects_v2(Bucket=s3_bucket, Prefix="lake/raw/")
+        assert seen_upload, "the part was not uploaded while it grew"
+        _, raw = await st.commit(status="complete", schema=SCHEMA, stats={})
+        [part] = raw.parts
+        assert part.bytes > 10 * MIB
+        head = s3.head_object(Bucket=s3_bucket, Key=part.uri.removeprefix(f"s3://{s3_bucket}/"))
+        assert head["ContentLength"] == part.bytes
+        assert head["ETag"].strip('"').endswith(f"-{-(-part.bytes // (5 * MIB))}")  # multipart: one S3 part a chunk
+        rows = [line async for line in stager.read_part(part)]
+    assert len(rows) == 14_000
+    assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+
+async def test_a_tampered_or_missing_part_is_a_loud_failure(s3_bucket: str, moto_endpoint: str, tmp_path: Path) -> None:
+    settings = s3_settings(s3_bucket, moto_endpoint, tmp_path, part_max_records=5)
+    s3 = client(moto_endpoint)
+    async with open_stager(settings.staging, settings=settings) as stager:
+        _, raw = await stage(stager, 10)
+        first, second = raw.parts
+        key = first.uri.removeprefix(f"s3://{s3_bucket}/")
+        body = bytearray(s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+        body[20] ^= 0xFF
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=bytes(body))
+        with pytest.raises(StagingError, match=f"{first.uri}: sha256 .* does not match"):
+            [line async for line in stager.read_part(first)]
+        s3.delete_object(Bucket=s3_bucket, Key=second.uri.removeprefix(f"s3://{s3_bucket}/"))
+        with pytest.raises(StagingError, match=f"{second.uri}: staged part is missing"):
+            [line async for line in stager.read_part(second)]
+        with pytest.raises(StagingError, match="not inside the staging target"):
+            [line async for line in stager.read_part(type(first)(f"s3://other/{key}", 1, 1, "x"))]
+
+
+async def test_encryption_storage_class_and_tags_are_sent(s3_bucket: str, moto_endpoint: str, tmp_path: Path) -> None:
+    settings = s3_settings(
+        s3_bucket,
+        moto_endpoint,
+        tmp_path,
+        s3_sse="aws:kms",
+        s3_sse_kms_key_id="alias/trawl",
+        s3_storage_class="STANDARD_IA",
+        s3_part_size=5 * MIB,
+    )
+    s3 = client(moto_endpoint)
+    async with open_stager(settings.staging, settings=settings) as stager:
+        _, raw = await stage(stager, 12_000, pad=lambda _: os.urandom(1000).hex())  # one multipart part
+        small_settings = settings.model_copy(update={"s3_sse": "AES256", "s3_sse_kms_key_id": None})
+    async with open_stager(settings.staging, settings=small_settings) as small:
+        _, small_raw = await stage(small, 3, run_id="20260314T120000Z-small1")
+    big_key = raw.parts[0].uri.removeprefix(f"s3://{s3_bucket}/")
+    head = s3.head_object(Bucket=s3_bucket, Key=big_key)
+    assert head["ETag"].strip('"').endswith(f"-{-(-raw.parts[0].bytes // (5 * MIB))}")
+    assert head["ServerSideEncryption"] == "aws:kms"
+    assert head["SSEKMSKeyId"].endswith("alias/trawl")
+    assert head["StorageClass"] == "STANDARD_IA"
+    tags = {t["Key"]: t["Value"] for t in s3.get_object_tagging(Bucket=s3_bucket, Key=big_key)["TagSet"]}
+    assert tags == {"source": "shop", "run_id": RUN}
+    for uri in (small_raw.parts[0].uri, small_raw.uri):
+        key = uri.removeprefix(f"s3://{s3_bucket}/")
+        assert s3.head_object(Bucket=s3_bucket, Key=key)["ServerSideEncryption"] == "AES256"
+        tags = {t["Key"]: t["Value"] for t in s3.get_object_tagging(Bucket=s3_bucket, Key=key)["TagSet"]}
+        assert tags == {"source": "shop", "run_id": "20260314T120000Z-small1"}

@@ -326,6 +326,8 @@ class S3Stager:
                     self._count_upload(stream.key, len(data))
             except Exception as exc:
                 stream.failed = exc
+                if is_transient_s3_error(exc):
+                    self.healthy = False  # new parts go straight to the spool until an upload succeeds again
 
         stream.tasks.append(asyncio.create_task(run(), name=f"trawl-s3-chunk:{stream.key}#{number}"))
 

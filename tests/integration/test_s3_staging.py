@@ -17,6 +17,8 @@ from sinks.stage import open_stager
 from trawl.errors import StagingError
 from trawl.settings import Settings
 
+from ..conftest import TcpProxy
+
 pytestmark = pytest.mark.integration
 
 STARTED = datetime(2026, 3, 14, 12, 0, tzinfo=UTC)
@@ -168,3 +170,110 @@ async def test_encryption_storage_class_and_tags_are_sent(s3_bucket: str, moto_e
         assert s3.head_object(Bucket=s3_bucket, Key=key)["ServerSideEncryption"] == "AES256"
         tags = {t["Key"]: t["Value"] for t in s3.get_object_tagging(Bucket=s3_bucket, Key=key)["TagSet"]}
         assert tags == {"source": "shop", "run_id": "20260314T120000Z-small1"}
+
+
+def _spooled_files(tmp_path: Path) -> list[str]:
+    root = tmp_path / "spool"
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+async def test_s3_going_away_mid_part_spools_and_the_run_still_commits(
+    s3_bucket: str, s3_proxy: TcpProxy, tmp_path: Path
+) -> None:
+    settings = s3_settings(
+        s3_bucket, s3_proxy.url, tmp_path, s3_part_size=5 * MIB, part_max_bytes=6 * MIB, s3_max_concurrency=2
+    )
+    s3 = client(s3_proxy.url.replace(str(s3_proxy.port), str(s3_proxy.target_port)))
+    written_while_down = 0
+    most_spooled = 0
+    async with open_stager(settings.staging, settings=settings) as stager:
+        assert isinstance(stager, S3Stager)
+        st = stager.open_source("shop", RUN, STARTED)
+        i = 0
+        while not s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads"):  # the first part is streaming
+            await st.records.write(envelope(i, os.urandom(1000).hex()))
+            i += 1
+            if i % 500 == 0:
+                await asyncio.sleep(0.02)
+        s3_proxy.cut()
+        deadline = asyncio.get_running_loop().time() + 20
+        while written_while_down < 14_000 and asyncio.get_running_loop().time() < deadline:  # ~14 MB more: 2-3 parts
+            await st.records.write(envelope(i, os.urandom(1000).hex()))
+            i += 1
+            written_while_down += 1
+            if i % 500 == 0:
+                await asyncio.sleep(0)
+                most_spooled = max(most_spooled, len([f for f in _spooled_files(tmp_path) if f.endswith(".gz")]))
+        assert written_while_down == 14_000, "staging blocked while S3 was down"
+        assert not stager.healthy
+        s3_proxy.restore()
+        _, raw = await st.commit(status="complete", schema=SCHEMA, stats={})
+        ids = [orjson.loads(line)["data"]["id"] for p in raw.parts async for line in stager.read_part(p)]
+    assert most_spooled >= 2  # closed parts waited in the spool while S3 was away
+    assert len(raw.parts) >= 3
+    assert ids == list(range(i))
+    assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []  # the broken upload was aborted
+    assert _spooled_files(tmp_path) == []
+
+
+def test_s3_down_at_the_end_fails_clearly_and_stage_resume_commits(
+    s3_bucket: str, s3_proxy: TcpProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trawl.cli import main
+
+    settings = s3_settings(s3_bucket, s3_proxy.url, tmp_path, part_max_records=4, s3_commit_timeout=1)
+    s3 = client(s3_proxy.url.replace(str(s3_proxy.port), str(s3_proxy.target_port)))
+
+    async def crawl() -> None:
+        async with open_stager(settings.staging, settings=settings) as stager:
+            await stage(stager, 10)
+
+    s3_proxy.cut()
+    with pytest.raises(S3TransientError) as failure:
+        asyncio.run(crawl())
+    message = str(failure.value)
+    assert f"run {RUN}" in message and "still unavailable" in message
+    assert f"trawl stage resume {RUN}" in message
+    assert str(tmp_path / "spool") in message
+    spooled = _spooled_files(tmp_path)
+    run_dir = f"{s3_bucket}/lake/raw/source=shop/dt=2026-03-14/run={RUN}"
+    assert [f for f in spooled if f.startswith(run_dir)] == [
+        f"{run_dir}/_manifest.json",
+        *(f"{run_dir}/part-0000{n}.jsonl.gz" for n in (1, 2, 3)),
+    ]
+    assert any(f.endswith("outcomes/source=shop/dt=2026-03-14/run=" + RUN + "/_manifest.json") for f in spooled)
+
+    s3_proxy.restore()
+    for name, value in (
+        ("TRAWL_S3_ENDPOINT_URL", s3_proxy.url),
+        ("TRAWL_S3_ADDRESSING_STYLE", "path"),
+        ("TRAWL_S3_SPOOL_DIR", str(tmp_path / "spool")),
+        ("TRAWL_LOG_FORMAT", "json"),
+    ):
+        monkeypatch.setenv(name, value)
+    staging = settings.staging
+    assert main(["runs", "ls", "--staging", staging]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].split() == ["run_id", "source", "dt", "state", "status", "parts", "rows", "bytes", "spooled"]
+    assert listing[1].split()[:4] + listing[1].split()[5:6] + listing[1].split()[-1:] == [
+        RUN, "shop", "2026-03-14", "incomplete", "3", "3"
+    ]  # fmt: skip
+
+    assert main(["stage", "resume", RUN, "--staging", staging]) == 0
+    out = capsys.readouterr().out
+    assert f"shop raw run {RUN}: 3 part(s) uploaded, manifest written" in out
+    assert f"shop outcomes run {RUN}: 1 part(s) uploaded, manifest written" in out
+    assert _spooled_files(tmp_path) == []
+    assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+    async def read_back() -> list[int]:
+        async with open_stager(staging, settings=settings) as stager:
+            [m] = await stager.manifests()
+            return [orjson.loads(line)["data"]["id"] for p in m.parts async for line in stager.read_part(p)]
+
+    assert asyncio.run(read_back()) == list(range(10))
+    assert main(["runs", "ls", "--staging", staging]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[:7] == [RUN, "shop", "2026-03-14", "committed", "complete", "3", "10"]
+    assert main(["stage", "resume", RUN, "--staging", staging]) == 0
+    assert "nothing to resume" in capsys.readouterr().out

@@ -190,10 +190,10 @@ async def test_s3_going_away_mid_part_spools_and_the_run_still_commits(
         assert isinstance(stager, S3Stager)
         st = stager.open_source("shop", RUN, STARTED)
         i = 0
-        while not s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads"):  # the first part is streaming
+        while i % 200 or not s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads"):  # the first part streams
             await st.records.write(envelope(i, os.urandom(1000).hex()))
             i += 1
-            if i % 500 == 0:
+            if i % 200 == 0:
                 await asyncio.sleep(0.02)
         s3_proxy.cut()
         deadline = asyncio.get_running_loop().time() + 20
@@ -217,7 +217,11 @@ async def test_s3_going_away_mid_part_spools_and_the_run_still_commits(
 
 
 def test_s3_down_at_the_end_fails_clearly_and_stage_resume_commits(
-    s3_bucket: str, s3_proxy: TcpProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    s3_bucket: str,
+    s3_proxy: TcpProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from trawl.cli import main
 

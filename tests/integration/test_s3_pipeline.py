@@ -130,7 +130,9 @@ async def test_a_crawl_survives_s3_going_away_and_loads_every_row(
 
     async def outage(stager: S3Stager) -> None:
         nonlocal most_spooled
-        while await asyncio.to_thread(parts_in_s3) < 2:  # S3 stops partway through the crawl …
+        for _ in range(10_000):  # S3 stops partway through the crawl …
+            if await asyncio.to_thread(parts_in_s3) >= 2:
+                break
             await asyncio.sleep(0.01)
         s3_proxy.cut()
         while stager.healthy or most_spooled < 3:  # … the crawl goes on, its parts waiting in the spool …

@@ -53,7 +53,9 @@ def test_part_cache_key_holds_for_a_retried_flow_run_only(monkeypatch: pytest.Mo
     assert _part_cache_key(None, params) != first  # type: ignore[arg-type]  # a new flow run asks the ledger
 
 
-@pytest.mark.parametrize("url", ["file://./x", "file:///tmp/x", "./staging", "/abs/dir"])
+@pytest.mark.parametrize(
+    "url", ["file://./x", "file:///tmp/x", "./staging", "/abs/dir", "s3://bucket/prefix", "s3://my-bucket"]
+)
 def test_staging_parameter_accepts(url: str) -> None:
     TypeAdapter(StagingURL).validate_python(url)
 

@@ -13,9 +13,11 @@ from typing import Any
 import orjson
 import pytest
 
-from sinks.stage import LocalStager, Manifest, PartWriter, SourceStage, StagedPart, open_stager
+from sinks.s3 import S3Stager
+from sinks.stage import LocalStager, Manifest, PartWriter, RunInfo, SourceStage, StagedPart, open_stager
 from trawl.errors import ConfigError, StagingError
 from trawl.records import Outcome, OutcomeKind, Record
+from trawl.settings import Settings
 
 STARTED = datetime(2026, 3, 14, 23, 59, 30, 123456, tzinfo=UTC)
 RUN = "20260314T235930Z-abc123"
@@ -356,9 +358,38 @@ async def test_open_stager_passes_part_limits(tmp_path: Path) -> None:
     assert [p.rows for p in raw.parts] == [2, 2, 1]
 
 
-def test_open_stager_s3_is_a_clear_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"^staging s3://bucket/prefix: s3:// staging is not available"):
-        open_stager("s3://bucket/prefix")
+def test_open_stager_s3_opens_nothing_yet() -> None:
+    stager = open_stager("s3://my-bucket/lake/trawl/", part_max_records=7)
+    assert isinstance(stager, S3Stager)
+    assert (stager.bucket, stager.prefix, stager.uri) == ("my-bucket", "lake/trawl/", "s3://my-bucket/lake/trawl")
+    assert open_stager("s3://my-bucket").uri == "s3://my-bucket"
+    with pytest.raises(StagingError, match="not open"):
+        _ = stager.client
+
+
+@pytest.mark.parametrize("url", ["s3://", "s3://B/x", "s3://a/x", "s3://bad_bucket/x"])
+def test_open_stager_bad_bucket_is_a_config_error(url: str) -> None:
+    with pytest.raises(ConfigError, match="is not a valid S3 bucket name"):
+        open_stager(url)
+
+
+def test_kms_key_without_kms_is_a_config_error() -> None:
+    settings = Settings(s3_sse="AES256", s3_sse_kms_key_id="alias/x")
+    with pytest.raises(ConfigError, match="TRAWL_S3_SSE=aws:kms"):
+        open_stager("s3://my-bucket/x", settings=settings)
+
+
+async def test_runs_lists_committed_and_incomplete_runs(tmp_path: Path) -> None:
+    async with LocalStager(tmp_path, part_max_records=3) as stager:
+        await (await stage_records(stager, 7)).commit(status="complete", schema={}, stats={})
+        unfinished = await stage_records(stager, 4, run_id="20260315T000000Z-zzz999")
+        await unfinished.records.close()  # parts written, never committed (the crawl died)
+        runs = await stager.runs()
+    assert runs == [
+        RunInfo(RUN, "shop", "2026-03-14", "committed", "complete", 3, 7, runs[0].bytes),
+        RunInfo("20260315T000000Z-zzz999", "shop", "2026-03-14", "incomplete", None, 2, None, runs[1].bytes),
+    ]
+    assert runs[0].bytes > 0 and runs[1].bytes > 0
 
 
 @pytest.mark.parametrize("url", ["ftp://host/dir", "gs://bucket/prefix", "http://example.test/x"])

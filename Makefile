@@ -16,7 +16,7 @@ PREFECT_API = $$($(BIN)/prefect config view 2>/dev/null | sed -n "s/^PREFECT_API
 	export PREFECT_API_URL="$${api:-$(PREFECT_LOCAL_API)}"; \
 	$(BIN)/prefect work-pool inspect trawl >/dev/null 2>&1 || $(BIN)/prefect work-pool create trawl --type process
 
-.PHONY: venv browser test-tools run test test-fast lint bench bench-load bench-demo server worker deploy demo-site clean
+.PHONY: venv browser test-tools run test test-fast lint bench bench-load bench-s3 bench-demo server worker deploy demo-site clean
 
 # A venv copied without its symlinks (or from another machine) is rebuilt, not trusted.
 $(STAMP): pyproject.toml
@@ -67,6 +67,10 @@ bench: venv browser
 # trawl's full load of 1,000,000 staged records into a 1,000,000-row table vs `psql \copy` of the same rows.
 bench-load: venv
 	$(BIN)/python -m benchmarks.load --database-url '$(TEST_PG:/test=/postgres)' $(BENCH_LOAD_ARGS)
+
+# S3 staging: 1,000,000 small records into moto's server on loopback (records/s, peak RSS), and raw upload MB/s.
+bench-s3: venv
+	$(BIN)/python -m benchmarks.s3 $(BENCH_S3_ARGS)
 
 # The small in-process benchmark on the demo site.
 bench-demo: venv

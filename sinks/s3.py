@@ -202,7 +202,8 @@ class S3Stager:
         self._errors: dict[str, list[str]] = {}  # run key → permanent upload errors
         self._deadlines: dict[tuple[str, str], float] = {}
         self._failed_runs: set[tuple[str, str]] = set()  # (source, run id) whose outcomes could not commit
-        self._spooled_bytes = 0  # closed parts waiting for S3
+        self._spooled_bytes = 0  # closed parts on their way to S3
+        self._waiting: set[str] = set()  # keys of parts whose upload failed, waiting in the spool for S3
         self.healthy = True
 
     @classmethod
@@ -250,6 +251,11 @@ class S3Stager:
         if self._stack is not None:
             await self._stack.aclose()
         self._client = self._stack = self._queue = None
+
+    @property
+    def spooled(self) -> int:
+        """Parts waiting in the spool because their upload failed (S3 down); they go up when it answers."""
+        return len(self._waiting)
 
     @property
     def client(self) -> Any:
@@ -349,7 +355,6 @@ class S3Stager:
     def _enqueue(self, pending: _Pending) -> None:
         assert self._queue is not None, "stager not open"
         self._queue.put_nowait(pending)
-        METRICS.s3_spooled_parts.set(self._queue.qsize())
 
     async def _finish_stream(self, stream: _Stream, pending: _Pending) -> None:
         try:
@@ -377,6 +382,8 @@ class S3Stager:
             METRICS.s3_upload_failures.labels("transient" if is_transient_s3_error(exc) else "permanent").inc()
             if stream.upload_id is not None:
                 await self._abort(stream.key, stream.upload_id)
+            self._waiting.add(pending.key)
+            METRICS.s3_spooled_parts.set(len(self._waiting))
             self._enqueue(pending)
         else:
             await self._uploaded(pending)
@@ -394,6 +401,8 @@ class S3Stager:
         await asyncio.to_thread(pending.path.unlink, True)
         self._spooled_bytes -= pending.size
         self._outstanding.get(pending.run_key, set()).discard(pending.key)
+        self._waiting.discard(pending.key)
+        METRICS.s3_spooled_parts.set(len(self._waiting))
         await self._notify()
 
     async def _spool_worker(self) -> None:
@@ -402,7 +411,6 @@ class S3Stager:
         s = self.settings
         while True:
             pending = await self._queue.get()
-            METRICS.s3_spooled_parts.set(self._queue.qsize())
             while True:
                 try:
                     await self._upload_file(pending.path, pending.key)
@@ -419,9 +427,12 @@ class S3Stager:
                             f"s3://{self.bucket}/{pending.key}: {_describe(exc)}"
                         )
                         self._outstanding.get(pending.run_key, set()).discard(pending.key)
+                        self._waiting.discard(pending.key)
                         await self._notify()
                         break
                     self.healthy = False
+                    self._waiting.add(pending.key)
+                    METRICS.s3_spooled_parts.set(len(self._waiting))
                     pending.attempts += 1
                     delay = random.uniform(0, min(s.s3_backoff_max, s.s3_backoff_base * 2**pending.attempts))
                     log.info(
@@ -491,16 +502,15 @@ class S3Stager:
                     max(0.0, deadline - loop.time()),
                 )
         if (source, run_id) in self._failed_runs:  # its outcomes did not commit: neither may its records
-            raise S3TransientError(self._down_message(source, run_id, spool, f"{kind} parts"))
+            raise S3TransientError(self._down_message(source, dt, run_id))
         if self._errors.get(run_key):
             raise StagingError(
                 f"source {source} run {run_id}: S3 refused parts ({'; '.join(self._errors[run_key])}); "
                 f"they are kept in {spool}; the manifest was not written"
             )
-        waiting = len(self._outstanding.get(run_key) or ())
-        if waiting:
+        if self._outstanding.get(run_key):
             self._failed_runs.add((source, run_id))
-            raise S3TransientError(self._down_message(source, run_id, spool, f"{waiting} {kind} part(s)"))
+            raise S3TransientError(self._down_message(source, dt, run_id))
         try:
             await self._abort_stale(run_key)
             await self.client.put_object(
@@ -514,17 +524,19 @@ class S3Stager:
             self._failed_runs.add((source, run_id))
             if not is_transient_s3_error(exc):
                 raise StagingError(f"s3://{self.bucket}/{run_key}/{MANIFEST}: {_describe(exc)}") from None
-            raise S3TransientError(self._down_message(source, run_id, spool, f"the {kind} manifest")) from None
+            raise S3TransientError(self._down_message(source, dt, run_id)) from None
         self._outstanding.pop(run_key, None)
         await asyncio.to_thread(_remove_run_dir, spool, self.spool_root)
         return Manifest.from_json(f"s3://{self.bucket}/{run_key}/{MANIFEST}", data)
 
-    def _down_message(self, source: str, run_id: str, spool: Path, what: str) -> str:
+    def _down_message(self, source: str, dt: str, run_id: str) -> str:
         where = self.settings.s3_endpoint_url or "AWS S3"
+        waiting = sum(len(keys) for k, keys in self._outstanding.items() if run_path_parts(k) == (source, dt, run_id))
         return (
             f"source {source} run {run_id}: S3 ({where}) still unavailable after "
-            f"{self.settings.s3_commit_timeout:g}s; {what} spooled in {spool}, the manifest was not written. "
-            f"Run `trawl stage resume {run_id} --staging {self.uri}` once S3 is back (the next crawl also tries)."
+            f"{self.settings.s3_commit_timeout:g}s; {waiting} part(s) wait in the spool {self.spool_root}, "
+            f"the manifests were not written. Run `trawl stage resume {run_id} --staging {self.uri}` "
+            "once S3 is back (the next crawl also tries)."
         )
 
     # -- resuming --------------------------------------------------------------------------------------------

@@ -292,8 +292,8 @@ class SourceStage:
         manifests = []
         failure: StagingError | None = None
         streams: tuple[tuple[StreamKind, PartWriter], ...] = (("outcomes", self.outcomes), ("raw", self.records))
-        for kind, writer in streams:
-            parts = await writer.close()
+        closed = [(kind, await writer.close()) for kind, writer in streams]  # every part on its way before a manifest
+        for kind, parts in closed:
             body = {
                 "version": 1,
                 "kind": kind,
@@ -313,8 +313,8 @@ class SourceStage:
             try:
                 manifests.append(await self.stager.write_manifest(kind, self.source, self.dt, self.run_id, body))
             except StagingError as exc:
-                # Transient (S3 down): the records stream still closes and leaves its manifest body in the
-                # spool for `trawl stage resume`; the stager refuses to commit records without their outcomes.
+                # Transient (S3 down): the records stream still leaves its manifest body in the spool for
+                # `trawl stage resume`; the stager refuses to commit records without their outcomes.
                 if not exc.transient:
                     raise
                 failure = failure or exc

@@ -135,9 +135,10 @@ async def test_a_crawl_survives_s3_going_away_and_loads_every_row(
                 break
             await asyncio.sleep(0.01)
         s3_proxy.cut()
-        while stager.healthy or most_spooled < 3:  # … the crawl goes on, its parts waiting in the spool …
-            assert stager._queue is not None
-            most_spooled = max(most_spooled, stager._queue.qsize())
+        for _ in range(3000):  # … the crawl goes on, its parts waiting in the spool …
+            most_spooled = max(most_spooled, stager.spooled)
+            if not stager.healthy and most_spooled >= 3:
+                break
             await asyncio.sleep(0.01)
         s3_proxy.restore()  # … and S3 comes back before the end
 

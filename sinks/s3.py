@@ -303,12 +303,26 @@ class S3Stager:
             self._changed.notify_all()
 
     async def _room(self) -> None:
-        """Wait while the spool holds ``s3_spool_max_bytes`` of parts waiting for S3 (back-pressure)."""
-        if self._spooled_bytes < self.settings.s3_spool_max_bytes:
+        """Wait while the spool holds ``s3_spool_max_bytes`` of parts on their way to S3 (back-pressure).
+
+        Gives up after ``s3_commit_timeout`` seconds without room: S3 has been gone too long for this run.
+        """
+        limit = self.settings.s3_spool_max_bytes
+        if self._spooled_bytes < limit:
             return
         log.warning("spool full: waiting for S3", spool=str(self.spool_root), spooled_bytes=self._spooled_bytes)
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._spooled_bytes < self.settings.s3_spool_max_bytes)
+        try:
+            async with self._changed:
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self._spooled_bytes < limit), self.settings.s3_commit_timeout
+                )
+        except TimeoutError:
+            raise S3TransientError(
+                f"{self.uri}: the spool {self.spool_root} is full ({self._spooled_bytes} bytes waiting, "
+                f"TRAWL_S3_SPOOL_MAX_BYTES={limit}) and S3 "
+                f"({self.settings.s3_endpoint_url or 'AWS S3'}) did not take any for "
+                f"{self.settings.s3_commit_timeout:g}s"
+            ) from None
 
     def _upload_chunk(self, stream: _Stream, offset: int, length: int) -> None:
         number = offset // self.part_size + 1

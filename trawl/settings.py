@@ -177,7 +177,8 @@ class Settings(BaseSettings):
     s3_spool_max_bytes: int = Field(
         default=2 * 1024 * 1024 * 1024,
         ge=1,
-        description="Closed parts the spool may hold waiting for S3; beyond this, new parts wait for room.",
+        description="Bytes of closed parts the spool may hold on their way to S3; beyond this, new parts wait for room "
+        "(up to `s3_commit_timeout` seconds, then the source fails).",
     )
     max_pages: int | None = Field(
         default=None, ge=1, description="Stop each source after this many fetched pages (None: no limit)."

@@ -290,3 +290,26 @@ def test_s3_down_at_the_end_fails_clearly_and_stage_resume_commits(
     assert row[:7] == [RUN, "shop", "2026-03-14", "committed", "complete", "3", "10"]
     assert main(["stage", "resume", RUN, "--staging", staging]) == 0
     assert "nothing to resume" in "\n".join(printed())
+
+
+async def test_a_full_spool_holds_staging_back_until_parts_are_in_s3(
+    s3_bucket: str, s3_proxy: TcpProxy, tmp_path: Path
+) -> None:
+    settings = s3_settings(
+        s3_bucket, s3_proxy.url, tmp_path, part_max_records=2, s3_spool_max_bytes=1, s3_commit_timeout=1
+    )
+    async with open_stager(settings.staging, settings=settings) as stager:
+        # S3 up: each new part waits for the previous one to be uploaded (back-pressure), nothing fails.
+        _, raw = await stage(stager, 8)
+        assert len(raw.parts) == 4
+        st = stager.open_source("shop", "20260314T120000Z-full01", STARTED)
+        s3_proxy.cut()
+        for i in range(3):
+            await st.records.write(envelope(i))
+        with pytest.raises(S3TransientError, match=r"spool .* is full .* did not take any for 1s"):
+            await st.records.write(envelope(3))  # closes part 2: a new part needs room that never comes
+        s3_proxy.restore()
+        await st.records.write(envelope(4))  # S3 is back: staging goes on where it stopped
+        _, raw = await st.commit(status="complete", schema=SCHEMA, stats={})
+        ids = [orjson.loads(line)["data"]["id"] for p in raw.parts async for line in stager.read_part(p)]
+    assert ids == [0, 1, 2, 3, 4]

@@ -349,7 +349,10 @@ class S3Stager:
                 if is_transient_s3_error(exc):
                     self.healthy = False  # new parts go straight to the spool until an upload succeeds again
 
-        stream.tasks.append(asyncio.create_task(run(), name=f"trawl-s3-chunk:{stream.key}#{number}"))
+        task = asyncio.create_task(run(), name=f"trawl-s3-chunk:{stream.key}#{number}")
+        stream.tasks.append(task)
+        self._background.add(task)  # cancelled with the stager if its part never closes (a crashed crawl)
+        task.add_done_callback(self._background.discard)
 
     def _count_upload(self, key: str, size: int) -> None:
         ident = run_path_parts(key)
@@ -391,9 +394,11 @@ class S3Stager:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self.healthy = not is_transient_s3_error(exc)
+            transient = is_transient_s3_error(exc)
+            if transient:
+                self.healthy = False
             log.warning("part upload failed: spooled", object=f"s3://{self.bucket}/{pending.key}", error=_describe(exc))
-            METRICS.s3_upload_failures.labels("transient" if is_transient_s3_error(exc) else "permanent").inc()
+            METRICS.s3_upload_failures.labels("transient" if transient else "permanent").inc()
             if stream.upload_id is not None:
                 await self._abort(stream.key, stream.upload_id)
             self._waiting.add(pending.key)

@@ -313,3 +313,16 @@ async def test_a_full_spool_holds_staging_back_until_parts_are_in_s3(
         _, raw = await st.commit(status="complete", schema=SCHEMA, stats={})
         ids = [orjson.loads(line)["data"]["id"] for p in raw.parts async for line in stager.read_part(p)]
     assert ids == [0, 1, 2, 3, 4]
+
+
+async def test_a_permanent_s3_error_fails_the_commit_naming_the_object(
+    moto_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    settings = s3_settings("trawl-no-such-bucket", moto_endpoint, tmp_path)
+    async with open_stager(settings.staging, settings=settings) as stager:
+        with pytest.raises(
+            StagingError, match=r"S3 refused parts \(s3://trawl-no-such-bucket/lake/.*NoSuchBucket"
+        ) as info:
+            await stage(stager, 3)
+    assert not info.value.transient
+    assert any(f.endswith("part-00001.jsonl.gz") for f in _spooled_files(tmp_path))  # kept, not lost

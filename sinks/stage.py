@@ -13,8 +13,9 @@ was fetched before the failure is still staged and loadable, and its outcomes
 tell why the rest is missing.
 
 A stager is an async context manager (``async with open_stager(url) as stager:``):
-the S3 stager (:mod:`sinks.s3`) opens its client there and, on the way out,
-waits for its uploads and closes it.
+the S3 stager (:mod:`sinks.s3`) opens its client and spool workers there and,
+on the way out, stops them and closes the client (a commit has already waited for
+its run's uploads; whatever is not in S3 stays in the spool).
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import scrapy
 from scrapy.http import Response
 from scrapy.linkextractors import LinkExtractor
 from scrapy.spiders import CrawlSpider, Rule

@@ -43,6 +43,7 @@ class OrdersSpider(scrapy.Spider):
             response.urljoin(form.attrib.get("action", response.url)),
             formdata={"csrf_token": token, "username": self.username, "password": self.password},
             callback=self.after_login,
+            meta={"handle_httpstatus_list": [403]},  # a refused login reaches after_login, which says so
         )
 
     def after_login(self, response: Response) -> Iterator[Any]:

@@ -22,6 +22,7 @@ from flows.crawl import crawl
 from flows.load import load
 from flows.params import ParameterError
 from flows.pipeline import pipeline
+from trawl.demo.account import ORDER_COUNT
 from trawl.demo.site import ITEM_COUNT, JS_DEMO_COUNT, PRODUCT_COUNT, DemoSite
 from trawl.settings import Settings
 
@@ -69,7 +70,10 @@ async def test_pipeline_loads_every_product_and_item(flow_env: Path, db: asyncpg
         "products": "complete",
         "items": "complete",
         "js_products": "complete",
+        "orders": "complete",
     }
+    assert crawled["orders"]["records"] == ORDER_COUNT
+    assert await db.fetchval("SELECT count(*) FROM trawl.orders") == ORDER_COUNT
     assert crawled["js_products"]["records"] == JS_DEMO_COUNT
     assert await db.fetchval("SELECT count(*) FROM trawl.js_products") == JS_DEMO_COUNT
     assert crawled["products"]["records"] == PRODUCT_COUNT
@@ -207,6 +211,7 @@ async def test_dry_run_fetches_nothing(flow_env: Path, demo_site: DemoSite, db: 
         "products": "planned",
         "items": "planned",
         "js_products": "planned",
+        "orders": "planned",
     }
     assert not demo_site.requests
 

@@ -291,7 +291,9 @@ class SpiderConnector:
         else:
             await slot.__aexit__(type(exc), exc, None)
 
-    async def outcome(self, request: Request, kind: OutcomeKind, status: int | None, size: int, error: str | None) -> None:
+    async def outcome(
+        self, request: Request, kind: OutcomeKind, status: int | None, size: int, error: str | None
+    ) -> None:
         """Record how the URL first asked for (before redirects) ended; once per URL."""
         url = (request.meta.get("redirect_urls") or [request.url])[0]
         if url in self._done:
@@ -299,8 +301,12 @@ class SpiderConnector:
         self._done.add(url)
         started = request.meta.get(_STARTED)
         elapsed = int((time.monotonic() - started) * 1000) if started else 0
-        attempts = 0 if kind in (OutcomeKind.SKIPPED_BREAKER, OutcomeKind.FILTERED) else request.meta.get("retry_times", 0) + 1
-        await self.ctx.outcome(Outcome(self.ctx.run_id, self.source.name, url, kind, status, attempts, size, elapsed, error))
+        attempts = (
+            0 if kind in (OutcomeKind.SKIPPED_BREAKER, OutcomeKind.FILTERED) else request.meta.get("retry_times", 0) + 1
+        )
+        await self.ctx.outcome(
+            Outcome(self.ctx.run_id, self.source.name, url, kind, status, attempts, size, elapsed, error)
+        )
 
     async def _on_item(self, item: Any, response: Response, spider: scrapy.Spider) -> None:
         src = self.source

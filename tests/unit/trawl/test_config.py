@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trawl.config import ApiSource, BrowserSource, HtmlSource, SourcesFile, load_sources, select_sources
+from trawl.config import ApiSource, BrowserSource, HtmlSource, SourcesFile, SpiderSource, load_sources, select_sources
 from trawl.errors import ConfigError, ConfigIssue
 
 REPO = Path(__file__).resolve().parents[3]
@@ -112,7 +112,11 @@ def test_demo_file_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRAWL_DEMO_URL", raising=False)
     spec = load_sources(REPO / "examples" / "demo.yaml")
     by_name = {s.name: s for s in spec.sources}
-    assert set(by_name) == {"products", "items", "js_products"}
+    assert set(by_name) == {"products", "items", "js_products", "orders"}
+    orders = by_name["orders"]
+    assert isinstance(orders, SpiderSource) and orders.spider == "spiders.orders:OrdersSpider"
+    assert orders.args["base_url"] == "http://127.0.0.1:8080" and orders.key_fields == ["number"]
+    assert orders.fields["placed"].type == "date"
     products, items = by_name["products"], by_name["items"]
     js = by_name["js_products"]
     assert isinstance(js, BrowserSource) and js.render == "auto" and js.wait_for.selector == "span.sku"

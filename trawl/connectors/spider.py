@@ -314,7 +314,8 @@ class SpiderConnector:
         for name, spec in src.fields.items():
             if spec.path and spec.path != name:
                 data[name] = get_path(data, spec.path)
-        url = data.get("url") if isinstance(data.get("url"), str) else response.url
+        item_url = data.get("url")
+        url = item_url if isinstance(item_url, str) and item_url else response.url
         record = make_record(src.name, self.ctx.run_id, url, utcnow(), data, src.key_fields)
         self.ctx.stats.records += 1
         if not self._queue.full():

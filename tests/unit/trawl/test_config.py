@@ -380,3 +380,46 @@ def test_select_unknown_source() -> None:
     with pytest.raises(ConfigError) as info:
         select_sources(spec, ["a", "zz", "yy"])
     assert str(info.value) == "unknown source(s): zz, yy (known: a, b)"
+
+
+def test_spider_source_loads_with_its_arguments(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        sources:
+          - name: books
+            kind: spider
+            spider: spiders.books:BooksSpider
+            args: {base_url: "http://shop.test", pages: 3}
+            settings: {DEPTH_LIMIT: 2}
+            key: sku
+            fields:
+              sku: {type: text, required: true}
+              price: {type: float, path: offer.price}
+        """,
+    )
+    (books,) = load_sources(path, env={}).sources
+    assert isinstance(books, SpiderSource)
+    assert books.args == {"base_url": "http://shop.test", "pages": 3}
+    assert books.settings == {"DEPTH_LIMIT": 2}
+    assert books.key_fields == ["sku"] and books.fields["price"].path == "offer.price"
+    assert books.robots is True
+
+
+def test_spider_source_problems_name_their_fields(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        sources:
+          - name: books
+            kind: spider
+            spider: "spiders/books.py"
+            key: isbn
+            fields:
+              sku: {type: number}
+        """,
+    )
+    found = where(problems(path))
+    assert ("sources[0] (books)", "spider") in found
+    assert ("sources[0] (books)", "key") in found
+    assert ("sources[0] (books)", "fields.sku.type") in found

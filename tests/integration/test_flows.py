@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -301,3 +302,24 @@ async def test_spider_html_and_api_sources_interleave_in_one_flow(
         "SELECT source, count(*) AS n FROM trawl._outcomes WHERE at > $1 AND at < $2 GROUP BY source", first, last
     )
     assert {r["source"] for r in during if r["n"] > 10} == {"books", "products", "items"}
+
+
+async def test_a_spider_source_runs_twice_in_one_process_with_identical_results(
+    flow_env: Path, demo_site: DemoSite
+) -> None:
+    def staged(run_id: str) -> list[tuple[str, str]]:
+        lines = []
+        for part in sorted(flow_env.glob(f"raw/source=orders/dt=*/run={run_id}/part-*.jsonl.gz")):
+            lines += [orjson.loads(line) for line in gzip.decompress(part.read_bytes()).splitlines()]
+        return sorted((r["key"], r["content_hash"]) for r in lines)
+
+    first = await crawl(str(REPO / "examples" / "demo.yaml"), sources=["orders"])
+    second = await crawl(str(REPO / "examples" / "demo.yaml"), sources=["orders"])
+
+    for result in (first, second):
+        (orders,) = result["sources"]
+        assert orders["status"] == "complete" and orders["records"] == ORDER_COUNT
+        assert orders["outcomes"] == {"fetched": 3}
+    assert first["run_id"] != second["run_id"]
+    assert len(staged(first["run_id"])) == ORDER_COUNT
+    assert staged(first["run_id"]) == staged(second["run_id"])

@@ -26,6 +26,7 @@ from trawl.demo.account import ORDER_COUNT, order
 from trawl.demo.site import PAGE_COUNT, PRODUCT_COUNT, DemoSite, DemoSiteThread, product
 from trawl.fetch import Fetcher
 from trawl.logs import bind, configure_logging
+from trawl.metrics import METRICS
 from trawl.records import Outcome, Record
 from trawl.settings import Settings
 
@@ -104,6 +105,16 @@ class Run:
 
 def spider_source(spider: str, **args: Any) -> SpiderSource:
     return SpiderSource.model_validate({"kind": "spider", "name": "spidered", "spider": spider, "args": args})
+
+
+def _metric(name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include ``labels``."""
+    return sum(
+        sample.value
+        for family in METRICS.registry.collect()
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 class LocalApp:
@@ -273,6 +284,8 @@ async def test_robots_txt_is_obeyed_through_trawls_cache(settings: Settings) -> 
     app.router.add_get("/robots.txt", robots)
     app.router.add_get("/public", page)
     app.router.add_get("/private", page)
+    sent = _metric("trawl_requests_total", source="spidered", status_class="2xx")
+    ended = _metric("trawl_outcomes_total", source="spidered", outcome="skipped_robots")
     async with LocalApp(app) as local:
         run = Run(settings)
         await run.spider(spider_source(f"{HERE}:PathsSpider", base=local.url, paths="/public,/private"))
@@ -283,6 +296,9 @@ async def test_robots_txt_is_obeyed_through_trawls_cache(settings: Settings) -> 
     }
     assert local.seen["/private"] == 0
     assert local.seen["/robots.txt"] == 1  # fetched once, by trawl's robots cache
+    # Scrapy's requests and outcomes are in trawl's metrics like any other source's.
+    assert _metric("trawl_requests_total", source="spidered", status_class="2xx") == sent + 1
+    assert _metric("trawl_outcomes_total", source="spidered", outcome="skipped_robots") == ended + 1
 
 
 def _picky_app(fail_for: str) -> web.Application:

@@ -276,7 +276,8 @@ class SpiderConnector:
         self.source = source
         self.ctx = ctx
         self.open_slots: set[contextlib.AbstractAsyncContextManager[None]] = set()
-        self._done: set[str] = set()
+        self._done: set[int] = set()
+        """Hashes of the URLs that have their outcome (64-bit hashes, not strings: FIELD-NOTES)."""
         self._queue: asyncio.Queue[Record] = asyncio.Queue(maxsize=ctx.settings.queue_size)
         self._crawler: Crawler | None = None
         self._waiting = 0
@@ -296,9 +297,10 @@ class SpiderConnector:
     ) -> None:
         """Record how the URL first asked for (before redirects) ended; once per URL."""
         url = (request.meta.get("redirect_urls") or [request.url])[0]
-        if url in self._done:
+        h = hash(url)
+        if h in self._done:
             return
-        self._done.add(url)
+        self._done.add(h)
         started = request.meta.get(_STARTED)
         elapsed = int((time.monotonic() - started) * 1000) if started else 0
         attempts = (

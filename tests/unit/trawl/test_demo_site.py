@@ -313,9 +313,8 @@ async def test_account_login_needs_the_csrf_token_and_guards_the_orders(demo_sit
     from trawl.demo.account import DEMO_PASSWORD, DEMO_USER, ORDER_COUNT, order
 
     base = demo_site.url
-    async with aiohttp.ClientSession() as anon:
-        async with anon.get(f"{base}/account/orders", allow_redirects=False) as resp:
-            assert resp.status == 302 and resp.headers["Location"] == "/account/login"
+    async with aiohttp.ClientSession() as anon, anon.get(f"{base}/account/orders", allow_redirects=False) as resp:
+        assert resp.status == 302 and resp.headers["Location"] == "/account/login"
     # unsafe: keep cookies from an IP-address host (the demo's 127.0.0.1)
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
         async with http.get(f"{base}/account/login") as resp:

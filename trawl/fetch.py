@@ -313,6 +313,11 @@ class Fetcher:
     def settings(self) -> Settings:
         return self._settings
 
+    @property
+    def guard(self) -> NetworkGuard:
+        """The network guard every request of this Fetcher passes (also Scrapy's, for `spider` sources)."""
+        return self._guard
+
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
         """Run ``closer`` when the Fetcher closes (last registered, first run)."""
         self._closers.append(closer)

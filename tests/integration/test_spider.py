@@ -409,3 +409,24 @@ async def test_scrapy_logs_are_json_lines_with_source_and_run_id(
     assert result.stats["scrapy"]["item_scraped_count"] == ORDER_COUNT
     finished = next(line for line in lines if line["event"] == "source finished")
     assert finished["scrapy"]["finish_reason"] == "finished"
+
+
+async def test_an_address_that_changes_after_the_check_is_refused_at_connect(tmp_path: Path) -> None:
+    """DNS rebinding: the guard's own lookup said the host was fine, the connection's resolver says otherwise."""
+    settings = Settings(allowed_networks=[], connect_timeout=2, total_timeout=5)  # loopback is forbidden
+
+    async def page(request: web.Request) -> web.Response:
+        return _ok()
+
+    app = web.Application()
+    app.router.add_get("/x", page)
+    async with LocalApp(app) as local, Fetcher(settings) as fetcher:
+        fetcher.guard._cache["localhost"] = None  # as if "localhost" had resolved to a public address when checked
+        port = local.url.rsplit(":", 1)[1]
+        run = Run(settings)
+        source = spider_source(f"{HERE}:PathsSpider", base=f"http://localhost:{port}", paths="/x")
+        await run.spider(source.model_copy(update={"robots": False}), fetcher)
+
+    assert [(o.outcome.value, o.url) for o in run.outcomes] == [("blocked_network", f"http://localhost:{port}/x")]
+    assert "a network the settings do not allow" in (run.outcomes[0].error or "")
+    assert local.seen["/x"] == 0

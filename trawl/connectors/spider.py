@@ -33,20 +33,24 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import scrapy
 import structlog
 from itemadapter import ItemAdapter
 from scrapy import signals
+from scrapy.core.downloader.handlers._aiohttp import AiohttpDownloadHandler, _ClientResponse
+from scrapy.core.downloader.handlers._base_streaming import BaseStreamingDownloadHandler
 from scrapy.crawler import AsyncCrawlerRunner, Crawler
 from scrapy.downloadermiddlewares.cookies import CookiesMiddleware
-from scrapy.exceptions import IgnoreRequest
+from scrapy.exceptions import CannotResolveHostError, DownloadConnectionRefusedError, IgnoreRequest
 from scrapy.settings import Settings as ScrapySettings
+from scrapy.utils.ssl import _make_ssl_context
 
 from trawl.config import SpiderSource
 from trawl.connectors.base import _OUTCOME_OF, SourceContext, make_record
 from trawl.errors import BreakerOpen, ConfigError, FetchError, PermanentFetchError, TransientFetchError, TrawlError
 from trawl.extract import get_path
-from trawl.fetch import TRANSIENT_STATUS
+from trawl.fetch import TRANSIENT_STATUS, _GuardedResolver, _RefusedAddress
 from trawl.records import Outcome, OutcomeKind, Record, utcnow
 from trawl.settings import Settings
 
@@ -55,6 +59,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GateMiddleware",
+    "GuardedAiohttpDownloadHandler",
     "OfflineCookiesMiddleware",
     "OutcomeMiddleware",
     "SpiderConnector",
@@ -124,6 +129,10 @@ def scrapy_settings(source: SpiderSource, settings: Settings) -> ScrapySettings:
             "REMOTE_CONTROL_ENABLED": False,
             "TELNETCONSOLE_ENABLED": False,
             "DOWNLOADER_MIDDLEWARES_BASE": base,
+            "DOWNLOAD_HANDLERS": {
+                "http": f"{_MW}.GuardedAiohttpDownloadHandler",
+                "https": f"{_MW}.GuardedAiohttpDownloadHandler",
+            },
             "ROBOTSTXT_OBEY": False,  # GateMiddleware obeys robots.txt through trawl's shared cache
             "USER_AGENT": settings.user_agent,
             "CONCURRENT_REQUESTS": settings.total_concurrency,
@@ -173,6 +182,45 @@ class OfflineCookiesMiddleware(CookiesMiddleware):
         mw = super().from_crawler(crawler)
         assert isinstance(mw, OfflineCookiesMiddleware)
         return mw
+
+
+class GuardedAiohttpDownloadHandler(AiohttpDownloadHandler):
+    """Scrapy's aiohttp download handler, connecting only to addresses the network guard allows.
+
+    GateMiddleware checks a host's DNS answer before the request; this resolver
+    checks the addresses the connection actually uses, so a DNS answer that
+    changes in between (rebinding) cannot reach a forbidden network either. A
+    refused address ends the URL ``blocked_network``, without a connection.
+    """
+
+    def __init__(self, crawler: Crawler) -> None:
+        # AiohttpDownloadHandler.__init__ builds the same session without a resolver: skip it, not its base.
+        BaseStreamingDownloadHandler.__init__(self, crawler)
+        self._ssl_context = _make_ssl_context(crawler.settings)
+        connector = aiohttp.TCPConnector(
+            local_addr=self._bind_address,
+            limit=self._pool_size_total,
+            limit_per_host=self._pool_size_per_host,
+            resolver=_GuardedResolver(_bridge(crawler).ctx.fetcher.guard),
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            response_class=_ClientResponse,
+            skip_auto_headers=("Accept", "Accept-Encoding", "Content-Type", "User-Agent"),
+        )
+
+    @contextlib.asynccontextmanager
+    async def _make_request(self, request: Request, timeout: float) -> AsyncIterator[_ClientResponse]:  # noqa: ASYNC109 (Scrapy's signature)
+        try:
+            async with super()._make_request(request, timeout) as response:
+                yield response
+        except (CannotResolveHostError, DownloadConnectionRefusedError) as exc:
+            cause = exc.__cause__
+            if isinstance(cause, aiohttp.ClientConnectorError) and isinstance(cause.os_error, _RefusedAddress):
+                raise _Refused(OutcomeKind.BLOCKED_NETWORK, str(cause.os_error)) from None
+            raise
 
 
 class GateMiddleware:

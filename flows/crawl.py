@@ -14,7 +14,7 @@ from flows.artifacts import crawl_progress, publish_crawl, publish_summary
 from flows.params import Politeness, SourceName, SourcesPath, StagingURL, check_sources
 from sinks.postgres import load_validators
 from sinks.stage import Stager, open_stager
-from trawl.config import ApiSource, HtmlSource
+from trawl.config import AnySource, ApiSource, HtmlSource
 from trawl.connectors.base import SourceStats, Validators
 from trawl.crawler import SourceFailed, SourceResult, crawl_source, new_run_id
 from trawl.database import connect_pool
@@ -38,7 +38,7 @@ log = structlog.get_logger("flows.crawl")
 )
 async def crawl_source_task(
     name: str,
-    source: HtmlSource | ApiSource,
+    source: AnySource,
     run_id: str,
     settings: Settings,
     fetcher: Fetcher,
@@ -78,8 +78,13 @@ async def _validators(settings: Settings, source: str) -> dict[str, Validators]:
         await pool.close()
 
 
-def _plan(source: HtmlSource | ApiSource) -> dict[str, Any]:
-    seeds = source.start_urls if isinstance(source, HtmlSource) else [source.url]
+def _plan(source: AnySource) -> dict[str, Any]:
+    if isinstance(source, HtmlSource):
+        seeds = source.start_urls
+    elif isinstance(source, ApiSource):
+        seeds = [source.url]
+    else:  # a spider's start URLs are its own business (they may depend on its arguments)
+        return {"source": source.name, "kind": source.kind, "status": "planned", "spider": source.spider}
     return {"source": source.name, "kind": source.kind, "status": "planned", "seeds": seeds}
 
 
@@ -142,7 +147,7 @@ async def _resume_spooled(stager: Stager) -> None:
 
 
 async def _crawl_all(
-    selected: list[HtmlSource | ApiSource], run_id: str, settings: Settings, stager: Stager
+    selected: list[AnySource], run_id: str, settings: Settings, stager: Stager
 ) -> list[dict[str, Any]]:
     """Every source as its own task, all at once in this loop, sharing one Fetcher; their results in order."""
     log.info("crawl started", sources=[s.name for s in selected], staging=stager.uri)

@@ -1,1 +1,1 @@
-"""Scrapy spiders (plain Scrapy classes, also runnable with ``scrapy crawl``); the ``spider`` kind lands later."""
+"""Scrapy spiders: plain Scrapy classes, run by `spider` sources or with ``scrapy crawl NAME`` from the repo root."""

@@ -21,6 +21,7 @@ from pydantic_core import PydanticCustomError
 from trawl.errors import ConfigError, ConfigIssue
 
 __all__ = [
+    "AnySource",
     "ApiField",
     "ApiSource",
     "BrowserSource",
@@ -33,6 +34,7 @@ __all__ = [
     "Politeness",
     "Source",
     "SourcesFile",
+    "SpiderSource",
     "WaitFor",
     "load_sources",
     "select_sources",
@@ -294,7 +296,51 @@ class BrowserSource(HtmlSource):
     )
 
 
-Source = Annotated[HtmlSource | ApiSource | BrowserSource, Field(discriminator="kind")]
+class SpiderSource(_Model):
+    """A Scrapy spider from ``spiders/`` (``module:Class``), run in the crawl's event loop.
+
+    Its items are records: every item field is kept, the declared ones are typed
+    (``path`` picks a nested value). The record URL is the item's ``url`` field,
+    else the response's.
+    """
+
+    kind: Literal["spider"]
+    name: str = Field(pattern=_NAME)
+    spider: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$",
+        description="The spider class as `package.module:Class` (e.g. `spiders.books:BooksSpider`).",
+    )
+    args: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="Keyword arguments for the spider (as `scrapy crawl -a NAME=VALUE`)."
+    )
+    settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Scrapy settings for this spider; trawl's fetch settings (politeness, robots, retries, "
+        "timeouts, the network guard) win over them.",
+    )
+    key: str | list[str] = "url"
+    fields: dict[str, ApiField] = Field(default_factory=dict)
+    politeness: Politeness = Field(default_factory=Politeness)
+    robots: bool = Field(default=True, description="Obey the hosts' robots.txt (set false only for sites you own).")
+    enabled: bool = True
+
+    _fields = field_validator("fields")(_check_field_names)
+
+    @model_validator(mode="after")
+    def _shape(self) -> SpiderSource:
+        for k in _undeclared_keys(self.key, self.fields):
+            raise PydanticCustomError(_CROSS, "key field {key} is not a declared field", {"key": repr(k)})
+        return self
+
+    @property
+    def key_fields(self) -> list[str]:
+        return [self.key] if isinstance(self.key, str) else list(self.key)
+
+
+AnySource = HtmlSource | ApiSource | SpiderSource
+"""Any configured source (`browser` sources are `HtmlSource`s)."""
+
+Source = Annotated[HtmlSource | ApiSource | BrowserSource | SpiderSource, Field(discriminator="kind")]
 
 
 class SourcesFile(_Model):
@@ -351,9 +397,9 @@ def _cross_checks(data: Any) -> list[tuple[tuple[Any, ...], str]]:
                 message = f"source name {name!r} is used twice (first: sources[{first[name]}])"
                 found.append((("sources", i, "name"), message))
             first.setdefault(name, i)
-        if item.get("kind") == "html":
-            if not item.get("urls") and not item.get("start_urls"):
-                found.append((("sources", i, "urls"), _NO_URLS))
+        if item.get("kind") == "html" and not item.get("urls") and not item.get("start_urls"):
+            found.append((("sources", i, "urls"), _NO_URLS))
+        if item.get("kind") in ("html", "spider"):
             for k in _undeclared_keys(item.get("key", "url"), item.get("fields")):
                 found.append((("sources", i, "key"), f"key field {k!r} is not a declared field"))
     return found
@@ -421,7 +467,7 @@ def load_sources(path: str | Path, env: Mapping[str, str] | None = None) -> Sour
     return parsed
 
 
-def select_sources(spec: SourcesFile, names: list[str] | None) -> list[HtmlSource | ApiSource]:
+def select_sources(spec: SourcesFile, names: list[str] | None) -> list[AnySource]:
     """The enabled sources, or exactly the named ones (unknown names are an error)."""
     if not names:
         return [s for s in spec.sources if s.enabled]

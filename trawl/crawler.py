@@ -15,7 +15,7 @@ from typing import Any, Literal
 import structlog
 
 from sinks.stage import SourceStage, Stager
-from trawl.config import ApiSource, HtmlSource
+from trawl.config import AnySource
 from trawl.connectors import SourceContext, connector_for
 from trawl.connectors.base import SourceStats, Validators
 from trawl.errors import StagingError, TrawlError
@@ -35,7 +35,7 @@ def new_run_id() -> str:
     return f"{utcnow():%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
 
-def source_schema(source: HtmlSource | ApiSource) -> dict[str, Any]:
+def source_schema(source: AnySource) -> dict[str, Any]:
     """The declared shape the loader builds the table from; written into every manifest."""
     return {
         "key": source.key_fields,
@@ -74,7 +74,7 @@ class SourceFailed(TrawlError):
 
 
 async def crawl_source(
-    source: HtmlSource | ApiSource,
+    source: AnySource,
     *,
     run_id: str,
     settings: Settings,

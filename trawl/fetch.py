@@ -42,12 +42,14 @@ from trawl.records import utcnow
 from trawl.robots import ROBOTS_MAX_BYTES, RobotsCache
 from trawl.settings import Settings
 
-__all__ = ["Fetcher", "NetworkGuard", "Response", "TransportName"]
+__all__ = ["TRANSIENT_STATUS", "Fetcher", "NetworkGuard", "Response", "TransportName"]
 
 log = structlog.get_logger("trawl.fetch")
 
 TransportName = Literal["aiohttp", "httpx"]
 _TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504, 507, 508, 509, 520, 521, 522, 523, 524})
+TRANSIENT_STATUS = _TRANSIENT_STATUS
+"""Statuses that are retried and count as failures for a host's breaker (Scrapy's ``RETRY_HTTP_CODES`` too)."""
 _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 64 * 1024
 
@@ -310,6 +312,11 @@ class Fetcher:
     @property
     def settings(self) -> Settings:
         return self._settings
+
+    @property
+    def guard(self) -> NetworkGuard:
+        """The network guard every request of this Fetcher passes (also Scrapy's, for `spider` sources)."""
+        return self._guard
 
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
         """Run ``closer`` when the Fetcher closes (last registered, first run)."""

@@ -113,5 +113,8 @@ def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: s
     root.setLevel(logging.WARNING)
     for name in ("trawl", "flows", "sinks", "spiders", "prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).setLevel(level.upper())
+    # Scrapy's DEBUG is a line per request and item: it follows trawl's level from INFO up.
+    # (Runner mode leaves Scrapy's LOG_LEVEL alone: the logger's level is the one that counts.)
+    logging.getLogger("scrapy").setLevel(max(logging.INFO, logging.getLevelName(level.upper())))
     for noisy in ("httpx", "httpcore", "aiohttp.access", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -12,6 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from trawl.demo.account import ORDER_COUNT
 from trawl.demo.site import ITEM_COUNT, JS_DEMO_COUNT, PAGE_COUNT, PRODUCT_COUNT, DemoSiteThread
 
 pytestmark = [pytest.mark.e2e]
@@ -56,7 +57,7 @@ async def test_run_load_and_rerun_demo(
     # Logs: JSON lines (the summary table follows them), source lines carry run and source context.
     logs = [json.loads(line) for line in first.stdout.splitlines() if line.startswith("{")]
     finished = [r for r in logs if r["event"] == "source finished"]
-    assert sorted(r["source"] for r in finished) == ["items", "js_products", "products"]
+    assert sorted(r["source"] for r in finished) == ["items", "js_products", "orders", "products"]
     assert all(r["run_id"] and r["flow_run_id"] for r in finished)
     assert any(r["logger"] == "prefect.flow_runs" for r in logs)
 
@@ -94,9 +95,9 @@ async def test_run_load_and_rerun_demo(
     again = trawl("load", "--database-url", database_url, env=env)
     assert again.returncode == 0, again.stderr
     assert await db.fetch("SELECT _key, _last_seen_at FROM trawl.items ORDER BY _key") == before
-    assert await db.fetchval("SELECT count(*) FROM trawl._loads") == 6  # records and outcomes of 3 sources
+    assert await db.fetchval("SELECT count(*) FROM trawl._loads") == 8  # records and outcomes of 4 sources
     assert await db.fetchval("SELECT sum(inserted + updated) FROM trawl._loads WHERE kind = 'raw'") == (
-        PRODUCT_COUNT + ITEM_COUNT + JS_DEMO_COUNT
+        PRODUCT_COUNT + ITEM_COUNT + JS_DEMO_COUNT + ORDER_COUNT
     )
 
     # A second run: same content, so only _last_seen_at moves. Product pages are asked for conditionally
@@ -128,7 +129,11 @@ async def test_run_load_and_rerun_demo(
         "WHERE kind = 'raw' AND run_id <> $1",
         first_run,
     )
-    assert counts is not None and (counts["i"], counts["u"], counts["n"]) == (0, 0, ITEM_COUNT + JS_DEMO_COUNT)
+    assert counts is not None and (counts["i"], counts["u"], counts["n"]) == (
+        0,
+        0,
+        ITEM_COUNT + JS_DEMO_COUNT + ORDER_COUNT,
+    )
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -22,7 +23,8 @@ from flows.crawl import crawl
 from flows.load import load
 from flows.params import ParameterError
 from flows.pipeline import pipeline
-from trawl.demo.site import ITEM_COUNT, JS_DEMO_COUNT, PRODUCT_COUNT, DemoSite
+from trawl.demo.account import ORDER_COUNT
+from trawl.demo.site import ITEM_COUNT, JS_DEMO_COUNT, PAGE_COUNT, PRODUCT_COUNT, DemoSite
 from trawl.settings import Settings
 
 pytestmark = [pytest.mark.integration]
@@ -69,7 +71,10 @@ async def test_pipeline_loads_every_product_and_item(flow_env: Path, db: asyncpg
         "products": "complete",
         "items": "complete",
         "js_products": "complete",
+        "orders": "complete",
     }
+    assert crawled["orders"]["records"] == ORDER_COUNT
+    assert await db.fetchval("SELECT count(*) FROM trawl.orders") == ORDER_COUNT
     assert crawled["js_products"]["records"] == JS_DEMO_COUNT
     assert await db.fetchval("SELECT count(*) FROM trawl.js_products") == JS_DEMO_COUNT
     assert crawled["products"]["records"] == PRODUCT_COUNT
@@ -207,6 +212,7 @@ async def test_dry_run_fetches_nothing(flow_env: Path, demo_site: DemoSite, db: 
         "products": "planned",
         "items": "planned",
         "js_products": "planned",
+        "orders": "planned",
     }
     assert not demo_site.requests
 
@@ -238,3 +244,82 @@ async def test_a_source_busy_in_another_run_is_waited_for(flow_env: Path, demo_s
 
     assert result["sources"][0]["status"] == "complete"
     assert result["sources"][0]["records"] == ITEM_COUNT
+
+
+@pytest.mark.slow
+async def test_spider_html_and_api_sources_interleave_in_one_flow(
+    flow_env: Path, db: asyncpg.Connection, demo_site: DemoSite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The three share the demo host's gate, so they take turns on it; no per-source lock round trips to the
+    # Prefect test server, which can hold one source's start back by seconds.
+    monkeypatch.setenv("TRAWL_PER_HOST_CONCURRENCY", "4")
+    monkeypatch.setenv("TRAWL_SOURCE_LOCK", "off")
+    spec = yaml.safe_load((REPO / "examples" / "demo.yaml").read_text())
+    by_name = {s["name"]: s for s in spec["sources"]}
+    items = {**by_name["items"], "params": {"limit": 10}}  # 250 API pages, so it lasts as long as the others
+    books = {
+        "name": "books",
+        "kind": "spider",
+        "spider": "spiders.books:BooksSpider",
+        "args": {"base_url": demo_site.url},
+        "key": "sku",
+        "fields": {"sku": {"type": "text", "required": True}, "price": {"type": "float"}, "rating": {"type": "int"}},
+    }
+    path = tmp_path / "sources.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "sources": [books, by_name["products"], items]}))
+
+    result = await pipeline(str(path))
+
+    crawled = {s["source"]: s for s in result["crawl"]}
+    assert {s: crawled[s]["status"] for s in crawled} == {
+        "books": "complete",
+        "products": "complete",
+        "items": "complete",
+    }
+    assert crawled["books"]["records"] == PRODUCT_COUNT
+    assert crawled["books"]["scrapy"]["item_scraped_count"] == PRODUCT_COUNT
+    assert await db.fetchval("SELECT count(*) FROM trawl.books") == PRODUCT_COUNT
+    assert await db.fetchval("SELECT count(*) FROM trawl.products") == PRODUCT_COUNT
+    assert await db.fetchval("SELECT count(*) FROM trawl.items") == ITEM_COUNT
+    assert await db.fetchval("SELECT count(*) FROM trawl._rejects") == 0
+    # The same product, scraped by Scrapy and by the html connector, lands with the same values.
+    same = await db.fetchval(
+        "SELECT count(*) FROM trawl.books b JOIN trawl.products p ON p._key = b._key "
+        "WHERE b.price = p.price AND b.rating = p.rating"
+    )
+    assert same == PRODUCT_COUNT
+    # One outcome per URL for the spider too, and the three sources' requests overlap in time.
+    assert (
+        await db.fetchval("SELECT count(*) FROM trawl._outcomes WHERE source = 'books'") == PRODUCT_COUNT + PAGE_COUNT
+    )
+    windows = {
+        r["source"]: (r["first"], r["last"])
+        for r in await db.fetch("SELECT source, min(at) AS first, max(at) AS last FROM trawl._outcomes GROUP BY source")
+    }
+    assert max(first for first, _ in windows.values()) < min(last for _, last in windows.values())
+    first, last = windows["books"]
+    during = await db.fetch(
+        "SELECT source, count(*) AS n FROM trawl._outcomes WHERE at > $1 AND at < $2 GROUP BY source", first, last
+    )
+    assert {r["source"] for r in during if r["n"] > 10} == {"books", "products", "items"}
+
+
+async def test_a_spider_source_runs_twice_in_one_process_with_identical_results(
+    flow_env: Path, demo_site: DemoSite
+) -> None:
+    def staged(run_id: str) -> list[tuple[str, str]]:
+        lines = []
+        for part in sorted(flow_env.glob(f"raw/source=orders/dt=*/run={run_id}/part-*.jsonl.gz")):
+            lines += [orjson.loads(line) for line in gzip.decompress(part.read_bytes()).splitlines()]
+        return sorted((r["key"], r["content_hash"]) for r in lines)
+
+    first = await crawl(str(REPO / "examples" / "demo.yaml"), sources=["orders"])
+    second = await crawl(str(REPO / "examples" / "demo.yaml"), sources=["orders"])
+
+    for result in (first, second):
+        (orders,) = result["sources"]
+        assert orders["status"] == "complete" and orders["records"] == ORDER_COUNT
+        assert orders["outcomes"] == {"fetched": 3}
+    assert first["run_id"] != second["run_id"]
+    assert len(staged(first["run_id"])) == ORDER_COUNT
+    assert staged(first["run_id"]) == staged(second["run_id"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trawl.config import ApiSource, BrowserSource, HtmlSource
+from trawl.config import AnySource, BrowserSource, HtmlSource, SpiderSource
 from trawl.connectors.api import ApiConnector
 from trawl.connectors.base import Connector, SourceContext, SourceStats, make_record, record_key
 from trawl.connectors.html import HtmlConnector
@@ -19,8 +19,12 @@ __all__ = [
 ]
 
 
-def connector_for(source: HtmlSource | ApiSource, ctx: SourceContext) -> Connector:
+def connector_for(source: AnySource, ctx: SourceContext) -> Connector:
     """The connector that runs a source of this kind."""
+    if isinstance(source, SpiderSource):
+        from trawl.connectors.spider import SpiderConnector  # Scrapy is imported only when needed
+
+        return SpiderConnector(source, ctx)
     if isinstance(source, BrowserSource):
         from trawl.connectors.browser import BrowserConnector  # Playwright is imported only when needed
 

@@ -49,6 +49,8 @@ class SourceStats:
     error_examples: dict[tuple[str, str], str] = field(default_factory=dict)
     render: Counter[str] = field(default_factory=Counter)
     """`browser` sources: pages per path (``http``, ``browser``, ``http+browser``)."""
+    scrapy: dict[str, Any] = field(default_factory=dict)
+    """`spider` sources: Scrapy's own stats at the end of the crawl."""
 
     @property
     def failures(self) -> int:
@@ -81,6 +83,7 @@ class SourceStats:
             "outcomes": dict(self.outcomes),
             "top_errors": self.top_errors(),
             **({"render": dict(self.render)} if self.render else {}),
+            **({"scrapy": self.scrapy} if self.scrapy else {}),
         }
 
 

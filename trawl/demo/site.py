@@ -26,6 +26,8 @@ from typing import Any, Self
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from trawl.demo.account import add_account_routes
+
 __all__ = [
     "CATEGORIES",
     "ITEM_COUNT",
@@ -598,6 +600,7 @@ def make_app(requests: Counter[str] | None = None, requests_qs: Counter[str] | N
     app.router.add_get("/api/pages", _api_pages)
     app.router.add_get("/api/linked", _api_linked)
     app.router.add_get("/api/offset", _api_offset)
+    add_account_routes(app)
     return app
 
 

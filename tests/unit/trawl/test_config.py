@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trawl.config import ApiSource, BrowserSource, HtmlSource, SourcesFile, load_sources, select_sources
+from trawl.config import ApiSource, BrowserSource, HtmlSource, SourcesFile, SpiderSource, load_sources, select_sources
 from trawl.errors import ConfigError, ConfigIssue
 
 REPO = Path(__file__).resolve().parents[3]
@@ -112,7 +112,11 @@ def test_demo_file_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRAWL_DEMO_URL", raising=False)
     spec = load_sources(REPO / "examples" / "demo.yaml")
     by_name = {s.name: s for s in spec.sources}
-    assert set(by_name) == {"products", "items", "js_products"}
+    assert set(by_name) == {"products", "items", "js_products", "orders"}
+    orders = by_name["orders"]
+    assert isinstance(orders, SpiderSource) and orders.spider == "spiders.orders:OrdersSpider"
+    assert orders.args["base_url"] == "http://127.0.0.1:8080" and orders.key_fields == ["number"]
+    assert orders.fields["placed"].type == "date"
     products, items = by_name["products"], by_name["items"]
     js = by_name["js_products"]
     assert isinstance(js, BrowserSource) and js.render == "auto" and js.wait_for.selector == "span.sku"
@@ -376,3 +380,46 @@ def test_select_unknown_source() -> None:
     with pytest.raises(ConfigError) as info:
         select_sources(spec, ["a", "zz", "yy"])
     assert str(info.value) == "unknown source(s): zz, yy (known: a, b)"
+
+
+def test_spider_source_loads_with_its_arguments(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        sources:
+          - name: books
+            kind: spider
+            spider: spiders.books:BooksSpider
+            args: {base_url: "http://shop.test", pages: 3}
+            settings: {DEPTH_LIMIT: 2}
+            key: sku
+            fields:
+              sku: {type: text, required: true}
+              price: {type: float, path: offer.price}
+        """,
+    )
+    (books,) = load_sources(path, env={}).sources
+    assert isinstance(books, SpiderSource)
+    assert books.args == {"base_url": "http://shop.test", "pages": 3}
+    assert books.settings == {"DEPTH_LIMIT": 2}
+    assert books.key_fields == ["sku"] and books.fields["price"].path == "offer.price"
+    assert books.robots is True
+
+
+def test_spider_source_problems_name_their_fields(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        sources:
+          - name: books
+            kind: spider
+            spider: "spiders/books.py"
+            key: isbn
+            fields:
+              sku: {type: number}
+        """,
+    )
+    found = where(problems(path))
+    assert ("sources[0] (books)", "spider") in found
+    assert ("sources[0] (books)", "key") in found
+    assert ("sources[0] (books)", "fields.sku.type") in found

@@ -307,3 +307,29 @@ async def test_site_url_requires_running() -> None:
         assert s.port != 0
     with pytest.raises(RuntimeError):
         _ = s.url
+
+
+async def test_account_login_needs_the_csrf_token_and_guards_the_orders(demo_site: DemoSite) -> None:
+    from trawl.demo.account import DEMO_PASSWORD, DEMO_USER, ORDER_COUNT, order
+
+    base = demo_site.url
+    async with aiohttp.ClientSession() as anon, anon.get(f"{base}/account/orders", allow_redirects=False) as resp:
+        assert resp.status == 302 and resp.headers["Location"] == "/account/login"
+    # unsafe: keep cookies from an IP-address host (the demo's 127.0.0.1)
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        async with http.get(f"{base}/account/login") as resp:
+            form = LexborHTMLParser(await resp.text())
+        token_node = form.css_first("form#login input[name=csrf_token]")
+        assert token_node is not None
+        token = token_node.attributes["value"]
+        creds = {"username": DEMO_USER, "password": DEMO_PASSWORD}
+        async with http.post(f"{base}/account/login", data={**creds, "csrf_token": "forged"}) as resp:
+            assert resp.status == 403
+        async with http.post(f"{base}/account/login", data={**creds, "csrf_token": token}) as resp:
+            assert resp.status == 200 and str(resp.url).endswith("/account/orders")  # after the redirect
+            page = LexborHTMLParser(await resp.text())
+        numbers = [n.text() for n in page.css("tr.order td.number")]
+        assert numbers[0] == order(1).number and len(numbers) == 20
+        async with http.get(f"{base}/account/orders?page=3") as resp:
+            last = LexborHTMLParser(await resp.text())
+        assert [n.text() for n in last.css("td.number")][-1] == order(ORDER_COUNT).number

@@ -1,0 +1,431 @@
+"""`spider` sources: a Scrapy spider run in the crawl's own event loop, under the fetch layer's rules.
+
+Scrapy runs without a Twisted reactor (``TWISTED_REACTOR_ENABLED=False``, an
+:class:`~scrapy.crawler.AsyncCrawlerRunner` awaited from asyncio), so a spider
+interleaves with the ``api``/``html``/``browser`` sources in one loop, and a
+process may run it any number of times (no ``ReactorNotRestartable``).
+
+Two downloader middlewares tie Scrapy to :class:`trawl.fetch.Fetcher`:
+
+* :class:`GateMiddleware`, innermost (next to the download handler), wraps
+  every attempt and redirect hop in :meth:`Fetcher.slot`: the network guard,
+  robots.txt (trawl's cache, not Scrapy's), the host's gate (per-host
+  concurrency and delay, ``Crawl-delay``) and its circuit breaker — the one the
+  asyncio workers use, so failures on either side open it for both. 5xx/429
+  and connection errors count as failures, like a failed attempt of the Fetcher.
+* :class:`OutcomeMiddleware`, outermost, sees each URL's end (after Scrapy's
+  retries and redirects) and records exactly one outcome for it, under the
+  URL first asked for.
+
+Items stream out through the ``item_scraped`` signal into a bounded queue;
+when the consumer (staging) falls behind, the engine is paused until it
+catches up, so memory stays bounded. Scrapy's stats are folded into the
+source's summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import scrapy
+import structlog
+from itemadapter import ItemAdapter
+from scrapy import signals
+from scrapy.core.downloader.handlers._aiohttp import AiohttpDownloadHandler, _ClientResponse
+from scrapy.core.downloader.handlers._base_streaming import BaseStreamingDownloadHandler
+from scrapy.crawler import AsyncCrawlerRunner, Crawler
+from scrapy.downloadermiddlewares.cookies import CookiesMiddleware
+from scrapy.exceptions import CannotResolveHostError, DownloadConnectionRefusedError, IgnoreRequest
+from scrapy.settings import Settings as ScrapySettings
+from scrapy.utils.ssl import _make_ssl_context
+
+from trawl.config import SpiderSource
+from trawl.connectors.base import _OUTCOME_OF, SourceContext, make_record
+from trawl.errors import BreakerOpen, ConfigError, FetchError, PermanentFetchError, TransientFetchError, TrawlError
+from trawl.extract import get_path
+from trawl.fetch import TRANSIENT_STATUS, _GuardedResolver, _RefusedAddress
+from trawl.records import Outcome, OutcomeKind, Record, utcnow
+from trawl.settings import Settings
+
+if TYPE_CHECKING:
+    from scrapy.http import Request, Response
+
+__all__ = [
+    "GateMiddleware",
+    "GuardedAiohttpDownloadHandler",
+    "OfflineCookiesMiddleware",
+    "OutcomeMiddleware",
+    "SpiderConnector",
+    "SpiderFailed",
+    "load_spider",
+    "scrapy_settings",
+]
+
+log = structlog.get_logger("trawl.connectors.spider")
+
+_SLOT = "_trawl_slot"
+_STARTED = "_trawl_started"
+_MW = "trawl.connectors.spider"
+
+
+class SpiderFailed(TrawlError):
+    """The spider could not start or its crawl broke off."""
+
+
+class _Refused(IgnoreRequest):
+    """A request the fetch layer would not send: carries the outcome it ends with."""
+
+    def __init__(self, kind: OutcomeKind, error: str, status: int | None = None) -> None:
+        super().__init__(error)
+        self.kind = kind
+        self.error = error
+        self.status = status
+
+
+def load_spider(path: str) -> type[scrapy.Spider]:
+    """The spider class named ``package.module:Class``; a ConfigError saying what is wrong otherwise."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"spider {path}: cannot import {module_name}: {exc}") from None
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, scrapy.Spider)):
+        raise ConfigError(f"spider {path}: {module_name} has no Scrapy spider class {attr}")
+    return cls
+
+
+def scrapy_settings(source: SpiderSource, settings: Settings) -> ScrapySettings:
+    """Scrapy settings for one spider source: its own ``settings``, then trawl's fetch rules on top.
+
+    trawl's rules are set at ``cmdline`` priority, above a spider's ``custom_settings``:
+    robots.txt, politeness, retries, timeouts and size limits are the fetch layer's,
+    whatever the spider says. The spider's ``DOWNLOADER_MIDDLEWARES`` still merge with
+    the base list that carries trawl's two middlewares.
+    """
+    concurrency = source.politeness.concurrency or settings.per_host_concurrency
+    base = dict(ScrapySettings().getdict("DOWNLOADER_MIDDLEWARES_BASE"))
+    base.pop("scrapy.downloadermiddlewares.cookies.CookiesMiddleware", None)
+    base.pop("scrapy.downloadermiddlewares.robotstxt.RobotsTxtMiddleware", None)
+    base.update(
+        {
+            f"{_MW}.OutcomeMiddleware": 10,
+            f"{_MW}.OfflineCookiesMiddleware": 700,
+            f"{_MW}.GateMiddleware": 990,
+        }
+    )
+    out = ScrapySettings()
+    out.setdict(source.settings, priority="project")
+    out.setdict(
+        {
+            "TWISTED_REACTOR_ENABLED": False,  # Scrapy in the running asyncio loop, no reactor
+            "REMOTE_CONTROL_ENABLED": False,
+            "TELNETCONSOLE_ENABLED": False,
+            "DOWNLOADER_MIDDLEWARES_BASE": base,
+            "DOWNLOAD_HANDLERS": {
+                "http": f"{_MW}.GuardedAiohttpDownloadHandler",
+                "https": f"{_MW}.GuardedAiohttpDownloadHandler",
+            },
+            "ROBOTSTXT_OBEY": False,  # GateMiddleware obeys robots.txt through trawl's shared cache
+            "USER_AGENT": settings.user_agent,
+            "CONCURRENT_REQUESTS": settings.total_concurrency,
+            "CONCURRENT_REQUESTS_PER_DOMAIN": concurrency,  # the host's gate is the real cap, shared with the rest
+            "DOWNLOAD_DELAY": 0,  # the host's gate spaces requests (and honours Crawl-delay)
+            "AUTOTHROTTLE_ENABLED": False,
+            "RETRY_ENABLED": True,
+            "RETRY_TIMES": settings.max_retries,
+            "RETRY_HTTP_CODES": sorted(TRANSIENT_STATUS),
+            "REDIRECT_MAX_TIMES": settings.max_redirects,
+            "DOWNLOAD_TIMEOUT": settings.total_timeout,
+            "DOWNLOAD_MAXSIZE": settings.max_body_bytes,
+            "STATS_DUMP": False,  # the stats go into the source's summary line instead
+            # FIELD-NOTES: a seen-set is cheap, 100 concurrent item tasks per response are not.
+            "CONCURRENT_ITEMS": 10,
+        },
+        priority="cmdline",
+    )
+    return out
+
+
+def _bridge(crawler: Crawler) -> SpiderConnector:
+    connector = getattr(crawler, "trawl_connector", None)
+    if not isinstance(connector, SpiderConnector):
+        raise SpiderFailed("trawl's Scrapy middlewares run only under a spider source")
+    return connector
+
+
+class OfflineCookiesMiddleware(CookiesMiddleware):
+    """Scrapy's cookies middleware with the public suffix list bundled with tldextract.
+
+    Scrapy asks tldextract whether a cookie's domain is a public suffix, and
+    tldextract downloads the current list on first use; a crawler must not phone
+    home for it (nor hang where there is no internet). The bundled snapshot is
+    what the download would fall back to anyway.
+    """
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> OfflineCookiesMiddleware:
+        import scrapy.downloadermiddlewares.cookies as cookies
+        from tldextract import TLDExtract
+
+        if not getattr(cookies._split_domain, "trawl_offline", False):
+            offline = TLDExtract(suffix_list_urls=(), include_psl_private_domains=True, cache_dir=None)
+            offline.trawl_offline = True  # type: ignore[attr-defined]
+            cookies._split_domain = offline
+        mw = super().from_crawler(crawler)
+        assert isinstance(mw, OfflineCookiesMiddleware)
+        return mw
+
+
+class GuardedAiohttpDownloadHandler(AiohttpDownloadHandler):
+    """Scrapy's aiohttp download handler, connecting only to addresses the network guard allows.
+
+    GateMiddleware checks a host's DNS answer before the request; this resolver
+    checks the addresses the connection actually uses, so a DNS answer that
+    changes in between (rebinding) cannot reach a forbidden network either. A
+    refused address ends the URL ``blocked_network``, without a connection.
+    """
+
+    def __init__(self, crawler: Crawler) -> None:
+        # AiohttpDownloadHandler.__init__ builds the same session without a resolver: skip it, not its base.
+        BaseStreamingDownloadHandler.__init__(self, crawler)
+        self._ssl_context = _make_ssl_context(crawler.settings)
+        connector = aiohttp.TCPConnector(
+            local_addr=self._bind_address,
+            limit=self._pool_size_total,
+            limit_per_host=self._pool_size_per_host,
+            resolver=_GuardedResolver(_bridge(crawler).ctx.fetcher.guard),
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            response_class=_ClientResponse,
+            skip_auto_headers=("Accept", "Accept-Encoding", "Content-Type", "User-Agent"),
+        )
+
+    @contextlib.asynccontextmanager
+    async def _make_request(self, request: Request, timeout: float) -> AsyncIterator[_ClientResponse]:  # noqa: ASYNC109 (Scrapy's signature)
+        try:
+            async with super()._make_request(request, timeout) as response:
+                yield response
+        except (CannotResolveHostError, DownloadConnectionRefusedError) as exc:
+            cause = exc.__cause__
+            if isinstance(cause, aiohttp.ClientConnectorError) and isinstance(cause.os_error, _RefusedAddress):
+                raise _Refused(OutcomeKind.BLOCKED_NETWORK, str(cause.os_error)) from None
+            raise
+
+
+class GateMiddleware:
+    """Every attempt and redirect hop through :meth:`trawl.fetch.Fetcher.slot` (guard, robots, gate, breaker)."""
+
+    def __init__(self, connector: SpiderConnector) -> None:
+        self.connector = connector
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> GateMiddleware:
+        return cls(_bridge(crawler))
+
+    async def process_request(self, request: Request) -> None:
+        c = self.connector
+        src = c.source
+        slot = c.ctx.fetcher.slot(
+            request.url,
+            concurrency=src.politeness.concurrency,
+            delay=src.politeness.delay,
+            robots=src.robots,
+            source=src.name,
+        )
+        try:
+            await slot.__aenter__()
+        except BreakerOpen as exc:
+            raise _Refused(OutcomeKind.SKIPPED_BREAKER, str(exc)) from None
+        except FetchError as exc:
+            raise _Refused(_OUTCOME_OF.get(type(exc), OutcomeKind.FAILED), str(exc), exc.status) from None
+        request.meta[_SLOT] = slot
+        c.open_slots.add(slot)
+
+    async def process_response(self, request: Request, response: Response) -> Response:
+        slot = request.meta.pop(_SLOT, None)
+        if slot is not None:
+            status = response.status
+            exc: FetchError | None = None
+            if status in TRANSIENT_STATUS:
+                exc = TransientFetchError(f"HTTP {status}", url=request.url, status=status)
+            elif status >= 400:
+                exc = PermanentFetchError(f"HTTP {status}", url=request.url, status=status)
+            await self.connector.close_slot(slot, exc)
+        return response
+
+    async def process_exception(self, request: Request, exception: Exception) -> None:
+        slot = request.meta.pop(_SLOT, None)
+        if slot is not None:
+            cls = PermanentFetchError if isinstance(exception, IgnoreRequest) else TransientFetchError
+            await self.connector.close_slot(slot, cls(f"{type(exception).__name__}: {exception}", url=request.url))
+
+
+class OutcomeMiddleware:
+    """One outcome per URL, at its end: after Scrapy's retries and redirects, under the URL first asked for."""
+
+    def __init__(self, connector: SpiderConnector) -> None:
+        self.connector = connector
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> OutcomeMiddleware:
+        return cls(_bridge(crawler))
+
+    def process_request(self, request: Request) -> None:
+        request.meta.setdefault(_STARTED, time.monotonic())
+
+    async def process_response(self, request: Request, response: Response) -> Response:
+        status = response.status
+        if 200 <= status < 300:
+            kind, error = OutcomeKind.FETCHED, None
+            self.connector.ctx.stats.pages += 1
+            self.connector.ctx.stats.bytes += len(response.body)
+        elif status == 304:
+            kind, error = OutcomeKind.NOT_MODIFIED, None
+        else:
+            kind, error = OutcomeKind.FAILED, f"HTTP {status}"
+        await self.connector.outcome(request, kind, status, len(response.body), error)
+        return response
+
+    async def process_exception(self, request: Request, exception: Exception) -> None:
+        if isinstance(exception, _Refused):
+            await self.connector.outcome(request, exception.kind, exception.status, 0, exception.error)
+        elif isinstance(exception, IgnoreRequest):  # Scrapy's own filters (offsite, ...)
+            await self.connector.outcome(request, OutcomeKind.FILTERED, None, 0, str(exception) or "ignored")
+        else:
+            error = f"{type(exception).__name__}: {exception}".rstrip(": ")
+            log.warning("url failed", url=request.url, error=error)
+            await self.connector.outcome(request, OutcomeKind.FAILED, None, 0, error)
+
+
+def _stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """Scrapy's stats as JSON-able values (times as ISO strings)."""
+    return {
+        k: v.isoformat() if isinstance(v, datetime) else v
+        for k, v in sorted(stats.items())
+        if isinstance(v, (int, float, str, datetime))
+    }
+
+
+class SpiderConnector:
+    """Runs one spider source's Scrapy crawl in the current event loop and yields its items as records."""
+
+    def __init__(self, source: SpiderSource, ctx: SourceContext) -> None:
+        self.source = source
+        self.ctx = ctx
+        self.open_slots: set[contextlib.AbstractAsyncContextManager[None]] = set()
+        self._done: set[int] = set()
+        """Hashes of the URLs that have their outcome (64-bit hashes, not strings: FIELD-NOTES)."""
+        self._queue: asyncio.Queue[Record] = asyncio.Queue(maxsize=ctx.settings.queue_size)
+        self._crawler: Crawler | None = None
+        self._waiting = 0
+        self.pauses = 0
+        """How many times the engine was paused because staging fell behind."""
+
+    async def close_slot(self, slot: contextlib.AbstractAsyncContextManager[None], exc: FetchError | None) -> None:
+        """End one attempt's place under the host's rules, with its verdict for the breaker."""
+        self.open_slots.discard(slot)
+        if exc is None:
+            await slot.__aexit__(None, None, None)
+        else:
+            await slot.__aexit__(type(exc), exc, None)
+
+    async def outcome(
+        self, request: Request, kind: OutcomeKind, status: int | None, size: int, error: str | None
+    ) -> None:
+        """Record how the URL first asked for (before redirects) ended; once per URL."""
+        url = (request.meta.get("redirect_urls") or [request.url])[0]
+        h = hash(url)
+        if h in self._done:
+            return
+        self._done.add(h)
+        started = request.meta.get(_STARTED)
+        elapsed = int((time.monotonic() - started) * 1000) if started else 0
+        attempts = (
+            0 if kind in (OutcomeKind.SKIPPED_BREAKER, OutcomeKind.FILTERED) else request.meta.get("retry_times", 0) + 1
+        )
+        await self.ctx.outcome(
+            Outcome(self.ctx.run_id, self.source.name, url, kind, status, attempts, size, elapsed, error)
+        )
+
+    async def _on_item(self, item: Any, response: Response, spider: scrapy.Spider) -> None:
+        src = self.source
+        data = ItemAdapter(item).asdict()
+        for name, spec in src.fields.items():
+            if spec.path and spec.path != name:
+                data[name] = get_path(data, spec.path)
+        item_url = data.get("url")
+        url = item_url if isinstance(item_url, str) and item_url else response.url
+        record = make_record(src.name, self.ctx.run_id, url, utcnow(), data, src.key_fields)
+        self.ctx.stats.records += 1
+        if not self._queue.full():
+            self._queue.put_nowait(record)
+            return
+        # Staging is behind: stop sending requests until it catches up (the items in flight wait here).
+        engine = self._crawler.engine if self._crawler else None
+        self._waiting += 1
+        if engine is not None and not engine.paused:
+            engine.pause()
+            self.pauses += 1
+        try:
+            await self._queue.put(record)
+        finally:
+            self._waiting -= 1
+            if engine is not None and self._waiting == 0 and engine.paused:
+                engine.unpause()
+                nextcall = getattr(getattr(engine, "_slot", None), "nextcall", None)
+                if nextcall is not None:  # resume now, not at the next 5 s heartbeat
+                    nextcall.schedule()
+
+    async def fetch(self) -> AsyncIterator[Record]:
+        """Run the spider; its items, as they are scraped."""
+        spidercls = load_spider(self.source.spider)
+        runner = AsyncCrawlerRunner(scrapy_settings(self.source, self.ctx.settings))
+        crawler = runner.create_crawler(spidercls)
+        crawler.trawl_connector = self  # type: ignore[attr-defined]  # found by the middlewares
+        self._crawler = crawler
+        crawler.signals.connect(self._on_item, signal=signals.item_scraped)  # a bound method: kept alive by self
+        log.info("spider started", spider=self.source.spider, args=self.source.args)
+        task = runner.crawl(crawler, **self.source.args)
+        queue = self._queue
+        try:
+            while True:
+                if not queue.empty():
+                    yield queue.get_nowait()
+                    continue
+                if task.done():
+                    break
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            if task.exception() is not None:
+                exc = task.exception()
+                raise SpiderFailed(f"spider {self.source.spider} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if not task.done():  # the consumer stopped early (or was cancelled): stop Scrapy too
+                with contextlib.suppress(Exception):
+                    await runner.stop()
+                with contextlib.suppress(BaseException):
+                    await task
+            for slot in list(self.open_slots):  # downloads cut off by a stop: no verdict for the breaker
+                self.open_slots.discard(slot)
+                with contextlib.suppress(BaseException):
+                    await slot.__aexit__(asyncio.CancelledError, asyncio.CancelledError(), None)
+            if crawler.stats is not None:
+                self.ctx.stats.scrapy = _stats(crawler.stats.get_stats())
+            crawler.signals.disconnect(self._on_item, signal=signals.item_scraped)
+            self._crawler = None
+        log.info("spider finished", reason=self.ctx.stats.scrapy.get("finish_reason"), engine_pauses=self.pauses)

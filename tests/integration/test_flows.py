@@ -13,7 +13,15 @@ import orjson
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+    TaskRunFilter,
+    TaskRunFilterName,
+)
 from prefect.client.schemas.objects import Artifact
 from prefect.exceptions import ParameterTypeError
 
@@ -89,21 +97,32 @@ async def test_pipeline_loads_every_product_and_item(flow_env: Path, db: asyncpg
 
     # One task run per source, named after it, in the Prefect API; the sources ran at the same time.
     async with get_client() as client:
-        names = {t.name for t in await client.read_task_runs()}
+        expected = {
+            "crawl-products",
+            "crawl-items",
+            "load-products-raw-part-1",
+            "load-products-outcomes-part-1",
+            "load-items-raw-part-1",
+            "load-items-outcomes-part-1",
+        }
+        # Only this pipeline's subflows: the session's Prefect API holds every earlier test's task runs too
+        # (one unfiltered page would miss some, and earlier runs' names would count).
+        names = {
+            t.name
+            for t in await client.read_task_runs(
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=sorted(expected))),
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(result["flow_run_id"])])
+                ),
+            )
+        }
         crawls = {
             t.name: t
             for t in await client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(result["crawl_flow_run_id"])]))
             )
         }
-    assert {
-        "crawl-products",
-        "crawl-items",
-        "load-products-raw-part-1",
-        "load-products-outcomes-part-1",
-        "load-items-raw-part-1",
-        "load-items-outcomes-part-1",
-    } <= names
+    assert expected <= names
     products, items = crawls["crawl-products"], crawls["crawl-items"]
     assert products.start_time and products.end_time and items.start_time and items.end_time
     assert products.start_time < items.end_time and items.start_time < products.end_time

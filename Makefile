@@ -64,6 +64,7 @@ bench: venv browser
 	$(BIN)/python -m benchmarks.browser
 	$(BIN)/python -m benchmarks.trawl_spider
 	$(MAKE) bench-load
+	$(MAKE) bench-s3
 
 # trawl's full load of 1,000,000 staged records into a 1,000,000-row table vs `psql \copy` of the same rows.
 bench-load: venv

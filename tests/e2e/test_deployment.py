@@ -244,13 +244,19 @@ async def test_deployment_run_has_artifacts_subflows_tasks_and_logs(
         artifacts = await client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids))
         )
-        tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
+        expected = {"crawl-products", "crawl-items", "load-products-raw-part-1", "load-items-raw-part-1"}
+        # Task runs and logs reach the API from the worker's events and log shipping: poll a moment for them.
+        for _ in range(60):
+            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
+            if expected <= {t.name for t in tasks} and any("source finished" in log.message for log in logs):
+                break
+            await asyncio.sleep(0.5)
         flows = {f.id: f.name for f in await client.read_flows()}
 
     assert sorted(flows[c.flow_id] for c in children) == ["crawl", "load"]
     names = {t.name for t in tasks}
-    assert {"crawl-products", "crawl-items", "load-products-raw-part-1", "load-items-raw-part-1"} <= names
+    assert expected <= names
 
     by_key = {a.key: a for a in artifacts}
     assert {"trawl-run-summary", "trawl-crawl-progress", "trawl-staged-run", "trawl-top-errors"} <= set(by_key)

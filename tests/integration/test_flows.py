@@ -17,7 +17,6 @@ from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
     FlowRunFilter,
-    FlowRunFilterId,
     FlowRunFilterParentFlowRunId,
     TaskRunFilter,
     TaskRunFilterName,
@@ -107,23 +106,20 @@ async def test_pipeline_loads_every_product_and_item(flow_env: Path, db: asyncpg
         }
         # Only this pipeline's subflows: the session's Prefect API holds every earlier test's task runs too
         # (one unfiltered page would miss some, and earlier runs' names would count).
-        names = {
-            t.name
-            for t in await client.read_task_runs(
-                task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=sorted(expected))),
-                flow_run_filter=FlowRunFilter(
-                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(result["flow_run_id"])])
-                ),
-            )
-        }
-        crawls = {
-            t.name: t
-            for t in await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(result["crawl_flow_run_id"])]))
-            )
-        }
-    assert expected <= names
-    products, items = crawls["crawl-products"], crawls["crawl-items"]
+        by_name = TaskRunFilter(name=TaskRunFilterName(any_=sorted(expected)))
+        under_pipeline = FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(result["flow_run_id"])])
+        )
+        # The API records task runs from the events the flow sent: they may arrive a moment after it returns.
+        for _ in range(60):
+            runs = {
+                t.name: t for t in await client.read_task_runs(task_run_filter=by_name, flow_run_filter=under_pipeline)
+            }
+            if expected <= runs.keys() and all(runs[n].end_time for n in expected):
+                break
+            await asyncio.sleep(0.5)
+    assert expected <= runs.keys()
+    products, items = runs["crawl-products"], runs["crawl-items"]
     assert products.start_time and products.end_time and items.start_time and items.end_time
     assert products.start_time < items.end_time and items.start_time < products.end_time
 

@@ -258,6 +258,11 @@ class S3Stager:
         return len(self._waiting)
 
     @property
+    def spooled_bytes(self) -> int:
+        """Bytes of closed parts not in S3 yet (queued or waiting), what ``TRAWL_S3_SPOOL_MAX_BYTES`` bounds."""
+        return self._spooled_bytes
+
+    @property
     def client(self) -> Any:
         if self._client is None:
             raise StagingError(f"{self.uri}: the S3 stager is not open (use `async with open_stager(url)`)")

@@ -313,7 +313,8 @@ async def test_a_full_spool_holds_staging_back_until_parts_are_in_s3(
             await st.records.write(envelope(3))  # closes part 2: a new part needs room that never comes
         s3_proxy.restore()
         for _ in range(1000):  # the spooled part goes up once S3 answers (after botocore's and our backoff)
-            if stager.healthy and not stager.spooled:
+            # Not just "no failed part waiting": an upload begun while S3 was cut may still be timing out.
+            if stager.healthy and not stager.spooled and not stager.spooled_bytes:
                 break
             await asyncio.sleep(0.02)
         await st.records.write(envelope(4))  # S3 is back: staging goes on where it stopped

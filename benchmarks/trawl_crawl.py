@@ -25,7 +25,7 @@ import orjson
 
 from benchmarks.site import FIELD_SELECTORS, FOLLOW_ALLOW, RECORD_URLS
 from sinks.stage import LocalStager
-from trawl.config import FollowRules, HtmlField, HtmlSource
+from trawl.config import AnySource, FollowRules, HtmlField, HtmlSource
 from trawl.crawler import SourceFailed, crawl_source, new_run_id
 from trawl.fetch import Fetcher
 from trawl.logs import configure_logging
@@ -75,8 +75,11 @@ async def crawl(
     seeds: list[str], out_dir: Path, *, concurrency: int = 64, overrides: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Crawl the benchmark source into ``out_dir/staging``; returns the report."""
-    source = bench_source(seeds)
-    settings = bench_settings(concurrency, overrides)
+    return await measured_crawl("trawl", bench_source(seeds), bench_settings(concurrency, overrides), out_dir)
+
+
+async def measured_crawl(contender: str, source: AnySource, settings: Settings, out_dir: Path) -> dict[str, Any]:
+    """One source crawled in this process into ``out_dir/staging``: its stats, wall and CPU seconds."""
     stager = LocalStager(out_dir / "staging")
     started_at = time.time()
     t0, c0 = time.perf_counter(), _cpu()
@@ -86,7 +89,7 @@ async def crawl(
         except SourceFailed as exc:  # staged and committed all the same; the runner reports it
             result = exc.result
     return {
-        "contender": "trawl",
+        "contender": contender,
         "started_at": started_at,
         "crawl_seconds": time.perf_counter() - t0,
         "crawl_cpu_s": _cpu() - c0,

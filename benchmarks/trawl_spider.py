@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import resource
 import shutil
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -64,18 +62,10 @@ MAX_OVERHEAD = 0.15
 _CONCURRENCY = 64
 
 
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 async def _child(seed: str, out: Path) -> dict[str, Any]:
     """The trawl contender, in this process: the baseline spider as a `spider` source."""
-    from benchmarks.trawl_crawl import bench_settings
-    from sinks.stage import LocalStager
+    from benchmarks.trawl_crawl import bench_settings, measured_crawl
     from trawl.config import SpiderSource
-    from trawl.crawler import SourceFailed, crawl_source, new_run_id
-    from trawl.fetch import Fetcher
 
     source = SpiderSource.model_validate(
         {
@@ -88,25 +78,7 @@ async def _child(seed: str, out: Path) -> dict[str, Any]:
             "fields": {"sku": {"type": "text", "required": True}, "price": {"type": "float"}},
         }
     )
-    settings = bench_settings(_CONCURRENCY)
-    started_at = time.time()
-    t0, c0 = time.perf_counter(), _cpu()
-    async with Fetcher(settings) as fetcher:
-        try:
-            result = await crawl_source(
-                source, run_id=new_run_id(), settings=settings, fetcher=fetcher, stager=LocalStager(out / "staging")
-            )
-        except SourceFailed as exc:
-            result = exc.result
-    return {
-        "contender": "trawl-spider",
-        "started_at": started_at,
-        "crawl_seconds": time.perf_counter() - t0,
-        "crawl_cpu_s": _cpu() - c0,
-        "status": result.status,
-        "error": result.error,
-        **result.stats,
-    }
+    return await measured_crawl("trawl-spider", source, bench_settings(_CONCURRENCY), out)
 
 
 def _command(contender: str, seed: str, out: Path) -> list[str]:

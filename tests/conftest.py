@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 import warnings
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import structlog
 
 from trawl.demo.site import DemoSite
 from trawl.settings import Settings
@@ -244,3 +246,17 @@ def s3_proxy(moto_endpoint: str) -> Iterator[TcpProxy]:
         yield proxy
     finally:
         proxy.close()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """The root logger's handlers and level and structlog's configuration as they were (for tests that log)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 import time
 from collections import Counter
@@ -14,7 +13,6 @@ from typing import Any
 import orjson
 import pytest
 import scrapy
-import structlog
 from aiohttp import web
 
 from sinks.stage import LocalStager
@@ -373,19 +371,6 @@ async def test_host_failing_for_the_asyncio_workers_opens_the_breaker_for_scrapy
 
 
 # --- logs and the run summary --------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for h in list(root.handlers):
-        if h not in handlers:
-            root.removeHandler(h)
-    root.setLevel(level)
-    structlog.reset_defaults()
-    structlog.contextvars.clear_contextvars()
 
 
 @pytest.mark.usefixtures("restore_logging")

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import random
 import re
 import shutil
 import zlib
@@ -54,6 +53,7 @@ from sinks.stage import (
     summarize_runs,
 )
 from trawl.errors import ConfigError, StagingError
+from trawl.fetch import full_jitter
 from trawl.metrics import METRICS
 from trawl.settings import Settings
 
@@ -458,7 +458,7 @@ class S3Stager:
                     self._waiting.add(pending.key)
                     METRICS.s3_spooled_parts.set(len(self._waiting))
                     pending.attempts += 1
-                    delay = random.uniform(0, min(s.s3_backoff_max, s.s3_backoff_base * 2**pending.attempts))
+                    delay = full_jitter(pending.attempts, s.s3_backoff_base, s.s3_backoff_max)
                     log.info(
                         "S3 unavailable: part stays spooled",
                         object=f"s3://{self.bucket}/{pending.key}",

@@ -42,13 +42,18 @@ from trawl.records import utcnow
 from trawl.robots import ROBOTS_MAX_BYTES, RobotsCache
 from trawl.settings import Settings
 
-__all__ = ["TRANSIENT_STATUS", "Fetcher", "NetworkGuard", "Response", "TransportName"]
+__all__ = ["TRANSIENT_STATUS", "Fetcher", "NetworkGuard", "Response", "TransportName", "full_jitter"]
 
 log = structlog.get_logger("trawl.fetch")
 
+
+def full_jitter(attempt: int, base: float, cap: float) -> float:
+    """Seconds to wait before retry ``attempt`` (0-based): exponential backoff, capped, with full jitter."""
+    return random.uniform(0, min(cap, base * 2**attempt))
+
+
 TransportName = Literal["aiohttp", "httpx"]
-_TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504, 507, 508, 509, 520, 521, 522, 523, 524})
-TRANSIENT_STATUS = _TRANSIENT_STATUS
+TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504, 507, 508, 509, 520, 521, 522, 523, 524})
 """Statuses that are retried and count as failures for a host's breaker (Scrapy's ``RETRY_HTTP_CODES`` too)."""
 _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 64 * 1024
@@ -426,7 +431,7 @@ class Fetcher:
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         s = self._settings
-        sleep = random.uniform(0, min(s.backoff_max, s.backoff_base * 2**attempt))
+        sleep = full_jitter(attempt, s.backoff_base, s.backoff_max)
         if retry_after is not None:
             sleep = max(sleep, min(retry_after, s.backoff_max))
         return sleep
@@ -489,7 +494,7 @@ class Fetcher:
                         return Response(
                             final_url, status, hdrs, body, attempts, int((time.monotonic() - started) * 1000)
                         )
-                    cls = TransientFetchError if status in _TRANSIENT_STATUS else PermanentFetchError
+                    cls = TransientFetchError if status in TRANSIENT_STATUS else PermanentFetchError
                     last = cls(f"HTTP {status}", url=final_url, status=status)
                     retry_after = _retry_after(hdrs)
                 except BreakerOpen:
@@ -547,7 +552,7 @@ class Fetcher:
                     sent = time.monotonic()
                     async with asyncio.timeout(s.total_timeout):
                         status, hdrs, body = await client.get(current, headers, max_bytes)
-                    verdict = status not in _TRANSIENT_STATUS
+                    verdict = status not in TRANSIENT_STATUS
                 except TimeoutError:
                     verdict = False
                     raise TransientFetchError(f"timed out after {s.total_timeout}s", url=current) from None

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import re
 import shutil
 import time
@@ -41,7 +40,7 @@ from trawl.connectors.base import _OUTCOME_OF, SourceContext, make_record
 from trawl.connectors.html import HtmlConnector, _url_hash
 from trawl.errors import BreakerOpen, FetchError, PermanentFetchError, TransientFetchError
 from trawl.extract import extract_items, extract_links, parse_html
-from trawl.fetch import Fetcher, Response
+from trawl.fetch import Fetcher, Response, full_jitter
 from trawl.records import Outcome, OutcomeKind, utcnow
 from trawl.settings import Settings
 
@@ -338,7 +337,7 @@ class BrowserConnector(HtmlConnector):
                 last = exc
             if not last.transient or attempt == s.max_retries:
                 break
-            pause = random.uniform(0, min(s.backoff_max, s.backoff_base * 2**attempt))
+            pause = full_jitter(attempt, s.backoff_base, s.backoff_max)
             log.info("retrying", url=url, attempt=attempts, error=str(last), sleep_s=round(pause, 3))
             await asyncio.sleep(pause)
         assert last is not None

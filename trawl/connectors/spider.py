@@ -48,6 +48,7 @@ from scrapy.utils.ssl import _make_ssl_context
 
 from trawl.config import SpiderSource
 from trawl.connectors.base import _OUTCOME_OF, SourceContext, make_record
+from trawl.connectors.html import _url_hash
 from trawl.errors import BreakerOpen, ConfigError, FetchError, PermanentFetchError, TransientFetchError, TrawlError
 from trawl.extract import get_path
 from trawl.fetch import TRANSIENT_STATUS, _GuardedResolver, _RefusedAddress
@@ -345,7 +346,7 @@ class SpiderConnector:
     ) -> None:
         """Record how the URL first asked for (before redirects) ended; once per URL."""
         url = (request.meta.get("redirect_urls") or [request.url])[0]
-        h = hash(url)
+        h = _url_hash(url)
         if h in self._done:
             return
         self._done.add(h)

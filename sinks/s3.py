@@ -178,6 +178,19 @@ class S3PartWriter(PartWriter):
         stream, self._stream = self._stream, None
         self._stager._part_done(self._run_key, part, path, stream)
 
+    async def wait_durable(self) -> bool:
+        """Wait (up to ``s3_commit_timeout``) until every closed part of this run is in S3; False if some are not."""
+        st = self._stager
+        async with st._changed:
+            try:
+                await asyncio.wait_for(
+                    st._changed.wait_for(lambda: not st._outstanding.get(self._run_key)),
+                    st.settings.s3_commit_timeout,
+                )
+            except TimeoutError:
+                return False
+        return True
+
 
 class S3Stager:
     """``s3://BUCKET/PREFIX``: parts and manifests as S3 objects, laid out as on a local disk."""

@@ -49,6 +49,7 @@ __all__ = [
     "SourceStage",
     "StagedPart",
     "Stager",
+    "manifest_body",
     "open_stager",
 ]
 
@@ -179,6 +180,17 @@ class PartWriter:
         self._sha: Any = None
         self._written = 0
         self._lock = asyncio.Lock()
+        self._tag = ""
+
+    def resume_from(self, parts: list[StagedPart], tag: str = "") -> None:
+        """Continue a run: ``parts`` (closed by an earlier process) count as written and new parts are numbered
+        after them; ``tag`` (``s01-``) keeps the part names of a sharded crawl's shards apart."""
+        self._parts = list(parts)
+        self._tag = tag
+
+    async def wait_durable(self) -> bool:
+        """Whether every closed part is where a reader on another machine finds it (a local file: at once)."""
+        return True
 
     @property
     def parts(self) -> list[StagedPart]:
@@ -189,7 +201,7 @@ class PartWriter:
         return sum(p.rows for p in self._parts) + self._rows
 
     def _name(self) -> str:
-        return f"part-{len(self._parts) + 1:05d}.jsonl.gz"
+        return f"part-{self._tag}{len(self._parts) + 1:05d}.jsonl.gz"
 
     def _open_sync(self) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)
@@ -267,6 +279,40 @@ class PartWriter:
         return self.parts
 
 
+def manifest_body(
+    kind: StreamKind,
+    source: str,
+    run_id: str,
+    dt: str,
+    *,
+    status: Literal["complete", "failed"],
+    error: str | None,
+    started_at: datetime,
+    finished_at: datetime,
+    flow_run_id: str | None,
+    schema: Mapping[str, Any],
+    stats: Mapping[str, Any],
+    parts: list[StagedPart],
+) -> dict[str, Any]:
+    """What a manifest says: the run, its status, the declared schema, its stats and every part."""
+    return {
+        "version": 1,
+        "kind": kind,
+        "source": source,
+        "run_id": run_id,
+        "dt": dt,
+        "status": status,
+        "error": error,
+        "started_at": started_at.isoformat(),
+        "finished_at": finished_at.isoformat(),
+        "flow_run_id": flow_run_id,
+        "schema": schema,
+        "stats": stats,
+        "parts": [p.as_dict() for p in parts],
+        "rows": sum(p.rows for p in parts),
+    }
+
+
 @dataclass(slots=True)
 class SourceStage:
     """The two streams one source writes during one run, and their commit."""
@@ -295,22 +341,20 @@ class SourceStage:
         streams: tuple[tuple[StreamKind, PartWriter], ...] = (("outcomes", self.outcomes), ("raw", self.records))
         closed = [(kind, await writer.close()) for kind, writer in streams]  # every part on its way before a manifest
         for kind, parts in closed:
-            body = {
-                "version": 1,
-                "kind": kind,
-                "source": self.source,
-                "run_id": self.run_id,
-                "dt": self.dt,
-                "status": status,
-                "error": error,
-                "started_at": self.started_at.isoformat(),
-                "finished_at": finished.isoformat(),
-                "flow_run_id": flow_run_id,
-                "schema": schema,
-                "stats": stats,
-                "parts": [p.as_dict() for p in parts],
-                "rows": sum(p.rows for p in parts),
-            }
+            body = manifest_body(
+                kind,
+                self.source,
+                self.run_id,
+                self.dt,
+                status=status,
+                error=error,
+                started_at=self.started_at,
+                finished_at=finished,
+                flow_run_id=flow_run_id,
+                schema=schema,
+                stats=stats,
+                parts=parts,
+            )
             try:
                 manifests.append(await self.stager.write_manifest(kind, self.source, self.dt, self.run_id, body))
             except StagingError as exc:

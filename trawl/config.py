@@ -197,6 +197,18 @@ class HtmlSource(_Model):
         description="Send If-None-Match / If-Modified-Since for record pages fetched in earlier runs; a 304 is "
         "`not_modified`. Record pages are then treated as leaves: links only they carry are not followed again.",
     )
+    frontier: Literal["memory", "postgres"] | None = Field(
+        default=None,
+        description="`postgres`: keep this crawl's URLs in PostgreSQL, so `trawl crawl --resume RUN_ID` continues "
+        "it after a crash (default: the `frontier` setting).",
+    )
+    shards: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Fan the crawl out into this many Prefect flow runs (the `shard_deployment`), hosts assigned "
+        "to shards by a stable hash; implies the `postgres` frontier.",
+    )
     content_types: list[str] = Field(
         default_factory=lambda: ["text/html", "application/xhtml+xml"],
         min_length=1,

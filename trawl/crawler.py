@@ -6,26 +6,41 @@ so it runs the same under a flow, a test, or a benchmark.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
 
-from sinks.stage import SourceStage, Stager
-from trawl.config import AnySource
+from sinks.stage import SourceStage, StagedPart, Stager, StreamKind, manifest_body
+from trawl.config import AnySource, HtmlSource
 from trawl.connectors import SourceContext, connector_for
 from trawl.connectors.base import SourceStats, Validators
-from trawl.errors import StagingError, TrawlError
+from trawl.connectors.html import DurableHtmlConnector, Settled
+from trawl.database import connect_pool, resolve_dsn
+from trawl.errors import ConfigError, StagingError, TrawlError
 from trawl.fetch import Fetcher
+from trawl.frontier import PgFrontier
 from trawl.logs import bind, redact, unbind
 from trawl.metrics import METRICS
 from trawl.records import Outcome, utcnow
 from trawl.settings import Settings
 
-__all__ = ["SourceFailed", "SourceResult", "crawl_source", "new_run_id", "source_schema"]
+__all__ = [
+    "SourceFailed",
+    "SourceResult",
+    "begin_sharded",
+    "commit_sharded",
+    "crawl_source",
+    "merge_stats",
+    "new_run_id",
+    "source_schema",
+    "uses_frontier",
+]
 
 log = structlog.get_logger("trawl.crawler")
 
@@ -83,8 +98,32 @@ async def crawl_source(
     flow_run_id: str | None = None,
     validators: Mapping[str, Validators] | None = None,
     stats: SourceStats | None = None,
+    resume: bool = False,
+    shard: int | None = None,
 ) -> SourceResult:
-    """Crawl one source to a committed manifest; raises SourceFailed (after committing) if it broke off."""
+    """Crawl one source to a committed manifest; raises SourceFailed (after committing) if it broke off.
+
+    An html source with the durable frontier (``uses_frontier``) keeps its URLs in
+    PostgreSQL and checkpoints as it goes; ``resume`` continues such a run that
+    died, and ``shard`` crawls one shard of a sharded run (no manifest: the parent
+    writes it once every shard is done).
+    """
+    if uses_frontier(source, settings):
+        assert isinstance(source, HtmlSource)
+        return await _crawl_durable(
+            source,
+            run_id=run_id,
+            settings=settings,
+            fetcher=fetcher,
+            stager=stager,
+            flow_run_id=flow_run_id,
+            validators=validators,
+            stats=stats or SourceStats(),
+            resume=resume,
+            shard=shard,
+        )
+    if shard is not None:
+        raise ConfigError(f"source {source.name}: only html sources with shards > 1 are crawled in shards")
     started = time.monotonic()
     stage: SourceStage = stager.open_source(source.name, run_id, utcnow())
 
@@ -140,3 +179,273 @@ async def crawl_source(
     if error:
         raise SourceFailed(result)
     return result
+
+
+def uses_frontier(source: AnySource, settings: Settings) -> bool:
+    """Whether a source's crawl keeps its URLs in PostgreSQL (html sources with it chosen, or sharded)."""
+    return isinstance(source, HtmlSource) and (
+        source.shards > 1 or (source.frontier or settings.frontier) == "postgres"
+    )
+
+
+async def open_frontier(source: AnySource, run_id: str, settings: Settings, *, shard: int | None) -> PgFrontier:
+    """The source's frontier for this run in the configured (or embedded) PostgreSQL, tables created."""
+    dsn = await asyncio.to_thread(resolve_dsn, settings)
+    pool = await connect_pool(dsn, min_size=1, max_size=3)
+    shards = source.shards if isinstance(source, HtmlSource) else 1
+    frontier = PgFrontier(
+        pool,
+        settings.db_schema,
+        run_id,
+        source.name,
+        shard=shard,
+        shards=shards,
+        lease_seconds=settings.frontier_lease_seconds,
+    )
+    try:
+        await frontier.setup()
+    except BaseException:
+        await pool.close()
+        raise
+    return frontier
+
+
+class _Checkpoints:
+    """Makes a durable crawl's progress durable: closed parts plus the URLs whose data is in them, at once."""
+
+    def __init__(self, frontier: PgFrontier, stage: SourceStage, stats: SourceStats, interval: float) -> None:
+        self.frontier = frontier
+        self.stage = stage
+        self.stats = stats
+        self.interval = interval
+        self.done: list[int] = []
+        self.recorded = {"raw": len(stage.records.parts), "outcomes": len(stage.outcomes.parts)}
+        self.last = time.monotonic()
+
+    async def settled(self, marker: Settled) -> None:
+        self.done.append(marker.key)
+        if time.monotonic() - self.last >= self.interval:
+            await self.checkpoint()
+
+    async def checkpoint(self) -> None:
+        self.last = time.monotonic()
+        streams: tuple[tuple[StreamKind, Any], ...] = (("outcomes", self.stage.outcomes), ("raw", self.stage.records))
+        closed = [(kind, await writer.close()) for kind, writer in streams]
+        for _, writer in streams:
+            if not await writer.wait_durable():
+                log.warning("checkpoint deferred: parts still on their way to the staging target")
+                return
+        new: list[tuple[StreamKind, int, StagedPart]] = []
+        for kind, parts in closed:
+            new += [(kind, seq, p) for seq, p in enumerate(parts, 1) if seq > self.recorded[kind]]
+        done, self.done = self.done, []
+        try:
+            await self.frontier.checkpoint(new, done, _saved(self.stats))
+        except BaseException:
+            self.done[:0] = done
+            raise
+        for kind, parts in closed:
+            self.recorded[kind] = len(parts)
+        log.debug("checkpoint", done=len(done), parts=len(new))
+
+
+def _saved(stats: SourceStats) -> dict[str, Any]:
+    """What a resumed crawl carries on counting from."""
+    return {
+        "pages": stats.pages,
+        "records": stats.records,
+        "bytes": stats.bytes,
+        "discovered": stats.discovered,
+        "outcomes": dict(stats.outcomes),
+    }
+
+
+def _restore(stats: SourceStats, saved: Mapping[str, Any]) -> None:
+    stats.pages += saved.get("pages", 0)
+    stats.records += saved.get("records", 0)
+    stats.bytes += saved.get("bytes", 0)
+    stats.discovered += saved.get("discovered", 0)
+    stats.outcomes.update(saved.get("outcomes", {}))
+
+
+def merge_stats(shards: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One summary from the summaries of a sharded crawl's shards (counts add up)."""
+    out: dict[str, Any] = {"pages": 0, "records": 0, "bytes": 0, "discovered": 0, "failures": 0}
+    outcomes: Counter[str] = Counter()
+    errors: list[dict[str, Any]] = []
+    for st in shards:
+        for k in out:
+            out[k] += st.get(k, 0)
+        outcomes.update(st.get("outcomes", {}))
+        errors += st.get("top_errors", [])
+    out["outcomes"] = dict(outcomes)
+    out["top_errors"] = sorted(errors, key=lambda e: -e.get("count", 0))[:10]
+    out["shards"] = len(shards)
+    return out
+
+
+async def _crawl_durable(
+    source: HtmlSource,
+    *,
+    run_id: str,
+    settings: Settings,
+    fetcher: Fetcher,
+    stager: Stager,
+    flow_run_id: str | None,
+    validators: Mapping[str, Validators] | None,
+    stats: SourceStats,
+    resume: bool,
+    shard: int | None,
+) -> SourceResult:
+    started = time.monotonic()
+    sharded = source.shards > 1
+    if sharded and shard is None:
+        raise ConfigError(f"source {source.name} has shards: {source.shards}: the crawl flow fans it out")
+    frontier = await open_frontier(source, run_id, settings, shard=shard or 0)
+    bind(source=source.name, **({"shard": shard} if sharded else {}))
+    error: str | None = None
+    try:
+        run = await frontier.run()
+        if run is None:
+            if resume or sharded:
+                raise ConfigError(f"source {source.name}: run {run_id} is not in the frontier, nothing to resume")
+            run = await frontier.begin(utcnow(), list(source.urls) + list(source.start_urls))
+        elif not resume and not sharded:
+            raise ConfigError(
+                f"source {source.name}: run {run_id} is already in the frontier; continue it with "
+                f"`trawl crawl --resume {run_id}`"
+            )
+        if resume:
+            released = await frontier.release()
+            log.info("run resumed", run_id=run_id, released_leases=released, **await frontier.counts())
+        stage = stager.open_source(source.name, run_id, run.started_at)
+        tag = f"s{shard:02d}-" if sharded and shard is not None else ""
+        for kind, writer in (("raw", stage.records), ("outcomes", stage.outcomes)):
+            writer.resume_from([p for _, _, p in await frontier.parts(kind)], tag)  # type: ignore[arg-type]
+        saved = (await frontier.saved_stats()).get(shard or 0)
+        if saved:
+            _restore(stats, saved)
+        ctx = SourceContext(
+            run_id,
+            settings,
+            fetcher,
+            lambda o: stage.outcomes.write(o.envelope()),
+            stats=stats,
+            validators=validators or {},
+        )
+        checkpoints = _Checkpoints(frontier, stage, stats, settings.frontier_checkpoint_seconds)
+        log.info("source started", kind=source.kind, frontier="postgres", resume=resume)
+        try:
+            staged = METRICS.records_staged.labels(source.name)
+            async for item in DurableHtmlConnector(source, ctx, frontier).fetch():
+                if isinstance(item, Settled):
+                    await checkpoints.settled(item)
+                    continue
+                await stage.records.write(item.envelope())
+                staged.inc()
+        except TrawlError as exc:
+            error = redact(str(exc))
+        except Exception as exc:
+            log.exception("source crashed")
+            error = redact(f"{type(exc).__name__}: {exc}")
+        await checkpoints.checkpoint()
+        summary = stats.as_dict()
+        summary["breaker_trips"] = sum(fetcher.breakers.trips(host) for host in stats.hosts)
+        if error:
+            # No manifest: the run is not complete. What is checkpointed stays; `--resume` carries on from there.
+            METRICS.source_runs.labels(source.name, "failed").inc()
+            log.error("source stopped; resume it with `trawl crawl --resume`", error=error, **summary)
+            raise SourceFailed(
+                SourceResult(
+                    source.name,
+                    "failed",
+                    time.monotonic() - started,
+                    summary,
+                    f"{error} (checkpointed: `trawl crawl --resume {run_id}` continues it)",
+                )
+            )
+        if sharded:
+            log.info("shard finished", seconds=round(time.monotonic() - started, 3), **summary)
+            return SourceResult(source.name, "complete", time.monotonic() - started, summary)
+        try:
+            _, raw = await stage.commit(
+                status="complete", schema=source_schema(source), stats=summary, flow_run_id=flow_run_id
+            )
+        except StagingError as exc:
+            error = redact(str(exc))
+            METRICS.source_runs.labels(source.name, "failed").inc()
+            raise SourceFailed(
+                SourceResult(source.name, "failed", time.monotonic() - started, summary, error)
+            ) from None
+        await frontier.finish("complete")
+        METRICS.source_runs.labels(source.name, "complete").inc()
+        METRICS.source_last_success.labels(source.name).set_to_current_time()
+        result = SourceResult(source.name, "complete", time.monotonic() - started, summary, None, raw.uri)
+        log.info(
+            "source finished", status="complete", seconds=round(result.seconds, 3), parts=len(raw.parts), **summary
+        )
+        return result
+    finally:
+        unbind("source")
+        if sharded:
+            unbind("shard")
+        await frontier.pool.close()
+
+
+async def begin_sharded(source: HtmlSource, run_id: str, settings: Settings, *, resume: bool) -> None:
+    """The parent of a sharded crawl: register the run and queue its seeds (each to its host's shard)."""
+    frontier = await open_frontier(source, run_id, settings, shard=None)
+    try:
+        run = await frontier.run()
+        if resume and run is None:
+            raise ConfigError(f"source {source.name}: run {run_id} is not in the frontier, nothing to resume")
+        if not resume and run is not None:
+            raise ConfigError(f"source {source.name}: run {run_id} is already in the frontier; use --resume")
+        if run is None:
+            await frontier.begin(utcnow(), list(source.urls) + list(source.start_urls))
+    finally:
+        await frontier.pool.close()
+
+
+async def commit_sharded(
+    source: HtmlSource, run_id: str, settings: Settings, stager: Stager, *, flow_run_id: str | None
+) -> SourceResult:
+    """Once every shard is done: one manifest per stream listing every shard's parts (the commit)."""
+    started = time.monotonic()
+    frontier = await open_frontier(source, run_id, settings, shard=None)
+    try:
+        run = await frontier.run()
+        if run is None:
+            raise ConfigError(f"source {source.name}: run {run_id} is not in the frontier")
+        left = await frontier.pending()
+        if left:
+            raise StagingError(f"source {source.name}: {left} URLs of run {run_id} are not done; nothing committed")
+        shard_stats = list((await frontier.saved_stats()).values())
+        summary = merge_stats(shard_stats)
+        uri = ""
+        now = utcnow()
+        kinds: tuple[StreamKind, ...] = ("outcomes", "raw")
+        for kind in kinds:
+            parts = [p for _, _, p in await frontier.parts(kind)]
+            body = manifest_body(
+                kind,
+                source.name,
+                run_id,
+                run.dt,
+                status="complete",
+                error=None,
+                started_at=run.started_at,
+                finished_at=now,
+                flow_run_id=flow_run_id,
+                schema=source_schema(source),
+                stats=summary,
+                parts=parts,
+            )
+            m = await stager.write_manifest(kind, source.name, run.dt, run_id, body)
+            uri = m.uri
+        await frontier.finish("complete")
+    finally:
+        await frontier.pool.close()
+    METRICS.source_runs.labels(source.name, "complete").inc()
+    METRICS.source_last_success.labels(source.name).set_to_current_time()
+    return SourceResult(source.name, "complete", time.monotonic() - started, summary, None, uri)

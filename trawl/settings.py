@@ -180,6 +180,33 @@ class Settings(BaseSettings):
         description="Bytes of closed parts the spool may hold on their way to S3; beyond this, new parts wait for room "
         "(up to `s3_commit_timeout` seconds, then the source fails).",
     )
+    frontier: Literal["memory", "postgres"] = Field(
+        default="memory",
+        description="Where `html` crawls keep their URLs: `memory` (fast, gone with the process) or `postgres` "
+        "(durable: `trawl crawl --resume RUN_ID` continues a run that died). A source's `frontier` overrides it.",
+    )
+    frontier_batch: int = Field(
+        default=200,
+        ge=1,
+        le=10_000,
+        description="URLs claimed from (and links inserted into) the durable frontier at once.",
+    )
+    frontier_lease_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long a claimed URL stays with its crawler before another may take it (renewed at each "
+        "checkpoint).",
+    )
+    frontier_checkpoint_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="Durable frontier: how often closed parts and done URLs are committed. A crawler killed "
+        "fetches again at most what it fetched since its last checkpoint.",
+    )
+    shard_deployment: str = Field(
+        default="crawl-shard/default",
+        description="The deployment (`FLOW/NAME`) that runs one shard of a source with `shards: N`.",
+    )
     max_pages: int | None = Field(
         default=None, ge=1, description="Stop each source after this many fetched pages (None: no limit)."
     )

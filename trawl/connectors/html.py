@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import structlog
@@ -16,7 +19,10 @@ from trawl.extract import extract_items, extract_links, parse_html
 from trawl.fetch import Response
 from trawl.records import OutcomeKind, Record, utcnow
 
-__all__ = ["HtmlConnector"]
+if TYPE_CHECKING:
+    from trawl.frontier import PgFrontier
+
+__all__ = ["DurableHtmlConnector", "HtmlConnector", "Settled"]
 
 log = structlog.get_logger("trawl.connectors.html")
 
@@ -185,3 +191,125 @@ class HtmlConnector:
                 if h not in seen and self._follow(link):  # most links are seen already: check that first
                     self._schedule(link, depth + 1, h)
         await self.ctx.fetched(src.name, url, resp)
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """Yielded after every record and the outcome of one frontier URL: it may be checkpointed as done."""
+
+    key: int
+
+
+_RECENT_MAX = 100_000  # hashes of links seen lately: saves duplicate inserts; the database is the seen set
+
+
+class DurableHtmlConnector(HtmlConnector):
+    """An html crawl whose frontier is PostgreSQL (:mod:`trawl.frontier`).
+
+    A feeder claims URLs in batches into a small local queue for the workers;
+    discovered links are buffered and inserted in batches. After each URL's
+    records and outcome, ``fetch()`` yields a :class:`Settled` marker: the
+    crawler marks it done at its next checkpoint. Memory does not grow with the
+    frontier: the only per-URL state kept here is a bounded set of recent link
+    hashes. The crawl ends when no URL of the run is queued, or leased by
+    another crawler (the other shards may still discover links for this one).
+    """
+
+    def __init__(self, source: HtmlSource, ctx: SourceContext, frontier: PgFrontier) -> None:
+        super().__init__(source, ctx)
+        self.frontier = frontier
+
+    def _schedule(self, url: str, depth: int, h: int | None = None) -> None:
+        h = _url_hash(url) if h is None else h
+        if h in self._seen:
+            return
+        limit = self.ctx.settings.max_pages
+        if limit is not None and self._scheduled >= limit:
+            return
+        if len(self._seen) >= _RECENT_MAX:
+            self._seen.clear()
+        self._seen.add(h)
+        self._scheduled += 1  # an upper bound: links other crawlers queued first are counted here too
+        self.frontier.queue_link(url, depth)
+
+    async def fetch(self) -> AsyncIterator[Record | Settled]:  # type: ignore[override]
+        out: asyncio.Queue[object] = asyncio.Queue(maxsize=self.ctx.settings.queue_size)
+        settings = self.ctx.settings
+        batch = settings.frontier_batch
+        frontier = self.frontier
+        n_workers = min(
+            settings.total_concurrency,
+            (self.source.politeness.concurrency or settings.per_host_concurrency) * max(1, len(self._hosts)),
+        )
+        local: asyncio.Queue[tuple[str, int, int, int]] = asyncio.Queue()
+        inflight = 0  # claimed and not yet settled (parked ones included)
+        settled = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        async def worker() -> None:
+            nonlocal inflight
+            while True:
+                url, depth, key, requeues = await local.get()
+                try:
+                    await self._page(url, depth, out)
+                except BreakerOpen as exc:
+                    if requeues < settings.breaker_requeues:
+                        loop.call_later(exc.retry_in, local.put_nowait, (url, depth, key, requeues + 1))
+                        continue
+                    await self.ctx.skipped_breaker(self.source.name, url)
+                await out.put(Settled(key))
+                inflight -= 1
+                settled.set()
+
+        async def feeder() -> None:
+            nonlocal inflight
+            while True:
+                room = max(batch, n_workers * 2) - local.qsize()
+                if frontier.queued_links >= batch or local.qsize() <= n_workers:
+                    await frontier.flush()
+                if local.qsize() <= n_workers:
+                    claimed = await frontier.claim(room)
+                    for c in claimed:
+                        local.put_nowait((c.url, c.depth, c.key, 0))
+                    inflight += len(claimed)
+                    if claimed:
+                        continue
+                    if inflight == 0 and not frontier.queued_links:
+                        if await frontier.pending(others_only=True) == 0:
+                            return
+                        await asyncio.sleep(0.5)  # other crawlers hold URLs: they may queue some for this one
+                        continue
+                settled.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(settled.wait(), 0.5)
+
+        workers = [asyncio.create_task(worker(), name=f"{self.source.name}-worker-{i}") for i in range(n_workers)]
+
+        async def run_feeder() -> None:
+            try:
+                await feeder()
+            except BaseException as exc:
+                await out.put(exc)
+                raise
+            await out.put(_DONE)
+
+        feeding = asyncio.create_task(run_feeder(), name=f"{self.source.name}-frontier")
+
+        async def watch() -> None:
+            done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
+            crashed = next(iter(done))
+            await out.put(crashed.exception() or RuntimeError("html worker stopped"))
+
+        watcher = asyncio.create_task(watch(), name=f"{self.source.name}-supervisor")
+        try:
+            while True:
+                item = await out.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:
+            for t in (*workers, feeding, watcher):
+                t.cancel()
+            await asyncio.gather(*workers, feeding, watcher, return_exceptions=True)

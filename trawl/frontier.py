@@ -1,0 +1,413 @@
+"""The durable frontier: a crawl's URLs in PostgreSQL, so a crawl outlives its process and spans machines.
+
+One row per (run, source, URL): its host, the shard that host belongs to, depth,
+priority, state (``queued`` → ``leased`` → ``done``), attempts and lease expiry.
+
+- **Claims** are batched: ``FOR UPDATE SKIP LOCKED`` picks up to N queued rows
+  (or leased rows whose lease expired: their process died) of one shard, so any
+  number of crawlers share a frontier without handing out a URL twice.
+- **Discovered links** go in batches with ``ON CONFLICT DO NOTHING``: the primary
+  key is the URL's 64-bit hash, so the database is the seen set and the crawler
+  keeps no per-URL state (its memory does not grow with the frontier).
+- **Checkpoints** make progress durable: the crawler closes its open parts, then
+  in one transaction records them (``_frontier_parts``) and marks the URLs
+  whose records and outcomes are in them ``done``. A crawler killed at any point
+  loses only what it fetched since its last checkpoint, and a resumed run
+  fetches exactly the URLs not ``done``.
+- **Shards**: a host belongs to shard ``stable_hash(host) % shards``, so every
+  host is crawled by one process and its politeness holds across the whole crawl.
+
+The tables live in the loader's schema (``trawl`` by default) next to ``_loads``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+import structlog
+
+from sinks.stage import StagedPart, StreamKind
+from trawl.errors import ConfigError
+
+__all__ = ["FrontierRun", "PgFrontier", "ensure_frontier_schema", "shard_of", "url_key"]
+
+log = structlog.get_logger("trawl.frontier")
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def url_key(url: str) -> int:
+    """A URL's 64-bit key (signed, for ``bigint``): stable across processes and machines, unlike ``hash()``."""
+    return int.from_bytes(hashlib.blake2b(url.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+def shard_of(host: str, shards: int) -> int:
+    """The shard a host belongs to: a stable hash, the same on every machine."""
+    if shards <= 1:
+        return 0
+    return int.from_bytes(hashlib.blake2b(host.lower().encode(), digest_size=8).digest(), "big") % shards
+
+
+def _host(url: str) -> str:
+    # Frontier URLs are absolute http(s) URLs: the netloc is the third '/'-separated part.
+    return url.split("/", 3)[2].lower()
+
+
+_DDL = """
+CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE IF NOT EXISTS {s}._frontier (
+    run_id text NOT NULL,
+    source text NOT NULL,
+    url_hash bigint NOT NULL,
+    url text NOT NULL,
+    host text NOT NULL,
+    shard integer NOT NULL DEFAULT 0,
+    depth integer NOT NULL,
+    priority integer NOT NULL DEFAULT 0,
+    state text NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'leased', 'done')),
+    attempts integer NOT NULL DEFAULT 0,
+    lease_until timestamptz,
+    lease_owner text,
+    PRIMARY KEY (run_id, source, url_hash)
+);
+CREATE INDEX IF NOT EXISTS _frontier_claim ON {s}._frontier (run_id, source, shard, priority DESC, depth)
+    WHERE state <> 'done';
+CREATE TABLE IF NOT EXISTS {s}._frontier_runs (
+    run_id text NOT NULL,
+    source text NOT NULL,
+    dt text NOT NULL,
+    started_at timestamptz NOT NULL,
+    shards integer NOT NULL DEFAULT 1,
+    status text NOT NULL DEFAULT 'running',
+    PRIMARY KEY (run_id, source)
+);
+CREATE TABLE IF NOT EXISTS {s}._frontier_shards (
+    run_id text NOT NULL,
+    source text NOT NULL,
+    shard integer NOT NULL,
+    stats jsonb NOT NULL DEFAULT '{{}}',
+    checkpoints integer NOT NULL DEFAULT 0,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, source, shard)
+);
+CREATE TABLE IF NOT EXISTS {s}._frontier_parts (
+    run_id text NOT NULL,
+    source text NOT NULL,
+    kind text NOT NULL,
+    shard integer NOT NULL,
+    seq integer NOT NULL,
+    uri text NOT NULL,
+    rows bigint NOT NULL,
+    bytes bigint NOT NULL,
+    sha256 text NOT NULL,
+    PRIMARY KEY (run_id, source, kind, shard, seq)
+);
+"""
+
+
+async def ensure_frontier_schema(conn: asyncpg.Connection | asyncpg.Pool, schema: str) -> None:
+    """Create the frontier's tables if missing (idempotent; serialised by an advisory lock)."""
+    async with _acquire(conn) as c, c.transaction():
+        await c.execute("SELECT pg_advisory_xact_lock(hashtext('trawl-frontier-ddl'))")
+        await c.execute(_DDL.format(s=_q(schema)))
+
+
+class _acquire:
+    """``async with`` a connection from a pool, or the connection itself."""
+
+    def __init__(self, conn: asyncpg.Connection | asyncpg.Pool) -> None:
+        self._conn = conn
+        self._held: Any = None
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        if isinstance(self._conn, asyncpg.Pool):
+            self._held = await self._conn.acquire()
+            return self._held
+        return self._conn
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._held is not None:
+            assert isinstance(self._conn, asyncpg.Pool)
+            await self._conn.release(self._held)
+
+
+@dataclass(frozen=True, slots=True)
+class FrontierRun:
+    """A crawl run of one source as the frontier knows it (what resuming or sharding it needs)."""
+
+    run_id: str
+    source: str
+    dt: str
+    started_at: datetime
+    shards: int
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A URL handed to this crawler until its lease expires."""
+
+    url: str
+    depth: int
+    key: int
+
+
+class PgFrontier:
+    """One source's frontier for one run (and one shard of it) in PostgreSQL.
+
+    ``shard`` None means the whole frontier (the parent of a sharded crawl, which
+    only seeds it and collects its parts); otherwise this crawler claims only URLs
+    of hosts in its shard, while links it discovers go to whichever shard owns them.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        schema: str,
+        run_id: str,
+        source: str,
+        *,
+        shard: int | None = 0,
+        shards: int = 1,
+        lease_seconds: float = 300.0,
+        owner: str | None = None,
+    ) -> None:
+        if shard is not None and not 0 <= shard < shards:
+            raise ConfigError(f"frontier of {source}: shard {shard} is not in 0..{shards - 1}")
+        self.pool = pool
+        self.schema = schema
+        self.run_id = run_id
+        self.source = source
+        self.shard = shard
+        self.shards = shards
+        self.lease_seconds = lease_seconds
+        self.owner = owner or uuid.uuid4().hex
+        s = _q(schema)
+        self._t = f"{s}._frontier"
+        self._runs = f"{s}._frontier_runs"
+        self._shards_t = f"{s}._frontier_shards"
+        self._parts = f"{s}._frontier_parts"
+        self._links: list[tuple[str, int]] = []
+        self._flushing = asyncio.Lock()  # a checkpoint waits for an insert under way (its links precede the done marks)
+
+    # ---- the run ---------------------------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        await ensure_frontier_schema(self.pool, self.schema)
+
+    async def run(self) -> FrontierRun | None:
+        """This run's row, or None when the frontier has never seen it."""
+        row = await self.pool.fetchrow(
+            f"SELECT dt, started_at, shards, status FROM {self._runs} WHERE run_id = $1 AND source = $2",
+            self.run_id,
+            self.source,
+        )
+        if row is None:
+            return None
+        return FrontierRun(self.run_id, self.source, row["dt"], row["started_at"], row["shards"], row["status"])
+
+    async def begin(self, started_at: datetime, seeds: Iterable[str]) -> FrontierRun:
+        """Register a new run and queue its seeds (depth 0); an existing run is returned as it is."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            inserted = await conn.fetchval(
+                f"INSERT INTO {self._runs} (run_id, source, dt, started_at, shards) VALUES ($1, $2, $3, $4, $5) "
+                "ON CONFLICT DO NOTHING RETURNING 1",
+                self.run_id,
+                self.source,
+                started_at.strftime("%Y-%m-%d"),
+                started_at,
+                self.shards,
+            )
+            if inserted:
+                await self._insert(conn, [(u, 0) for u in seeds])
+        found = await self.run()
+        assert found is not None
+        return found
+
+    async def finish(self, status: str) -> None:
+        await self.pool.execute(
+            f"UPDATE {self._runs} SET status = $3 WHERE run_id = $1 AND source = $2", self.run_id, self.source, status
+        )
+
+    async def release(self) -> int:
+        """Give back every lease of this shard at once (``--resume``: the process holding them is gone)."""
+        result: str = await self.pool.execute(
+            f"UPDATE {self._t} SET state = 'queued', lease_until = NULL, lease_owner = NULL "
+            f"WHERE run_id = $1 AND source = $2 AND state = 'leased'"
+            + (" AND shard = $3" if self.shard is not None else ""),
+            *self._ident(),
+        )
+        return int(result.split()[-1])
+
+    def _ident(self) -> tuple[Any, ...]:
+        return (self.run_id, self.source) if self.shard is None else (self.run_id, self.source, self.shard)
+
+    # ---- URLs ------------------------------------------------------------------------------------------------
+
+    def queue_link(self, url: str, depth: int) -> None:
+        """Buffer a discovered URL; it is inserted with the next ``flush`` or checkpoint."""
+        self._links.append((url, depth))
+
+    @property
+    def queued_links(self) -> int:
+        return len(self._links)
+
+    async def flush(self) -> int:
+        """Insert the buffered links; returns how many were new."""
+        async with self._flushing:
+            links, self._links = self._links, []
+            return await self.add(links)
+
+    async def add(self, links: Sequence[tuple[str, int]]) -> int:
+        """Queue discovered URLs (url, depth); those already in the frontier are left as they are. Returns how many were new."""
+        if not links:
+            return 0
+        async with self.pool.acquire() as conn:
+            return await self._insert(conn, links)
+
+    async def _insert(self, conn: asyncpg.Connection, links: Sequence[tuple[str, int]]) -> int:
+        keys, urls, hosts, shards, depths = [], [], [], [], []
+        for url, depth in links:
+            host = _host(url)
+            keys.append(url_key(url))
+            urls.append(url)
+            hosts.append(host)
+            shards.append(shard_of(host, self.shards))
+            depths.append(depth)
+        result: str = await conn.execute(
+            f"INSERT INTO {self._t} (run_id, source, url_hash, url, host, shard, depth) "
+            "SELECT $1, $2, k, u, h, s, d FROM unnest($3::bigint[], $4::text[], $5::text[], $6::int[], $7::int[]) "
+            "AS t(k, u, h, s, d) ON CONFLICT DO NOTHING",
+            self.run_id,
+            self.source,
+            keys,
+            urls,
+            hosts,
+            shards,
+            depths,
+        )
+        return int(result.split()[-1])
+
+    async def claim(self, n: int) -> list[Claimed]:
+        """Lease up to ``n`` URLs of this shard (highest priority, then shallowest first)."""
+        assert self.shard is not None, "the whole-frontier view does not crawl"
+        rows = await self.pool.fetch(
+            f"""
+            WITH c AS (
+                SELECT url_hash FROM {self._t}
+                WHERE run_id = $1 AND source = $2 AND shard = $3
+                  AND (state = 'queued' OR (state = 'leased' AND lease_until < now()))
+                ORDER BY priority DESC, depth
+                LIMIT $4
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE {self._t} f
+            SET state = 'leased', attempts = f.attempts + 1, lease_owner = $5,
+                lease_until = now() + make_interval(secs => $6)
+            FROM c
+            WHERE f.run_id = $1 AND f.source = $2 AND f.url_hash = c.url_hash
+            RETURNING f.url, f.depth, f.url_hash
+            """,
+            self.run_id,
+            self.source,
+            self.shard,
+            n,
+            self.owner,
+            self.lease_seconds,
+        )
+        return [Claimed(r["url"], r["depth"], r["url_hash"]) for r in rows]
+
+    async def pending(self, *, others_only: bool = False) -> int:
+        """URLs of the whole run (every shard) not yet done: queued, or leased (``others_only``: not by this crawler)."""
+        mine = " AND lease_owner IS DISTINCT FROM $3" if others_only else ""
+        n: int = await self.pool.fetchval(
+            f"SELECT count(*) FROM {self._t} WHERE run_id = $1 AND source = $2 AND state <> 'done'{mine}",
+            self.run_id,
+            self.source,
+            *((self.owner,) if others_only else ()),
+        )
+        return n
+
+    async def counts(self) -> dict[str, int]:
+        """URLs of this run by state (every shard)."""
+        rows = await self.pool.fetch(
+            f"SELECT state, count(*) AS n FROM {self._t} WHERE run_id = $1 AND source = $2 GROUP BY state",
+            self.run_id,
+            self.source,
+        )
+        return {r["state"]: r["n"] for r in rows}
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+
+    async def checkpoint(
+        self, parts: Sequence[tuple[StreamKind, int, StagedPart]], done: Sequence[int], stats: dict[str, Any]
+    ) -> None:
+        """In one transaction: insert buffered links, record closed parts (kind, seq, part), mark URLs done, keep
+        stats, renew this crawler's leases. A URL is only done once the links it led to are in the frontier."""
+        assert self.shard is not None
+        async with self._flushing, self.pool.acquire() as conn, conn.transaction():
+            links, self._links = self._links, []
+            if links:
+                await self._insert(conn, links)
+            if parts:
+                await conn.executemany(
+                    f"INSERT INTO {self._parts} (run_id, source, kind, shard, seq, uri, rows, bytes, sha256) "
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (run_id, source, kind, shard, seq) "
+                    "DO UPDATE SET uri = EXCLUDED.uri, rows = EXCLUDED.rows, bytes = EXCLUDED.bytes, "
+                    "sha256 = EXCLUDED.sha256",
+                    [
+                        (self.run_id, self.source, kind, self.shard, seq, p.uri, p.rows, p.bytes, p.sha256)
+                        for kind, seq, p in parts
+                    ],
+                )
+            if done:
+                await conn.execute(
+                    f"UPDATE {self._t} SET state = 'done', lease_until = NULL "
+                    "WHERE run_id = $1 AND source = $2 AND url_hash = ANY($3::bigint[])",
+                    self.run_id,
+                    self.source,
+                    list(done),
+                )
+            await conn.execute(
+                f"UPDATE {self._t} SET lease_until = now() + make_interval(secs => $4) "
+                "WHERE run_id = $1 AND source = $2 AND lease_owner = $3 AND state = 'leased'",
+                self.run_id,
+                self.source,
+                self.owner,
+                self.lease_seconds,
+            )
+            await conn.execute(
+                f"INSERT INTO {self._shards_t} (run_id, source, shard, stats, checkpoints) VALUES ($1, $2, $3, $4, 1) "
+                "ON CONFLICT (run_id, source, shard) DO UPDATE SET stats = EXCLUDED.stats, "
+                f"checkpoints = {self._shards_t}.checkpoints + 1, updated_at = now()",
+                self.run_id,
+                self.source,
+                self.shard,
+                orjson.dumps(stats).decode(),
+            )
+
+    async def parts(self, kind: StreamKind) -> list[tuple[int, int, StagedPart]]:
+        """Recorded parts of one stream as (shard, seq, part): of this shard, or of all for the whole view."""
+        where = "run_id = $1 AND source = $2 AND kind = $3" + (" AND shard = $4" if self.shard is not None else "")
+        args: tuple[Any, ...] = (self.run_id, self.source, kind) + (() if self.shard is None else (self.shard,))
+        rows = await self.pool.fetch(
+            f"SELECT shard, seq, uri, rows, bytes, sha256 FROM {self._parts} WHERE {where} ORDER BY shard, seq", *args
+        )
+        return [(r["shard"], r["seq"], StagedPart(r["uri"], r["rows"], r["bytes"], r["sha256"])) for r in rows]
+
+    async def saved_stats(self) -> dict[int, dict[str, Any]]:
+        """The stats each shard saved at its last checkpoint."""
+        rows = await self.pool.fetch(
+            f"SELECT shard, stats FROM {self._shards_t} WHERE run_id = $1 AND source = $2", self.run_id, self.source
+        )
+        return {r["shard"]: orjson.loads(r["stats"]) for r in rows}

@@ -99,26 +99,33 @@ def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any
 
 
 @contextlib.asynccontextmanager
-async def source_lock(source: str, settings: Settings) -> AsyncIterator[None]:
+async def source_lock(source: str, settings: Settings, *, takeover: bool = False) -> AsyncIterator[None]:
     """Hold the Prefect global concurrency limit ``trawl-source-NAME`` (limit 1) while a source crawls.
 
     Two flow runs (two deployments, or a deployment and a local run against the
     same server) never crawl one source at once: the second waits for the slot
     (``source_lock = "wait"``, up to ``source_lock_timeout`` seconds) or fails at
     once (``"refuse"``). ``"off"`` skips the lock.
+
+    ``takeover`` (a resumed run: the run it continues died) frees a slot that run
+    still holds first: a process killed with SIGKILL never gives its slot back,
+    and a local run's temporary Prefect server never expires its lease.
     """
     if settings.source_lock == "off":
         yield
         return
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
     from prefect.concurrency.asyncio import concurrency
     from prefect.exceptions import ObjectNotFound
 
     name = f"trawl-source-{source}"
     async with get_client() as client:
         try:
-            await client.read_global_concurrency_limit_by_name(name)
+            limit = await client.read_global_concurrency_limit_by_name(name)
+            if takeover and limit.active_slots:
+                log.warning("resumed run takes over the source's concurrency slot", source=source, limit=name)
+                await client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
         except ObjectNotFound:
             try:
                 await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))

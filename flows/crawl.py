@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import Any
 
 import structlog
@@ -11,21 +12,40 @@ from prefect.cache_policies import NO_CACHE
 
 from flows._common import current_flow_run_id, flow_metrics, retry_if_transient, settings_for, source_lock
 from flows.artifacts import crawl_progress, publish_crawl, publish_summary
-from flows.params import Politeness, SourceName, SourcesPath, StagingURL, check_sources
+from flows.params import (
+    ParameterError,
+    Politeness,
+    SecretBlockName,
+    SourceName,
+    SourcesPath,
+    StagingURL,
+    check_sources,
+)
 from sinks.postgres import load_validators
 from sinks.stage import Stager, open_stager
 from trawl.config import AnySource, ApiSource, HtmlSource
 from trawl.connectors.base import SourceStats, Validators
-from trawl.crawler import SourceFailed, SourceResult, crawl_source, new_run_id
+from trawl.crawler import (
+    SourceFailed,
+    SourceResult,
+    begin_sharded,
+    commit_sharded,
+    crawl_source,
+    new_run_id,
+    uses_frontier,
+)
 from trawl.database import connect_pool
 from trawl.errors import DatabaseUnavailable
 from trawl.fetch import Fetcher
 from trawl.logs import bind
 from trawl.settings import Settings
 
-__all__ = ["crawl"]
+__all__ = ["crawl", "crawl_shard"]
 
 log = structlog.get_logger("flows.crawl")
+
+# Parameters of the running crawl flow that its shard runs get too (the same sources file, politeness, database).
+_SHARD_PARAMS: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("trawl_shard_params")
 
 
 @task(
@@ -44,12 +64,15 @@ async def crawl_source_task(
     fetcher: Fetcher,
     stager: Stager,
     stats: SourceStats,
+    resume: bool = False,
 ) -> SourceResult:
     """One source's crawl, as its own task run in the UI (failed sources show as failed tasks).
 
     Holds the source's concurrency slot (``trawl-source-NAME``) while it runs.
     """
-    async with source_lock(name, settings):
+    async with source_lock(name, settings, takeover=resume):
+        if isinstance(source, HtmlSource) and source.shards > 1:
+            return await _crawl_sharded(source, run_id, settings, stager, resume=resume)
         return await crawl_source(
             source,
             run_id=run_id,
@@ -59,7 +82,117 @@ async def crawl_source_task(
             flow_run_id=current_flow_run_id(),
             validators=await _validators(settings, name),
             stats=stats,
+            resume=resume and uses_frontier(source, settings),
         )
+
+
+async def _crawl_sharded(
+    source: HtmlSource, run_id: str, settings: Settings, stager: Stager, *, resume: bool
+) -> SourceResult:
+    """Fan a source out into ``shards`` flow runs of the shard deployment, wait for them, then commit.
+
+    Each shard lands on whichever worker of the pool is free (``run_deployment``)
+    and crawls the hosts of its shard from the shared frontier; the manifest is
+    written here once every shard finished, listing all their parts.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.deployments.flow_runs import arun_deployment
+    from prefect.states import Cancelling
+
+    await begin_sharded(source, run_id, settings, resume=resume)
+    inherited = _SHARD_PARAMS.get()
+    params = {
+        **{k: v for k, v in inherited.items() if v is not None},
+        "source": source.name,
+        "run_id": run_id,
+        "shards": source.shards,
+        "staging": stager.uri,
+        "resume": resume,
+    }
+    log.info("shards started", shards=source.shards, deployment=settings.shard_deployment)
+    runs = [
+        asyncio.ensure_future(
+            arun_deployment(
+                settings.shard_deployment,
+                parameters={**params, "shard": i},
+                flow_run_name=f"{source.name}-{run_id}-shard-{i}",
+                timeout=None,
+                poll_interval=1,
+            )
+        )
+        for i in range(source.shards)
+    ]
+    failed: list[str] = []
+    try:
+        for finished in asyncio.as_completed(runs):
+            fr = await finished
+            if fr.state is None or not fr.state.is_completed():
+                failed.append(f"{fr.name}: {fr.state.name if fr.state else 'no state'}")
+                break  # the other shards would wait for this one's hosts forever: stop them
+    finally:
+        if failed:
+            async with get_client() as client:
+                for t in runs:
+                    t.cancel()
+                for fr in await client.read_flow_runs(flow_run_filter=_shard_runs_filter(source.name, run_id)):
+                    if fr.state is not None and not fr.state.is_final():
+                        await client.set_flow_run_state(fr.id, Cancelling(), force=True)
+    if failed:
+        raise SourceFailed(
+            SourceResult(
+                source.name,
+                "failed",
+                0.0,
+                {},
+                f"shard failed ({'; '.join(failed)}); the others were cancelled. "
+                f"`trawl crawl --resume {run_id}` continues the run",
+            )
+        )
+    return await commit_sharded(source, run_id, settings, stager, flow_run_id=current_flow_run_id())
+
+
+def _shard_runs_filter(source: str, run_id: str) -> Any:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    return FlowRunFilter(name=FlowRunFilterName(like_=f"{source}-{run_id}-shard-"))
+
+
+@flow(name="crawl-shard", log_prints=True)
+async def crawl_shard(
+    sources_file: SourcesPath,
+    source: SourceName,
+    run_id: str,
+    shard: int,
+    shards: int,
+    staging: StagingURL | None = None,
+    politeness: Politeness | None = None,
+    resume: bool = False,
+    database_secret: SecretBlockName | None = None,
+) -> dict[str, Any]:
+    """One shard of a source with ``shards: N``: the hosts of this shard, from the run's shared frontier.
+
+    Started by the crawl flow through the shard deployment; it stages parts under
+    the run's id and leaves the manifest to the crawl flow that started it.
+    """
+    (src,) = check_sources(sources_file, [source])
+    if not isinstance(src, HtmlSource) or src.shards != shards:
+        raise ParameterError("source", f"{source} in {sources_file} is not an html source with shards: {shards}")
+    settings = await settings_for(staging, politeness, database_secret)
+    stager = open_stager(settings.staging, settings=settings)
+    bind(run_id=run_id, flow_run_id=current_flow_run_id())
+    async with flow_metrics("crawl-shard", settings, source), stager, Fetcher(settings) as fetcher:
+        result = await crawl_source(
+            src,
+            run_id=run_id,
+            settings=settings,
+            fetcher=fetcher,
+            stager=stager,
+            flow_run_id=current_flow_run_id(),
+            validators=await _validators(settings, source),
+            resume=resume,
+            shard=shard,
+        )
+    return result.as_dict()
 
 
 async def _validators(settings: Settings, source: str) -> dict[str, Validators]:
@@ -97,19 +230,32 @@ async def crawl(
     dry_run: bool = False,
     run_id: str | None = None,
     publish: bool = True,
+    resume_run_id: str | None = None,
+    database_secret: SecretBlockName | None = None,
 ) -> dict[str, Any]:
     """Crawl the sources of SOURCES_FILE (all enabled ones, or those named) and stage them.
 
     Returns ``{"run_id", "flow_run_id", "staging", "sources": [per-source result]}``; a failed
     source does not stop the others, its task shows as failed and its status in
     the result says why. ``dry_run`` checks the parameters and the sources file and
-    returns the plan without a request. ``publish`` adds the run summary artifact
+    returns the plan without a request. ``resume_run_id`` continues a run that died:
+    sources it committed are left as they are, sources with the durable frontier
+    carry on where their last checkpoint left them, the others crawl again. ``publish`` adds the run summary artifact
     (the pipeline publishes its own, with the load's rejects).
     """
     selected = check_sources(sources_file, sources)
-    settings = await settings_for(staging, politeness)
+    settings = await settings_for(staging, politeness, database_secret)
     stager = open_stager(settings.staging, settings=settings)
-    run_id = run_id or new_run_id()
+    _SHARD_PARAMS.set(
+        {
+            "sources_file": sources_file,
+            "politeness": politeness.model_dump(exclude_none=True) if politeness else None,
+            "database_secret": database_secret,
+        }
+    )
+    if resume_run_id and run_id and run_id != resume_run_id:
+        raise ParameterError("resume_run_id", f"{resume_run_id} differs from run_id {run_id}: give one")
+    run_id = resume_run_id or run_id or new_run_id()
     bind(run_id=run_id, flow_run_id=current_flow_run_id())
     if dry_run:
         log.info("dry run: nothing fetched", sources=[s.name for s in selected], staging=stager.uri)
@@ -125,7 +271,7 @@ async def crawl(
         stager,
     ):
         await _resume_spooled(stager)
-        results = await _crawl_all(selected, run_id, settings, stager)
+        results = await _crawl_all(selected, run_id, settings, stager, resume=bool(resume_run_id))
         measured.failed = any(r["status"] != "complete" for r in results)
     await publish_crawl(run_id, stager.uri, results)
     if publish:
@@ -146,17 +292,42 @@ async def _resume_spooled(stager: Stager) -> None:
         log.warning("spooled runs not resumed", staging=stager.uri, error=str(exc))
 
 
+async def _committed(stager: Stager, run_id: str) -> dict[str, dict[str, Any]]:
+    """Sources of a run that already have their records manifest (a resumed run leaves them be)."""
+    return {
+        m.source: {"source": m.source, "status": m.status, "seconds": 0.0, "manifest": m.uri, "resumed": "committed"}
+        | dict(m.stats)
+        for m in await stager.manifests("raw")
+        if m.run_id == run_id
+    }
+
+
 async def _crawl_all(
-    selected: list[AnySource], run_id: str, settings: Settings, stager: Stager
+    selected: list[AnySource], run_id: str, settings: Settings, stager: Stager, *, resume: bool = False
 ) -> list[dict[str, Any]]:
     """Every source as its own task, all at once in this loop, sharing one Fetcher; their results in order."""
+    done = await _committed(stager, run_id) if resume else {}
+    if done:
+        log.info("resumed run: sources already committed", sources=sorted(done))
+    todo = [s for s in selected if s.name not in done]
+    for s in todo:
+        if resume and not uses_frontier(s, settings):
+            log.warning("resumed run: source has no durable frontier, crawled again from the start", source=s.name)
+    results = await _crawl_sources(todo, run_id, settings, stager, resume=resume)
+    by_name = {r["source"]: r for r in results} | done
+    return [by_name[s.name] for s in selected]
+
+
+async def _crawl_sources(
+    selected: list[AnySource], run_id: str, settings: Settings, stager: Stager, *, resume: bool
+) -> list[dict[str, Any]]:
     log.info("crawl started", sources=[s.name for s in selected], staging=stager.uri)
     stats = [SourceStats() for _ in selected]
     async with Fetcher(settings) as fetcher, crawl_progress(run_id, stats, settings.progress_interval):
         # With return_state=True Prefect returns awaitable states; its overloads type them as plain States.
         states = await asyncio.gather(
             *(
-                crawl_source_task(s.name, s, run_id, settings, fetcher, stager, st, return_state=True)  # type: ignore[call-overload]
+                crawl_source_task(s.name, s, run_id, settings, fetcher, stager, st, resume, return_state=True)  # type: ignore[call-overload]
                 for s, st in zip(selected, stats, strict=True)
             )
         )

@@ -37,6 +37,7 @@ async def pipeline(
     database_secret: SecretBlockName | None = None,
     politeness: Politeness | None = None,
     dry_run: bool = False,
+    resume_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Crawl SOURCES_FILE into staging and load the run into PostgreSQL.
 
@@ -45,6 +46,7 @@ async def pipeline(
     before the first request: an unknown source, a bad staging URL or a missing
     Secret block fails the run at once, naming the parameter. ``dry_run`` checks
     the parameters, the sources file and the database and stops there.
+    ``resume_run_id`` continues a run that died (see the crawl flow) and loads it.
     """
     selected = check_sources(sources_file, sources)
     settings = await settings_for(staging, politeness, database_secret)
@@ -52,7 +54,9 @@ async def pipeline(
         pool = await connect_pool(resolve_dsn(settings), max_size=1)
         await pool.close()
     async with flow_metrics("pipeline", settings, "+".join(sorted(s.name for s in selected))) as measured:
-        result = await _crawl_and_load(sources_file, sources, staging, database_secret, politeness, dry_run)
+        result = await _crawl_and_load(
+            sources_file, sources, staging, database_secret, politeness, dry_run, resume_run_id
+        )
         measured.failed = any(c["status"] == "failed" for c in result["crawl"])
     return result
 
@@ -64,8 +68,18 @@ async def _crawl_and_load(
     database_secret: str | None,
     politeness: Politeness | None,
     dry_run: bool,
+    resume_run_id: str | None = None,
 ) -> dict[str, Any]:
-    crawled = await crawl(sources_file, sources, staging, politeness, dry_run, publish=False)
+    crawled = await crawl(
+        sources_file,
+        sources,
+        staging,
+        politeness,
+        dry_run,
+        publish=False,
+        resume_run_id=resume_run_id,
+        database_secret=database_secret,
+    )
     if dry_run:
         return {
             "run_id": crawled["run_id"],

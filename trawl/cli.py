@@ -59,8 +59,16 @@ def _parser() -> argparse.ArgumentParser:
             )
         sp.add_argument("--log-format", choices=("auto", "json", "console"), help="log renderer (env TRAWL_LOG_FORMAT)")
 
-    common(sub.add_parser("run", help="crawl the sources and load them (the pipeline flow)"))
-    common(sub.add_parser("crawl", help="crawl the sources into staging only"), loads=False)
+    run = sub.add_parser("run", help="crawl the sources and load them (the pipeline flow)")
+    crawl = sub.add_parser("crawl", help="crawl the sources into staging only")
+    for sp in (run, crawl):
+        common(sp)
+        sp.add_argument(
+            "--resume",
+            metavar="RUN_ID",
+            help="continue a run that died: committed sources stay, sources with the durable frontier carry on "
+            "from their last checkpoint, the others crawl again",
+        )
     load = sub.add_parser("load", help="load committed staged runs not yet in the ledger")
     common(load, file=False)
     load.add_argument("--run-id", action="append", dest="run_ids", metavar="ID", help="only this run (repeatable)")
@@ -326,12 +334,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "crawl":
         from flows.crawl import crawl
 
-        crawled = asyncio.run(crawl(sources_file=args.sources_file, sources=args.sources))
+        crawled = asyncio.run(crawl(sources_file=args.sources_file, sources=args.sources, resume_run_id=args.resume))
         result = {"crawl": crawled["sources"], "run_id": crawled["run_id"], "staging": crawled["staging"]}
     else:
         from flows.pipeline import pipeline
 
-        result = asyncio.run(pipeline(sources_file=args.sources_file, sources=args.sources))
+        result = asyncio.run(
+            pipeline(sources_file=args.sources_file, sources=args.sources, resume_run_id=getattr(args, "resume", None))
+        )
     print(_summary(result))
     print(f"\nrun {result['run_id']}: staged under {result['staging']}")
     if "load" in result:

@@ -334,6 +334,12 @@ class SpiderSource(_Model):
     fields: dict[str, ApiField] = Field(default_factory=dict)
     politeness: Politeness = Field(default_factory=Politeness)
     robots: bool = Field(default=True, description="Obey the hosts' robots.txt (set false only for sites you own).")
+    frontier: Literal["memory", "postgres"] | None = Field(
+        default=None,
+        description="`postgres`: keep the spider's pending requests in PostgreSQL (Scrapy's scheduler on the durable "
+        "frontier, deduplicated there), so memory stays flat however large the crawl; a run that dies starts over "
+        "(default: the `frontier` setting).",
+    )
     enabled: bool = True
 
     _fields = field_validator("fields")(_check_field_names)

@@ -37,7 +37,15 @@ import structlog
 from sinks.stage import StagedPart, StreamKind
 from trawl.errors import ConfigError
 
-__all__ = ["FrontierRun", "PgFrontier", "ensure_frontier_schema", "shard_of", "url_key"]
+__all__ = [
+    "ClaimedRequest",
+    "FrontierRun",
+    "PgFrontier",
+    "QueuedRequest",
+    "ensure_frontier_schema",
+    "shard_of",
+    "url_key",
+]
 
 log = structlog.get_logger("trawl.frontier")
 
@@ -80,6 +88,8 @@ CREATE TABLE IF NOT EXISTS {s}._frontier (
     lease_owner text,
     PRIMARY KEY (run_id, source, url_hash)
 );
+-- Scrapy's scheduler (trawl.connectors.spider_frontier) keeps each request, serialized, with its row.
+ALTER TABLE {s}._frontier ADD COLUMN IF NOT EXISTS payload bytea;
 CREATE INDEX IF NOT EXISTS _frontier_claim ON {s}._frontier (run_id, source, shard, priority DESC, depth)
     WHERE state <> 'done';
 CREATE TABLE IF NOT EXISTS {s}._frontier_runs (
@@ -160,6 +170,28 @@ class Claimed:
     url: str
     depth: int
     key: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRequest:
+    """A serialized request on its way into the frontier (Scrapy's scheduler): its key is its identity."""
+
+    key: int
+    url: str
+    host: str
+    depth: int
+    priority: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRequest:
+    """A request leased to this crawler; ``payload`` is None for a row queued as a bare URL (``begin``'s seeds)."""
+
+    key: int
+    url: str
+    depth: int
+    payload: bytes | None
 
 
 class PgFrontier:
@@ -346,6 +378,106 @@ class PgFrontier:
             self.source,
         )
         return {r["state"]: r["n"] for r in rows}
+
+    # ---- serialized requests (Scrapy's scheduler) ------------------------------------------------------------
+
+    async def push_requests(
+        self,
+        new: Sequence[QueuedRequest],
+        *,
+        done: Sequence[int] = (),
+        give_back: Sequence[int] = (),
+        renew: bool = False,
+    ) -> int:
+        """In one transaction: queue ``new`` requests (a key already in the frontier is left as it is), mark the
+        ``done`` keys done, queue the ``give_back`` keys again (leased here, never started), and with ``renew`` extend
+        this crawler's other leases. Returns how many requests were new.
+
+        New requests go in before the done marks: a request is only done once those it led to are in the frontier.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            inserted = 0
+            if new:
+                result: str = await conn.execute(
+                    f"INSERT INTO {self._t} (run_id, source, url_hash, url, host, shard, depth, priority, payload) "
+                    "SELECT $1, $2, k, u, h, s, d, p, b FROM unnest($3::bigint[], $4::text[], $5::text[], $6::int[], "
+                    "$7::int[], $8::int[], $9::bytea[]) AS t(k, u, h, s, d, p, b) ON CONFLICT DO NOTHING",
+                    self.run_id,
+                    self.source,
+                    [r.key for r in new],
+                    [r.url for r in new],
+                    [r.host for r in new],
+                    [shard_of(r.host, self.shards) for r in new],
+                    [r.depth for r in new],
+                    [r.priority for r in new],
+                    [r.payload for r in new],
+                )
+                inserted = int(result.split()[-1])
+            if done:
+                await conn.execute(
+                    f"UPDATE {self._t} SET state = 'done', lease_until = NULL "
+                    "WHERE run_id = $1 AND source = $2 AND url_hash = ANY($3::bigint[])",
+                    self.run_id,
+                    self.source,
+                    list(done),
+                )
+            if give_back:
+                await conn.execute(
+                    f"UPDATE {self._t} SET state = 'queued', lease_until = NULL, lease_owner = NULL "
+                    "WHERE run_id = $1 AND source = $2 AND url_hash = ANY($3::bigint[]) AND lease_owner = $4 "
+                    "AND state = 'leased'",
+                    self.run_id,
+                    self.source,
+                    list(give_back),
+                    self.owner,
+                )
+            if renew:
+                await conn.execute(
+                    f"UPDATE {self._t} SET lease_until = now() + make_interval(secs => $4) "
+                    "WHERE run_id = $1 AND source = $2 AND lease_owner = $3 AND state = 'leased'",
+                    self.run_id,
+                    self.source,
+                    self.owner,
+                    self.lease_seconds,
+                )
+        return inserted
+
+    async def claim_requests(self, n: int) -> list[ClaimedRequest]:
+        """Lease up to ``n`` requests of this shard with their payloads (as ``claim``: highest priority first)."""
+        assert self.shard is not None, "the whole-frontier view does not crawl"
+        rows = await self.pool.fetch(
+            f"""
+            WITH c AS (
+                SELECT url_hash FROM {self._t}
+                WHERE run_id = $1 AND source = $2 AND shard = $3
+                  AND (state = 'queued' OR (state = 'leased' AND lease_until < now()))
+                ORDER BY priority DESC, depth
+                LIMIT $4
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE {self._t} f
+            SET state = 'leased', attempts = f.attempts + 1, lease_owner = $5,
+                lease_until = now() + make_interval(secs => $6)
+            FROM c
+            WHERE f.run_id = $1 AND f.source = $2 AND f.url_hash = c.url_hash
+            RETURNING f.url_hash, f.url, f.depth, f.payload, f.priority
+            """,
+            self.run_id,
+            self.source,
+            self.shard,
+            n,
+            self.owner,
+            self.lease_seconds,
+        )
+        # RETURNING does not keep the CTE's order: put the batch back in claim order.
+        rows = sorted(rows, key=lambda r: (-r["priority"], r["depth"]))
+        return [ClaimedRequest(r["url_hash"], r["url"], r["depth"], r["payload"]) for r in rows]
+
+    async def reset(self) -> None:
+        """Forget this run of this source entirely (its URLs, parts, stats and run row): a crawl that starts over."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            for table in (self._t, self._parts, self._shards_t, self._runs):
+                await conn.execute(f"DELETE FROM {table} WHERE run_id = $1 AND source = $2", self.run_id, self.source)
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
 

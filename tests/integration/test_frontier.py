@@ -53,7 +53,9 @@ async def test_claims_never_hand_out_a_url_twice_and_links_dedupe(pool: asyncpg.
     assert len(rest) == 101
     assert await a.claim(10) == []  # all leased, none expired
     assert await a.pending() == 501 and await a.pending(others_only=True) == 200
-    await a.checkpoint([("raw", 1, StagedPart("file:///x/part-00001.jsonl.gz", 3, 10, "ab"))], [c.key for c in got_a], {"pages": 200})
+    await a.checkpoint(
+        [("raw", 1, StagedPart("file:///x/part-00001.jsonl.gz", 3, 10, "ab"))], [c.key for c in got_a], {"pages": 200}
+    )
     assert await a.counts() == {"done": 200, "leased": 301}
     assert await b.release() == 301
     assert len(await b.claim(1000)) == 301

@@ -17,6 +17,10 @@ Two downloader middlewares tie Scrapy to :class:`trawl.fetch.Fetcher`:
   retries and redirects) and records exactly one outcome for it, under the
   URL first asked for.
 
+With ``frontier: postgres`` (or the ``frontier`` setting) the spider's pending
+requests live in PostgreSQL: :class:`~trawl.connectors.spider_frontier.PgScheduler`
+is Scrapy's scheduler, on the run's rows in :mod:`trawl.frontier`.
+
 Items stream out through the ``item_scraped`` signal into a bounded queue;
 when the consumer (staging) falls behind, the engine is paused until it
 catches up, so memory stays bounded. Scrapy's stats are folded into the
@@ -49,6 +53,7 @@ from scrapy.utils.ssl import _make_ssl_context
 from trawl.config import SpiderSource
 from trawl.connectors.base import _OUTCOME_OF, SourceContext, make_record
 from trawl.connectors.html import _url_hash
+from trawl.connectors.spider_frontier import PgScheduler
 from trawl.errors import BreakerOpen, ConfigError, FetchError, PermanentFetchError, TransientFetchError, TrawlError
 from trawl.extract import get_path
 from trawl.fetch import TRANSIENT_STATUS, _GuardedResolver, _RefusedAddress
@@ -57,6 +62,8 @@ from trawl.settings import Settings
 
 if TYPE_CHECKING:
     from scrapy.http import Request, Response
+
+    from trawl.frontier import PgFrontier
 
 __all__ = [
     "GateMiddleware",
@@ -67,6 +74,7 @@ __all__ = [
     "SpiderFailed",
     "load_spider",
     "scrapy_settings",
+    "uses_spider_frontier",
 ]
 
 log = structlog.get_logger("trawl.connectors.spider")
@@ -101,6 +109,11 @@ def load_spider(path: str) -> type[scrapy.Spider]:
     if not (isinstance(cls, type) and issubclass(cls, scrapy.Spider)):
         raise ConfigError(f"spider {path}: {module_name} has no Scrapy spider class {attr}")
     return cls
+
+
+def uses_spider_frontier(source: SpiderSource, settings: Settings) -> bool:
+    """Whether a spider keeps its pending requests in PostgreSQL (its ``frontier``, else the ``frontier`` setting)."""
+    return (source.frontier or settings.frontier) == "postgres"
 
 
 def scrapy_settings(source: SpiderSource, settings: Settings) -> ScrapySettings:
@@ -152,6 +165,9 @@ def scrapy_settings(source: SpiderSource, settings: Settings) -> ScrapySettings:
         },
         priority="cmdline",
     )
+    if uses_spider_frontier(source, settings):
+        out.set("SCHEDULER", f"{PgScheduler.__module__}.{PgScheduler.__qualname__}", priority="cmdline")
+        out.set("TRAWL_FRONTIER_BATCH", settings.frontier_batch, priority="cmdline")
     return out
 
 
@@ -390,13 +406,52 @@ class SpiderConnector:
 
     async def fetch(self) -> AsyncIterator[Record]:
         """Run the spider; its items, as they are scraped."""
+        if not uses_spider_frontier(self.source, self.ctx.settings):
+            async for record in self._crawl(None):
+                yield record
+            return
+        frontier = await self._open_frontier()
+        status = "failed"
+        try:
+            async for record in self._crawl(frontier):
+                yield record
+            status = "complete"
+        finally:
+            try:
+                await frontier.finish(status)
+            finally:
+                await frontier.pool.close()
+
+    async def _open_frontier(self) -> PgFrontier:
+        """This run's frontier, registered afresh: a spider run that died is crawled again from the start."""
+        from trawl.crawler import open_frontier  # trawl.crawler imports the connectors: import it when used
+
+        frontier = await open_frontier(self.source, self.ctx.run_id, self.ctx.settings, shard=0)
+        try:
+            if await frontier.run() is not None:
+                log.warning("spider sources do not resume: the run's frontier starts over", run_id=self.ctx.run_id)
+                await frontier.reset()
+            await frontier.begin(utcnow(), ())  # no seeds: the spider's start requests come through the scheduler
+        except BaseException:
+            await frontier.pool.close()
+            raise
+        return frontier
+
+    async def _crawl(self, frontier: PgFrontier | None) -> AsyncIterator[Record]:
         spidercls = load_spider(self.source.spider)
         runner = AsyncCrawlerRunner(scrapy_settings(self.source, self.ctx.settings))
         crawler = runner.create_crawler(spidercls)
         crawler.trawl_connector = self  # type: ignore[attr-defined]  # found by the middlewares
+        if frontier is not None:
+            PgScheduler.attach(crawler, frontier)
         self._crawler = crawler
         crawler.signals.connect(self._on_item, signal=signals.item_scraped)  # a bound method: kept alive by self
-        log.info("spider started", spider=self.source.spider, args=self.source.args)
+        log.info(
+            "spider started",
+            spider=self.source.spider,
+            args=self.source.args,
+            frontier="postgres" if frontier else "memory",
+        )
         task = runner.crawl(crawler, **self.source.args)
         queue = self._queue
         try:
@@ -415,6 +470,10 @@ class SpiderConnector:
             if task.exception() is not None:
                 exc = task.exception()
                 raise SpiderFailed(f"spider {self.source.spider} failed: {type(exc).__name__}: {exc}") from exc
+            scheduler = getattr(crawler, "trawl_scheduler", None)
+            if isinstance(scheduler, PgScheduler) and scheduler.error is not None:
+                err = scheduler.error
+                raise SpiderFailed(f"spider {self.source.spider}: frontier failed: {type(err).__name__}: {err}")
         finally:
             if not task.done():  # the consumer stopped early (or was cancelled): stop Scrapy too
                 with contextlib.suppress(Exception):

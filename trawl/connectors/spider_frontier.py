@@ -1,0 +1,364 @@
+"""Scrapy's scheduler on the durable frontier: a `spider` source's pending requests in PostgreSQL.
+
+With ``frontier: postgres`` a spider's requests do not wait in Scrapy's memory
+queues but in :mod:`trawl.frontier`'s table, one row per request: the request
+serialized (``Request.to_dict`` pickled, as Scrapy's own disk queues do) in
+``payload``, its fingerprint as the 64-bit key, so the table is the dupefilter
+(``dont_filter`` requests get a random key: never deduplicated), priority from
+``Request.priority`` and depth from ``meta["depth"]``.
+
+Scrapy calls its scheduler synchronously and asyncpg is async, so
+:class:`PgScheduler` keeps small local buffers and one background task in the
+crawl's loop moves them: enqueued requests go in batches (``ON CONFLICT DO
+NOTHING``), batches are claimed (``FOR UPDATE SKIP LOCKED``) before the engine
+runs dry, and finished requests are marked done.
+
+*Done* means Scrapy has finished with the request: downloaded (after retries
+and redirects, which come back as new requests), its callback or errback run,
+its items through the pipelines and the requests it yielded handed to the
+scheduler. The one place Scrapy tracks exactly that is the engine's set of
+requests in progress (the set ``scrapy.utils.engine.get_engine_status`` reports);
+no signal covers it (``response_received`` fires before the callback, and a
+failed download sends none), so the scheduler checks which of the requests it
+handed out have left that set. A request is thus marked done in the same
+transaction as, or after, the requests it yielded are inserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import pickle
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Self
+from urllib.parse import urlsplit
+
+import scrapy
+import structlog
+from scrapy.core.scheduler import BaseScheduler
+from scrapy.utils.defer import deferred_from_coro
+from scrapy.utils.request import request_from_dict
+
+from trawl.frontier import ClaimedRequest, PgFrontier, QueuedRequest
+
+if TYPE_CHECKING:
+    from scrapy import Spider
+    from scrapy.crawler import Crawler
+    from twisted.internet.defer import Deferred
+
+__all__ = ["PgScheduler", "request_key"]
+
+log = structlog.get_logger("trawl.connectors.spider_frontier")
+
+_INT4 = 2**31 - 1
+_ATTR = "trawl_frontier"
+_RETRIES = 3
+"""Rounds with the database retried before the crawl is stopped (asyncpg's pool replaces a broken connection)."""
+
+
+def request_key(fingerprint: bytes) -> int:
+    """A request fingerprint as the frontier's 64-bit key (signed, for ``bigint``); any fingerprint length."""
+    return int.from_bytes(hashlib.blake2b(fingerprint, digest_size=8).digest(), "big", signed=True)
+
+
+def _unique_key() -> int:
+    return int.from_bytes(os.urandom(8), "big", signed=True)
+
+
+def _host(url: str) -> str:
+    # The same spelling as the html frontier's (host[:port]), so a host lands in the same shard.
+    return urlsplit(url).netloc.rpartition("@")[2].lower()
+
+
+def _wake_engine(crawler: Crawler) -> None:
+    """Have the engine ask for requests now rather than at its next 5 s heartbeat."""
+    slot = getattr(getattr(crawler, "engine", None), "_slot", None)
+    nextcall = getattr(slot, "nextcall", None)
+    if nextcall is not None:
+        nextcall.schedule()
+
+
+def _in_progress(crawler: Crawler) -> set[scrapy.Request] | None:
+    """The engine's requests in progress (downloading or being scraped), or None without a running engine."""
+    slot = getattr(getattr(crawler, "engine", None), "_slot", None)
+    inprogress = getattr(slot, "inprogress", None)
+    return inprogress if isinstance(inprogress, set) else None
+
+
+class PgScheduler(BaseScheduler):
+    """A Scrapy scheduler whose queue and seen set are the run's rows in :class:`~trawl.frontier.PgFrontier`.
+
+    Any number of schedulers may share one run: each claims its own batches, and
+    a scheduler reports pending requests while any row of the run is queued or
+    leased by another, since those may still lead to more.
+    """
+
+    def __init__(self, frontier: PgFrontier, crawler: Crawler, *, batch: int = 200, poll: float = 0.25) -> None:
+        self.frontier = frontier
+        self.crawler = crawler
+        self.batch = max(1, batch)
+        self.poll = poll
+        self.spider: Spider | None = None
+        self.error: BaseException | None = None
+        """Why the frontier could not be used (the crawl was stopped), if it could not."""
+        self._new: list[QueuedRequest] = []  # enqueued, not in the database yet
+        self._new_keys: set[int] = set()
+        self._ready: deque[tuple[scrapy.Request, int]] = deque()  # claimed, waiting for the engine
+        self._out: dict[int, tuple[scrapy.Request, int]] = {}  # id(request) -> (request, key): with the engine
+        self._held: set[int] = set()  # keys in _ready or _out (a lease of ours)
+        self._done: list[int] = []  # finished, not marked yet
+        self._memory: deque[scrapy.Request] = deque()  # not serializable: kept in memory, as Scrapy's scheduler does
+        self._memory_seen: set[int] = set()
+        self._remote = 0  # rows of the run neither done nor ours, as last counted
+        self._busy = False  # a round with the database is under way
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closer: asyncio.Future[Any] | None = None
+        self._closing = False
+        self._renewed = time.monotonic()
+        self._logged_unserializable = False
+        self.counts = {"enqueued": 0, "inserted": 0, "claimed": 0, "done": 0, "given_back": 0}
+
+    # ---- wiring ----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def attach(crawler: Crawler, frontier: PgFrontier) -> None:
+        """Give a crawler (before its crawl starts) the frontier its ``SCHEDULER = PgScheduler`` will use."""
+        setattr(crawler, _ATTR, frontier)
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Self:
+        frontier = getattr(crawler, _ATTR, None)
+        if not isinstance(frontier, PgFrontier):
+            raise RuntimeError("PgScheduler needs a frontier: PgScheduler.attach(crawler, frontier) before the crawl")
+        scheduler = cls(frontier, crawler, batch=crawler.settings.getint("TRAWL_FRONTIER_BATCH", 200))
+        crawler.trawl_scheduler = scheduler  # type: ignore[attr-defined]  # the connector asks it how it went
+        return scheduler
+
+    def open(self, spider: Spider) -> None:
+        self.spider = spider
+        if getattr(self.crawler, "engine", None) is not None and _in_progress(self.crawler) is None:
+            log.warning("this Scrapy has no engine._slot.inprogress: requests are marked done only at the end")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="trawl-frontier")
+        self._wake.set()  # claim at once: another scheduler of the run may have queued requests already
+
+    def close(self, reason: str) -> Deferred[None]:
+        return deferred_from_coro(self._close(reason))
+
+    # ---- Scrapy's interface (synchronous) --------------------------------------------------------------------
+
+    def has_pending_requests(self) -> bool:
+        if self.error is not None:
+            return False  # the crawl is being stopped
+        return bool(self._memory or self._ready or self._new or self._busy or self._remote > 0)
+
+    def enqueue_request(self, request: scrapy.Request) -> bool:
+        if self.error is not None or self._closing:
+            return False
+        stats = self.crawler.stats
+        key = (
+            _unique_key()
+            if request.dont_filter
+            else request_key(self.crawler.request_fingerprinter.fingerprint(request))
+        )
+        try:
+            payload = pickle.dumps(request.to_dict(spider=self.spider), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # a callback that is no spider method, a meta value pickle refuses, ...
+            return self._enqueue_in_memory(request, key, exc)
+        if key in self._new_keys:  # the same request twice before the batch went in
+            stats.inc_value("dupefilter/filtered")
+            return False
+        self._new_keys.add(key)
+        depth = request.meta.get("depth", 0)
+        self._new.append(
+            QueuedRequest(
+                key,
+                request.url,
+                _host(request.url),
+                depth if isinstance(depth, int) else 0,
+                max(-_INT4, min(_INT4, request.priority)),
+                payload,
+            )
+        )
+        self.counts["enqueued"] += 1
+        stats.inc_value("scheduler/enqueued/postgres")
+        stats.inc_value("scheduler/enqueued")
+        self._wake.set()
+        return True
+
+    def next_request(self) -> scrapy.Request | None:
+        self._sweep()
+        stats = self.crawler.stats
+        if self._memory:
+            stats.inc_value("scheduler/dequeued/memory")
+            stats.inc_value("scheduler/dequeued")
+            return self._memory.popleft()
+        if self.error is not None or not self._ready:
+            self._wake.set()
+            return None
+        request, key = self._ready.popleft()
+        self._out[id(request)] = (request, key)
+        if len(self._ready) <= self.batch // 2:
+            self._wake.set()
+        stats.inc_value("scheduler/dequeued/postgres")
+        stats.inc_value("scheduler/dequeued")
+        return request
+
+    def __len__(self) -> int:
+        return len(self._memory) + len(self._ready) + len(self._new) + self._remote
+
+    def _enqueue_in_memory(self, request: scrapy.Request, key: int, exc: Exception) -> bool:
+        stats = self.crawler.stats
+        if not request.dont_filter:
+            if key in self._memory_seen:
+                stats.inc_value("dupefilter/filtered")
+                return False
+            self._memory_seen.add(key)
+        if not self._logged_unserializable:  # like Scrapy's SCHEDULER_DEBUG: once, then only counted
+            self._logged_unserializable = True
+            log.warning(
+                "request not serializable, kept in memory", url=request.url, error=f"{type(exc).__name__}: {exc}"
+            )
+        stats.inc_value("scheduler/unserializable")
+        stats.inc_value("scheduler/enqueued/memory")
+        stats.inc_value("scheduler/enqueued")
+        self._memory.append(request)
+        return True
+
+    def _sweep(self) -> None:
+        """Move the requests Scrapy has finished with (no longer in the engine's in-progress set) to ``_done``."""
+        if not self._out:
+            return
+        progress = _in_progress(self.crawler)
+        if progress is None:
+            return
+        for ident, (request, key) in list(self._out.items()):
+            if request not in progress:
+                del self._out[ident]
+                self._held.discard(key)
+                self._done.append(key)
+        if self._done:
+            self._wake.set()
+
+    # ---- the background task ---------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._closing:
+            waiting = self._out or self._remote > 0  # something to notice without being told
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll if waiting else self.frontier.lease_seconds / 3):
+                    await self._wake.wait()
+            self._wake.clear()
+            if self._closing:
+                return
+            try:
+                await self._round()
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                if failures < _RETRIES:
+                    log.warning("frontier round failed, retrying", error=f"{type(exc).__name__}: {exc}")
+                    await asyncio.sleep(0.2 * 2**failures)
+                    self._wake.set()
+                    continue
+                self._fail(exc)
+                return
+            finally:
+                _wake_engine(self.crawler)
+
+    async def _round(self) -> None:
+        """One exchange with the database: insert new requests and done marks, claim a batch if running low, and
+        count what is left elsewhere when nothing more could be claimed."""
+        self._sweep()
+        self._busy = True
+        new, self._new, self._new_keys = self._new, [], set()
+        done, self._done = self._done, []
+        try:
+            renew = bool(self._held) and time.monotonic() - self._renewed > self.frontier.lease_seconds / 3
+            if new or done or renew:
+                inserted = await self.frontier.push_requests(new, done=done, renew=renew)
+                if renew:
+                    self._renewed = time.monotonic()
+                self._count(inserted=inserted, done=len(done))
+                self.crawler.stats.inc_value("dupefilter/filtered", len(new) - inserted)
+            new, done = [], []
+            want = self.batch - len(self._ready)
+            if want >= (self.batch + 1) // 2:
+                claimed = await self.frontier.claim_requests(want)
+                self._take(claimed)
+                if len(claimed) < want:  # nothing more to claim now: what is left is leased by others
+                    self._remote = await self.frontier.pending(others_only=True)
+        except BaseException:
+            # Nothing of a failed transaction happened: try the same again next round (inserts and done marks are
+            # idempotent, so an ambiguous commit does no harm either).
+            self._new = new + self._new
+            self._new_keys.update(r.key for r in new)
+            self._done = done + self._done
+            raise
+        finally:
+            self._busy = False
+
+    def _take(self, claimed: list[ClaimedRequest]) -> None:
+        self._renewed = time.monotonic() if claimed and not self._held else self._renewed
+        for c in claimed:
+            if c.key in self._held:  # our own lease ran out and came back: we have it already
+                continue
+            try:
+                if c.payload is None:  # a bare URL queued by ``begin``
+                    request = scrapy.Request(c.url, meta={"depth": c.depth})
+                else:
+                    request = request_from_dict(pickle.loads(c.payload), spider=self.spider)
+            except Exception as exc:  # e.g. its callback is no longer a method of the spider: it cannot run
+                log.error("request in the frontier cannot be loaded", url=c.url, error=f"{type(exc).__name__}: {exc}")
+                self.crawler.stats.inc_value("scheduler/unloadable")
+                self._done.append(c.key)
+                continue
+            self._held.add(c.key)
+            self._ready.append((request, c.key))
+        self._count(claimed=len(claimed))
+
+    def _count(self, **n: int) -> None:
+        for k, v in n.items():
+            self.counts[k] += v
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = exc
+        log.error("frontier failed, stopping the spider", error=f"{type(exc).__name__}: {exc}")
+        engine = getattr(self.crawler, "engine", None)
+        if engine is not None and getattr(engine, "_slot", None) is not None:
+            self._closer = asyncio.ensure_future(engine.close_spider_async(reason="frontier_error"))
+
+    async def _close(self, reason: str) -> None:
+        """The engine is idle (nothing in progress): everything handed out is done, everything claimed and not
+        handed out goes back to the queue, everything enqueued goes in."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(BaseException):
+                await self._task
+        for _, key in self._out.values():
+            self._done.append(key)
+            self._held.discard(key)
+        self._out.clear()
+        give_back = [key for _, key in self._ready]
+        self._ready.clear()
+        self._held.clear()
+        try:
+            if self._new or self._done or give_back:
+                inserted = await self.frontier.push_requests(self._new, done=self._done, give_back=give_back)
+                self._count(inserted=inserted, done=len(self._done), given_back=len(give_back))
+            self._new, self._done = [], []
+        except Exception as exc:
+            self.error = self.error or exc
+            log.error("frontier not updated at close", error=f"{type(exc).__name__}: {exc}")
+        log.info(
+            "frontier closed",
+            reason=reason,
+            error=None if self.error is None else f"{type(self.error).__name__}: {self.error}",
+            in_memory_lost=len(self._memory),
+            **self.counts,
+        )

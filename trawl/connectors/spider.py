@@ -419,6 +419,8 @@ class SpiderConnector:
         finally:
             try:
                 await frontier.finish(status)
+            except Exception as exc:  # the run's status row only; not worth hiding how the crawl itself went
+                log.warning("frontier run status not recorded", status=status, error=f"{type(exc).__name__}: {exc}")
             finally:
                 await frontier.pool.close()
 

@@ -73,9 +73,17 @@ def _host(url: str) -> str:
     return urlsplit(url).netloc.rpartition("@")[2].lower()
 
 
+def _engine(crawler: Crawler) -> Any:
+    """The crawler's engine, or None before its crawl starts (or for a scheduler used on its own)."""
+    try:
+        return crawler.engine
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def _wake_engine(crawler: Crawler) -> None:
     """Have the engine ask for requests now rather than at its next 5 s heartbeat."""
-    slot = getattr(getattr(crawler, "engine", None), "_slot", None)
+    slot = getattr(_engine(crawler), "_slot", None)
     nextcall = getattr(slot, "nextcall", None)
     if nextcall is not None:
         nextcall.schedule()
@@ -83,7 +91,7 @@ def _wake_engine(crawler: Crawler) -> None:
 
 def _in_progress(crawler: Crawler) -> set[scrapy.Request] | None:
     """The engine's requests in progress (downloading or being scraped), or None without a running engine."""
-    slot = getattr(getattr(crawler, "engine", None), "_slot", None)
+    slot = getattr(_engine(crawler), "_slot", None)
     inprogress = getattr(slot, "inprogress", None)
     return inprogress if isinstance(inprogress, set) else None
 
@@ -120,7 +128,7 @@ class PgScheduler(BaseScheduler):
         self._closing = False
         self._renewed = time.monotonic()
         self._logged_unserializable = False
-        self.counts = {"enqueued": 0, "inserted": 0, "claimed": 0, "done": 0, "given_back": 0}
+        self.counts = {"enqueued": 0, "inserted": 0, "claimed": 0, "done": 0, "done_at_close": 0, "given_back": 0}
 
     # ---- wiring ----------------------------------------------------------------------------------------------
 
@@ -140,7 +148,7 @@ class PgScheduler(BaseScheduler):
 
     def open(self, spider: Spider) -> None:
         self.spider = spider
-        if getattr(self.crawler, "engine", None) is not None and _in_progress(self.crawler) is None:
+        if _engine(self.crawler) is not None and _in_progress(self.crawler) is None:
             log.warning("this Scrapy has no engine._slot.inprogress: requests are marked done only at the end")
         self._task = asyncio.get_running_loop().create_task(self._run(), name="trawl-frontier")
         self._wake.set()  # claim at once: another scheduler of the run may have queued requests already
@@ -197,7 +205,8 @@ class PgScheduler(BaseScheduler):
             stats.inc_value("scheduler/dequeued")
             return self._memory.popleft()
         if self.error is not None or not self._ready:
-            self._wake.set()
+            # No wake-up here: the task claims after every insert and polls while others hold requests. Waking it
+            # on every empty answer would keep it busy (so pending) whenever the engine looks, and never let it close.
             return None
         request, key = self._ready.popleft()
         self._out[id(request)] = (request, key)
@@ -249,9 +258,15 @@ class PgScheduler(BaseScheduler):
         failures = 0
         while not self._closing:
             waiting = self._out or self._remote > 0  # something to notice without being told
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.poll if waiting else self.frontier.lease_seconds / 3):
-                    await self._wake.wait()
+            # A timer that sets the event rather than asyncio.timeout: 3.11's can leave a cancellation pending on this
+            # task when the event and the deadline come together, and it would then hit a query mid-protocol.
+            alarm = asyncio.get_running_loop().call_later(
+                self.poll if waiting else self.frontier.lease_seconds / 3, self._wake.set
+            )
+            try:
+                await self._wake.wait()
+            finally:
+                alarm.cancel()
             self._wake.clear()
             if self._closing:
                 return
@@ -291,7 +306,7 @@ class PgScheduler(BaseScheduler):
                 claimed = await self.frontier.claim_requests(want)
                 self._take(claimed)
                 if len(claimed) < want:  # nothing more to claim now: what is left is leased by others
-                    self._remote = await self.frontier.pending(others_only=True)
+                    self._remote = await self.frontier.not_mine()
         except BaseException:
             # Nothing of a failed transaction happened: try the same again next round (inserts and done marks are
             # idempotent, so an ambiguous commit does no harm either).
@@ -328,7 +343,7 @@ class PgScheduler(BaseScheduler):
     def _fail(self, exc: BaseException) -> None:
         self.error = exc
         log.error("frontier failed, stopping the spider", error=f"{type(exc).__name__}: {exc}")
-        engine = getattr(self.crawler, "engine", None)
+        engine = _engine(self.crawler)
         if engine is not None and getattr(engine, "_slot", None) is not None:
             self._closer = asyncio.ensure_future(engine.close_spider_async(reason="frontier_error"))
 
@@ -344,6 +359,7 @@ class PgScheduler(BaseScheduler):
             self._done.append(key)
             self._held.discard(key)
         self._out.clear()
+        self.counts["done_at_close"] = len(self._done)  # the last few; most were marked as they finished
         give_back = [key for _, key in self._ready]
         self._ready.clear()
         self._held.clear()
@@ -355,6 +371,8 @@ class PgScheduler(BaseScheduler):
         except Exception as exc:
             self.error = self.error or exc
             log.error("frontier not updated at close", error=f"{type(exc).__name__}: {exc}")
+        for k, v in self.counts.items():
+            self.crawler.stats.set_value(f"frontier/{k}", v)
         log.info(
             "frontier closed",
             reason=reason,

@@ -1,0 +1,196 @@
+"""`spider` sources with ``frontier: postgres``: Scrapy's scheduler on the durable frontier, in a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+import scrapy
+from pydantic import SecretStr
+from scrapy.utils.defer import maybe_deferred_to_future
+from scrapy.utils.test import get_crawler
+
+from trawl.config import SpiderSource
+from trawl.connectors import SourceContext, SourceStats
+from trawl.connectors.spider import SpiderConnector, scrapy_settings
+from trawl.connectors.spider_frontier import PgScheduler
+from trawl.demo.site import PAGE_COUNT, PRODUCT_COUNT, DemoSite
+from trawl.fetch import Fetcher
+from trawl.frontier import PgFrontier
+from trawl.records import Outcome, Record, utcnow
+from trawl.settings import Settings
+
+pytestmark = [pytest.mark.integration]
+
+HERE = sys.modules[__name__].__name__  # test spiders below are loaded as `HERE:Class`
+RUN_ID = "run-spider-frontier-1"
+
+
+class RepeatSpider(scrapy.Spider):
+    """The same product page ``times`` times with ``dont_filter`` and ``times`` times without; one item each."""
+
+    name = "repeat"
+
+    def __init__(self, base: str, times: int = 3, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.base, self.times = base, int(times)
+
+    async def start(self) -> AsyncIterator[Any]:
+        for i in range(self.times):
+            yield scrapy.Request(f"{self.base}/products/1", dont_filter=True, cb_kwargs={"n": f"forced-{i}"})
+        for i in range(self.times):
+            yield scrapy.Request(f"{self.base}/products/1", cb_kwargs={"n": f"plain-{i}"})
+
+    def parse(self, response: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        yield {"id": kwargs["n"], "url": response.url}
+
+
+class Run:
+    """One spider source through its connector; records and outcomes kept."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.records: list[Record] = []
+        self.outcomes: list[Outcome] = []
+        self.stats = SourceStats()
+
+    async def emit(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+
+    async def spider(self, source: SpiderSource) -> list[Record]:
+        async with Fetcher(self.settings) as fetcher:
+            ctx = SourceContext(RUN_ID, self.settings, fetcher, self.emit, self.stats)
+            async for record in SpiderConnector(source, ctx).fetch():
+                self.records.append(record)
+        return self.records
+
+
+def spider_source(spider: str, frontier: str | None = None, **args: Any) -> SpiderSource:
+    return SpiderSource.model_validate(
+        {"kind": "spider", "name": "spidered", "spider": spider, "args": args, "frontier": frontier}
+    )
+
+
+@pytest.fixture
+def pg_settings(settings: Settings, database_url: str) -> Settings:
+    return settings.model_copy(update={"database_url": SecretStr(database_url)})
+
+
+async def _rows(db: asyncpg.Connection) -> list[asyncpg.Record]:
+    return await db.fetch(
+        "SELECT url, state, attempts, payload FROM trawl._frontier WHERE run_id = $1 AND source = 'spidered'", RUN_ID
+    )
+
+
+def test_the_frontier_setting_or_the_source_picks_pgscheduler(settings: Settings) -> None:
+    books = "spiders.books:BooksSpider"
+    durable = settings.model_copy(update={"frontier": "postgres"})
+    assert (
+        scrapy_settings(spider_source(books), settings)["SCHEDULER"] != "trawl.connectors.spider_frontier.PgScheduler"
+    )
+    for source, s in ((spider_source(books, "postgres"), settings), (spider_source(books), durable)):
+        assert scrapy_settings(source, s)["SCHEDULER"] == "trawl.connectors.spider_frontier.PgScheduler"
+    assert scrapy_settings(spider_source(books, "memory"), durable)["SCHEDULER"] != (
+        "trawl.connectors.spider_frontier.PgScheduler"
+    )
+
+
+async def test_books_through_the_frontier_match_the_memory_scheduler_and_end_done(
+    pg_settings: Settings, demo_site: DemoSite, db: asyncpg.Connection
+) -> None:
+    memory = Run(pg_settings)
+    await memory.spider(spider_source("spiders.books:BooksSpider", base_url=demo_site.url))
+    memory_requests = Counter(demo_site.requests)
+    demo_site.requests.clear()
+    durable = Run(pg_settings)
+    await durable.spider(spider_source("spiders.books:BooksSpider", "postgres", base_url=demo_site.url))
+
+    assert len(durable.records) == PRODUCT_COUNT
+    assert sorted((r.key, r.content_hash) for r in durable.records) == sorted(
+        (r.key, r.content_hash) for r in memory.records
+    )
+    assert Counter(demo_site.requests) == memory_requests  # the same requests, as often (the start URL twice)
+    assert durable.stats.scrapy["finish_reason"] == "finished"
+    assert durable.stats.scrapy["scheduler/dequeued/postgres"] == PRODUCT_COUNT + PAGE_COUNT + 1
+    assert "scheduler/enqueued/memory" not in durable.stats.scrapy
+    assert durable.stats.scrapy["frontier/done"] == PRODUCT_COUNT + PAGE_COUNT + 1
+    assert durable.stats.scrapy["frontier/done_at_close"] < 10  # marked as Scrapy finished them, not all at the end
+
+    rows = await _rows(db)
+    assert {r["state"] for r in rows} == {"done"} and {r["attempts"] for r in rows} == {1}
+    assert {r["url"] for r in rows} == {o.url for o in durable.outcomes}  # every requested URL, nothing else
+    twice = [url for url, n in Counter(r["url"] for r in rows).items() if n > 1]
+    start = f"{demo_site.url}/catalogue/page/1"
+    assert twice == [start]  # the start request is dont_filter (Scrapy fetches it again when linked); no other
+    forced = [pickle.loads(r["payload"])["dont_filter"] for r in rows if r["url"] == start]
+    assert sorted(forced) == [False, True]
+    assert await db.fetchval("SELECT status FROM trawl._frontier_runs WHERE run_id = $1", RUN_ID) == "complete"
+
+
+async def test_dont_filter_requests_are_not_deduplicated_and_a_second_run_starts_over(
+    pg_settings: Settings, demo_site: DemoSite, db: asyncpg.Connection
+) -> None:
+    source = spider_source(f"{HERE}:RepeatSpider", "postgres", base=demo_site.url, times=3)
+    for _ in range(2):  # the same run id twice: a spider run is not resumed, its frontier starts over
+        demo_site.requests.clear()
+        run = Run(pg_settings)
+        records = await run.spider(source)
+
+        assert sorted(r.data["id"] for r in records) == ["forced-0", "forced-1", "forced-2", "plain-0"]
+        assert demo_site.requests["/products/1"] == 4
+        assert run.stats.scrapy["dupefilter/filtered"] == 2
+        rows = await _rows(db)
+        assert len(rows) == 4 and {r["state"] for r in rows} == {"done"}
+
+
+async def test_two_schedulers_on_one_run_never_get_the_same_request(database_url: str) -> None:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    try:
+        frontiers = [PgFrontier(pool, "trawl", "r-shared", "spidered", lease_seconds=60) for _ in range(2)]
+        await frontiers[0].setup()
+        await frontiers[0].begin(utcnow(), ())
+        schedulers = []
+        for frontier in frontiers:
+            crawler = get_crawler(scrapy.Spider, {"TWISTED_REACTOR_ENABLED": False})
+            spider = scrapy.Spider(name="shared")
+            scheduler = PgScheduler(frontier, crawler, batch=16, poll=0.02)
+            scheduler.open(spider)
+            schedulers.append(scheduler)
+        a, b = schedulers
+        urls = [f"http://h{i % 4}.test/p{i}" for i in range(300)]
+        for i, url in enumerate(urls):  # each scheduler enqueues half, and a duplicate of the other's half
+            (a if i % 2 else b).enqueue_request(scrapy.Request(url, priority=i % 3))
+            (b if i % 2 else a).enqueue_request(scrapy.Request(url))
+
+        got: dict[int, list[str]] = {0: [], 1: []}
+        async with asyncio.timeout(10):
+            while len(got[0]) + len(got[1]) < len(urls):
+                for n, s in enumerate(schedulers):
+                    while (request := s.next_request()) is not None:
+                        got[n].append(request.url)
+                await asyncio.sleep(0.01)
+        assert got[0] and got[1]  # both took part
+        assert not set(got[0]) & set(got[1])
+        assert sorted(got[0] + got[1]) == sorted(urls)
+
+        # Every request is with one of them: neither may report nothing pending while the other holds some.
+        await asyncio.sleep(0.1)
+        assert a.has_pending_requests() and b.has_pending_requests()
+        await maybe_deferred_to_future(b.close("finished"))
+        for _ in range(250):  # a polls, and sees b's requests done
+            if not a.has_pending_requests():
+                break
+            await asyncio.sleep(0.02)
+        else:
+            pytest.fail("a still reports pending requests after b finished them")
+        await maybe_deferred_to_future(a.close("finished"))
+        assert await frontiers[0].counts() == {"done": len(urls)}
+        assert await pool.fetchval("SELECT max(attempts) FROM trawl._frontier") == 1
+    finally:
+        await pool.close()

@@ -83,9 +83,10 @@ server: venv
 	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 # A process worker for the `trawl` pool (created if missing); flow runs inherit this shell's TRAWL_* settings.
+# WORKER_ARGS passes more options, e.g. WORKER_ARGS="--limit 1 --name shard-a".
 worker: venv
 	@api=$(PREFECT_API); \
-	exec $(BIN)/prefect worker start --pool trawl
+	exec $(BIN)/prefect worker start --pool trawl $(WORKER_ARGS)
 
 # Every deployment in prefect.yaml (the `trawl` pool is created if missing).
 deploy: venv

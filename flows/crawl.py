@@ -32,6 +32,8 @@ from trawl.crawler import (
     commit_sharded,
     crawl_source,
     new_run_id,
+    pending_shards,
+    schedule_shards,
     uses_frontier,
 )
 from trawl.database import connect_pool
@@ -92,12 +94,13 @@ async def _crawl_sharded(
     """Fan a source out into ``shards`` flow runs of the shard deployment, wait for them, then commit.
 
     Each shard lands on whichever worker of the pool is free (``run_deployment``)
-    and crawls the hosts of its shard from the shared frontier; the manifest is
-    written here once every shard finished, listing all their parts.
+    and crawls the hosts of its shard from the shared frontier. A shard ends when it
+    has nothing to claim and no other shard is at work; if another shard queued
+    URLs for it after that (or it never got a worker while the others ran), it is
+    run again, until no shard has URLs left. The manifest is written here, listing
+    every shard's parts.
     """
-    from prefect.client.orchestration import get_client
     from prefect.deployments.flow_runs import arun_deployment
-    from prefect.states import Cancelling
 
     await begin_sharded(source, run_id, settings, resume=resume)
     inherited = _SHARD_PARAMS.get()
@@ -107,54 +110,51 @@ async def _crawl_sharded(
         "run_id": run_id,
         "shards": source.shards,
         "staging": stager.uri,
-        "resume": resume,
     }
-    log.info("shards started", shards=source.shards, deployment=settings.shard_deployment)
-    runs = [
-        asyncio.ensure_future(
-            arun_deployment(
-                settings.shard_deployment,
-                parameters={**params, "shard": i},
-                flow_run_name=f"{source.name}-{run_id}-shard-{i}",
-                timeout=None,
-                poll_interval=1,
+    todo = list(range(source.shards))
+    for round_ in range(1, settings.shard_rounds + 1):
+        log.info("shards started", shards=todo, round=round_, deployment=settings.shard_deployment)
+        await schedule_shards(source, run_id, settings, todo)
+        runs = await asyncio.gather(
+            *(
+                arun_deployment(
+                    settings.shard_deployment,
+                    parameters={**params, "shard": i, "resume": resume or round_ > 1},
+                    flow_run_name=f"{source.name}-{run_id}-shard-{i}" + (f"-{round_}" if round_ > 1 else ""),
+                    timeout=None,
+                    poll_interval=1,
+                )
+                for i in todo
             )
         )
-        for i in range(source.shards)
-    ]
-    failed: list[str] = []
-    try:
-        for finished in asyncio.as_completed(runs):
-            fr = await finished
-            if fr.state is None or not fr.state.is_completed():
-                failed.append(f"{fr.name}: {fr.state.name if fr.state else 'no state'}")
-                break  # the other shards would wait for this one's hosts forever: stop them
-    finally:
+        failed = [f"{fr.name}: {fr.state.name if fr.state else 'no state'}" for fr in runs if not _completed(fr)]
         if failed:
-            async with get_client() as client:
-                for t in runs:
-                    t.cancel()
-                for fr in await client.read_flow_runs(flow_run_filter=_shard_runs_filter(source.name, run_id)):
-                    if fr.state is not None and not fr.state.is_final():
-                        await client.set_flow_run_state(fr.id, Cancelling(), force=True)
-    if failed:
-        raise SourceFailed(
-            SourceResult(
-                source.name,
-                "failed",
-                0.0,
-                {},
-                f"shard failed ({'; '.join(failed)}); the others were cancelled. "
-                f"`trawl crawl --resume {run_id}` continues the run",
+            raise SourceFailed(
+                SourceResult(
+                    source.name,
+                    "failed",
+                    0.0,
+                    {},
+                    f"shard run failed ({'; '.join(failed)}); `trawl crawl --resume {run_id}` continues the run",
+                )
             )
+        todo = await pending_shards(source, run_id, settings)
+        if not todo:
+            return await commit_sharded(source, run_id, settings, stager, flow_run_id=current_flow_run_id())
+    raise SourceFailed(
+        SourceResult(
+            source.name,
+            "failed",
+            0.0,
+            {},
+            f"shards {todo} still had URLs after {settings.shard_rounds} rounds; "
+            f"`trawl crawl --resume {run_id}` continues the run",
         )
-    return await commit_sharded(source, run_id, settings, stager, flow_run_id=current_flow_run_id())
+    )
 
 
-def _shard_runs_filter(source: str, run_id: str) -> Any:
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
-
-    return FlowRunFilter(name=FlowRunFilterName(like_=f"{source}-{run_id}-shard-"))
+def _completed(flow_run: Any) -> bool:
+    return flow_run.state is not None and bool(flow_run.state.is_completed())
 
 
 @flow(name="crawl-shard", log_prints=True)

@@ -20,7 +20,7 @@ from sinks.stage import SourceStage, StagedPart, Stager, StreamKind, manifest_bo
 from trawl.config import AnySource, HtmlSource
 from trawl.connectors import SourceContext, connector_for
 from trawl.connectors.base import SourceStats, Validators
-from trawl.connectors.html import DurableHtmlConnector, Settled
+from trawl.connectors.html import DurableHtmlConnector, Idle, Settled
 from trawl.database import connect_pool, resolve_dsn
 from trawl.errors import ConfigError, StagingError, TrawlError
 from trawl.fetch import Fetcher
@@ -38,6 +38,8 @@ __all__ = [
     "crawl_source",
     "merge_stats",
     "new_run_id",
+    "pending_shards",
+    "schedule_shards",
     "source_schema",
     "uses_frontier",
 ]
@@ -315,6 +317,8 @@ async def _crawl_durable(
                 f"source {source.name}: run {run_id} is already in the frontier; continue it with "
                 f"`trawl crawl --resume {run_id}`"
             )
+        if sharded:
+            await frontier.set_shards([shard or 0], "running")
         if resume:
             released = await frontier.release()
             log.info("run resumed", run_id=run_id, released_leases=released, **await frontier.counts())
@@ -340,6 +344,10 @@ async def _crawl_durable(
             async for item in DurableHtmlConnector(source, ctx, frontier).fetch():
                 if isinstance(item, Settled):
                     await checkpoints.settled(item)
+                    continue
+                if isinstance(item, Idle):
+                    if checkpoints.done:
+                        await checkpoints.checkpoint()
                     continue
                 await stage.records.write(item.envelope())
                 staged.inc()
@@ -389,6 +397,12 @@ async def _crawl_durable(
         unbind("source")
         if sharded:
             unbind("shard")
+        try:  # URLs this crawler claimed and did not finish go back at once (else at their lease's expiry)
+            await frontier.give_back()
+            if sharded:
+                await frontier.set_shards([shard or 0], "finished")
+        except Exception as exc:
+            log.warning("leases not given back; they expire", error=str(exc))
         await frontier.pool.close()
 
 
@@ -403,6 +417,24 @@ async def begin_sharded(source: HtmlSource, run_id: str, settings: Settings, *, 
             raise ConfigError(f"source {source.name}: run {run_id} is already in the frontier; use --resume")
         if run is None:
             await frontier.begin(utcnow(), list(source.urls) + list(source.start_urls))
+    finally:
+        await frontier.pool.close()
+
+
+async def pending_shards(source: HtmlSource, run_id: str, settings: Settings) -> list[int]:
+    """The shards of a sharded run that still have URLs not done."""
+    frontier = await open_frontier(source, run_id, settings, shard=None)
+    try:
+        return await frontier.shards_pending()
+    finally:
+        await frontier.pool.close()
+
+
+async def schedule_shards(source: HtmlSource, run_id: str, settings: Settings, shards: list[int]) -> None:
+    """Mark shards as about to run: until they finish, the others wait for links they may queue for them."""
+    frontier = await open_frontier(source, run_id, settings, shard=None)
+    try:
+        await frontier.set_shards(shards, "scheduled")
     finally:
         await frontier.pool.close()
 

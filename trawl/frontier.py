@@ -110,6 +110,7 @@ CREATE TABLE IF NOT EXISTS {s}._frontier_shards (
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (run_id, source, shard)
 );
+ALTER TABLE {s}._frontier_shards ADD COLUMN IF NOT EXISTS status text NOT NULL DEFAULT 'running';
 CREATE TABLE IF NOT EXISTS {s}._frontier_parts (
     run_id text NOT NULL,
     source text NOT NULL,
@@ -281,6 +282,17 @@ class PgFrontier:
         )
         return int(result.split()[-1])
 
+    async def give_back(self) -> int:
+        """Requeue the URLs this crawler holds and did not finish (it is stopping)."""
+        result: str = await self.pool.execute(
+            f"UPDATE {self._t} SET state = 'queued', lease_until = NULL, lease_owner = NULL "
+            "WHERE run_id = $1 AND source = $2 AND state = 'leased' AND lease_owner = $3",
+            self.run_id,
+            self.source,
+            self.owner,
+        )
+        return int(result.split()[-1])
+
     def _ident(self) -> tuple[Any, ...]:
         return (self.run_id, self.source) if self.shard is None else (self.run_id, self.source, self.shard)
 
@@ -369,6 +381,47 @@ class PgFrontier:
             *((self.owner,) if others_only else ()),
         )
         return n
+
+    async def others_busy(self) -> int:
+        """URLs not done of other shards whose crawler is scheduled or running (and alive): they may link here.
+
+        A shard is alive while its last sign of life (start, checkpoint) is younger
+        than a lease; one scheduled by the crawl flow counts from when it was scheduled.
+        """
+        n: int = await self.pool.fetchval(
+            f"""
+            SELECT count(*) FROM {self._t} f
+            JOIN {self._shards_t} s USING (run_id, source, shard)
+            WHERE f.run_id = $1 AND f.source = $2 AND f.shard <> $3 AND f.state <> 'done'
+              AND s.status IN ('scheduled', 'running')
+              AND s.updated_at > now() - make_interval(secs => $4)
+            """,
+            self.run_id,
+            self.source,
+            self.shard,
+            self.lease_seconds,
+        )
+        return n
+
+    async def set_shards(self, shards: Sequence[int], status: str) -> None:
+        """Record shards as ``scheduled`` (by the crawl flow), ``running`` or ``finished`` (by their crawler)."""
+        await self.pool.execute(
+            f"INSERT INTO {self._shards_t} (run_id, source, shard, status) SELECT $1, $2, unnest($3::int[]), $4 "
+            f"ON CONFLICT (run_id, source, shard) DO UPDATE SET status = EXCLUDED.status, updated_at = now()",
+            self.run_id,
+            self.source,
+            list(shards),
+            status,
+        )
+
+    async def shards_pending(self) -> list[int]:
+        """The shards that still have URLs not done (a sharded crawl runs them again until none has)."""
+        rows = await self.pool.fetch(
+            f"SELECT DISTINCT shard FROM {self._t} WHERE run_id = $1 AND source = $2 AND state <> 'done' ORDER BY 1",
+            self.run_id,
+            self.source,
+        )
+        return [r["shard"] for r in rows]
 
     async def counts(self) -> dict[str, int]:
         """URLs of this run by state (every shard)."""
@@ -472,6 +525,18 @@ class PgFrontier:
         # RETURNING does not keep the CTE's order: put the batch back in claim order.
         rows = sorted(rows, key=lambda r: (-r["priority"], r["depth"]))
         return [ClaimedRequest(r["url_hash"], r["url"], r["depth"], r["payload"]) for r in rows]
+
+    async def not_mine(self) -> int:
+        """Requests of the run (every shard) neither done nor leased by this crawler: queued, or with another one,
+        where they may still lead to more. A scheduler with nothing of its own left is finished when this is 0."""
+        n: int = await self.pool.fetchval(
+            f"SELECT count(*) FROM {self._t} WHERE run_id = $1 AND source = $2 AND state <> 'done' "
+            "AND lease_owner IS DISTINCT FROM $3",
+            self.run_id,
+            self.source,
+            self.owner,
+        )
+        return n
 
     async def reset(self) -> None:
         """Forget this run of this source entirely (its URLs, parts, stats and run row): a crawl that starts over."""

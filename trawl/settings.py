@@ -208,6 +208,12 @@ class Settings(BaseSettings):
         default="crawl-shard/default",
         description="The deployment (`FLOW/NAME`) that runs one shard of a source with `shards: N`.",
     )
+    shard_rounds: int = Field(
+        default=20,
+        ge=1,
+        description="A sharded crawl runs the shards that still have URLs again (one that ended before another "
+        "queued URLs for it) up to this many times.",
+    )
     max_pages: int | None = Field(
         default=None, ge=1, description="Stop each source after this many fetched pages (None: no limit)."
     )

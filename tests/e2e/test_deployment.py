@@ -11,20 +11,19 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
 
 from trawl.demo.site import ITEM_COUNT, PRODUCT_COUNT, DemoSiteThread
+
+if TYPE_CHECKING:
+    from conftest import PrefectStack  # tests/e2e/conftest.py
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -33,29 +32,10 @@ BIN = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin"
 ARTIFACTS = REPO / ".trawl" / "test-artifacts"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop a process group; the Prefect worker ignores the first signal, so send two, then kill."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(5)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-
-
 @dataclass
 class Stack:
+    """The module's Prefect stack, the demo site its worker crawls, and where the worker logs."""
+
     api: str
     ui: str
     env: dict[str, str]
@@ -63,112 +43,23 @@ class Stack:
     database_url: str
     site: DemoSiteThread
     logs: Path
+    prefect_stack: PrefectStack
 
     def prefect(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(BIN / "prefect"), *args],
-            env=self.env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        return self.prefect_stack.prefect(*args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, pg_server_dsn: str) -> Iterator[Stack]:
-    """Server, demo site, pool, deployments and a worker; torn down after the module."""
-    tmp = tmp_path_factory.mktemp("deployment")
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    database_url = _create_database(pg_server_dsn)
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("TRAWL_", "PREFECT_"))}
-    env = {
-        **keep,
-        "PREFECT_HOME": str(tmp / "prefect-home"),
-        "PREFECT_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
-        "PREFECT_UI_SHOW_PROMOTIONAL_CONTENT": "false",
-    }
-    logs = tmp / "logs"
-    logs.mkdir()
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(name: str, argv: list[str], extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        out = (logs / f"{name}.log").open("wb")
-        proc = subprocess.Popen(
-            argv, cwd=REPO, env={**env, **(extra or {})}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        procs.append(proc)
-        return proc
-
+def stack(prefect_stack: PrefectStack) -> Iterator[Stack]:
+    """The stack plus the demo site and one worker whose environment points flow runs at them."""
     site = DemoSiteThread()
     site.start()
     try:
-        server = start("server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)])
-        _wait_healthy(api, server, logs / "server.log")
-        staging = tmp / "staging"
-        stack = Stack(api, f"http://127.0.0.1:{port}", env, staging, database_url, site, logs)
-        deployed = subprocess.run(
-            ["make", "deploy"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False
-        )
-        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-        # The worker's environment is what flow runs get: database, staging, the demo site's address.
-        start(
-            "worker",
-            ["make", "worker"],
-            {
-                "TRAWL_DATABASE_URL": database_url,
-                "TRAWL_STAGING": f"file://{staging}",
-                "TRAWL_DEMO_URL": site.url,
-                "TRAWL_BACKOFF_BASE": "0.01",
-            },
-        )
-        yield stack
+        ps = prefect_stack
+        ps.start_worker("worker", {"TRAWL_DEMO_URL": site.url, "TRAWL_BACKOFF_BASE": "0.01"})
+        yield Stack(ps.api, ps.ui, ps.env, ps.staging, ps.database_url, site, ps.logs, ps)
     finally:
-        for proc in reversed(procs):
-            _stop(proc)
         site.stop()
-        _drop_database(pg_server_dsn, database_url)
-
-
-def _wait_healthy(api: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"{api}/health", timeout=2) as resp:
-            if resp.status == 200:
-                return
-        time.sleep(0.5)
-    raise RuntimeError(f"prefect server not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-def _admin(server_dsn: str, sql: str) -> None:
-    async def run() -> None:
-        conn = await asyncpg.connect(server_dsn)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
-
-
-def _create_database(server_dsn: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    name = f"trawl_deploy_{os.getpid()}_{int(time.time())}"
-    _admin(server_dsn, f'CREATE DATABASE "{name}"')
-    return urlunsplit(urlsplit(server_dsn)._replace(path=f"/{name}"))
-
-
-def _drop_database(server_dsn: str, url: str) -> None:
-    name = url.rsplit("/", 1)[1].split("?", 1)[0]
-    _admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextlib.asynccontextmanager

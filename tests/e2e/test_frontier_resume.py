@@ -60,7 +60,7 @@ def _env(tmp_path: Path, database_url: str, staging: Path, schema: str) -> dict[
 
 async def _trawl(*args: str, env: dict[str, str]) -> tuple[int, str]:
     log = Path(env["PREFECT_HOME"]).parent / f"trawl-{args[0]}.log"
-    with open(log, "wb") as out:
+    with open(log, "wb") as out:  # noqa: ASYNC230 - a log file for the subprocess, opened once
         proc = await asyncio.create_subprocess_exec(TRAWL, *args, env=env, cwd=REPO, stdout=out, stderr=out)
         try:
             await asyncio.wait_for(proc.wait(), 240)

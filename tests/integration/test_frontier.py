@@ -11,7 +11,6 @@ from pydantic import SecretStr
 
 from sinks.stage import StagedPart, open_stager
 from trawl.config import HtmlSource, load_sources
-from trawl.connectors.base import SourceStats
 from trawl.crawler import crawl_source, new_run_id
 from trawl.demo.site import PRODUCT_COUNT, DemoSite
 from trawl.errors import ConfigError

@@ -22,7 +22,7 @@ from trawl.records import OutcomeKind, Record, utcnow
 if TYPE_CHECKING:
     from trawl.frontier import PgFrontier
 
-__all__ = ["DurableHtmlConnector", "HtmlConnector", "Settled"]
+__all__ = ["DurableHtmlConnector", "HtmlConnector", "Idle", "Settled"]
 
 log = structlog.get_logger("trawl.connectors.html")
 
@@ -200,6 +200,11 @@ class Settled:
     key: int
 
 
+@dataclass(frozen=True, slots=True)
+class Idle:
+    """Yielded when the crawl waits on other shards: checkpoint now, so they see this one's URLs done."""
+
+
 _RECENT_MAX = 100_000  # hashes of links seen lately: saves duplicate inserts; the database is the seen set
 
 
@@ -211,8 +216,10 @@ class DurableHtmlConnector(HtmlConnector):
     records and outcome, ``fetch()`` yields a :class:`Settled` marker: the
     crawler marks it done at its next checkpoint. Memory does not grow with the
     frontier: the only per-URL state kept here is a bounded set of recent link
-    hashes. The crawl ends when no URL of the run is queued, or leased by
-    another crawler (the other shards may still discover links for this one).
+    hashes. The crawl ends when none of its shard's URLs is left to claim and no
+    other shard that is scheduled or running has URLs left (it may still discover
+    links for this one). A shard that ends while another later queues URLs for it
+    is run again by the crawl flow (see ``flows.crawl``).
     """
 
     def __init__(self, source: HtmlSource, ctx: SourceContext, frontier: PgFrontier) -> None:
@@ -230,9 +237,10 @@ class DurableHtmlConnector(HtmlConnector):
             self._seen.clear()
         self._seen.add(h)
         self._scheduled += 1  # an upper bound: links other crawlers queued first are counted here too
+        self.ctx.stats.discovered += 1
         self.frontier.queue_link(url, depth)
 
-    async def fetch(self) -> AsyncIterator[Record | Settled]:  # type: ignore[override]
+    async def fetch(self) -> AsyncIterator[Record | Settled | Idle]:  # type: ignore[override]
         out: asyncio.Queue[object] = asyncio.Queue(maxsize=self.ctx.settings.queue_size)
         settings = self.ctx.settings
         batch = settings.frontier_batch
@@ -241,6 +249,8 @@ class DurableHtmlConnector(HtmlConnector):
             settings.total_concurrency,
             (self.source.politeness.concurrency or settings.per_host_concurrency) * max(1, len(self._hosts)),
         )
+        if not self.source.follow.same_host:  # links lead to other hosts: as many workers as the crawl may use
+            n_workers = settings.total_concurrency
         local: asyncio.Queue[tuple[str, int, int, int]] = asyncio.Queue()
         inflight = 0  # claimed and not yet settled (parked ones included)
         settled = asyncio.Event()
@@ -275,9 +285,12 @@ class DurableHtmlConnector(HtmlConnector):
                     if claimed:
                         continue
                     if inflight == 0 and not frontier.queued_links:
-                        if await frontier.pending(others_only=True) == 0:
+                        if frontier.shards == 1 or await frontier.others_busy() == 0:
                             return
-                        await asyncio.sleep(0.5)  # other crawlers hold URLs: they may queue some for this one
+                        # Other shards are at work and may queue URLs for this one; they wait on this one's
+                        # settled URLs being checkpointed done just as it waits on theirs.
+                        await out.put(Idle())
+                        await asyncio.sleep(0.5)
                         continue
                 settled.clear()
                 with contextlib.suppress(TimeoutError):

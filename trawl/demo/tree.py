@@ -33,12 +33,12 @@ def _free_port(host: str) -> int:
 class TreeSite:
     """``pages`` pages over ``hosts``, each linking to its ``fanout`` children; answers after ``delay`` seconds."""
 
-    def __init__(self, hosts: list[str], *, pages: int, fanout: int = 2, delay: float = 0.0) -> None:
+    def __init__(self, hosts: list[str], *, pages: int, fanout: int = 2, delay: float = 0.0, port: int = 0) -> None:
         self.hosts = hosts
         self.pages = pages
         self.fanout = fanout
         self.delay = delay
-        self.port = 0
+        self.port = port
         self.requests: list[str] = []
         """Every page request as ``host:port/p/N``, in arrival order."""
         self.inflight: Counter[str] = Counter()
@@ -78,7 +78,7 @@ class TreeSite:
         app.router.add_get("/robots.txt", self._robots)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        self.port = _free_port(self.hosts[0])
+        self.port = self.port or _free_port(self.hosts[0])
         for host in self.hosts:
             await web.TCPSite(self._runner, host, self.port).start()
         return self

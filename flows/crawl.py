@@ -31,6 +31,7 @@ from trawl.crawler import (
     begin_sharded,
     commit_sharded,
     crawl_source,
+    frontier_knows,
     new_run_id,
     pending_shards,
     schedule_shards,
@@ -302,10 +303,25 @@ async def _committed(stager: Stager, run_id: str) -> dict[str, dict[str, Any]]:
     }
 
 
+async def _check_resumable(selected: list[AnySource], run_id: str, settings: Settings, stager: Stager) -> None:
+    """A run to resume must have left a trace: staged parts or a manifest, or rows in a durable frontier."""
+    if any(r.run_id == run_id for r in await stager.runs()):
+        return
+    for s in selected:
+        if uses_frontier(s, settings) and await frontier_knows(s, run_id, settings):
+            return
+    raise ParameterError(
+        "resume_run_id",
+        f"no run {run_id} in the staging target {stager.uri} or the durable frontier: nothing to resume",
+    )
+
+
 async def _crawl_all(
     selected: list[AnySource], run_id: str, settings: Settings, stager: Stager, *, resume: bool = False
 ) -> list[dict[str, Any]]:
     """Every source as its own task, all at once in this loop, sharing one Fetcher; their results in order."""
+    if resume:
+        await _check_resumable(selected, run_id, settings, stager)
     done = await _committed(stager, run_id) if resume else {}
     if done:
         log.info("resumed run: sources already committed", sources=sorted(done))

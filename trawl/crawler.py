@@ -36,6 +36,7 @@ __all__ = [
     "begin_sharded",
     "commit_sharded",
     "crawl_source",
+    "frontier_knows",
     "merge_stats",
     "new_run_id",
     "pending_shards",
@@ -398,9 +399,10 @@ async def _crawl_durable(
         if sharded:
             unbind("shard")
         try:  # URLs this crawler claimed and did not finish go back at once (else at their lease's expiry)
-            await frontier.give_back()
-            if sharded:
-                await frontier.set_shards([shard or 0], "finished")
+            async with asyncio.timeout(10):
+                await frontier.give_back()
+                if sharded:
+                    await frontier.set_shards([shard or 0], "finished")
         except Exception as exc:
             log.warning("leases not given back; they expire", error=str(exc))
         await frontier.pool.close()
@@ -417,6 +419,15 @@ async def begin_sharded(source: HtmlSource, run_id: str, settings: Settings, *, 
             raise ConfigError(f"source {source.name}: run {run_id} is already in the frontier; use --resume")
         if run is None:
             await frontier.begin(utcnow(), list(source.urls) + list(source.start_urls))
+    finally:
+        await frontier.pool.close()
+
+
+async def frontier_knows(source: AnySource, run_id: str, settings: Settings) -> bool:
+    """Whether the durable frontier has this run of this source."""
+    frontier = await open_frontier(source, run_id, settings, shard=None)
+    try:
+        return await frontier.run() is not None
     finally:
         await frontier.pool.close()
 

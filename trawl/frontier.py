@@ -550,7 +550,16 @@ class PgFrontier:
         self, parts: Sequence[tuple[StreamKind, int, StagedPart]], done: Sequence[int], stats: dict[str, Any]
     ) -> None:
         """In one transaction: insert buffered links, record closed parts (kind, seq, part), mark URLs done, keep
-        stats, renew this crawler's leases. A URL is only done once the links it led to are in the frontier."""
+        stats, renew this crawler's leases. A URL is only done once the links it led to are in the frontier.
+
+        Shielded from cancellation: a transaction cut off mid-way would leave its
+        connection holding row locks that the crawler's last act (``give_back``) waits on.
+        """
+        await asyncio.shield(self._checkpoint(parts, done, stats))
+
+    async def _checkpoint(
+        self, parts: Sequence[tuple[StreamKind, int, StagedPart]], done: Sequence[int], stats: dict[str, Any]
+    ) -> None:
         assert self.shard is not None
         async with self._flushing, self.pool.acquire() as conn, conn.transaction():
             links, self._links = self._links, []

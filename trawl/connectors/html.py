@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -293,8 +292,12 @@ class DurableHtmlConnector(HtmlConnector):
                         await asyncio.sleep(0.5)
                         continue
                 settled.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(settled.wait(), 0.5)
+                # asyncio.wait, not wait_for: on 3.11 wait_for may swallow a cancel that lands as the event fires.
+                waiter = asyncio.ensure_future(settled.wait())
+                try:
+                    await asyncio.wait([waiter], timeout=0.5)
+                finally:
+                    waiter.cancel()
 
         workers = [asyncio.create_task(worker(), name=f"{self.source.name}-worker-{i}") for i in range(n_workers)]
 

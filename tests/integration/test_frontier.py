@@ -140,3 +140,25 @@ async def test_resume_of_an_unknown_run_is_refused(
     monkeypatch.setenv("TRAWL_STAGING", f"file://{tmp_path / 'staging'}")
     with pytest.raises(ParameterError, match="no run 20200101T000000Z-abcdef"):
         await crawl(str(REPO / "examples" / "demo.yaml"), ["products"], resume_run_id="20200101T000000Z-abcdef")
+
+
+async def test_a_durable_crawl_checkpoints_into_s3(
+    demo_site: DemoSite, settings: Settings, database_url: str, s3_bucket: str, moto_endpoint: str, tmp_path: Path
+) -> None:
+    settings = settings.model_copy(
+        update={
+            "staging": f"s3://{s3_bucket}/lake",
+            "s3_endpoint_url": moto_endpoint,
+            "s3_addressing_style": "path",
+            "s3_spool_dir": tmp_path / "spool",
+            "database_url": SecretStr(database_url),
+            "frontier_checkpoint_seconds": 0.2,
+        }
+    )
+    res = await _crawl(_products(demo_site.url), settings, new_run_id())
+    assert res["status"] == "complete"
+    async with open_stager(settings.staging, settings=settings) as stager:
+        (m,) = await stager.manifests("raw")
+        assert m.rows == PRODUCT_COUNT and len(m.parts) > 1
+        keys = [orjson.loads(line)["key"] for p in m.parts async for line in stager.read_part(p)]
+    assert len(keys) == len(set(keys)) == PRODUCT_COUNT

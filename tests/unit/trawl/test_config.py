@@ -423,3 +423,38 @@ def test_spider_source_problems_name_their_fields(tmp_path: Path) -> None:
     assert ("sources[0] (books)", "spider") in found
     assert ("sources[0] (books)", "key") in found
     assert ("sources[0] (books)", "fields.sku.type") in found
+
+
+def test_frontier_and_shards_are_html_options_with_bounds(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        sources:
+          - name: big
+            kind: html
+            start_urls: ["https://a.example/"]
+            shards: 4
+            fields: {t: {selector: h1}}
+          - name: durable
+            kind: html
+            frontier: postgres
+            start_urls: ["https://a.example/"]
+            fields: {t: {selector: h1}}
+        """,
+    )
+    big, durable = load_sources(path, env={}).sources
+    assert isinstance(big, HtmlSource) and big.shards == 4 and big.frontier is None
+    assert isinstance(durable, HtmlSource) and durable.frontier == "postgres" and durable.shards == 1
+    bad = write(
+        tmp_path,
+        """
+        sources:
+          - name: big
+            kind: html
+            start_urls: ["https://a.example/"]
+            shards: 0
+            frontier: disk
+            fields: {t: {selector: h1}}
+        """,
+    )
+    assert {field for _, field in where(problems(bad))} >= {"shards", "frontier"}

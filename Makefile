@@ -65,6 +65,7 @@ bench: venv browser
 	$(BIN)/python -m benchmarks.trawl_spider
 	$(MAKE) bench-load
 	$(MAKE) bench-s3
+	$(MAKE) bench-frontier
 
 # trawl's full load of 1,000,000 staged records into a 1,000,000-row table vs `psql \copy` of the same rows.
 bench-load: venv
@@ -73,6 +74,12 @@ bench-load: venv
 # S3 staging: 1,000,000 small records into moto's server on loopback (records/s, peak RSS), and raw upload MB/s.
 bench-s3: venv
 	$(BIN)/python -m benchmarks.s3 $(BENCH_S3_ARGS)
+
+# The durable frontier in PostgreSQL: add/claim URLs/s at 1,000,000 URLs, a crawler's peak RSS at a 10k vs a ~1M
+# frontier, and the in-memory frontier's bytes per seen URL.
+.PHONY: bench-frontier
+bench-frontier: venv
+	$(BIN)/python -m benchmarks.frontier --database-url '$(TEST_PG:/test=/postgres)' $(BENCH_FRONTIER_ARGS)
 
 # The small in-process benchmark on the demo site.
 bench-demo: venv

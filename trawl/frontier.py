@@ -92,6 +92,7 @@ CREATE TABLE IF NOT EXISTS {s}._frontier (
 ALTER TABLE {s}._frontier ADD COLUMN IF NOT EXISTS payload bytea;
 CREATE INDEX IF NOT EXISTS _frontier_claim ON {s}._frontier (run_id, source, shard, priority DESC, depth)
     WHERE state <> 'done';
+CREATE INDEX IF NOT EXISTS _frontier_leased ON {s}._frontier (run_id, source, lease_owner) WHERE state = 'leased';
 CREATE TABLE IF NOT EXISTS {s}._frontier_runs (
     run_id text NOT NULL,
     source text NOT NULL,
@@ -348,7 +349,7 @@ class PgFrontier:
         rows = await self.pool.fetch(
             f"""
             WITH c AS (
-                SELECT url_hash FROM {self._t}
+                SELECT ctid FROM {self._t}
                 WHERE run_id = $1 AND source = $2 AND shard = $3
                   AND (state = 'queued' OR (state = 'leased' AND lease_until < now()))
                 ORDER BY priority DESC, depth
@@ -358,8 +359,7 @@ class PgFrontier:
             UPDATE {self._t} f
             SET state = 'leased', attempts = f.attempts + 1, lease_owner = $5,
                 lease_until = now() + make_interval(secs => $6)
-            FROM c
-            WHERE f.run_id = $1 AND f.source = $2 AND f.url_hash = c.url_hash
+            WHERE f.ctid = ANY(ARRAY(SELECT ctid FROM c))
             RETURNING f.url, f.depth, f.url_hash
             """,
             self.run_id,
@@ -467,12 +467,16 @@ class PgFrontier:
                 )
                 inserted = int(result.split()[-1])
             if done:
+                # Through this crawler's leases (index _frontier_leased): the cost follows what it holds, not
+                # the frontier's size, whatever statistics the planner has for a new run.
                 await conn.execute(
                     f"UPDATE {self._t} SET state = 'done', lease_until = NULL "
-                    "WHERE run_id = $1 AND source = $2 AND url_hash = ANY($3::bigint[])",
+                    "WHERE run_id = $1 AND source = $2 AND lease_owner = $4 AND state = 'leased' "
+                    "AND url_hash = ANY($3::bigint[])",
                     self.run_id,
                     self.source,
                     list(done),
+                    self.owner,
                 )
             if give_back:
                 await conn.execute(
@@ -501,7 +505,7 @@ class PgFrontier:
         rows = await self.pool.fetch(
             f"""
             WITH c AS (
-                SELECT url_hash FROM {self._t}
+                SELECT ctid FROM {self._t}
                 WHERE run_id = $1 AND source = $2 AND shard = $3
                   AND (state = 'queued' OR (state = 'leased' AND lease_until < now()))
                 ORDER BY priority DESC, depth
@@ -511,8 +515,7 @@ class PgFrontier:
             UPDATE {self._t} f
             SET state = 'leased', attempts = f.attempts + 1, lease_owner = $5,
                 lease_until = now() + make_interval(secs => $6)
-            FROM c
-            WHERE f.run_id = $1 AND f.source = $2 AND f.url_hash = c.url_hash
+            WHERE f.ctid = ANY(ARRAY(SELECT ctid FROM c))
             RETURNING f.url_hash, f.url, f.depth, f.payload, f.priority
             """,
             self.run_id,
@@ -577,12 +580,16 @@ class PgFrontier:
                     ],
                 )
             if done:
+                # Through this crawler's leases (index _frontier_leased): the cost follows what it holds, not
+                # the frontier's size, whatever statistics the planner has for a new run.
                 await conn.execute(
                     f"UPDATE {self._t} SET state = 'done', lease_until = NULL "
-                    "WHERE run_id = $1 AND source = $2 AND url_hash = ANY($3::bigint[])",
+                    "WHERE run_id = $1 AND source = $2 AND lease_owner = $4 AND state = 'leased' "
+                    "AND url_hash = ANY($3::bigint[])",
                     self.run_id,
                     self.source,
                     list(done),
+                    self.owner,
                 )
             await conn.execute(
                 f"UPDATE {self._t} SET lease_until = now() + make_interval(secs => $4) "

@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument(
                 "--database-url",
                 metavar="DSN",
-                help="PostgreSQL to load into (env TRAWL_DATABASE_URL; default: embedded in .trawl/pg)",
+                help="PostgreSQL to load into, and of the durable frontier (env TRAWL_DATABASE_URL; "
+                "default: embedded in .trawl/pg)",
             )
         sp.add_argument("--log-format", choices=("auto", "json", "console"), help="log renderer (env TRAWL_LOG_FORMAT)")
 

@@ -181,7 +181,7 @@ async def crawl_shard(
     settings = await settings_for(staging, politeness, database_secret)
     stager = open_stager(settings.staging, settings=settings)
     bind(run_id=run_id, flow_run_id=current_flow_run_id())
-    async with flow_metrics("crawl-shard", settings, source), stager, Fetcher(settings) as fetcher:
+    async with flow_metrics("crawl-shard", settings, f"{source}-shard-{shard}"), stager, Fetcher(settings) as fetcher:
         result = await crawl_source(
             src,
             run_id=run_id,

@@ -10,14 +10,14 @@ import asyncio
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
 
 from sinks.stage import SourceStage, StagedPart, Stager, StreamKind, manifest_body
-from trawl.config import AnySource, HtmlSource
+from trawl.config import AnySource, HtmlSource, SpiderSource
 from trawl.connectors import SourceContext, connector_for
 from trawl.connectors.base import SourceStats, Validators
 from trawl.connectors.html import DurableHtmlConnector, Idle, Settled
@@ -27,7 +27,7 @@ from trawl.fetch import Fetcher
 from trawl.frontier import PgFrontier
 from trawl.logs import bind, redact, unbind
 from trawl.metrics import METRICS
-from trawl.records import Outcome, utcnow
+from trawl.records import Outcome, Record, utcnow
 from trawl.settings import Settings
 
 __all__ = [
@@ -112,7 +112,7 @@ async def crawl_source(
     writes it once every shard is done).
     """
     if uses_frontier(source, settings):
-        assert isinstance(source, HtmlSource)
+        assert isinstance(source, HtmlSource | SpiderSource)
         return await _crawl_durable(
             source,
             run_id=run_id,
@@ -185,10 +185,11 @@ async def crawl_source(
 
 
 def uses_frontier(source: AnySource, settings: Settings) -> bool:
-    """Whether a source's crawl keeps its URLs in PostgreSQL (html sources with it chosen, or sharded)."""
-    return isinstance(source, HtmlSource) and (
-        source.shards > 1 or (source.frontier or settings.frontier) == "postgres"
-    )
+    """Whether a source's crawl keeps its URLs in PostgreSQL: html and spider sources with it chosen (the
+    source's ``frontier``, else the setting), and sharded html sources."""
+    if isinstance(source, HtmlSource):
+        return source.shards > 1 or (source.frontier or settings.frontier) == "postgres"
+    return isinstance(source, SpiderSource) and (source.frontier or settings.frontier) == "postgres"
 
 
 async def open_frontier(source: AnySource, run_id: str, settings: Settings, *, shard: int | None) -> PgFrontier:
@@ -287,8 +288,19 @@ def merge_stats(shards: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _durable_items(
+    source: HtmlSource | SpiderSource, ctx: SourceContext, frontier: PgFrontier
+) -> AsyncIterator[Record | Settled | Idle]:
+    """A durable crawl's stream: records, and markers of the URLs (requests) whose data has all been handed on."""
+    if isinstance(source, HtmlSource):
+        return DurableHtmlConnector(source, ctx, frontier).fetch()
+    from trawl.connectors.spider import SpiderConnector  # Scrapy is imported only when needed
+
+    return SpiderConnector(source, ctx, frontier).fetch_settled()
+
+
 async def _crawl_durable(
-    source: HtmlSource,
+    source: HtmlSource | SpiderSource,
     *,
     run_id: str,
     settings: Settings,
@@ -301,9 +313,9 @@ async def _crawl_durable(
     shard: int | None,
 ) -> SourceResult:
     started = time.monotonic()
-    sharded = source.shards > 1
+    sharded = isinstance(source, HtmlSource) and source.shards > 1
     if sharded and shard is None:
-        raise ConfigError(f"source {source.name} has shards: {source.shards}: the crawl flow fans it out")
+        raise ConfigError(f"source {source.name} has shards: the crawl flow fans it out")
     frontier = await open_frontier(source, run_id, settings, shard=shard or 0)
     bind(source=source.name, **({"shard": shard} if sharded else {}))
     error: str | None = None
@@ -312,7 +324,9 @@ async def _crawl_durable(
         if run is None:
             if resume or sharded:
                 raise ConfigError(f"source {source.name}: run {run_id} is not in the frontier, nothing to resume")
-            run = await frontier.begin(utcnow(), list(source.urls) + list(source.start_urls))
+            # A spider's start requests come through its scheduler (PgScheduler) instead of seeds.
+            seeds = list(source.urls) + list(source.start_urls) if isinstance(source, HtmlSource) else []
+            run = await frontier.begin(utcnow(), seeds)
         elif not resume and not sharded:
             raise ConfigError(
                 f"source {source.name}: run {run_id} is already in the frontier; continue it with "
@@ -342,7 +356,7 @@ async def _crawl_durable(
         log.info("source started", kind=source.kind, frontier="postgres", resume=resume)
         try:
             staged = METRICS.records_staged.labels(source.name)
-            async for item in DurableHtmlConnector(source, ctx, frontier).fetch():
+            async for item in _durable_items(source, ctx, frontier):
                 if isinstance(item, Settled):
                     await checkpoints.settled(item)
                     continue

@@ -183,8 +183,8 @@ class Settings(BaseSettings):
     frontier: Literal["memory", "postgres"] = Field(
         default="memory",
         description="Where `html` crawls and `spider` sources keep their URLs: `memory` (fast, gone with the process) "
-        "or `postgres` (durable: `trawl crawl --resume RUN_ID` continues an html crawl that died; a spider keeps its "
-        "pending requests there). A source's `frontier` overrides it.",
+        "or `postgres` (durable: checkpointed as they go, so `trawl crawl --resume RUN_ID` continues a crawl that "
+        "died). A source's `frontier` overrides it.",
     )
     frontier_batch: int = Field(
         default=200,

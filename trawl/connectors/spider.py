@@ -33,7 +33,8 @@ import asyncio
 import contextlib
 import importlib
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +53,7 @@ from scrapy.utils.ssl import _make_ssl_context
 
 from trawl.config import SpiderSource
 from trawl.connectors.base import _OUTCOME_OF, SourceContext, make_record
-from trawl.connectors.html import _url_hash
+from trawl.connectors.html import Settled, _url_hash
 from trawl.connectors.spider_frontier import PgScheduler
 from trawl.errors import BreakerOpen, ConfigError, FetchError, PermanentFetchError, TransientFetchError, TrawlError
 from trawl.extract import get_path
@@ -337,13 +338,18 @@ def _stats(stats: dict[str, Any]) -> dict[str, Any]:
 class SpiderConnector:
     """Runs one spider source's Scrapy crawl in the current event loop and yields its items as records."""
 
-    def __init__(self, source: SpiderSource, ctx: SourceContext) -> None:
+    def __init__(self, source: SpiderSource, ctx: SourceContext, frontier: PgFrontier | None = None) -> None:
         self.source = source
         self.ctx = ctx
+        self.frontier = frontier
+        """Given by a durable crawl (``trawl.crawler``): it checkpoints, so ``fetch()`` also yields ``Settled``."""
         self.open_slots: set[contextlib.AbstractAsyncContextManager[None]] = set()
         self._done: set[int] = set()
         """Hashes of the URLs that have their outcome (64-bit hashes, not strings: FIELD-NOTES)."""
-        self._queue: asyncio.Queue[Record] = asyncio.Queue(maxsize=ctx.settings.queue_size)
+        self._queue: asyncio.Queue[tuple[int, Record]] = asyncio.Queue(maxsize=ctx.settings.queue_size)
+        self._seq = 0  # items accepted so far; an item's number orders it against requests finished
+        self._unyielded: dict[int, None] = {}  # numbers of accepted items not yet yielded, oldest first
+        self._finished: deque[tuple[int, int]] = deque()  # (items accepted when it finished, frontier key)
         self._crawler: Crawler | None = None
         self._waiting = 0
         self.pauses = 0
@@ -385,8 +391,11 @@ class SpiderConnector:
         url = item_url if isinstance(item_url, str) and item_url else response.url
         record = make_record(src.name, self.ctx.run_id, url, utcnow(), data, src.key_fields)
         self.ctx.stats.records += 1
+        seq, self._seq = self._seq, self._seq + 1
+        self._unyielded[seq] = None
+        entry = (seq, record)
         if not self._queue.full():
-            self._queue.put_nowait(record)
+            self._queue.put_nowait(entry)
             return
         # Staging is behind: stop sending requests until it catches up (the items in flight wait here).
         engine = self._crawler.engine if self._crawler else None
@@ -395,7 +404,7 @@ class SpiderConnector:
             engine.pause()
             self.pauses += 1
         try:
-            await self._queue.put(record)
+            await self._queue.put(entry)
         finally:
             self._waiting -= 1
             if engine is not None and self._waiting == 0 and engine.paused:
@@ -404,8 +413,36 @@ class SpiderConnector:
                 if nextcall is not None:  # resume now, not at the next 5 s heartbeat
                     nextcall.schedule()
 
+    def _request_finished(self, key: int) -> None:
+        """PgScheduler (durable crawl): a request is finished; every item it scraped has been accepted by now."""
+        self._finished.append((self._seq, key))
+
+    def _settled(self) -> Iterator[Settled]:
+        """The finished requests whose items have all been yielded: they may be checkpointed as done."""
+        while self._finished:
+            oldest = next(iter(self._unyielded), None)
+            if oldest is not None and oldest < self._finished[0][0]:
+                return
+            yield Settled(self._finished.popleft()[1])
+
+    async def fetch_settled(self) -> AsyncIterator[Record | Settled]:
+        """A durable crawl's view (``frontier`` given): the items, and a ``Settled`` marker after the items of
+        each finished request, for the crawl to checkpoint it done."""
+        assert self.frontier is not None, "fetch_settled is for a crawl that gives the connector its frontier"
+        async for item in self._crawl(self.frontier):
+            yield item
+
     async def fetch(self) -> AsyncIterator[Record]:
         """Run the spider; its items, as they are scraped."""
+        async for item in self._fetch():
+            if isinstance(item, Record):
+                yield item
+
+    async def _fetch(self) -> AsyncIterator[Record | Settled]:
+        if self.frontier is not None:
+            async for item in self._crawl(self.frontier):
+                yield item
+            return
         if not uses_spider_frontier(self.source, self.ctx.settings):
             async for record in self._crawl(None):
                 yield record
@@ -439,13 +476,13 @@ class SpiderConnector:
             raise
         return frontier
 
-    async def _crawl(self, frontier: PgFrontier | None) -> AsyncIterator[Record]:
+    async def _crawl(self, frontier: PgFrontier | None) -> AsyncIterator[Record | Settled]:
         spidercls = load_spider(self.source.spider)
         runner = AsyncCrawlerRunner(scrapy_settings(self.source, self.ctx.settings))
         crawler = runner.create_crawler(spidercls)
         crawler.trawl_connector = self  # type: ignore[attr-defined]  # found by the middlewares
         if frontier is not None:
-            PgScheduler.attach(crawler, frontier)
+            PgScheduler.attach(crawler, frontier, self._request_finished if frontier is self.frontier else None)
         self._crawler = crawler
         crawler.signals.connect(self._on_item, signal=signals.item_scraped)  # a bound method: kept alive by self
         log.info(
@@ -458,17 +495,25 @@ class SpiderConnector:
         queue = self._queue
         try:
             while True:
+                for marker in self._settled():
+                    yield marker
                 if not queue.empty():
-                    yield queue.get_nowait()
+                    seq, record = queue.get_nowait()
+                    del self._unyielded[seq]
+                    yield record
                     continue
                 if task.done():
                     break
                 getter = asyncio.ensure_future(queue.get())
                 await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
-                    yield getter.result()
+                    seq, record = getter.result()
+                    del self._unyielded[seq]
+                    yield record
                 else:
                     getter.cancel()
+            for marker in self._settled():
+                yield marker
             if task.exception() is not None:
                 exc = task.exception()
                 raise SpiderFailed(f"spider {self.source.spider} failed: {type(exc).__name__}: {exc}") from exc

@@ -33,6 +33,7 @@ import os
 import pickle
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
 
@@ -55,6 +56,7 @@ log = structlog.get_logger("trawl.connectors.spider_frontier")
 
 _INT4 = 2**31 - 1
 _ATTR = "trawl_frontier"
+_ATTR_FINISHED = "trawl_frontier_finished"
 _RETRIES = 3
 """Rounds with the database retried before the crawl is stopped (asyncpg's pool replaces a broken connection)."""
 
@@ -128,14 +130,21 @@ class PgScheduler(BaseScheduler):
         self._closing = False
         self._renewed = time.monotonic()
         self._logged_unserializable = False
+        self.on_finished: Callable[[int], None] | None = None
         self.counts = {"enqueued": 0, "inserted": 0, "claimed": 0, "done": 0, "done_at_close": 0, "given_back": 0}
 
     # ---- wiring ----------------------------------------------------------------------------------------------
 
     @staticmethod
-    def attach(crawler: Crawler, frontier: PgFrontier) -> None:
-        """Give a crawler (before its crawl starts) the frontier its ``SCHEDULER = PgScheduler`` will use."""
+    def attach(crawler: Crawler, frontier: PgFrontier, on_finished: Callable[[int], None] | None = None) -> None:
+        """Give a crawler (before its crawl starts) the frontier its ``SCHEDULER = PgScheduler`` will use.
+
+        With ``on_finished`` the scheduler does not mark finished requests done itself: it hands their keys to
+        it, after the requests they led to are in the frontier, and the crawl marks them done at a checkpoint,
+        once their items and outcomes are staged (what makes a spider run resumable).
+        """
         setattr(crawler, _ATTR, frontier)
+        setattr(crawler, _ATTR_FINISHED, on_finished)
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
@@ -143,6 +152,7 @@ class PgScheduler(BaseScheduler):
         if not isinstance(frontier, PgFrontier):
             raise RuntimeError("PgScheduler needs a frontier: PgScheduler.attach(crawler, frontier) before the crawl")
         scheduler = cls(frontier, crawler, batch=crawler.settings.getint("TRAWL_FRONTIER_BATCH", 200))
+        scheduler.on_finished = getattr(crawler, _ATTR_FINISHED, None)
         crawler.trawl_scheduler = scheduler  # type: ignore[attr-defined]  # the connector asks it how it went
         return scheduler
 
@@ -294,12 +304,15 @@ class PgScheduler(BaseScheduler):
         done, self._done = self._done, []
         try:
             renew = bool(self._held) and time.monotonic() - self._renewed > self.frontier.lease_seconds / 3
-            if new or done or renew:
-                inserted = await self.frontier.push_requests(new, done=done, renew=renew)
+            deferred = self.on_finished is not None
+            if new or (done and not deferred) or renew:
+                inserted = await self.frontier.push_requests(new, done=[] if deferred else done, renew=renew)
                 if renew:
                     self._renewed = time.monotonic()
-                self._count(inserted=inserted, done=len(done))
+                self._count(inserted=inserted, done=0 if deferred else len(done))
                 self.crawler.stats.inc_value("dupefilter/filtered", len(new) - inserted)
+            if deferred:
+                self._hand_over(done)
             new, done = [], []
             want = self.batch - len(self._ready)
             if want >= (self.batch + 1) // 2:
@@ -336,6 +349,13 @@ class PgScheduler(BaseScheduler):
             self._ready.append((request, c.key))
         self._count(claimed=len(claimed))
 
+    def _hand_over(self, keys: list[int]) -> None:
+        """Finished requests whose children are in the frontier: to the crawl, which checkpoints them done."""
+        assert self.on_finished is not None
+        for key in keys:
+            self.on_finished(key)
+        self._count(done=len(keys))
+
     def _count(self, **n: int) -> None:
         for k, v in n.items():
             self.counts[k] += v
@@ -364,9 +384,13 @@ class PgScheduler(BaseScheduler):
         self._ready.clear()
         self._held.clear()
         try:
-            if self._new or self._done or give_back:
-                inserted = await self.frontier.push_requests(self._new, done=self._done, give_back=give_back)
-                self._count(inserted=inserted, done=len(self._done), given_back=len(give_back))
+            deferred = self.on_finished is not None
+            if self._new or (self._done and not deferred) or give_back:
+                marks = [] if deferred else self._done
+                inserted = await self.frontier.push_requests(self._new, done=marks, give_back=give_back)
+                self._count(inserted=inserted, done=len(marks), given_back=len(give_back))
+            if deferred:
+                self._hand_over(self._done)
             self._new, self._done = [], []
         except Exception as exc:
             self.error = self.error or exc

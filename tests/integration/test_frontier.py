@@ -162,3 +162,55 @@ async def test_a_durable_crawl_checkpoints_into_s3(
         assert m.rows == PRODUCT_COUNT and len(m.parts) > 1
         keys = [orjson.loads(line)["key"] for p in m.parts async for line in stager.read_part(p)]
     assert len(keys) == len(set(keys)) == PRODUCT_COUNT
+
+
+async def test_shards_in_one_process_split_hosts_and_commit_one_manifest(settings: Settings, database_url: str) -> None:
+    from trawl.crawler import begin_sharded, commit_sharded, pending_shards, schedule_shards
+    from trawl.demo.tree import TreeSite, _free_port
+
+    settings = settings.model_copy(update={"database_url": SecretStr(database_url), "frontier_checkpoint_seconds": 0.2})
+    hosts = [f"127.0.0.{i}" for i in range(51, 55)]
+    port = _free_port(hosts[0])
+    while len({shard_of(f"{h}:{port}", 2) for h in hosts}) < 2:  # the hash covers host:port: both shards get hosts
+        port = _free_port(hosts[0])
+    async with TreeSite(hosts, pages=800, delay=0.002, port=port) as site:
+        src = HtmlSource.model_validate(
+            {
+                "name": "tree",
+                "kind": "html",
+                "shards": 2,
+                "start_urls": [site.url(0)],
+                "follow": {"allow": [r"/p/\d+$"], "max_depth": 50, "same_host": False},
+                "key": "n",
+                "fields": {"n": {"selector": "h1.n", "type": "int", "required": True}, "host": {"selector": "p.host"}},
+                "politeness": {"concurrency": 2},
+                "robots": False,
+            }
+        )
+        run_id = new_run_id()
+        await begin_sharded(src, run_id, settings, resume=False)
+        await schedule_shards(src, run_id, settings, [0, 1])
+
+        async def shard(k: int) -> dict:
+            async with open_stager(settings.staging, settings=settings) as stager, Fetcher(settings) as fetcher:
+                res = await crawl_source(src, run_id=run_id, settings=settings, fetcher=fetcher, stager=stager, shard=k)
+            return res.as_dict()
+
+        results = await asyncio.gather(shard(0), shard(1))
+        assert await pending_shards(src, run_id, settings) == []
+        async with open_stager(settings.staging, settings=settings) as stager:
+            committed = await commit_sharded(src, run_id, settings, stager, flow_run_id=None)
+            (m,) = await stager.manifests("raw")
+            staged = [
+                (p.uri.rsplit("/", 1)[1][:8], orjson.loads(line)) for p in m.parts async for line in stager.read_part(p)
+            ]
+    assert sum(r["pages"] for r in results) == 800 == committed.stats["pages"]
+    assert len(site.requests) == len(set(site.requests)) == 800  # each page once, across both shards
+    assert max(site.max_inflight.values()) <= 2
+    assert {p.uri.rsplit("/", 1)[1][:8] for p in m.parts} == {"part-s00", "part-s01"}
+    assert sorted(int(r["data"]["n"]) for _, r in staged) == list(range(800))  # typed at load, text here
+    # Each host was crawled by exactly one shard, and each shard had hosts.
+    shards_of_host: dict[str, set[str]] = {}
+    for tag, r in staged:
+        shards_of_host.setdefault(r["data"]["host"], set()).add(tag)
+    assert all(len(tags) == 1 for tags in shards_of_host.values()), shards_of_host

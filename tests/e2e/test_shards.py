@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 import yaml
 
-from trawl.demo.tree import TreeSite, _free_port
+from trawl.demo.tree import TreeSite, free_port
 from trawl.frontier import shard_of
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def workers(prefect_stack: PrefectStack) -> PrefectStack:
 def _balanced_port() -> int:
     """A port at which the 6 hosts split 3/3 between the two shards (the hash covers host:port)."""
     while True:
-        port = _free_port(HOSTS[0])
+        port = free_port(HOSTS[0])
         if sum(shard_of(f"{h}:{port}", 2) for h in HOSTS) == 3:
             return port
 

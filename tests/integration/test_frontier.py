@@ -166,13 +166,13 @@ async def test_a_durable_crawl_checkpoints_into_s3(
 
 async def test_shards_in_one_process_split_hosts_and_commit_one_manifest(settings: Settings, database_url: str) -> None:
     from trawl.crawler import begin_sharded, commit_sharded, pending_shards, schedule_shards
-    from trawl.demo.tree import TreeSite, _free_port
+    from trawl.demo.tree import TreeSite, free_port
 
     settings = settings.model_copy(update={"database_url": SecretStr(database_url), "frontier_checkpoint_seconds": 0.2})
     hosts = [f"127.0.0.{i}" for i in range(51, 55)]
-    port = _free_port(hosts[0])
+    port = free_port(hosts[0])
     while len({shard_of(f"{h}:{port}", 2) for h in hosts}) < 2:  # the hash covers host:port: both shards get hosts
-        port = _free_port(hosts[0])
+        port = free_port(hosts[0])
     async with TreeSite(hosts, pages=800, delay=0.002, port=port) as site:
         src = HtmlSource.model_validate(
             {

@@ -20,10 +20,10 @@ from typing import Self
 
 from aiohttp import web
 
-__all__ = ["TreeSite"]
+__all__ = ["TreeSite", "free_port"]
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
@@ -78,7 +78,7 @@ class TreeSite:
         app.router.add_get("/robots.txt", self._robots)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        self.port = self.port or _free_port(self.hosts[0])
+        self.port = self.port or free_port(self.hosts[0])
         for host in self.hosts:
             await web.TCPSite(self._runner, host, self.port).start()
         return self

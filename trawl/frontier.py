@@ -345,7 +345,13 @@ class PgFrontier:
 
     async def claim(self, n: int) -> list[Claimed]:
         """Lease up to ``n`` URLs of this shard (highest priority, then shallowest first)."""
+        return [Claimed(r["url"], r["depth"], r["url_hash"]) for r in await self._claim(n)]
+
+    async def _claim(self, n: int) -> list[asyncpg.Record]:
+        """Lease up to ``n`` rows of this shard; they come back in claim order (priority, then depth)."""
         assert self.shard is not None, "the whole-frontier view does not crawl"
+        # By ctid: a TID scan whatever the planner knows of a new run (a join on url_hash without statistics
+        # scans every row of the run per claim).
         rows = await self.pool.fetch(
             f"""
             WITH c AS (
@@ -360,7 +366,7 @@ class PgFrontier:
             SET state = 'leased', attempts = f.attempts + 1, lease_owner = $5,
                 lease_until = now() + make_interval(secs => $6)
             WHERE f.ctid = ANY(ARRAY(SELECT ctid FROM c))
-            RETURNING f.url, f.depth, f.url_hash
+            RETURNING f.url_hash, f.url, f.depth, f.payload, f.priority
             """,
             self.run_id,
             self.source,
@@ -369,7 +375,8 @@ class PgFrontier:
             self.owner,
             self.lease_seconds,
         )
-        return [Claimed(r["url"], r["depth"], r["url_hash"]) for r in rows]
+        # RETURNING does not keep the CTE's order: put the batch back in claim order.
+        return sorted(rows, key=lambda r: (-r["priority"], r["depth"]))
 
     async def pending(self, *, others_only: bool = False) -> int:
         """URLs of the whole run (every shard) not yet done: queued, or leased (``others_only``: not by this crawler)."""
@@ -501,32 +508,7 @@ class PgFrontier:
 
     async def claim_requests(self, n: int) -> list[ClaimedRequest]:
         """Lease up to ``n`` requests of this shard with their payloads (as ``claim``: highest priority first)."""
-        assert self.shard is not None, "the whole-frontier view does not crawl"
-        rows = await self.pool.fetch(
-            f"""
-            WITH c AS (
-                SELECT ctid FROM {self._t}
-                WHERE run_id = $1 AND source = $2 AND shard = $3
-                  AND (state = 'queued' OR (state = 'leased' AND lease_until < now()))
-                ORDER BY priority DESC, depth
-                LIMIT $4
-                FOR UPDATE SKIP LOCKED
-            )
-            UPDATE {self._t} f
-            SET state = 'leased', attempts = f.attempts + 1, lease_owner = $5,
-                lease_until = now() + make_interval(secs => $6)
-            WHERE f.ctid = ANY(ARRAY(SELECT ctid FROM c))
-            RETURNING f.url_hash, f.url, f.depth, f.payload, f.priority
-            """,
-            self.run_id,
-            self.source,
-            self.shard,
-            n,
-            self.owner,
-            self.lease_seconds,
-        )
-        # RETURNING does not keep the CTE's order: put the batch back in claim order.
-        rows = sorted(rows, key=lambda r: (-r["priority"], r["depth"]))
+        rows = await self._claim(n)
         return [ClaimedRequest(r["url_hash"], r["url"], r["depth"], r["payload"]) for r in rows]
 
     async def not_mine(self) -> int:

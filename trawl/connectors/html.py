@@ -82,6 +82,10 @@ class HtmlConnector:
         self._seen.add(h)
         self._scheduled += 1
         self.ctx.stats.discovered += 1
+        self._enqueue(url, depth)
+
+    def _enqueue(self, url: str, depth: int) -> None:
+        """Queue a URL seen for the first time."""
         self._outstanding += 1
         self._frontier.put_nowait((url, depth, 0))
 
@@ -225,18 +229,11 @@ class DurableHtmlConnector(HtmlConnector):
         super().__init__(source, ctx)
         self.frontier = frontier
 
-    def _schedule(self, url: str, depth: int, h: int | None = None) -> None:
-        h = _url_hash(url) if h is None else h
-        if h in self._seen:
-            return
-        limit = self.ctx.settings.max_pages
-        if limit is not None and self._scheduled >= limit:
-            return
-        if len(self._seen) >= _RECENT_MAX:
+    def _enqueue(self, url: str, depth: int) -> None:
+        # ``_scheduled`` is an upper bound here: links other crawlers queued first are counted too.
+        if len(self._seen) > _RECENT_MAX:
             self._seen.clear()
-        self._seen.add(h)
-        self._scheduled += 1  # an upper bound: links other crawlers queued first are counted here too
-        self.ctx.stats.discovered += 1
+            self._seen.add(_url_hash(url))
         self.frontier.queue_link(url, depth)
 
     async def fetch(self) -> AsyncIterator[Record | Settled | Idle]:  # type: ignore[override]

@@ -474,17 +474,7 @@ class PgFrontier:
                 )
                 inserted = int(result.split()[-1])
             if done:
-                # Through this crawler's leases (index _frontier_leased): the cost follows what it holds, not
-                # the frontier's size, whatever statistics the planner has for a new run.
-                await conn.execute(
-                    f"UPDATE {self._t} SET state = 'done', lease_until = NULL "
-                    "WHERE run_id = $1 AND source = $2 AND lease_owner = $4 AND state = 'leased' "
-                    "AND url_hash = ANY($3::bigint[])",
-                    self.run_id,
-                    self.source,
-                    list(done),
-                    self.owner,
-                )
+                await self._mark_done(conn, done)
             if give_back:
                 await conn.execute(
                     f"UPDATE {self._t} SET state = 'queued', lease_until = NULL, lease_owner = NULL "
@@ -496,14 +486,7 @@ class PgFrontier:
                     self.owner,
                 )
             if renew:
-                await conn.execute(
-                    f"UPDATE {self._t} SET lease_until = now() + make_interval(secs => $4) "
-                    "WHERE run_id = $1 AND source = $2 AND lease_owner = $3 AND state = 'leased'",
-                    self.run_id,
-                    self.source,
-                    self.owner,
-                    self.lease_seconds,
-                )
+                await self._renew(conn)
         return inserted
 
     async def claim_requests(self, n: int) -> list[ClaimedRequest]:
@@ -562,25 +545,8 @@ class PgFrontier:
                     ],
                 )
             if done:
-                # Through this crawler's leases (index _frontier_leased): the cost follows what it holds, not
-                # the frontier's size, whatever statistics the planner has for a new run.
-                await conn.execute(
-                    f"UPDATE {self._t} SET state = 'done', lease_until = NULL "
-                    "WHERE run_id = $1 AND source = $2 AND lease_owner = $4 AND state = 'leased' "
-                    "AND url_hash = ANY($3::bigint[])",
-                    self.run_id,
-                    self.source,
-                    list(done),
-                    self.owner,
-                )
-            await conn.execute(
-                f"UPDATE {self._t} SET lease_until = now() + make_interval(secs => $4) "
-                "WHERE run_id = $1 AND source = $2 AND lease_owner = $3 AND state = 'leased'",
-                self.run_id,
-                self.source,
-                self.owner,
-                self.lease_seconds,
-            )
+                await self._mark_done(conn, done)
+            await self._renew(conn)
             await conn.execute(
                 f"INSERT INTO {self._shards_t} (run_id, source, shard, stats, checkpoints) VALUES ($1, $2, $3, $4, 1) "
                 "ON CONFLICT (run_id, source, shard) DO UPDATE SET stats = EXCLUDED.stats, "
@@ -590,6 +556,30 @@ class PgFrontier:
                 self.shard,
                 orjson.dumps(stats).decode(),
             )
+
+    async def _mark_done(self, conn: asyncpg.Connection, keys: Sequence[int]) -> None:
+        # Through this crawler's leases (index _frontier_leased): the cost follows what it holds, not the
+        # frontier's size, whatever statistics the planner has for a new run.
+        await conn.execute(
+            f"UPDATE {self._t} SET state = 'done', lease_until = NULL "
+            "WHERE run_id = $1 AND source = $2 AND lease_owner = $4 AND state = 'leased' "
+            "AND url_hash = ANY($3::bigint[])",
+            self.run_id,
+            self.source,
+            list(keys),
+            self.owner,
+        )
+
+    async def _renew(self, conn: asyncpg.Connection) -> None:
+        """Extend every lease this crawler holds."""
+        await conn.execute(
+            f"UPDATE {self._t} SET lease_until = now() + make_interval(secs => $4) "
+            "WHERE run_id = $1 AND source = $2 AND lease_owner = $3 AND state = 'leased'",
+            self.run_id,
+            self.source,
+            self.owner,
+            self.lease_seconds,
+        )
 
     async def parts(self, kind: StreamKind) -> list[tuple[int, int, StagedPart]]:
         """Recorded parts of one stream as (shard, seq, part): of this shard, or of all for the whole view."""

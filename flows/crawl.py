@@ -31,11 +31,9 @@ from trawl.crawler import (
     begin_sharded,
     commit_sharded,
     crawl_source,
-    frontier_knows,
     new_run_id,
-    pending_shards,
-    schedule_shards,
     uses_frontier,
+    whole_frontier,
 )
 from trawl.database import connect_pool
 from trawl.errors import DatabaseUnavailable
@@ -103,45 +101,46 @@ async def _crawl_sharded(
     """
     from prefect.deployments.flow_runs import arun_deployment
 
-    await begin_sharded(source, run_id, settings, resume=resume)
-    inherited = _SHARD_PARAMS.get()
-    params = {
-        **{k: v for k, v in inherited.items() if v is not None},
-        "source": source.name,
-        "run_id": run_id,
-        "shards": source.shards,
-        "staging": stager.uri,
-    }
-    todo = list(range(source.shards))
-    for round_ in range(1, settings.shard_rounds + 1):
-        log.info("shards started", shards=todo, round=round_, deployment=settings.shard_deployment)
-        await schedule_shards(source, run_id, settings, todo)
-        runs = await asyncio.gather(
-            *(
-                arun_deployment(
-                    settings.shard_deployment,
-                    parameters={**params, "shard": i, "resume": resume or round_ > 1},
-                    flow_run_name=f"{source.name}-{run_id}-shard-{i}" + (f"-{round_}" if round_ > 1 else ""),
-                    timeout=None,
-                    poll_interval=1,
-                )
-                for i in todo
-            )
-        )
-        failed = [f"{fr.name}: {fr.state.name if fr.state else 'no state'}" for fr in runs if not _completed(fr)]
-        if failed:
-            raise SourceFailed(
-                SourceResult(
-                    source.name,
-                    "failed",
-                    0.0,
-                    {},
-                    f"shard run failed ({'; '.join(failed)}); `trawl crawl --resume {run_id}` continues the run",
+    async with whole_frontier(source, run_id, settings) as frontier:
+        await begin_sharded(frontier, source, resume=resume)
+        inherited = _SHARD_PARAMS.get()
+        params = {
+            **{k: v for k, v in inherited.items() if v is not None},
+            "source": source.name,
+            "run_id": run_id,
+            "shards": source.shards,
+            "staging": stager.uri,
+        }
+        todo = list(range(source.shards))
+        for round_ in range(1, settings.shard_rounds + 1):
+            log.info("shards started", shards=todo, round=round_, deployment=settings.shard_deployment)
+            await frontier.set_shards(todo, "scheduled")  # until they finish, the others wait on their links
+            runs = await asyncio.gather(
+                *(
+                    arun_deployment(
+                        settings.shard_deployment,
+                        parameters={**params, "shard": i, "resume": resume or round_ > 1},
+                        flow_run_name=f"{source.name}-{run_id}-shard-{i}" + (f"-{round_}" if round_ > 1 else ""),
+                        timeout=None,
+                        poll_interval=1,
+                    )
+                    for i in todo
                 )
             )
-        todo = await pending_shards(source, run_id, settings)
-        if not todo:
-            return await commit_sharded(source, run_id, settings, stager, flow_run_id=current_flow_run_id())
+            failed = [f"{fr.name}: {fr.state.name if fr.state else 'no state'}" for fr in runs if not _completed(fr)]
+            if failed:
+                raise SourceFailed(
+                    SourceResult(
+                        source.name,
+                        "failed",
+                        0.0,
+                        {},
+                        f"shard run failed ({'; '.join(failed)}); `trawl crawl --resume {run_id}` continues the run",
+                    )
+                )
+            todo = await frontier.shards_pending()
+            if not todo:
+                return await commit_sharded(frontier, source, stager, flow_run_id=current_flow_run_id())
     raise SourceFailed(
         SourceResult(
             source.name,
@@ -308,8 +307,10 @@ async def _check_resumable(selected: list[AnySource], run_id: str, settings: Set
     if any(r.run_id == run_id for r in await stager.runs()):
         return
     for s in selected:
-        if uses_frontier(s, settings) and await frontier_knows(s, run_id, settings):
-            return
+        if uses_frontier(s, settings):
+            async with whole_frontier(s, run_id, settings) as frontier:
+                if await frontier.run() is not None:
+                    return
     raise ParameterError(
         "resume_run_id",
         f"no run {run_id} in the staging target {stager.uri} or the durable frontier: nothing to resume",

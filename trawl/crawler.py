@@ -7,6 +7,7 @@ so it runs the same under a flow, a test, or a benchmark.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import Counter
@@ -36,13 +37,11 @@ __all__ = [
     "begin_sharded",
     "commit_sharded",
     "crawl_source",
-    "frontier_knows",
     "merge_stats",
     "new_run_id",
-    "pending_shards",
-    "schedule_shards",
     "source_schema",
     "uses_frontier",
+    "whole_frontier",
 ]
 
 log = structlog.get_logger("trawl.crawler")
@@ -422,87 +421,63 @@ async def _crawl_durable(
         await frontier.pool.close()
 
 
-async def begin_sharded(source: HtmlSource, run_id: str, settings: Settings, *, resume: bool) -> None:
+@contextlib.asynccontextmanager
+async def whole_frontier(source: AnySource, run_id: str, settings: Settings) -> AsyncIterator[PgFrontier]:
+    """The whole-run view of a source's frontier (every shard): what the parent of a sharded crawl works on."""
+    frontier = await open_frontier(source, run_id, settings, shard=None)
+    try:
+        yield frontier
+    finally:
+        await frontier.pool.close()
+
+
+async def begin_sharded(frontier: PgFrontier, source: HtmlSource, *, resume: bool) -> None:
     """The parent of a sharded crawl: register the run and queue its seeds (each to its host's shard)."""
-    frontier = await open_frontier(source, run_id, settings, shard=None)
-    try:
-        run = await frontier.run()
-        if resume and run is None:
-            raise ConfigError(f"source {source.name}: run {run_id} is not in the frontier, nothing to resume")
-        if not resume and run is not None:
-            raise ConfigError(f"source {source.name}: run {run_id} is already in the frontier; use --resume")
-        if run is None:
-            await frontier.begin(utcnow(), list(source.urls) + list(source.start_urls))
-    finally:
-        await frontier.pool.close()
-
-
-async def frontier_knows(source: AnySource, run_id: str, settings: Settings) -> bool:
-    """Whether the durable frontier has this run of this source."""
-    frontier = await open_frontier(source, run_id, settings, shard=None)
-    try:
-        return await frontier.run() is not None
-    finally:
-        await frontier.pool.close()
-
-
-async def pending_shards(source: HtmlSource, run_id: str, settings: Settings) -> list[int]:
-    """The shards of a sharded run that still have URLs not done."""
-    frontier = await open_frontier(source, run_id, settings, shard=None)
-    try:
-        return await frontier.shards_pending()
-    finally:
-        await frontier.pool.close()
-
-
-async def schedule_shards(source: HtmlSource, run_id: str, settings: Settings, shards: list[int]) -> None:
-    """Mark shards as about to run: until they finish, the others wait for links they may queue for them."""
-    frontier = await open_frontier(source, run_id, settings, shard=None)
-    try:
-        await frontier.set_shards(shards, "scheduled")
-    finally:
-        await frontier.pool.close()
+    run = await frontier.run()
+    if resume and run is None:
+        raise ConfigError(f"source {source.name}: run {frontier.run_id} is not in the frontier, nothing to resume")
+    if not resume and run is not None:
+        raise ConfigError(f"source {source.name}: run {frontier.run_id} is already in the frontier; use --resume")
+    if run is None:
+        await frontier.begin(utcnow(), list(source.urls) + list(source.start_urls))
 
 
 async def commit_sharded(
-    source: HtmlSource, run_id: str, settings: Settings, stager: Stager, *, flow_run_id: str | None
+    frontier: PgFrontier, source: HtmlSource, stager: Stager, *, flow_run_id: str | None
 ) -> SourceResult:
     """Once every shard is done: one manifest per stream listing every shard's parts (the commit)."""
     started = time.monotonic()
-    frontier = await open_frontier(source, run_id, settings, shard=None)
-    try:
-        run = await frontier.run()
-        if run is None:
-            raise ConfigError(f"source {source.name}: run {run_id} is not in the frontier")
-        left = await frontier.pending()
-        if left:
-            raise StagingError(f"source {source.name}: {left} URLs of run {run_id} are not done; nothing committed")
-        shard_stats = list((await frontier.saved_stats()).values())
-        summary = merge_stats(shard_stats)
-        uri = ""
-        now = utcnow()
-        kinds: tuple[StreamKind, ...] = ("outcomes", "raw")
-        for kind in kinds:
-            parts = [p for _, _, p in await frontier.parts(kind)]
-            body = manifest_body(
-                kind,
-                source.name,
-                run_id,
-                run.dt,
-                status="complete",
-                error=None,
-                started_at=run.started_at,
-                finished_at=now,
-                flow_run_id=flow_run_id,
-                schema=source_schema(source),
-                stats=summary,
-                parts=parts,
-            )
-            m = await stager.write_manifest(kind, source.name, run.dt, run_id, body)
-            uri = m.uri
-        await frontier.finish("complete")
-    finally:
-        await frontier.pool.close()
+    run_id = frontier.run_id
+    run = await frontier.run()
+    if run is None:
+        raise ConfigError(f"source {source.name}: run {run_id} is not in the frontier")
+    left = await frontier.pending()
+    if left:
+        raise StagingError(f"source {source.name}: {left} URLs of run {run_id} are not done; nothing committed")
+    shard_stats = list((await frontier.saved_stats()).values())
+    summary = merge_stats(shard_stats)
+    uri = ""
+    now = utcnow()
+    kinds: tuple[StreamKind, ...] = ("outcomes", "raw")
+    for kind in kinds:
+        parts = [p for _, _, p in await frontier.parts(kind)]
+        body = manifest_body(
+            kind,
+            source.name,
+            run_id,
+            run.dt,
+            status="complete",
+            error=None,
+            started_at=run.started_at,
+            finished_at=now,
+            flow_run_id=flow_run_id,
+            schema=source_schema(source),
+            stats=summary,
+            parts=parts,
+        )
+        m = await stager.write_manifest(kind, source.name, run.dt, run_id, body)
+        uri = m.uri
+    await frontier.finish("complete")
     METRICS.source_runs.labels(source.name, "complete").inc()
     METRICS.source_last_success.labels(source.name).set_to_current_time()
     return SourceResult(source.name, "complete", time.monotonic() - started, summary, None, uri)

@@ -165,7 +165,7 @@ async def test_a_durable_crawl_checkpoints_into_s3(
 
 
 async def test_shards_in_one_process_split_hosts_and_commit_one_manifest(settings: Settings, database_url: str) -> None:
-    from trawl.crawler import begin_sharded, commit_sharded, pending_shards, schedule_shards
+    from trawl.crawler import begin_sharded, commit_sharded, whole_frontier
     from trawl.demo.tree import TreeSite, free_port
 
     settings = settings.model_copy(update={"database_url": SecretStr(database_url), "frontier_checkpoint_seconds": 0.2})
@@ -188,8 +188,9 @@ async def test_shards_in_one_process_split_hosts_and_commit_one_manifest(setting
             }
         )
         run_id = new_run_id()
-        await begin_sharded(src, run_id, settings, resume=False)
-        await schedule_shards(src, run_id, settings, [0, 1])
+        async with whole_frontier(src, run_id, settings) as whole:
+            await begin_sharded(whole, src, resume=False)
+            await whole.set_shards([0, 1], "scheduled")
 
         async def shard(k: int) -> dict:
             async with open_stager(settings.staging, settings=settings) as stager, Fetcher(settings) as fetcher:
@@ -197,9 +198,12 @@ async def test_shards_in_one_process_split_hosts_and_commit_one_manifest(setting
             return res.as_dict()
 
         results = await asyncio.gather(shard(0), shard(1))
-        assert await pending_shards(src, run_id, settings) == []
-        async with open_stager(settings.staging, settings=settings) as stager:
-            committed = await commit_sharded(src, run_id, settings, stager, flow_run_id=None)
+        async with (
+            whole_frontier(src, run_id, settings) as whole,
+            open_stager(settings.staging, settings=settings) as stager,
+        ):
+            assert await whole.shards_pending() == []
+            committed = await commit_sharded(whole, src, stager, flow_run_id=None)
             (m,) = await stager.manifests("raw")
             staged = [
                 (p.uri.rsplit("/", 1)[1][:8], orjson.loads(line)) for p in m.parts async for line in stager.read_part(p)

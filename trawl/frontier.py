@@ -378,14 +378,12 @@ class PgFrontier:
         # RETURNING does not keep the CTE's order: put the batch back in claim order.
         return sorted(rows, key=lambda r: (-r["priority"], r["depth"]))
 
-    async def pending(self, *, others_only: bool = False) -> int:
-        """URLs of the whole run (every shard) not yet done: queued, or leased (``others_only``: not by this crawler)."""
-        mine = " AND lease_owner IS DISTINCT FROM $3" if others_only else ""
+    async def pending(self) -> int:
+        """URLs of the whole run (every shard) not yet done: queued, or leased by anyone (``not_mine``: by others)."""
         n: int = await self.pool.fetchval(
-            f"SELECT count(*) FROM {self._t} WHERE run_id = $1 AND source = $2 AND state <> 'done'{mine}",
+            f"SELECT count(*) FROM {self._t} WHERE run_id = $1 AND source = $2 AND state <> 'done'",
             self.run_id,
             self.source,
-            *((self.owner,) if others_only else ()),
         )
         return n
 

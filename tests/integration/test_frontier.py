@@ -53,7 +53,7 @@ async def test_claims_never_hand_out_a_url_twice_and_links_dedupe(pool: asyncpg.
     rest = await a.claim(1000)
     assert len(rest) == 101
     assert await a.claim(10) == []  # all leased, none expired
-    assert await a.pending() == 501 and await a.pending(others_only=True) == 200
+    assert await a.pending() == 501 and await a.not_mine() == 200
     await a.checkpoint(
         [("raw", 1, StagedPart("file:///x/part-00001.jsonl.gz", 3, 10, "ab"))], [c.key for c in got_a], {"pages": 200}
     )

@@ -368,7 +368,8 @@ async def _child_crawl(opts: dict[str, Any]) -> dict[str, Any]:
     from sinks.stage import LocalStager
     from trawl.config import FollowRules, HtmlField, HtmlSource
     from trawl.connectors.base import SourceStats
-    from trawl.crawler import SourceFailed, crawl_source
+    from trawl.crawler import crawl_source
+    from trawl.errors import SourceFailed
     from trawl.fetch import Fetcher
     from trawl.logs import configure_logging
     from trawl.settings import Settings

@@ -26,7 +26,8 @@ import orjson
 from benchmarks.site import FIELD_SELECTORS, FOLLOW_ALLOW, RECORD_URLS
 from sinks.stage import LocalStager
 from trawl.config import AnySource, FollowRules, HtmlField, HtmlSource
-from trawl.crawler import SourceFailed, crawl_source, new_run_id
+from trawl.crawler import crawl_source, new_run_id
+from trawl.errors import SourceFailed
 from trawl.fetch import Fetcher
 from trawl.logs import configure_logging
 from trawl.settings import Settings

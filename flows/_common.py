@@ -15,30 +15,22 @@ from prefect import Task
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.runtime import flow_run
 
-from flows.params import ParameterError, Politeness
-from trawl.errors import TrawlError
+from flows.params import Politeness
+from trawl.errors import ParameterError, SourceBusy
 from trawl.metrics import METRICS
+from trawl.retry import is_transient
 from trawl.settings import Settings
 
 __all__ = [
     "FlowMetrics",
-    "SourceBusy",
     "current_flow_run_id",
     "flow_metrics",
-    "is_transient",
     "retry_if_transient",
     "settings_for",
     "source_lock",
 ]
 
 log = structlog.get_logger("flows")
-
-# Errors of the machinery around trawl that the next attempt may not meet (network blips, a restarting server).
-_TRANSIENT_TYPES: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
-
-
-class SourceBusy(TrawlError):
-    """Another flow run holds this source's concurrency slot and the settings say not to wait."""
 
 
 async def settings_for(
@@ -72,19 +64,6 @@ def current_flow_run_id() -> str | None:
     """The Prefect flow run id, when running inside one."""
     run_id = flow_run.id
     return str(run_id) if run_id else None
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for failures the next attempt may not meet: trawl's transient errors and connection trouble."""
-    if isinstance(exc, TrawlError):
-        return exc.transient
-    if isinstance(exc, _TRANSIENT_TYPES):
-        return True
-    try:
-        import asyncpg
-    except ImportError:  # pragma: no cover - asyncpg is a dependency
-        return False
-    return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError))
 
 
 def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:

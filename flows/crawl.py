@@ -12,21 +12,12 @@ from prefect.cache_policies import NO_CACHE
 
 from flows._common import current_flow_run_id, flow_metrics, retry_if_transient, settings_for, source_lock
 from flows.artifacts import crawl_progress, publish_crawl, publish_summary
-from flows.params import (
-    ParameterError,
-    Politeness,
-    SecretBlockName,
-    SourceName,
-    SourcesPath,
-    StagingURL,
-    check_sources,
-)
+from flows.params import Politeness, SecretBlockName, SourceName, SourcesPath, StagingURL, check_sources
 from sinks.postgres import load_validators
-from sinks.stage import Stager, open_stager
+from sinks.targets import open_stager
 from trawl.config import AnySource, ApiSource, HtmlSource
 from trawl.connectors.base import SourceStats, Validators
 from trawl.crawler import (
-    SourceFailed,
     SourceResult,
     begin_sharded,
     commit_sharded,
@@ -36,10 +27,11 @@ from trawl.crawler import (
     whole_frontier,
 )
 from trawl.database import connect_pool
-from trawl.errors import DatabaseUnavailable
+from trawl.errors import DatabaseRefused, DatabaseUnavailable, ParameterError, SourceFailed
 from trawl.fetch import Fetcher
 from trawl.logs import bind
 from trawl.settings import Settings
+from trawl.staging import Stager
 
 __all__ = ["crawl", "crawl_shard"]
 
@@ -202,7 +194,7 @@ async def _validators(settings: Settings, source: str) -> dict[str, Validators]:
         return {}
     try:
         pool = await connect_pool(dsn, max_size=1)
-    except DatabaseUnavailable as exc:
+    except (DatabaseUnavailable, DatabaseRefused) as exc:
         log.warning("no conditional requests: database unavailable", source=source, error=str(exc))
         return {}
     try:

@@ -16,11 +16,12 @@ from prefect.runtime import flow_run
 from flows._common import current_flow_run_id, flow_metrics, retry_if_transient, settings_for
 from flows.params import SecretBlockName, SourceName, StagingURL
 from sinks.postgres import Loader, PartLoad
-from sinks.stage import Manifest, StagedPart, Stager, StreamKind, open_stager
+from sinks.targets import open_stager
 from trawl.database import connect_pool, resolve_dsn
 from trawl.logs import bind
 from trawl.metrics import METRICS
 from trawl.settings import Settings
+from trawl.staging import Manifest, StagedPart, Stager, StreamKind
 
 __all__ = ["load"]
 

@@ -15,11 +15,10 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from trawl.config import Source, load_sources, select_sources
-from trawl.errors import ConfigError, TrawlError
+from trawl.errors import ConfigError, ParameterError
 
 __all__ = [
     "STAGING_PATTERN",
-    "ParameterError",
     "Politeness",
     "SecretBlockName",
     "SourceName",
@@ -32,16 +31,8 @@ __all__ = [
 STAGING_PATTERN = r"^(file://.+|s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|[./~][^:]*|[A-Za-z0-9_][^:]*)$"
 
 
-class ParameterError(TrawlError):
-    """A flow parameter is wrong; the message names the parameter."""
-
-    def __init__(self, parameter: str, message: str) -> None:
-        super().__init__(f"parameter {parameter!r}: {message}")
-        self.parameter = parameter
-
-
 def _check_staging(url: str) -> str:
-    from sinks.stage import open_stager
+    from sinks.targets import open_stager
 
     try:
         open_stager(url)

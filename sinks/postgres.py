@@ -27,9 +27,9 @@ import asyncpg
 import orjson
 import structlog
 
-from sinks.stage import Manifest, StagedPart, Stager
 from sinks.validate import RecordValidator, coerce, jsonb, no_nul
-from trawl.errors import LoadError, StagingError
+from trawl.errors import LoadError, StagingError, TooManyRejects
+from trawl.staging import Manifest, StagedPart, Stager
 
 __all__ = ["PG_TYPES", "Loader", "PartLoad", "coerce", "jsonb", "lineage", "load_validators", "views_schema"]
 
@@ -546,7 +546,7 @@ class Loader:
                 for reason in r[4]:
                     reasons[reason] = reasons.get(reason, 0) + 1
             top = "; ".join(f"{n}x {r}" for r, n in sorted(reasons.items(), key=lambda x: -x[1])[:3])
-            raise _TooManyRejects(
+            raise TooManyRejects(
                 f"source {m.source!r} run {m.run_id}: {rejected} of {rows} records rejected so far "
                 f"({rejected / rows:.1%}), over TRAWL_MAX_REJECT_RATE={self.max_reject_rate:g}; nothing from "
                 f"{prepared.part.uri} was loaded (it stays pending; its rejects are in {self.schema}._rejects). "
@@ -623,7 +623,7 @@ class Loader:
                     len(prepared.rejects),
                 )
                 await self._ledger(conn, m, part, res)
-        except _TooManyRejects:
+        except TooManyRejects:
             async with self.pool.acquire() as conn, conn.transaction():
                 await self._insert_rejects(conn, prepared.rejects)
             raise
@@ -728,10 +728,6 @@ def _drop(job: asyncio.Task[_Prepared]) -> None:
     else:
         with contextlib.suppress(RuntimeError):  # its loop is closed: nothing left to cancel
             job.get_loop().call_soon_threadsafe(job.cancel)
-
-
-class _TooManyRejects(LoadError):
-    """A manifest's reject rate passed ``max_reject_rate``."""
 
 
 def _decode(line: bytes, part: StagedPart, n: int) -> dict[str, Any]:

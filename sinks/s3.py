@@ -41,10 +41,14 @@ from urllib.parse import urlencode, urlsplit
 import orjson
 import structlog
 
-from sinks.stage import (
+from sinks.stage import PartWriter
+from trawl.errors import ConfigError, StagingError, StagingUnavailable
+from trawl.metrics import METRICS
+from trawl.retry import full_jitter, is_transient
+from trawl.settings import Settings
+from trawl.staging import (
     MANIFEST,
     Manifest,
-    PartWriter,
     RunInfo,
     SourceStage,
     StagedPart,
@@ -52,57 +56,13 @@ from sinks.stage import (
     run_path_parts,
     summarize_runs,
 )
-from trawl.errors import ConfigError, StagingError
-from trawl.fetch import full_jitter
-from trawl.metrics import METRICS
-from trawl.settings import Settings
 
-__all__ = ["ResumeResult", "S3Stager", "S3TransientError", "is_transient_s3_error"]
+__all__ = ["ResumeResult", "S3Stager"]
 
 log = structlog.get_logger("sinks.s3")
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _READ_CHUNK = 1024 * 1024
-_TRANSIENT_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestThrottled",
-        "RequestLimitExceeded",
-        "TooManyRequestsException",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "InternalError",
-        "ServiceUnavailable",
-        "BadGateway",
-        "GatewayTimeout",
-    }
-)
-
-
-class S3TransientError(StagingError):
-    """S3 could not be reached or answered with a transient error after retries: worth trying again later."""
-
-    transient = True
-
-
-def is_transient_s3_error(exc: BaseException) -> bool:
-    """Connection trouble, timeouts, 5xx, 429, ``SlowDown`` and throttling: S3 may well answer later."""
-    from botocore.exceptions import ClientError, HTTPClientError
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-
-    if isinstance(exc, S3TransientError):
-        return True
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        return err.get("Code") in _TRANSIENT_CODES or status == 429 or status >= 500
-    return isinstance(exc, (HTTPClientError, BotoConnectionError, OSError, TimeoutError)) or type(
-        exc
-    ).__module__.startswith("aiohttp")
-
-
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -335,7 +295,7 @@ class S3Stager:
                     self._changed.wait_for(lambda: self._spooled_bytes < limit), self.settings.s3_commit_timeout
                 )
         except TimeoutError:
-            raise S3TransientError(
+            raise StagingUnavailable(
                 f"{self.uri}: the spool {self.spool_root} is full ({self._spooled_bytes} bytes waiting, "
                 f"TRAWL_S3_SPOOL_MAX_BYTES={limit}) and S3 "
                 f"({self.settings.s3_endpoint_url or 'AWS S3'}) did not take any for "
@@ -364,7 +324,7 @@ class S3Stager:
                     self._count_upload(stream.key, len(data))
             except Exception as exc:
                 stream.failed = exc
-                if is_transient_s3_error(exc):
+                if is_transient(exc):
                     self.healthy = False  # new parts go straight to the spool until an upload succeeds again
 
         task = asyncio.create_task(run(), name=f"trawl-s3-chunk:{stream.key}#{number}")
@@ -412,7 +372,7 @@ class S3Stager:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            transient = is_transient_s3_error(exc)
+            transient = is_transient(exc)
             if transient:
                 self.healthy = False
             log.warning("part upload failed: spooled", object=f"s3://{self.bucket}/{pending.key}", error=_describe(exc))
@@ -454,7 +414,7 @@ class S3Stager:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    transient = is_transient_s3_error(exc)
+                    transient = is_transient(exc)
                     METRICS.s3_upload_failures.labels("transient" if transient else "permanent").inc()
                     if not transient:
                         log.error(
@@ -539,7 +499,7 @@ class S3Stager:
                     max(0.0, deadline - loop.time()),
                 )
         if (source, run_id) in self._failed_runs:  # its outcomes did not commit: neither may its records
-            raise S3TransientError(self._down_message(source, dt, run_id))
+            raise StagingUnavailable(self._down_message(source, dt, run_id))
         if self._errors.get(run_key):
             raise StagingError(
                 f"source {source} run {run_id}: S3 refused parts ({'; '.join(self._errors[run_key])}); "
@@ -547,7 +507,7 @@ class S3Stager:
             )
         if self._outstanding.get(run_key):
             self._failed_runs.add((source, run_id))
-            raise S3TransientError(self._down_message(source, dt, run_id))
+            raise StagingUnavailable(self._down_message(source, dt, run_id))
         try:
             await self._abort_stale(run_key)
             await self.client.put_object(
@@ -559,9 +519,9 @@ class S3Stager:
             )
         except Exception as exc:
             self._failed_runs.add((source, run_id))
-            if not is_transient_s3_error(exc):
+            if not is_transient(exc):
                 raise StagingError(f"s3://{self.bucket}/{run_key}/{MANIFEST}: {_describe(exc)}") from None
-            raise S3TransientError(self._down_message(source, dt, run_id)) from None
+            raise StagingUnavailable(self._down_message(source, dt, run_id)) from None
         self._outstanding.pop(run_key, None)
         await asyncio.to_thread(_remove_run_dir, spool, self.spool_root)
         return Manifest.from_json(f"s3://{self.bucket}/{run_key}/{MANIFEST}", data)
@@ -638,7 +598,7 @@ class S3Stager:
         try:
             head = await self.client.head_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
-            if is_transient_s3_error(exc):
+            if is_transient(exc):
                 raise
             raise StagingError(f"{part.uri}: staged part is missing (neither in S3 nor in the spool)") from None
         if head["ContentLength"] != part.bytes:
@@ -729,8 +689,8 @@ class S3Stager:
 
             if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise StagingError(f"{part.uri}: staged part is missing") from None
-            if is_transient_s3_error(exc):
-                raise S3TransientError(f"{part.uri}: S3 unavailable: {_describe(exc)}") from None
+            if is_transient(exc):
+                raise StagingUnavailable(f"{part.uri}: S3 unavailable: {_describe(exc)}") from None
             raise StagingError(f"{part.uri}: {_describe(exc)}") from None
         digest = sha.hexdigest()
         if digest != part.sha256:

@@ -1,21 +1,15 @@
-"""Staging: raw record envelopes and URL outcomes as gzip JSON Lines parts, manifest last.
-
-Layout (identical for every target)::
-
-    {staging}/{raw|outcomes}/source={source}/dt={YYYY-MM-DD}/run={run_id}/part-00001.jsonl.gz
-    {staging}/{raw|outcomes}/source={source}/dt={YYYY-MM-DD}/run={run_id}/_manifest.json
+"""Staging on local disk: gzip JSON Lines parts and the directory stager (the embedded default).
 
 A part is written to ``part-N.jsonl.gz.partial`` and renamed when closed; the
-manifest lists every part with rows, bytes and sha256 and is written last. A run
-directory without a manifest is not loadable; one with a manifest is complete.
-For a source that failed mid-crawl the manifest says ``"status": "failed"``: what
-was fetched before the failure is still staged and loadable, and its outcomes
-tell why the rest is missing.
+manifest (:mod:`trawl.staging`) lists every part with rows, bytes and sha256 and
+is written last. For a source that failed mid-crawl the manifest says
+``"status": "failed"``: what was fetched before the failure is still staged and
+loadable, and its outcomes tell why the rest is missing.
 
-A stager is an async context manager (``async with open_stager(url) as stager:``):
-the S3 stager (:mod:`sinks.s3`) opens its client and spool workers there and,
-on the way out, stops them and closes the client (a commit has already waited for
-its run's uploads; whatever is not in S3 stays in the spool).
+A stager is an async context manager (``async with open_stager(url) as stager:``,
+:mod:`sinks.targets`): the S3 stager (:mod:`sinks.s3`) opens its client and spool
+workers there and, on the way out, stops them and closes the client (a commit has
+already waited for its run's uploads; whatever is not in S3 stays in the spool).
 """
 
 from __future__ import annotations
@@ -25,142 +19,28 @@ import hashlib
 import os
 import zlib
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Self
-from urllib.parse import urlsplit
+from typing import Any, Self
 
 import orjson
 
-from trawl.errors import ConfigError, StagingError
-from trawl.records import utcnow
+from trawl.errors import StagingError
+from trawl.staging import (
+    MANIFEST,
+    Manifest,
+    RunInfo,
+    SourceStage,
+    StagedPart,
+    StreamKind,
+    run_path_parts,
+    summarize_runs,
+)
 
-if TYPE_CHECKING:
-    from sinks.s3 import S3Stager
-    from trawl.settings import Settings
+__all__ = ["LocalStager", "PartWriter"]
 
-__all__ = [
-    "LocalStager",
-    "Manifest",
-    "PartWriter",
-    "RunInfo",
-    "SourceStage",
-    "StagedPart",
-    "Stager",
-    "manifest_body",
-    "open_stager",
-]
-
-StreamKind = Literal["raw", "outcomes"]
-MANIFEST = "_manifest.json"
 _FLUSH_BYTES = 256 * 1024  # uncompressed bytes buffered before a compress+write round trip to a thread
-
-
-@dataclass(frozen=True, slots=True)
-class StagedPart:
-    """One closed part: where it is, and what a reader verifies it against."""
-
-    uri: str
-    rows: int
-    bytes: int
-    sha256: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"uri": self.uri, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256}
-
-
-@dataclass(frozen=True, slots=True)
-class Manifest:
-    """A committed run of one source and one stream (records or outcomes)."""
-
-    uri: str
-    kind: StreamKind
-    source: str
-    run_id: str
-    dt: str
-    status: Literal["complete", "failed"]
-    parts: tuple[StagedPart, ...]
-    schema: Mapping[str, Any]
-    stats: Mapping[str, Any]
-    error: str | None
-    started_at: str
-    finished_at: str
-    flow_run_id: str | None
-
-    @property
-    def rows(self) -> int:
-        return sum(p.rows for p in self.parts)
-
-    @classmethod
-    def from_json(cls, uri: str, raw: bytes) -> Manifest:
-        try:
-            d = orjson.loads(raw)
-            return cls(
-                uri=uri,
-                kind=d["kind"],
-                source=d["source"],
-                run_id=d["run_id"],
-                dt=d["dt"],
-                status=d["status"],
-                parts=tuple(StagedPart(p["uri"], p["rows"], p["bytes"], p["sha256"]) for p in d["parts"]),
-                schema=d.get("schema") or {},
-                stats=d.get("stats") or {},
-                error=d.get("error"),
-                started_at=d["started_at"],
-                finished_at=d["finished_at"],
-                flow_run_id=d.get("flow_run_id"),
-            )
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            raise StagingError(f"{uri}: unreadable manifest: {exc}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class RunInfo:
-    """One staged run of one source, as ``trawl runs ls`` shows it.
-
-    ``state`` is ``committed`` when its records manifest exists, else ``incomplete``
-    (parts written or spooled, no manifest: not loadable yet). ``rows`` is only
-    known for committed runs.
-    """
-
-    run_id: str
-    source: str
-    dt: str
-    state: Literal["committed", "incomplete"]
-    status: str | None
-    parts: int
-    rows: int | None
-    bytes: int
-    spooled: int = 0
-
-
-def summarize_runs(
-    manifests: list[Manifest], part_objects: Mapping[tuple[str, str, str], tuple[int, int]]
-) -> list[RunInfo]:
-    """Runs from the records manifests found and the record parts present ((source, dt, run) → (count, bytes))."""
-    runs: dict[tuple[str, str, str], RunInfo] = {}
-    for m in manifests:
-        runs[(m.source, m.dt, m.run_id)] = RunInfo(
-            m.run_id, m.source, m.dt, "committed", m.status, len(m.parts), m.rows, sum(p.bytes for p in m.parts)
-        )
-    for (source, dt, run_id), (count, size) in part_objects.items():
-        if (source, dt, run_id) not in runs:
-            runs[(source, dt, run_id)] = RunInfo(run_id, source, dt, "incomplete", None, count, None, size)
-    return sorted(runs.values(), key=lambda r: (r.run_id, r.source))
-
-
-def run_path_parts(path: str) -> tuple[str, str, str] | None:
-    """(source, dt, run_id) from ``…/source=S/dt=D/run=R/…``, or None."""
-    found: dict[str, str] = {}
-    for seg in path.split("/"):
-        name, sep, value = seg.partition("=")
-        if sep and name in ("source", "dt", "run") and name not in found:
-            found[name] = value
-    if len(found) != 3:
-        return None
-    return found["source"], found["dt"], found["run"]
 
 
 class PartWriter:
@@ -279,119 +159,6 @@ class PartWriter:
         return self.parts
 
 
-def manifest_body(
-    kind: StreamKind,
-    source: str,
-    run_id: str,
-    dt: str,
-    *,
-    status: Literal["complete", "failed"],
-    error: str | None,
-    started_at: datetime,
-    finished_at: datetime,
-    flow_run_id: str | None,
-    schema: Mapping[str, Any],
-    stats: Mapping[str, Any],
-    parts: list[StagedPart],
-) -> dict[str, Any]:
-    """What a manifest says: the run, its status, the declared schema, its stats and every part."""
-    return {
-        "version": 1,
-        "kind": kind,
-        "source": source,
-        "run_id": run_id,
-        "dt": dt,
-        "status": status,
-        "error": error,
-        "started_at": started_at.isoformat(),
-        "finished_at": finished_at.isoformat(),
-        "flow_run_id": flow_run_id,
-        "schema": schema,
-        "stats": stats,
-        "parts": [p.as_dict() for p in parts],
-        "rows": sum(p.rows for p in parts),
-    }
-
-
-@dataclass(slots=True)
-class SourceStage:
-    """The two streams one source writes during one run, and their commit."""
-
-    stager: Stager
-    source: str
-    run_id: str
-    dt: str
-    records: PartWriter
-    outcomes: PartWriter
-    started_at: datetime = field(default_factory=utcnow)
-
-    async def commit(
-        self,
-        *,
-        status: Literal["complete", "failed"],
-        schema: Mapping[str, Any],
-        stats: Mapping[str, Any],
-        error: str | None = None,
-        flow_run_id: str | None = None,
-    ) -> tuple[Manifest, Manifest]:
-        """Close both streams and write their manifests: outcomes first, records last (the commit)."""
-        finished = utcnow()
-        manifests = []
-        failure: StagingError | None = None
-        streams: tuple[tuple[StreamKind, PartWriter], ...] = (("outcomes", self.outcomes), ("raw", self.records))
-        closed = [(kind, await writer.close()) for kind, writer in streams]  # every part on its way before a manifest
-        for kind, parts in closed:
-            body = manifest_body(
-                kind,
-                self.source,
-                self.run_id,
-                self.dt,
-                status=status,
-                error=error,
-                started_at=self.started_at,
-                finished_at=finished,
-                flow_run_id=flow_run_id,
-                schema=schema,
-                stats=stats,
-                parts=parts,
-            )
-            try:
-                manifests.append(await self.stager.write_manifest(kind, self.source, self.dt, self.run_id, body))
-            except StagingError as exc:
-                # Transient (S3 down): the records stream still leaves its manifest body in the spool for
-                # `trawl stage resume`; the stager refuses to commit records without their outcomes.
-                if not exc.transient:
-                    raise
-                failure = failure or exc
-        if failure is not None:
-            raise failure
-        return manifests[0], manifests[1]
-
-
-class Stager(Protocol):
-    """A staging target: where parts and manifests go, and where the loader finds them."""
-
-    uri: str
-
-    def open_source(self, source: str, run_id: str, started: datetime) -> SourceStage: ...
-
-    async def manifests(self, kind: StreamKind = "raw") -> list[Manifest]: ...
-
-    def read_part(self, part: StagedPart) -> AsyncIterator[bytes]: ...
-
-    async def write_manifest(
-        self, kind: StreamKind, source: str, dt: str, run_id: str, body: Mapping[str, Any]
-    ) -> Manifest: ...
-
-    async def runs(self) -> list[RunInfo]: ...
-
-    async def __aenter__(self) -> Self: ...
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None: ...
-
-
 class LocalStager:
     """A directory on local disk (the embedded default)."""
 
@@ -492,38 +259,3 @@ class LocalStager:
         for line in (await asyncio.to_thread(read)).splitlines():
             if line:
                 yield line
-
-
-def open_stager(
-    url: str,
-    *,
-    settings: Settings | None = None,
-    part_max_records: int | None = None,
-    part_max_bytes: int | None = None,
-) -> LocalStager | S3Stager:
-    """The stager for a staging URL: ``file://DIR``, a plain path, or ``s3://BUCKET[/PREFIX]``.
-
-    Nothing is opened here (a bad URL is a ConfigError at once); use the result
-    as ``async with open_stager(url) as stager:``. Part limits default to the
-    settings' (``part_max_records``, ``part_max_bytes``), S3 options come from them.
-    """
-    if settings is None:
-        from trawl.settings import Settings
-
-        settings = Settings(staging=url)
-    part_max_records = part_max_records or settings.part_max_records
-    part_max_bytes = part_max_bytes or settings.part_max_bytes
-    scheme = urlsplit(url).scheme
-    if scheme == "s3":
-        from sinks.s3 import S3Stager
-
-        return S3Stager.from_url(url, settings, part_max_records=part_max_records, part_max_bytes=part_max_bytes)
-    if scheme == "file":
-        # file://./x is relative (netloc "."); file:///x is absolute
-        rest = url[len("file://") :]
-        path = Path(rest)
-    elif scheme in ("",) or len(scheme) == 1:  # plain path (or a Windows drive letter)
-        path = Path(url)
-    else:
-        raise ConfigError(f"staging {url}: unsupported scheme {scheme!r}; use file://DIR or s3://BUCKET/PREFIX")
-    return LocalStager(path, part_max_records=part_max_records, part_max_bytes=part_max_bytes)

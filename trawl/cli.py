@@ -221,7 +221,7 @@ def _lineage(args: argparse.Namespace) -> int:
 def _staging(args: argparse.Namespace) -> int:
     """``trawl runs ls`` and ``trawl stage resume RUN_ID``: no Prefect, no database."""
     from sinks.s3 import S3Stager
-    from sinks.stage import open_stager
+    from sinks.targets import open_stager
     from trawl.logs import configure_logging
     from trawl.settings import Settings
 
@@ -309,7 +309,7 @@ def _execute(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """Validate everything a user can get wrong, then run the flow the command names."""
-    from sinks.stage import open_stager
+    from sinks.targets import open_stager
     from trawl.config import load_sources, select_sources
     from trawl.settings import Settings
 

@@ -17,22 +17,21 @@ from typing import Any, Literal
 
 import structlog
 
-from sinks.stage import SourceStage, StagedPart, Stager, StreamKind, manifest_body
 from trawl.config import AnySource, HtmlSource, SpiderSource
 from trawl.connectors import SourceContext, connector_for
 from trawl.connectors.base import SourceStats, Validators
 from trawl.connectors.html import DurableHtmlConnector, Idle, Settled
 from trawl.database import connect_pool, resolve_dsn
-from trawl.errors import ConfigError, StagingError, TrawlError
+from trawl.errors import ConfigError, SourceFailed, StagingError, TrawlError
 from trawl.fetch import Fetcher
 from trawl.frontier import PgFrontier
 from trawl.logs import bind, redact, unbind
 from trawl.metrics import METRICS
 from trawl.records import Outcome, Record, utcnow
 from trawl.settings import Settings
+from trawl.staging import SourceStage, StagedPart, Stager, StreamKind, manifest_body
 
 __all__ = [
-    "SourceFailed",
     "SourceResult",
     "begin_sharded",
     "commit_sharded",
@@ -80,14 +79,6 @@ class SourceResult:
             "manifest": self.manifest,
             **self.stats,
         }
-
-
-class SourceFailed(TrawlError):
-    """A source ended early; what it fetched before is staged and its result is attached."""
-
-    def __init__(self, result: SourceResult) -> None:
-        super().__init__(f"source {result.source} failed: {result.error}")
-        self.result = result
 
 
 async def crawl_source(

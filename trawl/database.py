@@ -15,6 +15,7 @@ import asyncpg
 
 from trawl.errors import DatabaseUnavailable
 from trawl.logs import redact
+from trawl.retry import pg_error
 from trawl.settings import Settings
 
 __all__ = ["connect_pool", "embedded_dsn", "resolve_dsn"]
@@ -42,11 +43,11 @@ def resolve_dsn(settings: Settings) -> str:
 
 
 async def connect_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
-    """An asyncpg pool, or DatabaseUnavailable with one line saying which database and why."""
+    """An asyncpg pool, or DatabaseUnavailable / DatabaseRefused with one line saying which database and why."""
     try:
         pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, timeout=10, command_timeout=None)
     except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DatabaseUnavailable(f"cannot connect to PostgreSQL at {redact(dsn)}: {reason}") from None
+        # By SQLSTATE: a server that is down or starting may be back soon; a bad password or database will not.
+        raise pg_error(exc, redact(dsn)) from None
     assert pool is not None
     return pool

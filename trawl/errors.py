@@ -1,45 +1,86 @@
-"""Errors raised by trawl.
+"""Every error trawl raises, in one tree.
 
-Every error is a :class:`TrawlError`. Whether a failure is worth retrying is a
-property of its class (``transient``), never of its message::
+Whether a failure is worth retrying is a property of its class, never of its
+message: catch :class:`Transient` to retry, :class:`Terminal` to give up at once
+(as dlt's ``TransientException`` / ``TerminalException``). Each error's
+``transient`` attribute says the same. :func:`trawl.retry.is_transient` applies
+this to foreign errors too (OS, asyncpg by SQLSTATE, botocore by code)::
 
     TrawlError
-    ├── ConfigError                 bad sources file, settings or CLI usage   (exit 2)
-    ├── DatabaseUnavailable         cannot reach / start PostgreSQL            (exit 2)
+    ├── ConfigError                 bad sources file, settings or CLI usage           (exit 2)
+    │   └── DatabaseRefused         bad DSN, authentication failed, no such database  (exit 2, never retried)
+    ├── ParameterError              a flow parameter is wrong; names the parameter
+    ├── DatabaseUnavailable         cannot reach / start PostgreSQL; connection lost  (transient; exit 2)
     ├── FetchError                  one URL could not be fetched
     │   ├── TransientFetchError     connect errors, timeouts, 408/425/429/5xx, truncated bodies
     │   ├── PermanentFetchError     other 4xx, bad content, body too large, too many redirects
     │   │   ├── BlockedNetworkError the URL resolves to a network the settings forbid
     │   │   └── RobotsDisallowed    the host's robots.txt forbids the URL
     │   └── BreakerOpen             the host's circuit breaker is open: not requested (retry later)
+    ├── SourceFailed                a source ended early (its result attached; what it fetched is staged)
+    ├── SpiderFailed                a Scrapy spider could not start or its crawl broke off
+    ├── SourceBusy                  another flow run holds the source's concurrency slot
     ├── StagingError                staging target unreadable/unwritable, corrupt part
+    │   └── StagingUnavailable      S3 down or throttling after its own retries      (transient)
     └── LoadError                   a part could not be loaded into PostgreSQL
+        ├── LoadConflict            serialization failure or deadlock (40001, 40P01)  (transient)
+        └── TooManyRejects          a run's reject rate passed ``max_reject_rate``
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 __all__ = [
     "BlockedNetworkError",
     "BreakerOpen",
     "ConfigError",
     "ConfigIssue",
+    "DatabaseRefused",
     "DatabaseUnavailable",
     "FetchError",
+    "LoadConflict",
     "LoadError",
+    "ParameterError",
     "PermanentFetchError",
     "RobotsDisallowed",
+    "SourceBusy",
+    "SourceFailed",
+    "SpiderFailed",
     "StagingError",
+    "StagingUnavailable",
+    "Terminal",
+    "TooManyRejects",
+    "Transient",
     "TransientFetchError",
     "TrawlError",
 ]
 
 
-class TrawlError(Exception):
-    """Base of every error trawl raises on purpose."""
+class Transient:
+    """Marker: the next attempt may well succeed (retry with backoff)."""
 
-    transient: bool = False
+
+class Terminal:
+    """Marker: retrying would give the same answer (never retried)."""
+
+
+class TrawlError(Exception):
+    """Base of every error trawl raises on purpose.
+
+    Context (``run_id``, ``source``, ``host``) is attached where the raiser knows
+    it; ``transient`` follows from the :class:`Transient` marker.
+    """
+
+    transient: ClassVar[bool] = False
+    run_id: str | None = None
+    source: str | None = None
+    host: str | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.transient = issubclass(cls, Transient)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +99,7 @@ class ConfigIssue:
         return f"{where}: {self.message}"
 
 
-class ConfigError(TrawlError):
+class ConfigError(TrawlError, Terminal):
     """A user's configuration is wrong; ``issues`` lists every problem found."""
 
     def __init__(self, message: str, issues: list[ConfigIssue] | None = None) -> None:
@@ -70,10 +111,20 @@ class ConfigError(TrawlError):
         return [str(i) for i in self.issues] or [str(self)]
 
 
-class DatabaseUnavailable(TrawlError):
-    """PostgreSQL could not be reached or started."""
+class ParameterError(TrawlError, Terminal):
+    """A flow parameter is wrong; the message names the parameter."""
 
-    transient = True
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"parameter {parameter!r}: {message}")
+        self.parameter = parameter
+
+
+class DatabaseRefused(ConfigError):
+    """PostgreSQL answered, and the answer will not change: a bad DSN, failed authentication, no such database."""
+
+
+class DatabaseUnavailable(TrawlError, Transient):
+    """PostgreSQL could not be reached or started, or the connection was lost (it may be back soon)."""
 
 
 class FetchError(TrawlError):
@@ -85,32 +136,19 @@ class FetchError(TrawlError):
         self.status = status
         self.attempts = 0  # set by the fetch layer once the URL has finally failed
         self.elapsed_ms = 0
+        self.retry_after: float | None = None  # what the server asked for (Retry-After), if anything
 
 
-class TransientFetchError(FetchError):
+class TransientFetchError(FetchError, Transient):
     """Worth retrying: the next attempt may well succeed."""
 
-    transient = True
 
-
-class PermanentFetchError(FetchError):
+class PermanentFetchError(FetchError, Terminal):
     """Retrying would give the same answer."""
 
 
 class BlockedNetworkError(PermanentFetchError):
     """The URL's host resolves to an address the settings do not allow."""
-
-
-class StagingError(TrawlError):
-    """Staging could not be written or read back intact."""
-
-
-class LoadError(TrawlError):
-    """A staged part could not be loaded; names the staged object."""
-
-    def __init__(self, message: str, *, staged_object: str | None = None) -> None:
-        super().__init__(message)
-        self.staged_object = staged_object
 
 
 class RobotsDisallowed(PermanentFetchError):
@@ -124,3 +162,44 @@ class BreakerOpen(FetchError):
         super().__init__(f"circuit breaker for {host} is open; retry in {retry_in:.1f}s", url=url)
         self.host = host
         self.retry_in = retry_in
+
+
+class SourceFailed(TrawlError):
+    """A source ended early; what it fetched before is staged and its result (``SourceResult``) is attached."""
+
+    def __init__(self, result: Any) -> None:
+        super().__init__(f"source {result.source} failed: {result.error}")
+        self.result = result
+        self.source = result.source
+
+
+class SpiderFailed(TrawlError):
+    """The spider could not start or its crawl broke off."""
+
+
+class SourceBusy(TrawlError):
+    """Another flow run holds this source's concurrency slot and the settings say not to wait."""
+
+
+class StagingError(TrawlError):
+    """Staging could not be written or read back intact."""
+
+
+class StagingUnavailable(StagingError, Transient):
+    """S3 could not be reached or answered with a transient error after retries: worth trying again later."""
+
+
+class LoadError(TrawlError):
+    """A staged part could not be loaded; names the staged object."""
+
+    def __init__(self, message: str, *, staged_object: str | None = None) -> None:
+        super().__init__(message)
+        self.staged_object = staged_object
+
+
+class LoadConflict(LoadError, Transient):
+    """The load's transaction lost a serialization conflict or a deadlock: run it again."""
+
+
+class TooManyRejects(LoadError):
+    """A manifest's reject rate passed ``max_reject_rate``."""

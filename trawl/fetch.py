@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import random
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from types import TracebackType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -39,22 +38,18 @@ from trawl.errors import (
 )
 from trawl.metrics import METRICS, status_class
 from trawl.records import utcnow
+from trawl.retry import full_jitter, is_transient_status, status_error
 from trawl.robots import ROBOTS_MAX_BYTES, RobotsCache
 from trawl.settings import Settings
 
-__all__ = ["TRANSIENT_STATUS", "Fetcher", "NetworkGuard", "Response", "TransportName", "full_jitter"]
+__all__ = ["Fetcher", "GuardedResolver", "HostTurn", "NetworkGuard", "RefusedAddress", "Response", "TransportName"]
 
 log = structlog.get_logger("trawl.fetch")
 
-
-def full_jitter(attempt: int, base: float, cap: float) -> float:
-    """Seconds to wait before retry ``attempt`` (0-based): exponential backoff, capped, with full jitter."""
-    return random.uniform(0, min(cap, base * 2**attempt))
+T = TypeVar("T")
 
 
 TransportName = Literal["aiohttp", "httpx"]
-TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504, 507, 508, 509, 520, 521, 522, 523, 524})
-"""Statuses that are retried and count as failures for a host's breaker (Scrapy's ``RETRY_HTTP_CODES`` too)."""
 _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 64 * 1024
 
@@ -152,11 +147,12 @@ class NetworkGuard:
         return None, True
 
 
-class _RefusedAddress(OSError):
-    """Raised by the resolver: aiohttp reports it as the connection error's ``os_error``."""
+class RefusedAddress(OSError):
+    """Raised by :class:`GuardedResolver`: aiohttp (and Scrapy's aiohttp handler) report it as the connection
+    error's ``os_error``."""
 
 
-class _GuardedResolver(aiohttp.abc.AbstractResolver):
+class GuardedResolver(aiohttp.abc.AbstractResolver):
     """aiohttp resolver that applies the guard to the addresses it will actually connect to.
 
     The guard's own lookup happens earlier; checking again here closes the gap in
@@ -172,7 +168,7 @@ class _GuardedResolver(aiohttp.abc.AbstractResolver):
         for info in infos:
             ip = ipaddress.ip_address(str(info["host"]).split("%")[0])
             if self._guard._forbidden(ip):
-                raise _RefusedAddress(f"{host} resolves to {ip}, a network the settings do not allow")
+                raise RefusedAddress(f"{host} resolves to {ip}, a network the settings do not allow")
         return list(infos)
 
     async def close(self) -> None:
@@ -198,6 +194,18 @@ class _HostGate:
             self.next_start = max(now, self.next_start) + self.delay
 
 
+@dataclass(slots=True)
+class HostTurn:
+    """One request's turn at its host: what the request tells the breaker and the metrics when it ends.
+
+    ``ok`` is the breaker's verdict (None: neutral, e.g. a cancelled or refused request); ``status`` the HTTP
+    status received (0: none).
+    """
+
+    status: int = 0
+    ok: bool | None = None
+
+
 class _Transport(Protocol):
     async def get(self, url: str, headers: Mapping[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]: ...
 
@@ -215,7 +223,7 @@ class _AiohttpTransport:
                 total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
             ),
             connector=aiohttp.TCPConnector(
-                limit=settings.total_concurrency, ttl_dns_cache=300, resolver=_GuardedResolver(guard)
+                limit=settings.total_concurrency, ttl_dns_cache=300, resolver=GuardedResolver(guard)
             ),
             headers={"User-Agent": settings.user_agent},
         )
@@ -239,7 +247,7 @@ class _AiohttpTransport:
                     chunks.append(chunk)
                 return resp.status, hdrs, b"".join(chunks)
         except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.os_error, _RefusedAddress):
+            if isinstance(exc.os_error, RefusedAddress):
                 raise BlockedNetworkError(str(exc.os_error), url=url) from None
             raise TransientFetchError(f"{type(exc).__name__}: {exc}", url=url) from exc
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
@@ -349,14 +357,12 @@ class Fetcher:
         delay: float | None = None,
         robots: bool = True,
         source: str = "-",
-    ) -> AsyncIterator[None]:
+    ) -> AsyncIterator[HostTurn]:
         """Hold one request's place under the per-host rules, for a request this Fetcher does not send itself.
 
-        The network guard, robots.txt, the host's gate (concurrency, delay,
-        ``Crawl-delay``) and its breaker, exactly as for :meth:`get`: the block
-        runs when the request may go. A FetchError (or TimeoutError) raised in
-        the block counts for the breaker like a failed attempt (transient ones
-        as failures); anything else leaves the breaker's count alone.
+        The network guard, robots.txt, then the host's turn (:meth:`turn`), exactly as
+        for :meth:`get`: the block runs when the request may go. It may set the turn's
+        ``status``; when it ends normally the request counts as a success.
         """
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -364,37 +370,50 @@ class Fetcher:
         await self._guard.check(url, parts.hostname)
         if robots:
             await self._obey_robots(url, concurrency, delay)
-        host = parts.netloc.lower()
+        async with self.turn(parts.netloc.lower(), url, concurrency=concurrency, delay=delay, source=source) as turn:
+            yield turn
+            turn.ok = True
+            turn.status = turn.status or 200
+
+    @contextlib.asynccontextmanager
+    async def turn(
+        self, host: str, url: str, *, concurrency: int | None, delay: float | None, source: str
+    ) -> AsyncIterator[HostTurn]:
+        """A request's turn at its host, for every kind: the host's gate (concurrency, delay,
+        ``Crawl-delay``), its breaker (BreakerOpen when it is open), in-flight/latency/status metrics.
+
+        A FetchError (or TimeoutError) raised in the block counts for the breaker like a
+        failed attempt (transient ones as failures); anything else that is not a verdict
+        set on the turn leaves the breaker's count alone.
+        """
         gate = self._gate(host, concurrency, delay)
         breaker = self.breakers.get(host)
-        label = METRICS.host(host)
         async with gate.slots:
-            probe = breaker.admit(url)
-            verdict: bool | None = None
-            status = "error"
+            probe = breaker.admit(url)  # after waiting for a slot: the breaker may have opened meanwhile
+            label = METRICS.host(host)
+            turn = HostTurn()
             sent = 0.0
             try:
                 await gate.wait_turn()
-                sent = time.monotonic()
                 METRICS.in_flight.labels(source, label).inc()
-                yield
-                verdict, status = True, "2xx"
+                sent = time.monotonic()
+                yield turn
             except TimeoutError:
-                verdict = False
+                turn.ok = False
                 raise
             except FetchError as exc:
-                verdict = not exc.transient
-                status = status_class(exc.status)
+                turn.ok = not exc.transient
+                turn.status = exc.status or turn.status
                 raise
             finally:
                 if sent:
                     METRICS.in_flight.labels(source, label).dec()
                     METRICS.request_seconds.labels(source, label).observe(time.monotonic() - sent)
-                    METRICS.requests.labels(source, label, status).inc()
-                if verdict is None:
+                    METRICS.requests.labels(source, label, status_class(turn.status)).inc()
+                if turn.ok is None:
                     breaker.release(probe)
                 else:
-                    breaker.record(verdict, probe)
+                    breaker.record(turn.ok, probe)
 
     async def __aenter__(self) -> Fetcher:
         return self
@@ -471,45 +490,61 @@ class Fetcher:
         BreakerOpen means the URL was not (or no longer) requested.
         """
         started = time.monotonic()
-        attempts = 0
-        last: FetchError | None = None
-        try:
-            if robots:
+        if robots:
+            try:
                 await self._obey_robots(url, concurrency, delay)
-            for attempt in range(self._settings.max_retries + 1):
+            except FetchError as exc:
+                exc.attempts, exc.elapsed_ms = 0, int((time.monotonic() - started) * 1000)
+                raise
+
+        async def once(attempt: int) -> Response:
+            final_url, status, hdrs, body = await self._attempt(
+                url,
+                transport,
+                headers or {},
+                concurrency,
+                delay,
+                max_bytes or self._settings.max_body_bytes,
+                robots,
+                source,
+            )
+            if 200 <= status < 300 or status == 304:
+                return Response(final_url, status, hdrs, body, attempt, int((time.monotonic() - started) * 1000))
+            error = status_error(status, final_url)
+            error.retry_after = _retry_after(hdrs)
+            raise error
+
+        return await self.retrying(once, url=url, source=source, started=started)
+
+    async def retrying(
+        self, attempt: Callable[[int], Awaitable[T]], *, url: str, source: str = "-", started: float | None = None
+    ) -> T:
+        """Run ``attempt(n)`` (n = 1, 2, ...) until it returns: the one retry loop of every kind.
+
+        A transient FetchError is retried up to ``max_retries`` times after a
+        backoff with full jitter (at least the error's ``Retry-After``, capped);
+        the last error is raised with ``attempts`` and ``elapsed_ms`` set.
+        BreakerOpen propagates at once (nothing was sent).
+        """
+        started = time.monotonic() if started is None else started
+        retries = self._settings.max_retries
+        attempts = 0
+        try:
+            for n in range(retries + 1):
                 attempts += 1
-                retry_after: float | None = None
                 try:
-                    final_url, status, hdrs, body = await self._attempt(
-                        url,
-                        transport,
-                        headers or {},
-                        concurrency,
-                        delay,
-                        max_bytes or self._settings.max_body_bytes,
-                        robots,
-                        source,
-                    )
-                    if 200 <= status < 300 or status == 304:
-                        return Response(
-                            final_url, status, hdrs, body, attempts, int((time.monotonic() - started) * 1000)
-                        )
-                    cls = TransientFetchError if status in TRANSIENT_STATUS else PermanentFetchError
-                    last = cls(f"HTTP {status}", url=final_url, status=status)
-                    retry_after = _retry_after(hdrs)
+                    return await attempt(attempts)
                 except BreakerOpen:
-                    attempts -= 1  # nothing was sent
+                    attempts -= 1
                     raise
                 except FetchError as exc:
-                    last = exc
-                if not last.transient or attempt == self._settings.max_retries:
-                    break
-                pause = self._backoff(attempt, retry_after)
-                METRICS.retries.labels(source, METRICS.host(urlsplit(last.url).netloc.lower())).inc()
-                log.info("retrying", url=url, attempt=attempts, error=str(last), sleep_s=round(pause, 3))
+                    if not exc.transient or n == retries:
+                        raise
+                    pause = self._backoff(n, exc.retry_after)
+                    METRICS.retries.labels(source, METRICS.host(urlsplit(exc.url).netloc.lower())).inc()
+                    log.info("retrying", url=url, attempt=attempts, error=str(exc), sleep_s=round(pause, 3))
                 await asyncio.sleep(pause)
-            assert last is not None
-            raise last
+            raise AssertionError("unreachable: the last attempt returns or raises")
         except FetchError as exc:
             exc.attempts = attempts
             exc.elapsed_ms = int((time.monotonic() - started) * 1000)
@@ -536,39 +571,15 @@ class Fetcher:
             await self._guard.check(current, parts.hostname)
             if hop and robots:  # a redirect target answers to its own robots.txt (as in Scrapy)
                 await self._obey_robots(current, concurrency, delay)
-            host = parts.netloc.lower()
-            gate = self._gate(host, concurrency, delay)
-            breaker = self.breakers.get(host)
-            async with gate.slots:
-                probe = breaker.admit(current)  # after waiting for a slot: the breaker may have opened meanwhile
-                verdict: bool | None = None
-                label = METRICS.host(host)
-                in_flight = METRICS.in_flight.labels(source, label)
-                sent = 0.0
-                status = 0
+            async with self.turn(
+                parts.netloc.lower(), current, concurrency=concurrency, delay=delay, source=source
+            ) as turn:
                 try:
-                    await gate.wait_turn()
-                    in_flight.inc()
-                    sent = time.monotonic()
                     async with asyncio.timeout(s.total_timeout):
                         status, hdrs, body = await client.get(current, headers, max_bytes)
-                    verdict = status not in TRANSIENT_STATUS
                 except TimeoutError:
-                    verdict = False
                     raise TransientFetchError(f"timed out after {s.total_timeout}s", url=current) from None
-                except FetchError as exc:
-                    verdict = not exc.transient
-                    status = exc.status or 0
-                    raise
-                finally:
-                    if sent:
-                        in_flight.dec()
-                        METRICS.request_seconds.labels(source, label).observe(time.monotonic() - sent)
-                        METRICS.requests.labels(source, label, status_class(status)).inc()
-                    if verdict is None:
-                        breaker.release(probe)
-                    else:
-                        breaker.record(verdict, probe)
+                turn.status, turn.ok = status, not is_transient_status(status)
             if status in _REDIRECT_STATUS and "location" in hdrs:
                 current = urljoin(current, hdrs["location"])
                 continue

@@ -34,8 +34,8 @@ import asyncpg
 import orjson
 import structlog
 
-from sinks.stage import StagedPart, StreamKind
 from trawl.errors import ConfigError
+from trawl.staging import StagedPart, StreamKind
 
 __all__ = [
     "ClaimedRequest",

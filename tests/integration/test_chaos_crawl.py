@@ -16,9 +16,10 @@ import pytest
 from sinks.postgres import Loader
 from sinks.stage import LocalStager
 from trawl.config import HtmlSource
-from trawl.crawler import SourceFailed, SourceResult, crawl_source
+from trawl.crawler import SourceResult, crawl_source
 from trawl.database import connect_pool
 from trawl.demo.chaos import EXPECTED_SETTINGS, ChaosFleet
+from trawl.errors import SourceFailed
 from trawl.fetch import Fetcher
 from trawl.settings import Settings
 

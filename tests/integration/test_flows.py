@@ -28,10 +28,10 @@ from flows._common import source_lock
 from flows.artifacts import ERRORS_KEY, LINK_KEY, PROGRESS_KEY, SUMMARY_KEY
 from flows.crawl import crawl
 from flows.load import load
-from flows.params import ParameterError
 from flows.pipeline import pipeline
 from trawl.demo.account import ORDER_COUNT
 from trawl.demo.site import ITEM_COUNT, JS_DEMO_COUNT, PAGE_COUNT, PRODUCT_COUNT, DemoSite
+from trawl.errors import ParameterError
 from trawl.settings import Settings
 
 pytestmark = [pytest.mark.integration]

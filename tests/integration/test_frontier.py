@@ -10,7 +10,7 @@ import orjson
 import pytest
 from pydantic import SecretStr
 
-from sinks.stage import StagedPart, open_stager
+from sinks.targets import open_stager
 from trawl.config import HtmlSource, load_sources
 from trawl.connectors.base import SourceStats
 from trawl.crawler import crawl_source, new_run_id
@@ -19,6 +19,7 @@ from trawl.errors import ConfigError
 from trawl.fetch import Fetcher
 from trawl.frontier import PgFrontier, shard_of, url_key
 from trawl.settings import Settings
+from trawl.staging import StagedPart
 
 pytestmark = [pytest.mark.integration]
 
@@ -134,7 +135,7 @@ async def test_resume_of_an_unknown_run_is_refused(
     monkeypatch: pytest.MonkeyPatch, prefect_api: str, database_url: str, tmp_path: Path
 ) -> None:
     from flows.crawl import crawl
-    from flows.params import ParameterError
+    from trawl.errors import ParameterError
 
     monkeypatch.setenv("TRAWL_DATABASE_URL", database_url)
     monkeypatch.setenv("TRAWL_STAGING", f"file://{tmp_path / 'staging'}")

@@ -14,10 +14,11 @@ import orjson
 import pytest
 
 from sinks.postgres import Loader, PartLoad, load_validators
-from sinks.stage import LocalStager, Manifest, StagedPart
+from sinks.stage import LocalStager
 from trawl.database import connect_pool
 from trawl.errors import LoadError, StagingError
 from trawl.records import Outcome, OutcomeKind, Record, content_hash
+from trawl.staging import Manifest, StagedPart
 
 pytestmark = pytest.mark.integration
 

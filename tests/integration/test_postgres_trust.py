@@ -20,12 +20,13 @@ import orjson
 import pytest
 
 from sinks.postgres import Loader, PartLoad
-from sinks.stage import LocalStager, Manifest
+from sinks.stage import LocalStager
 from sinks.validate import register_check
 from trawl.cli import main as trawl_main
 from trawl.database import connect_pool
 from trawl.errors import LoadError, StagingError
 from trawl.records import Outcome, OutcomeKind, Record
+from trawl.staging import Manifest
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import pytest
 from flows.pipeline import pipeline
 from sinks.postgres import Loader, PartLoad
 from sinks.s3 import S3Stager
-from sinks.stage import Stager, open_stager
+from sinks.targets import open_stager
 from trawl.config import load_sources, select_sources
 from trawl.crawler import crawl_source
 from trawl.database import connect_pool
@@ -22,6 +22,7 @@ from trawl.demo.site import ITEM_COUNT, PRODUCT_COUNT, DemoSite
 from trawl.errors import StagingError
 from trawl.fetch import Fetcher
 from trawl.settings import Settings
+from trawl.staging import Stager
 
 from ..conftest import TcpProxy
 

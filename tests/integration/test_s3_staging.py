@@ -14,9 +14,9 @@ import boto3
 import orjson
 import pytest
 
-from sinks.s3 import S3Stager, S3TransientError
-from sinks.stage import open_stager
-from trawl.errors import StagingError
+from sinks.s3 import S3Stager
+from sinks.targets import open_stager
+from trawl.errors import StagingError, StagingUnavailable
 from trawl.settings import Settings
 
 from ..conftest import TcpProxy
@@ -237,7 +237,7 @@ def test_s3_down_at_the_end_fails_clearly_and_stage_resume_commits(
             await stage(stager, 10)
 
     s3_proxy.cut()
-    with pytest.raises(S3TransientError) as failure:
+    with pytest.raises(StagingUnavailable) as failure:
         asyncio.run(crawl())
     message = str(failure.value)
     assert f"run {RUN}" in message and "still unavailable" in message
@@ -309,7 +309,7 @@ async def test_a_full_spool_holds_staging_back_until_parts_are_in_s3(
         s3_proxy.cut()
         for i in range(3):
             await st.records.write(envelope(i))
-        with pytest.raises(S3TransientError, match=r"spool .* is full .* did not take any for 1s"):
+        with pytest.raises(StagingUnavailable, match=r"spool .* is full .* did not take any for 1s"):
             await st.records.write(envelope(3))  # closes part 2: a new part needs room that never comes
         s3_proxy.restore()
         for _ in range(1000):  # the spooled part goes up once S3 answers (after botocore's and our backoff)

@@ -202,7 +202,7 @@ async def test_a_spider_crawl_that_died_midway_resumes_from_its_checkpoint(
 ) -> None:
     """Through the crawler (checkpoints): killed a third of the way, resumed, every book staged, nothing fetched
     again that was done at the death."""
-    from sinks.stage import open_stager
+    from sinks.targets import open_stager
     from trawl.crawler import crawl_source
 
     settings = pg_settings.model_copy(update={"frontier_checkpoint_seconds": 0.1})

@@ -20,14 +20,14 @@ from trawl.metrics import METRICS
 from trawl.records import Outcome, OutcomeKind, Record
 from trawl.settings import Settings
 
-__all__ = ["Connector", "SourceContext", "SourceStats", "Validators", "make_record", "record_key"]
+__all__ = ["OUTCOME_OF", "Connector", "SourceContext", "SourceStats", "Validators", "make_record", "record_key"]
 
 Validators = tuple[str | None, str | None]  # (ETag, Last-Modified)
 
 log = structlog.get_logger("trawl.connectors")
 
 # Failures that are not the host's fault get their own outcome kind (subclasses before their bases).
-_OUTCOME_OF: dict[type[FetchError], OutcomeKind] = {
+OUTCOME_OF: dict[type[FetchError], OutcomeKind] = {
     BlockedNetworkError: OutcomeKind.BLOCKED_NETWORK,
     RobotsDisallowed: OutcomeKind.SKIPPED_ROBOTS,
 }
@@ -142,16 +142,20 @@ class SourceContext:
             await self.skipped_breaker(source, url)
             return None
         except FetchError as exc:
-            kind = _OUTCOME_OF.get(type(exc), OutcomeKind.FAILED)
-            if kind is OutcomeKind.FAILED:
-                log.warning("url failed", url=url, error=str(exc), attempts=exc.attempts)
-            await self.outcome(
-                Outcome(self.run_id, source, url, kind, exc.status, exc.attempts, 0, exc.elapsed_ms, str(exc))
-            )
+            await self.failed(source, url, exc)
             return None
         self.stats.pages += 1
         self.stats.bytes += len(resp.body)
         return resp
+
+    async def failed(self, source: str, url: str, exc: FetchError) -> None:
+        """Record the outcome of a URL that finally failed (robots and the network guard have their own kinds)."""
+        kind = OUTCOME_OF.get(type(exc), OutcomeKind.FAILED)
+        if kind is OutcomeKind.FAILED:
+            log.warning("url failed", url=url, error=str(exc), attempts=exc.attempts)
+        await self.outcome(
+            Outcome(self.run_id, source, url, kind, exc.status, exc.attempts, 0, exc.elapsed_ms, str(exc))
+        )
 
     async def skipped_breaker(self, source: str, url: str) -> None:
         """Record that a URL was given up on because its host's breaker stayed open."""

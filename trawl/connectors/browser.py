@@ -36,12 +36,13 @@ from urllib.parse import urlsplit
 import structlog
 
 from trawl.config import BrowserSource
-from trawl.connectors.base import _OUTCOME_OF, SourceContext, make_record
+from trawl.connectors.base import SourceContext, make_record
 from trawl.connectors.html import HtmlConnector, _url_hash
 from trawl.errors import BreakerOpen, FetchError, PermanentFetchError, TransientFetchError
 from trawl.extract import extract_items, extract_links, parse_html
-from trawl.fetch import Fetcher, Response, full_jitter
-from trawl.records import Outcome, OutcomeKind, utcnow
+from trawl.fetch import Fetcher, Response
+from trawl.records import OutcomeKind, utcnow
+from trawl.retry import status_error
 from trawl.settings import Settings
 
 if TYPE_CHECKING:
@@ -226,21 +227,19 @@ class _BrowserDied(Exception):
 
 
 def _crashed(exc: BaseException) -> bool:
-    text = str(exc)
-    return any(s in text for s in ("closed", "crashed", "disconnected", "Target page", "Connection closed"))
+    """Whether the page, its context or the browser went away (Playwright says so by type, on every call)."""
+    from playwright._impl._errors import TargetClosedError
+
+    return isinstance(exc, TargetClosedError)
 
 
 def _browser_error(exc: BaseException, url: str) -> FetchError:
-    """A Playwright failure as trawl's error: a dead browser or a load timeout may pass, the rest will not."""
-    from playwright.async_api import Error as PlaywrightError
+    """A Playwright failure as trawl's error, by type: a load timeout may pass, the rest will not."""
     from playwright.async_api import TimeoutError as PlaywrightTimeout
 
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if isinstance(exc, PlaywrightTimeout):
         return TransientFetchError(f"browser: {text}", url=url)
-    if isinstance(exc, PlaywrightError):
-        closed = any(s in text for s in ("closed", "crashed", "Target page", "disconnected", "Connection"))
-        return (TransientFetchError if closed else PermanentFetchError)(f"browser: {text}", url=url)
     return PermanentFetchError(f"browser: {type(exc).__name__}: {text}", url=url)
 
 
@@ -323,32 +322,16 @@ class BrowserConnector(HtmlConnector):
 
         BreakerOpen propagates, so the crawl parks the URL like any other.
         """
-        s = self.ctx.settings
         started = time.monotonic()
-        attempts = 0
-        last: FetchError | None = None
-        for attempt in range(s.max_retries + 1):
-            attempts += 1
-            try:
-                return await self._render_once(url, attempts, started)
-            except BreakerOpen:
-                raise
-            except FetchError as exc:
-                last = exc
-            if not last.transient or attempt == s.max_retries:
-                break
-            pause = full_jitter(attempt, s.backoff_base, s.backoff_max)
-            log.info("retrying", url=url, attempt=attempts, error=str(last), sleep_s=round(pause, 3))
-            await asyncio.sleep(pause)
-        assert last is not None
-        kind = _OUTCOME_OF.get(type(last), OutcomeKind.FAILED)  # robots and the network guard have their own
-        if kind is OutcomeKind.FAILED:
-            log.warning("url failed", url=url, error=str(last), attempts=attempts)
-        elapsed = int((time.monotonic() - started) * 1000)
-        await self.ctx.outcome(
-            Outcome(self.ctx.run_id, self.source.name, url, kind, last.status, attempts, 0, elapsed, str(last))
-        )
-        return None
+        try:
+            return await self.ctx.fetcher.retrying(
+                lambda attempt: self._render_once(url, attempt, started), url=url, source=self.source.name
+            )
+        except BreakerOpen:
+            raise
+        except FetchError as exc:
+            await self.ctx.failed(self.source.name, url, exc)
+            return None
 
     async def _render_once(self, url: str, attempts: int, started: float) -> Response:
         host = urlsplit(url).netloc.lower()
@@ -380,8 +363,7 @@ class BrowserConnector(HtmlConnector):
                     )
                     status = nav.status if nav is not None else 200
                     if status >= 400:
-                        cls = TransientFetchError if status in (408, 425, 429) or status >= 500 else PermanentFetchError
-                        raise cls(f"HTTP {status}", url=url, status=status)
+                        raise status_error(status, url)
                     if src.wait_for.selector:
                         try:
                             await page.wait_for_selector(src.wait_for.selector, timeout=s.browser_wait_timeout * 1000)

@@ -52,13 +52,14 @@ from scrapy.settings import Settings as ScrapySettings
 from scrapy.utils.ssl import _make_ssl_context
 
 from trawl.config import SpiderSource
-from trawl.connectors.base import _OUTCOME_OF, SourceContext, make_record
+from trawl.connectors.base import OUTCOME_OF, SourceContext, make_record
 from trawl.connectors.html import Settled, _url_hash
 from trawl.connectors.spider_frontier import PgScheduler
-from trawl.errors import BreakerOpen, ConfigError, FetchError, PermanentFetchError, TransientFetchError, TrawlError
+from trawl.errors import BreakerOpen, ConfigError, FetchError, PermanentFetchError, SpiderFailed, TransientFetchError
 from trawl.extract import get_path
-from trawl.fetch import TRANSIENT_STATUS, _GuardedResolver, _RefusedAddress
+from trawl.fetch import GuardedResolver, RefusedAddress
 from trawl.records import Outcome, OutcomeKind, Record, utcnow
+from trawl.retry import TRANSIENT_STATUS, status_error
 from trawl.settings import Settings
 
 if TYPE_CHECKING:
@@ -72,7 +73,6 @@ __all__ = [
     "OfflineCookiesMiddleware",
     "OutcomeMiddleware",
     "SpiderConnector",
-    "SpiderFailed",
     "load_spider",
     "scrapy_settings",
     "uses_spider_frontier",
@@ -83,10 +83,6 @@ log = structlog.get_logger("trawl.connectors.spider")
 _SLOT = "_trawl_slot"
 _STARTED = "_trawl_started"
 _MW = "trawl.connectors.spider"
-
-
-class SpiderFailed(TrawlError):
-    """The spider could not start or its crawl broke off."""
 
 
 class _Refused(IgnoreRequest):
@@ -219,7 +215,7 @@ class GuardedAiohttpDownloadHandler(AiohttpDownloadHandler):
             local_addr=self._bind_address,
             limit=self._pool_size_total,
             limit_per_host=self._pool_size_per_host,
-            resolver=_GuardedResolver(_bridge(crawler).ctx.fetcher.guard),
+            resolver=GuardedResolver(_bridge(crawler).ctx.fetcher.guard),
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -236,7 +232,7 @@ class GuardedAiohttpDownloadHandler(AiohttpDownloadHandler):
                 yield response
         except (CannotResolveHostError, DownloadConnectionRefusedError) as exc:
             cause = exc.__cause__
-            if isinstance(cause, aiohttp.ClientConnectorError) and isinstance(cause.os_error, _RefusedAddress):
+            if isinstance(cause, aiohttp.ClientConnectorError) and isinstance(cause.os_error, RefusedAddress):
                 raise _Refused(OutcomeKind.BLOCKED_NETWORK, str(cause.os_error)) from None
             raise
 
@@ -266,7 +262,7 @@ class GateMiddleware:
         except BreakerOpen as exc:
             raise _Refused(OutcomeKind.SKIPPED_BREAKER, str(exc)) from None
         except FetchError as exc:
-            raise _Refused(_OUTCOME_OF.get(type(exc), OutcomeKind.FAILED), str(exc), exc.status) from None
+            raise _Refused(OUTCOME_OF.get(type(exc), OutcomeKind.FAILED), str(exc), exc.status) from None
         request.meta[_SLOT] = slot
         c.open_slots.add(slot)
 
@@ -274,12 +270,7 @@ class GateMiddleware:
         slot = request.meta.pop(_SLOT, None)
         if slot is not None:
             status = response.status
-            exc: FetchError | None = None
-            if status in TRANSIENT_STATUS:
-                exc = TransientFetchError(f"HTTP {status}", url=request.url, status=status)
-            elif status >= 400:
-                exc = PermanentFetchError(f"HTTP {status}", url=request.url, status=status)
-            await self.connector.close_slot(slot, exc)
+            await self.connector.close_slot(slot, status_error(status, request.url) if status >= 400 else None)
         return response
 
     async def process_exception(self, request: Request, exception: Exception) -> None:
@@ -343,7 +334,7 @@ class SpiderConnector:
         self.ctx = ctx
         self.frontier = frontier
         """Given by a durable crawl (``trawl.crawler``): it checkpoints, so ``fetch()`` also yields ``Settled``."""
-        self.open_slots: set[contextlib.AbstractAsyncContextManager[None]] = set()
+        self.open_slots: set[contextlib.AbstractAsyncContextManager[Any]] = set()
         self._done: set[int] = set()
         """Hashes of the URLs that have their outcome (64-bit hashes, not strings: FIELD-NOTES)."""
         self._queue: asyncio.Queue[tuple[int, Record]] = asyncio.Queue(maxsize=ctx.settings.queue_size)
@@ -355,7 +346,7 @@ class SpiderConnector:
         self.pauses = 0
         """How many times the engine was paused because staging fell behind."""
 
-    async def close_slot(self, slot: contextlib.AbstractAsyncContextManager[None], exc: FetchError | None) -> None:
+    async def close_slot(self, slot: contextlib.AbstractAsyncContextManager[Any], exc: FetchError | None) -> None:
         """End one attempt's place under the host's rules, with its verdict for the breaker."""
         self.open_slots.discard(slot)
         if exc is None:

@@ -9,12 +9,19 @@ import asyncpg
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from flows._common import is_transient
 from flows.artifacts import summary_markdown, top_errors
 from flows.load import _part_cache_key
-from flows.params import ParameterError, Politeness, StagingURL, check_sources
-from sinks.stage import StagedPart
-from trawl.errors import ConfigError, DatabaseUnavailable, LoadError, PermanentFetchError, TransientFetchError
+from flows.params import Politeness, StagingURL, check_sources
+from trawl.errors import (
+    ConfigError,
+    DatabaseUnavailable,
+    LoadError,
+    ParameterError,
+    PermanentFetchError,
+    TransientFetchError,
+)
+from trawl.retry import is_transient
+from trawl.staging import StagedPart
 
 REPO = Path(__file__).resolve().parents[3]
 

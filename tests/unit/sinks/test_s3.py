@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
 
-from sinks.s3 import S3Stager, S3TransientError, is_transient_s3_error
-from trawl.errors import StagingError
+from sinks.s3 import S3Stager
+from trawl.errors import StagingError, StagingUnavailable
+from trawl.retry import is_transient
 from trawl.settings import Settings
 
 
@@ -31,7 +32,7 @@ def _client_error(code: str, status: int) -> ClientError:
         (ConnectTimeoutError(endpoint_url="http://127.0.0.1:1"), True),
         (ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), True),
         (ConnectionResetError(), True),
-        (S3TransientError("down"), True),
+        (StagingUnavailable("down"), True),
         (_client_error("AccessDenied", 403), False),
         (_client_error("NoSuchBucket", 404), False),
         (_client_error("InvalidArgument", 400), False),
@@ -39,11 +40,11 @@ def _client_error(code: str, status: int) -> ClientError:
     ],
 )
 def test_transient_s3_errors(exc: BaseException, transient: bool) -> None:
-    assert is_transient_s3_error(exc) is transient
+    assert is_transient(exc) is transient
 
 
 def test_transient_staging_error_is_retried_by_class() -> None:
-    assert S3TransientError("x").transient and not StagingError("x").transient
+    assert StagingUnavailable("x").transient and not StagingError("x").transient
 
 
 def _stager(**kw: object) -> S3Stager:

@@ -14,10 +14,12 @@ import orjson
 import pytest
 
 from sinks.s3 import S3Stager
-from sinks.stage import LocalStager, Manifest, PartWriter, RunInfo, SourceStage, StagedPart, open_stager
+from sinks.stage import LocalStager, PartWriter
+from sinks.targets import open_stager
 from trawl.errors import ConfigError, StagingError
 from trawl.records import Outcome, OutcomeKind, Record
 from trawl.settings import Settings
+from trawl.staging import Manifest, RunInfo, SourceStage, StagedPart
 
 STARTED = datetime(2026, 3, 14, 23, 59, 30, 123456, tzinfo=UTC)
 RUN = "20260314T235930Z-abc123"

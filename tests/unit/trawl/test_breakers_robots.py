@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from trawl.errors import BlockedNetworkError, BreakerOpen, PermanentFetchError, RobotsDisallowed, TransientFetchError
-from trawl.fetch import Fetcher, NetworkGuard, _GuardedResolver, _RefusedAddress
+from trawl.fetch import Fetcher, GuardedResolver, NetworkGuard, RefusedAddress
 from trawl.settings import Settings
 
 
@@ -172,8 +172,8 @@ async def test_robots_status_semantics(
 async def test_resolver_refuses_forbidden_addresses_at_connect_time(
     settings: Settings, host: Host, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with pytest.raises(_RefusedAddress, match="localhost resolves to"):
-        await _GuardedResolver(NetworkGuard([])).resolve("localhost", 80, socket.AF_INET)
+    with pytest.raises(RefusedAddress, match="localhost resolves to"):
+        await GuardedResolver(NetworkGuard([])).resolve("localhost", 80, socket.AF_INET)
     strict = settings.model_copy(update={"allowed_networks": []})
     async with Fetcher(strict) as fetcher:
         # As if DNS changed between the guard's own lookup and the connection: the resolver still refuses.

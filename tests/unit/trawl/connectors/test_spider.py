@@ -7,7 +7,7 @@ import pytest
 from trawl.config import SpiderSource
 from trawl.connectors.spider import load_spider, scrapy_settings
 from trawl.errors import ConfigError
-from trawl.fetch import TRANSIENT_STATUS
+from trawl.retry import TRANSIENT_STATUS
 from trawl.settings import Settings
 
 

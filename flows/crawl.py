@@ -23,12 +23,12 @@ from trawl.crawler import (
     commit_sharded,
     crawl_source,
     new_run_id,
-    uses_frontier,
     whole_frontier,
 )
 from trawl.database import connect_pool
 from trawl.errors import DatabaseRefused, DatabaseUnavailable, ParameterError, SourceFailed
 from trawl.fetch import Fetcher
+from trawl.frontier import durable, sharded
 from trawl.logs import bind
 from trawl.settings import Settings
 from trawl.staging import Stager
@@ -64,7 +64,8 @@ async def crawl_source_task(
     Holds the source's concurrency slot (``trawl-source-NAME``) while it runs.
     """
     async with source_lock(name, settings, takeover=resume):
-        if isinstance(source, HtmlSource) and source.shards > 1:
+        if sharded(source):
+            assert isinstance(source, HtmlSource)
             return await _crawl_sharded(source, run_id, settings, stager, resume=resume)
         return await crawl_source(
             source,
@@ -75,7 +76,7 @@ async def crawl_source_task(
             flow_run_id=current_flow_run_id(),
             validators=await _validators(settings, name),
             stats=stats,
-            resume=resume and uses_frontier(source, settings),
+            resume=resume and durable(source, settings),
         )
 
 
@@ -299,7 +300,7 @@ async def _check_resumable(selected: list[AnySource], run_id: str, settings: Set
     if any(r.run_id == run_id for r in await stager.runs()):
         return
     for s in selected:
-        if uses_frontier(s, settings):
+        if durable(s, settings):
             async with whole_frontier(s, run_id, settings) as frontier:
                 if await frontier.run() is not None:
                     return
@@ -320,7 +321,7 @@ async def _crawl_all(
         log.info("resumed run: sources already committed", sources=sorted(done))
     todo = [s for s in selected if s.name not in done]
     for s in todo:
-        if resume and not uses_frontier(s, settings):
+        if resume and not durable(s, settings):
             log.warning("resumed run: source has no durable frontier, crawled again from the start", source=s.name)
     results = await _crawl_sources(todo, run_id, settings, stager, resume=resume)
     by_name = {r["source"]: r for r in results} | done

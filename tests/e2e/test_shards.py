@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from trawl.demo.tree import TreeSite, free_port
-from trawl.frontier import shard_of
+from trawl.frontier.postgres import shard_of
 
 if TYPE_CHECKING:
     from conftest import PrefectStack  # tests/e2e/conftest.py

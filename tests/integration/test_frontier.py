@@ -17,7 +17,8 @@ from trawl.crawler import crawl_source, new_run_id
 from trawl.demo.site import PAGE_COUNT, PRODUCT_COUNT, DemoSite
 from trawl.errors import ConfigError
 from trawl.fetch import Fetcher
-from trawl.frontier import PgFrontier, shard_of, url_key
+from trawl.frontier import PgFrontier
+from trawl.frontier.postgres import shard_of, url_key
 from trawl.settings import Settings
 from trawl.staging import StagedPart
 

@@ -20,10 +20,10 @@ from scrapy.utils.test import get_crawler
 from trawl.config import SpiderSource
 from trawl.connectors import SourceContext, SourceStats
 from trawl.connectors.spider import SpiderConnector, scrapy_settings
-from trawl.connectors.spider_frontier import PgScheduler
 from trawl.demo.site import PAGE_COUNT, PRODUCT_COUNT, DemoSite
 from trawl.fetch import Fetcher
 from trawl.frontier import PgFrontier
+from trawl.frontier.scheduler import PgScheduler
 from trawl.records import Outcome, Record, utcnow
 from trawl.settings import Settings
 
@@ -93,12 +93,12 @@ def test_the_frontier_setting_or_the_source_picks_pgscheduler(settings: Settings
     books = "spiders.books:BooksSpider"
     durable = settings.model_copy(update={"frontier": "postgres"})
     assert (
-        scrapy_settings(spider_source(books), settings)["SCHEDULER"] != "trawl.connectors.spider_frontier.PgScheduler"
+        scrapy_settings(spider_source(books), settings)["SCHEDULER"] != "trawl.frontier.scheduler.PgScheduler"
     )
     for source, s in ((spider_source(books, "postgres"), settings), (spider_source(books), durable)):
-        assert scrapy_settings(source, s)["SCHEDULER"] == "trawl.connectors.spider_frontier.PgScheduler"
+        assert scrapy_settings(source, s)["SCHEDULER"] == "trawl.frontier.scheduler.PgScheduler"
     assert scrapy_settings(spider_source(books, "memory"), durable)["SCHEDULER"] != (
-        "trawl.connectors.spider_frontier.PgScheduler"
+        "trawl.frontier.scheduler.PgScheduler"
     )
 
 

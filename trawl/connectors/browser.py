@@ -36,11 +36,12 @@ from urllib.parse import urlsplit
 import structlog
 
 from trawl.config import BrowserSource
-from trawl.connectors.base import SourceContext, make_record
-from trawl.connectors.html import HtmlConnector, _url_hash
+from trawl.connectors.base import SourceContext, make_record, url_hash
+from trawl.connectors.html import HtmlConnector
 from trawl.errors import BreakerOpen, FetchError, PermanentFetchError, TransientFetchError
 from trawl.extract import extract_items, extract_links, parse_html
 from trawl.fetch import Fetcher, Response
+from trawl.frontier.base import Frontier
 from trawl.records import OutcomeKind, utcnow
 from trawl.retry import status_error
 from trawl.settings import Settings
@@ -248,8 +249,8 @@ class BrowserConnector(HtmlConnector):
 
     source: BrowserSource
 
-    def __init__(self, source: BrowserSource, ctx: SourceContext) -> None:
-        super().__init__(source, ctx)
+    def __init__(self, source: BrowserSource, ctx: SourceContext, frontier: Frontier | None = None) -> None:
+        super().__init__(source, ctx, frontier)
         self.pool = BrowserPool.of(ctx.fetcher)
         self._required = [n for n, f in source.fields.items() if f.required] or list(source.fields)
         self._blocked = tuple(
@@ -271,7 +272,7 @@ class BrowserConnector(HtmlConnector):
             if resp is None:
                 return
             if resp.url != url:
-                self._seen.add(_url_hash(resp.url))
+                self._seen.add(url_hash(resp.url))
             ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype and ctype not in self._types:
                 await self.ctx.fetched(
@@ -312,7 +313,7 @@ class BrowserConnector(HtmlConnector):
             self.ctx.stats.records += 1
         if self._crawl and depth < src.follow.max_depth:
             for link in extract_links(tree, resp.url):
-                h = _url_hash(link)
+                h = url_hash(link)
                 if h not in self._seen and self._follow(link):
                     self._schedule(link, depth + 1, h)
         await self.ctx.fetched(src.name, url, resp)

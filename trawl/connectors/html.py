@@ -5,33 +5,24 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import structlog
 
 from trawl.config import HtmlSource
-from trawl.connectors.base import SourceContext, make_record
+from trawl.connectors.base import SourceContext, make_record, url_hash
 from trawl.errors import BreakerOpen
 from trawl.extract import extract_items, extract_links, parse_html
 from trawl.fetch import Response
+from trawl.frontier.base import Frontier, Idle, Settled
+from trawl.frontier.memory import MemoryFrontier
 from trawl.records import OutcomeKind, Record, utcnow
 
-if TYPE_CHECKING:
-    from trawl.frontier import PgFrontier
-
-__all__ = ["DurableHtmlConnector", "HtmlConnector", "Idle", "Settled"]
+__all__ = ["HtmlConnector"]
 
 log = structlog.get_logger("trawl.connectors.html")
 
 _DONE = object()
-
-
-def _url_hash(url: str) -> int:
-    # The seen set keeps 64-bit hashes, not strings (~80 B per URL instead of ~150, FIELD-NOTES). str's own
-    # hash is 64-bit, cached on the string and per-process salted: fine for a set that lives in one process.
-    return hash(url)
 
 
 def _any_of(patterns: list[str]) -> re.Pattern[str] | None:
@@ -40,16 +31,21 @@ def _any_of(patterns: list[str]) -> re.Pattern[str] | None:
 
 
 class HtmlConnector:
-    """Crawls a source with a pool of workers sharing one in-memory frontier.
+    """Crawls a source with a pool of workers sharing one frontier: the one crawl loop of every html-like kind.
 
-    The crawl ends when no URL is queued, being fetched, or parked: URLs whose
-    host's breaker is open wait (parked) until it may let requests through
-    again, up to ``breaker_requeues`` times, then end as ``skipped_breaker``.
+    The frontier (:mod:`trawl.frontier`) is in memory unless the crawl is given a
+    durable one; the loop is the same. The crawl ends when the frontier says so
+    (nothing queued, being fetched, or parked). URLs whose host's breaker is open
+    wait (parked) until it may let requests through again, up to
+    ``breaker_requeues`` times, then end as ``skipped_breaker``. With a frontier
+    that checkpoints, ``fetch()`` also yields a :class:`Settled` marker after each
+    URL's records and outcome, and :class:`Idle` while it waits on other shards.
     """
 
-    def __init__(self, source: HtmlSource, ctx: SourceContext) -> None:
+    def __init__(self, source: HtmlSource, ctx: SourceContext, frontier: Frontier | None = None) -> None:
         self.source = source
         self.ctx = ctx
+        self.frontier: Frontier = frontier or MemoryFrontier(source.name, ctx.run_id)
         self._allow = _any_of(source.follow.allow)
         self._deny = _any_of(source.follow.deny)
         self._record_re = re.compile(source.record_urls) if source.record_urls else None
@@ -58,10 +54,7 @@ class HtmlConnector:
         self._crawl = bool(source.start_urls)
         self._hosts = {urlsplit(u).netloc.lower() for u in self._seeds}
         self._seen: set[int] = set()
-        self._frontier: asyncio.Queue[tuple[str, int, int]] = asyncio.Queue()
-        self._scheduled = 0
-        self._outstanding = 0  # queued + being fetched + parked
-        self._idle = asyncio.Event()
+        self._scheduled = 0  # an upper bound with a shared frontier: links other crawlers queued first count too
 
     def _follow(self, url: str) -> bool:
         rules = self.source.follow
@@ -73,66 +66,72 @@ class HtmlConnector:
         return self._deny is None or self._deny.search(url) is None
 
     def _schedule(self, url: str, depth: int, h: int | None = None) -> None:
-        h = _url_hash(url) if h is None else h
+        h = url_hash(url) if h is None else h
         if h in self._seen:
             return
         limit = self.ctx.settings.max_pages
         if limit is not None and self._scheduled >= limit:
             return
+        recent_max = self.frontier.recent_max
+        if recent_max is not None and len(self._seen) >= recent_max:
+            self._seen.clear()  # only recent links are remembered here: the frontier itself is the seen set
         self._seen.add(h)
         self._scheduled += 1
         self.ctx.stats.discovered += 1
-        self._enqueue(url, depth)
+        self.frontier.add(url, depth)
 
-    def _enqueue(self, url: str, depth: int) -> None:
-        """Queue a URL seen for the first time."""
-        self._outstanding += 1
-        self._frontier.put_nowait((url, depth, 0))
+    def _workers(self) -> int:
+        settings = self.ctx.settings
+        if self._crawl and not self.source.follow.same_host:  # links lead to other hosts: as many as the crawl may use
+            return settings.total_concurrency
+        per_host = self.source.politeness.concurrency or settings.per_host_concurrency
+        return min(settings.total_concurrency, per_host * max(1, len(self._hosts)))
 
-    def _settle(self) -> None:
-        self._outstanding -= 1
-        if self._outstanding == 0:
-            self._idle.set()
-
-    async def fetch(self) -> AsyncIterator[Record]:
-        """Yield records as pages are fetched; workers stop when nothing is left to fetch."""
+    async def fetch(self) -> AsyncIterator[Record | Settled | Idle]:
+        """Yield records as pages are fetched (and the frontier's markers); stop when nothing is left to fetch."""
         out: asyncio.Queue[object] = asyncio.Queue(maxsize=self.ctx.settings.queue_size)
-        for url in self._seeds:
-            self._schedule(url, 0)
-        n_workers = min(
-            self.ctx.settings.total_concurrency,
-            (self.source.politeness.concurrency or self.ctx.settings.per_host_concurrency) * max(1, len(self._hosts)),
-        )
+        frontier = self.frontier
+        markers = frontier.resumable
+        requeues_max = self.ctx.settings.breaker_requeues
         loop = asyncio.get_running_loop()
+        for url in self._seeds if not markers else ():  # a durable frontier was seeded when its run began
+            self._schedule(url, 0)
+        n_workers = self._workers()
 
         async def worker() -> None:
             while True:
-                url, depth, requeues = await self._frontier.get()
+                claim = await frontier.claims.get()
                 try:
-                    await self._page(url, depth, out)
+                    await self._page(claim.url, claim.depth, out)
                 except BreakerOpen as exc:
-                    if requeues < self.ctx.settings.breaker_requeues:
+                    if claim.requeues < requeues_max:
                         # Parked, still outstanding: back in the frontier when the breaker may admit a probe.
-                        loop.call_later(exc.retry_in, self._frontier.put_nowait, (url, depth, requeues + 1))
+                        parked = claim._replace(requeues=claim.requeues + 1)
+                        loop.call_later(exc.retry_in, frontier.claims.put_nowait, parked)
                         continue
-                    await self.ctx.skipped_breaker(self.source.name, url)
-                self._settle()
+                    await self.ctx.skipped_breaker(self.source.name, claim.url)
+                if markers:
+                    await out.put(Settled(claim.key))
+                frontier.settle()
 
-        async def supervise(workers: list[asyncio.Task[None]]) -> None:
-            # Workers only ever end by crashing; running out of URLs is the normal end.
-            if self._outstanding == 0:
-                self._idle.set()
-            idle = asyncio.ensure_future(self._idle.wait())
-            done, _ = await asyncio.wait([idle, *workers], return_when=asyncio.FIRST_COMPLETED)
-            crashed = [t for t in done if t is not idle]
-            if crashed:
-                idle.cancel()
-                await out.put(crashed[0].exception() or RuntimeError("html worker stopped"))
-            else:
-                await out.put(_DONE)
+        async def feed() -> None:
+            try:
+                await frontier.feed(out, n_workers)
+            except BaseException as exc:
+                await out.put(exc)
+                raise
+            await out.put(_DONE)
+
+        async def watch(workers: list[asyncio.Task[None]]) -> None:
+            # Workers only ever end by crashing; running out of URLs is the feeder's end.
+            done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
+            await out.put(next(iter(done)).exception() or RuntimeError("html worker stopped"))
 
         workers = [asyncio.create_task(worker(), name=f"{self.source.name}-worker-{i}") for i in range(n_workers)]
-        supervisor = asyncio.create_task(supervise(workers), name=f"{self.source.name}-supervisor")
+        helpers = [
+            asyncio.create_task(feed(), name=f"{self.source.name}-frontier"),
+            asyncio.create_task(watch(workers), name=f"{self.source.name}-supervisor"),
+        ]
         try:
             while True:
                 item = await out.get()
@@ -140,12 +139,11 @@ class HtmlConnector:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                assert isinstance(item, Record)
-                yield item
+                yield item  # type: ignore[misc]
         finally:
-            for t in (*workers, supervisor):
+            for t in (*workers, *helpers):
                 t.cancel()
-            await asyncio.gather(*workers, supervisor, return_exceptions=True)
+            await asyncio.gather(*workers, *helpers, return_exceptions=True)
 
     async def _get(self, url: str, headers: dict[str, str] | None = None) -> Response | None:
         """Fetch one page under the source's politeness; None when it failed (its outcome recorded).
@@ -176,7 +174,7 @@ class HtmlConnector:
             await self.ctx.fetched(src.name, url, resp)
             return
         if resp.url != url:
-            self._seen.add(_url_hash(resp.url))  # a redirect target is not fetched again by its own link
+            self._seen.add(url_hash(resp.url))  # a redirect target is not fetched again by its own link
         ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype and ctype not in self._types:
             await self.ctx.fetched(src.name, url, resp, OutcomeKind.FILTERED, f"content-type {ctype} is not allowed")
@@ -190,139 +188,7 @@ class HtmlConnector:
         if self._crawl and depth < src.follow.max_depth:
             seen = self._seen
             for link in extract_links(tree, resp.url):
-                h = _url_hash(link)
+                h = url_hash(link)
                 if h not in seen and self._follow(link):  # most links are seen already: check that first
                     self._schedule(link, depth + 1, h)
         await self.ctx.fetched(src.name, url, resp)
-
-
-@dataclass(frozen=True, slots=True)
-class Settled:
-    """Yielded after every record and the outcome of one frontier URL: it may be checkpointed as done."""
-
-    key: int
-
-
-@dataclass(frozen=True, slots=True)
-class Idle:
-    """Yielded when the crawl waits on other shards: checkpoint now, so they see this one's URLs done."""
-
-
-_RECENT_MAX = 100_000  # hashes of links seen lately: saves duplicate inserts; the database is the seen set
-
-
-class DurableHtmlConnector(HtmlConnector):
-    """An html crawl whose frontier is PostgreSQL (:mod:`trawl.frontier`).
-
-    A feeder claims URLs in batches into a small local queue for the workers;
-    discovered links are buffered and inserted in batches. After each URL's
-    records and outcome, ``fetch()`` yields a :class:`Settled` marker: the
-    crawler marks it done at its next checkpoint. Memory does not grow with the
-    frontier: the only per-URL state kept here is a bounded set of recent link
-    hashes. The crawl ends when none of its shard's URLs is left to claim and no
-    other shard that is scheduled or running has URLs left (it may still discover
-    links for this one). A shard that ends while another later queues URLs for it
-    is run again by the crawl flow (see ``flows.crawl``).
-    """
-
-    def __init__(self, source: HtmlSource, ctx: SourceContext, frontier: PgFrontier) -> None:
-        super().__init__(source, ctx)
-        self.frontier = frontier
-
-    def _enqueue(self, url: str, depth: int) -> None:
-        # ``_scheduled`` is an upper bound here: links other crawlers queued first are counted too.
-        if len(self._seen) > _RECENT_MAX:
-            self._seen.clear()
-            self._seen.add(_url_hash(url))
-        self.frontier.queue_link(url, depth)
-
-    async def fetch(self) -> AsyncIterator[Record | Settled | Idle]:  # type: ignore[override]
-        out: asyncio.Queue[object] = asyncio.Queue(maxsize=self.ctx.settings.queue_size)
-        settings = self.ctx.settings
-        batch = settings.frontier_batch
-        frontier = self.frontier
-        n_workers = min(
-            settings.total_concurrency,
-            (self.source.politeness.concurrency or settings.per_host_concurrency) * max(1, len(self._hosts)),
-        )
-        if not self.source.follow.same_host:  # links lead to other hosts: as many workers as the crawl may use
-            n_workers = settings.total_concurrency
-        local: asyncio.Queue[tuple[str, int, int, int]] = asyncio.Queue()
-        inflight = 0  # claimed and not yet settled (parked ones included)
-        settled = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        async def worker() -> None:
-            nonlocal inflight
-            while True:
-                url, depth, key, requeues = await local.get()
-                try:
-                    await self._page(url, depth, out)
-                except BreakerOpen as exc:
-                    if requeues < settings.breaker_requeues:
-                        loop.call_later(exc.retry_in, local.put_nowait, (url, depth, key, requeues + 1))
-                        continue
-                    await self.ctx.skipped_breaker(self.source.name, url)
-                await out.put(Settled(key))
-                inflight -= 1
-                settled.set()
-
-        async def feeder() -> None:
-            nonlocal inflight
-            while True:
-                room = max(batch, n_workers * 2) - local.qsize()
-                if frontier.queued_links >= batch or local.qsize() <= n_workers:
-                    await frontier.flush()
-                if local.qsize() <= n_workers:
-                    claimed = await frontier.claim(room)
-                    for c in claimed:
-                        local.put_nowait((c.url, c.depth, c.key, 0))
-                    inflight += len(claimed)
-                    if claimed:
-                        continue
-                    if inflight == 0 and not frontier.queued_links:
-                        if frontier.shards == 1 or await frontier.others_busy() == 0:
-                            return
-                        # Other shards are at work and may queue URLs for this one; they wait on this one's
-                        # settled URLs being checkpointed done just as it waits on theirs.
-                        await out.put(Idle())
-                        await asyncio.sleep(0.5)
-                        continue
-                settled.clear()
-                # asyncio.wait, not wait_for: on 3.11 wait_for may swallow a cancel that lands as the event fires.
-                waiter = asyncio.ensure_future(settled.wait())
-                try:
-                    await asyncio.wait([waiter], timeout=0.5)
-                finally:
-                    waiter.cancel()
-
-        workers = [asyncio.create_task(worker(), name=f"{self.source.name}-worker-{i}") for i in range(n_workers)]
-
-        async def run_feeder() -> None:
-            try:
-                await feeder()
-            except BaseException as exc:
-                await out.put(exc)
-                raise
-            await out.put(_DONE)
-
-        feeding = asyncio.create_task(run_feeder(), name=f"{self.source.name}-frontier")
-
-        async def watch() -> None:
-            done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
-            crashed = next(iter(done))
-            await out.put(crashed.exception() or RuntimeError("html worker stopped"))
-
-        watcher = asyncio.create_task(watch(), name=f"{self.source.name}-supervisor")
-        try:
-            while True:
-                item = await out.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item  # type: ignore[misc]
-        finally:
-            for t in (*workers, feeding, watcher):
-                t.cancel()
-            await asyncio.gather(*workers, feeding, watcher, return_exceptions=True)

@@ -18,7 +18,7 @@ Two downloader middlewares tie Scrapy to :class:`trawl.fetch.Fetcher`:
   URL first asked for.
 
 With ``frontier: postgres`` (or the ``frontier`` setting) the spider's pending
-requests live in PostgreSQL: :class:`~trawl.connectors.spider_frontier.PgScheduler`
+requests live in PostgreSQL: :class:`~trawl.frontier.scheduler.PgScheduler`
 is Scrapy's scheduler, on the run's rows in :mod:`trawl.frontier`.
 
 Items stream out through the ``item_scraped`` signal into a bounded queue;
@@ -52,20 +52,18 @@ from scrapy.settings import Settings as ScrapySettings
 from scrapy.utils.ssl import _make_ssl_context
 
 from trawl.config import SpiderSource
-from trawl.connectors.base import OUTCOME_OF, SourceContext, make_record
-from trawl.connectors.html import Settled, _url_hash
-from trawl.connectors.spider_frontier import PgScheduler
+from trawl.connectors.base import OUTCOME_OF, SourceContext, make_record, url_hash
 from trawl.errors import BreakerOpen, ConfigError, FetchError, PermanentFetchError, SpiderFailed, TransientFetchError
 from trawl.extract import get_path
 from trawl.fetch import GuardedResolver, RefusedAddress
+from trawl.frontier import DurableFrontier, Frontier, PgFrontier, Settled, durable, open_store
+from trawl.frontier.scheduler import PgScheduler
 from trawl.records import Outcome, OutcomeKind, Record, utcnow
 from trawl.retry import TRANSIENT_STATUS, status_error
 from trawl.settings import Settings
 
 if TYPE_CHECKING:
     from scrapy.http import Request, Response
-
-    from trawl.frontier import PgFrontier
 
 __all__ = [
     "GateMiddleware",
@@ -75,7 +73,6 @@ __all__ = [
     "SpiderConnector",
     "load_spider",
     "scrapy_settings",
-    "uses_spider_frontier",
 ]
 
 log = structlog.get_logger("trawl.connectors.spider")
@@ -106,11 +103,6 @@ def load_spider(path: str) -> type[scrapy.Spider]:
     if not (isinstance(cls, type) and issubclass(cls, scrapy.Spider)):
         raise ConfigError(f"spider {path}: {module_name} has no Scrapy spider class {attr}")
     return cls
-
-
-def uses_spider_frontier(source: SpiderSource, settings: Settings) -> bool:
-    """Whether a spider keeps its pending requests in PostgreSQL (its ``frontier``, else the ``frontier`` setting)."""
-    return (source.frontier or settings.frontier) == "postgres"
 
 
 def scrapy_settings(source: SpiderSource, settings: Settings) -> ScrapySettings:
@@ -162,7 +154,7 @@ def scrapy_settings(source: SpiderSource, settings: Settings) -> ScrapySettings:
         },
         priority="cmdline",
     )
-    if uses_spider_frontier(source, settings):
+    if durable(source, settings):
         out.set("SCHEDULER", f"{PgScheduler.__module__}.{PgScheduler.__qualname__}", priority="cmdline")
         out.set("TRAWL_FRONTIER_BATCH", settings.frontier_batch, priority="cmdline")
     return out
@@ -329,11 +321,12 @@ def _stats(stats: dict[str, Any]) -> dict[str, Any]:
 class SpiderConnector:
     """Runs one spider source's Scrapy crawl in the current event loop and yields its items as records."""
 
-    def __init__(self, source: SpiderSource, ctx: SourceContext, frontier: PgFrontier | None = None) -> None:
+    def __init__(self, source: SpiderSource, ctx: SourceContext, frontier: Frontier | None = None) -> None:
         self.source = source
         self.ctx = ctx
-        self.frontier = frontier
-        """Given by a durable crawl (``trawl.crawler``): it checkpoints, so ``fetch()`` also yields ``Settled``."""
+        self.frontier = frontier.store if isinstance(frontier, DurableFrontier) else None
+        """The store of a durable crawl's frontier (``trawl.crawler``): it checkpoints, so ``fetch()`` also yields
+        ``Settled`` after the items of each finished request."""
         self.open_slots: set[contextlib.AbstractAsyncContextManager[Any]] = set()
         self._done: set[int] = set()
         """Hashes of the URLs that have their outcome (64-bit hashes, not strings: FIELD-NOTES)."""
@@ -359,7 +352,7 @@ class SpiderConnector:
     ) -> None:
         """Record how the URL first asked for (before redirects) ended; once per URL."""
         url = (request.meta.get("redirect_urls") or [request.url])[0]
-        h = _url_hash(url)
+        h = url_hash(url)
         if h in self._done:
             return
         self._done.add(h)
@@ -416,56 +409,30 @@ class SpiderConnector:
                 return
             yield Settled(self._finished.popleft()[1])
 
-    async def fetch_settled(self) -> AsyncIterator[Record | Settled]:
-        """A durable crawl's view (``frontier`` given): the items, and a ``Settled`` marker after the items of
-        each finished request, for the crawl to checkpoint it done."""
-        assert self.frontier is not None, "fetch_settled is for a crawl that gives the connector its frontier"
-        async for item in self._crawl(self.frontier):
-            yield item
-
-    async def fetch(self) -> AsyncIterator[Record]:
-        """Run the spider; its items, as they are scraped."""
-        async for item in self._fetch():
-            if isinstance(item, Record):
-                yield item
-
-    async def _fetch(self) -> AsyncIterator[Record | Settled]:
-        if self.frontier is not None:
+    async def fetch(self) -> AsyncIterator[Record | Settled]:
+        """Run the spider; its items as they are scraped (and, on a durable crawl's frontier, the markers of
+        finished requests)."""
+        if self.frontier is not None or not durable(self.source, self.ctx.settings):
             async for item in self._crawl(self.frontier):
                 yield item
             return
-        if not uses_spider_frontier(self.source, self.ctx.settings):
-            async for record in self._crawl(None):
-                yield record
-            return
-        frontier = await self._open_frontier()
-        status = "failed"
-        try:
-            async for record in self._crawl(frontier):
-                yield record
-            status = "complete"
-        finally:
-            try:
-                await frontier.finish(status)
-            except Exception as exc:  # the run's status row only; not worth hiding how the crawl itself went
-                log.warning("frontier run status not recorded", status=status, error=f"{type(exc).__name__}: {exc}")
-            finally:
-                await frontier.pool.close()
-
-    async def _open_frontier(self) -> PgFrontier:
-        """This run's frontier, registered afresh: a spider run that died is crawled again from the start."""
-        from trawl.crawler import open_frontier  # trawl.crawler imports the connectors: import it when used
-
-        frontier = await open_frontier(self.source, self.ctx.run_id, self.ctx.settings, shard=0)
-        try:
-            if await frontier.run() is not None:
+        # Run on its own (not by the crawl engine) with the durable frontier chosen: this run's store, registered
+        # afresh (a spider run that died is crawled again from the start).
+        async with open_store(self.source.name, self.ctx.run_id, self.ctx.settings, shard=0) as store:
+            if await store.run() is not None:
                 log.warning("spider sources do not resume: the run's frontier starts over", run_id=self.ctx.run_id)
-                await frontier.reset()
-            await frontier.begin(utcnow(), ())  # no seeds: the spider's start requests come through the scheduler
-        except BaseException:
-            await frontier.pool.close()
-            raise
-        return frontier
+                await store.reset()
+            await store.begin(utcnow(), ())  # no seeds: the spider's start requests come through the scheduler
+            status = "failed"
+            try:
+                async for item in self._crawl(store):
+                    yield item
+                status = "complete"
+            finally:
+                try:
+                    await store.finish(status)
+                except Exception as exc:  # the run's status row only; not worth hiding how the crawl itself went
+                    log.warning("frontier run status not recorded", status=status, error=f"{type(exc).__name__}: {exc}")
 
     async def _crawl(self, frontier: PgFrontier | None) -> AsyncIterator[Record | Settled]:
         spidercls = load_spider(self.source.spider)

@@ -23,9 +23,11 @@ The tables live in the loader's schema (``trawl`` by default) next to ``_loads``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -34,15 +36,21 @@ import asyncpg
 import orjson
 import structlog
 
+from trawl.database import connect_pool, resolve_dsn
 from trawl.errors import ConfigError
-from trawl.staging import StagedPart, StreamKind
+from trawl.frontier.base import Claim, Counts, Idle, Settled, host_of
+from trawl.logs import bind, unbind
+from trawl.settings import Settings
+from trawl.staging import SourceStage, StagedPart, Stager, StreamKind
 
 __all__ = [
     "ClaimedRequest",
+    "DurableFrontier",
     "FrontierRun",
     "PgFrontier",
     "QueuedRequest",
     "ensure_frontier_schema",
+    "open_store",
     "shard_of",
     "url_key",
 ]
@@ -66,11 +74,6 @@ def shard_of(host: str, shards: int) -> int:
     return int.from_bytes(hashlib.blake2b(host.lower().encode(), digest_size=8).digest(), "big") % shards
 
 
-def _host(url: str) -> str:
-    # Frontier URLs are absolute http(s) URLs: the netloc is the third '/'-separated part.
-    return url.split("/", 3)[2].lower()
-
-
 _DDL = """
 CREATE SCHEMA IF NOT EXISTS {s};
 CREATE TABLE IF NOT EXISTS {s}._frontier (
@@ -88,7 +91,7 @@ CREATE TABLE IF NOT EXISTS {s}._frontier (
     lease_owner text,
     PRIMARY KEY (run_id, source, url_hash)
 );
--- Scrapy's scheduler (trawl.connectors.spider_frontier) keeps each request, serialized, with its row.
+-- Scrapy's scheduler (trawl.frontier.scheduler) keeps each request, serialized, with its row.
 ALTER TABLE {s}._frontier ADD COLUMN IF NOT EXISTS payload bytea;
 CREATE INDEX IF NOT EXISTS _frontier_claim ON {s}._frontier (run_id, source, shard, priority DESC, depth)
     WHERE state <> 'done';
@@ -323,7 +326,7 @@ class PgFrontier:
     async def _insert(self, conn: asyncpg.Connection, links: Sequence[tuple[str, int]]) -> int:
         keys, urls, hosts, shards, depths = [], [], [], [], []
         for url, depth in links:
-            host = _host(url)
+            host = host_of(url)
             keys.append(url_key(url))
             urls.append(url)
             hosts.append(host)
@@ -594,3 +597,196 @@ class PgFrontier:
             f"SELECT shard, stats FROM {self._shards_t} WHERE run_id = $1 AND source = $2", self.run_id, self.source
         )
         return {r["shard"]: orjson.loads(r["stats"]) for r in rows}
+
+
+@contextlib.asynccontextmanager
+async def open_store(
+    source: str, run_id: str, settings: Settings, *, shard: int | None, shards: int = 1
+) -> AsyncIterator[PgFrontier]:
+    """A source's frontier for this run in the configured (or embedded) PostgreSQL, tables created; its pool
+    is closed on the way out."""
+    dsn = await asyncio.to_thread(resolve_dsn, settings)
+    pool = await connect_pool(dsn, min_size=1, max_size=3)
+    try:
+        frontier = PgFrontier(
+            pool,
+            settings.db_schema,
+            run_id,
+            source,
+            shard=shard,
+            shards=shards,
+            lease_seconds=settings.frontier_lease_seconds,
+        )
+        await frontier.setup()
+        yield frontier
+    finally:
+        await pool.close()
+
+
+_RECENT_MAX = 100_000  # hashes of links seen lately: saves duplicate inserts; the database is the seen set
+
+
+class DurableFrontier:
+    """A crawl's frontier in PostgreSQL (:class:`PgFrontier`), as the crawl loop and the source driver use it.
+
+    A feeder claims URLs in batches into a small local queue for the workers;
+    discovered links are buffered and inserted in batches. After each URL's records
+    and outcome the crawl yields a :class:`Settled` marker: the URL is marked done
+    at the next checkpoint, which also records the closed parts. Memory does not
+    grow with the frontier: the loop keeps only a bounded set of recent link hashes.
+    The crawl ends when none of its shard's URLs is left to claim and no other shard
+    that is scheduled or running has URLs left (it may still discover links for this
+    one). A shard that ends while another later queues URLs for it is run again by
+    the crawl flow (see ``flows.crawl``).
+    """
+
+    name = "postgres"
+    resumable = True
+    recent_max: int | None = _RECENT_MAX
+
+    def __init__(
+        self,
+        store: PgFrontier,
+        settings: Settings,
+        *,
+        seeds: Sequence[str],
+        resume: bool,
+        sharded: bool,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.claims: asyncio.Queue[Claim] = asyncio.Queue()
+        self.commits = not sharded
+        self._seeds = list(seeds)
+        self._resume = resume
+        self._sharded = sharded
+        self._inflight = 0  # claimed and not yet settled (parked ones included)
+        self._settled = asyncio.Event()
+        self._stage: SourceStage | None = None
+        self._counts: Counts | None = None
+        self._done: list[int] = []
+        self._recorded = {"raw": 0, "outcomes": 0}
+        self._last = time.monotonic()
+
+    # ---- the crawl loop's side -------------------------------------------------------------------------------
+
+    def add(self, url: str, depth: int) -> None:
+        self.store.queue_link(url, depth)
+
+    def settle(self) -> None:
+        self._inflight -= 1
+        self._settled.set()
+
+    async def feed(self, out: asyncio.Queue[object], workers: int) -> None:
+        """Claim URLs into ``claims`` as the workers need them, flush discovered links; return when done."""
+        store, claims = self.store, self.claims
+        batch = self.settings.frontier_batch
+        while True:
+            room = max(batch, workers * 2) - claims.qsize()
+            if store.queued_links >= batch or claims.qsize() <= workers:
+                await store.flush()
+            if claims.qsize() <= workers:
+                claimed = await store.claim(room)
+                for c in claimed:
+                    claims.put_nowait(Claim(c.url, c.depth, c.key))
+                self._inflight += len(claimed)
+                if claimed:
+                    continue
+                if self._inflight == 0 and not store.queued_links:
+                    if store.shards == 1 or await store.others_busy() == 0:
+                        return
+                    # Other shards are at work and may queue URLs for this one; they wait on this one's
+                    # settled URLs being checkpointed done just as it waits on theirs.
+                    await out.put(Idle())
+                    await asyncio.sleep(0.5)
+                    continue
+            self._settled.clear()
+            # asyncio.wait, not wait_for: on 3.11 wait_for may swallow a cancel that lands as the event fires.
+            waiter = asyncio.ensure_future(self._settled.wait())
+            try:
+                await asyncio.wait([waiter], timeout=0.5)
+            finally:
+                waiter.cancel()
+
+    # ---- the source driver's side ----------------------------------------------------------------------------
+
+    async def open_stage(self, stager: Stager, counts: Counts, started: datetime) -> SourceStage:
+        """Register the run (or find it again on ``resume``), then reopen its staging where it was checkpointed."""
+        store = self.store
+        source, run_id = store.source, store.run_id
+        run = await store.run()
+        if run is None:
+            if self._resume or self._sharded:
+                raise ConfigError(f"source {source}: run {run_id} is not in the frontier, nothing to resume")
+            run = await store.begin(started, self._seeds)
+        elif not self._resume and not self._sharded:
+            raise ConfigError(
+                f"source {source}: run {run_id} is already in the frontier; continue it with "
+                f"`trawl crawl --resume {run_id}`"
+            )
+        shard = store.shard or 0
+        if self._sharded:
+            await store.set_shards([shard], "running")
+            bind(shard=shard)
+        if self._resume:
+            released = await store.release()
+            log.info("run resumed", run_id=run_id, released_leases=released, **await store.counts())
+        stage = stager.open_source(source, run_id, run.started_at)
+        tag = f"s{shard:02d}-" if self._sharded else ""
+        for kind, writer in (("raw", stage.records), ("outcomes", stage.outcomes)):
+            writer.resume_from([p for _, _, p in await store.parts(kind)], tag)  # type: ignore[arg-type]
+        self._recorded = {"raw": len(stage.records.parts), "outcomes": len(stage.outcomes.parts)}
+        saved = (await store.saved_stats()).get(shard)
+        if saved:
+            counts.restore(saved)
+        self._stage, self._counts = stage, counts
+        return stage
+
+    async def settled(self, marker: Settled) -> None:
+        self._done.append(marker.key)
+        if time.monotonic() - self._last >= self.settings.frontier_checkpoint_seconds:
+            await self.checkpoint()
+
+    async def idle(self) -> None:
+        if self._done:
+            await self.checkpoint()
+
+    async def checkpoint(self) -> None:
+        """Close the open parts and, once they are durable, record them with the URLs whose data they hold."""
+        assert self._stage is not None and self._counts is not None, "open_stage first"
+        self._last = time.monotonic()
+        stage = self._stage
+        streams: tuple[tuple[StreamKind, Any], ...] = (("outcomes", stage.outcomes), ("raw", stage.records))
+        closed = [(kind, await writer.close()) for kind, writer in streams]
+        for _, writer in streams:
+            if not await writer.wait_durable():
+                log.warning("checkpoint deferred: parts still on their way to the staging target")
+                return
+        new: list[tuple[StreamKind, int, StagedPart]] = []
+        for kind, parts in closed:
+            new += [(kind, seq, p) for seq, p in enumerate(parts, 1) if seq > self._recorded[kind]]
+        done, self._done = self._done, []
+        try:
+            await self.store.checkpoint(new, done, self._counts.saved())
+        except BaseException:
+            self._done[:0] = done
+            raise
+        for kind, parts in closed:
+            self._recorded[kind] = len(parts)
+        log.debug("checkpoint", done=len(done), parts=len(new))
+
+    async def finish(self) -> None:
+        await self.store.finish("complete")
+
+    async def close(self) -> None:
+        """URLs this crawler claimed and did not finish go back at once (else at their lease's expiry)."""
+        if self._sharded:
+            unbind("shard")
+        try:
+            async with asyncio.timeout(10):
+                await self.store.give_back()
+                if self._sharded:
+                    await self.store.set_shards([self.store.shard or 0], "finished")
+        except Exception as exc:
+            log.warning("leases not given back; they expire", error=str(exc))
+

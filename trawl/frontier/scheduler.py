@@ -35,7 +35,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Self
-from urllib.parse import urlsplit
 
 import scrapy
 import structlog
@@ -43,7 +42,8 @@ from scrapy.core.scheduler import BaseScheduler
 from scrapy.utils.defer import deferred_from_coro
 from scrapy.utils.request import request_from_dict
 
-from trawl.frontier import ClaimedRequest, PgFrontier, QueuedRequest
+from trawl.frontier.base import host_of
+from trawl.frontier.postgres import ClaimedRequest, PgFrontier, QueuedRequest
 
 if TYPE_CHECKING:
     from scrapy import Spider
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PgScheduler", "request_key"]
 
-log = structlog.get_logger("trawl.connectors.spider_frontier")
+log = structlog.get_logger("trawl.frontier.scheduler")
 
 _INT4 = 2**31 - 1
 _ATTR = "trawl_frontier"
@@ -68,11 +68,6 @@ def request_key(fingerprint: bytes) -> int:
 
 def _unique_key() -> int:
     return int.from_bytes(os.urandom(8), "big", signed=True)
-
-
-def _host(url: str) -> str:
-    # The same spelling as the html frontier's (host[:port]), so a host lands in the same shard.
-    return urlsplit(url).netloc.rpartition("@")[2].lower()
 
 
 def _engine(crawler: Crawler) -> Any:
@@ -195,7 +190,7 @@ class PgScheduler(BaseScheduler):
             QueuedRequest(
                 key,
                 request.url,
-                _host(request.url),
+                host_of(request.url),
                 depth if isinstance(depth, int) else 0,
                 max(-_INT4, min(_INT4, request.priority)),
                 payload,

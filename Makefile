@@ -52,10 +52,12 @@ test-tools: browser
 test-fast: venv
 	$(MAKE) test PYTEST_ARGS='-m "not slow"'
 
+# Style, types, and the layers and no-cycles contracts of pyproject.toml's [tool.importlinter].
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 # trawl vs Scrapy vs a minimal aiohttp+selectolax crawler on a generated 20,000-page site served by nginx.
 bench: venv browser

@@ -63,6 +63,8 @@ log = structlog.get_logger("sinks.s3")
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _READ_CHUNK = 1024 * 1024
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 

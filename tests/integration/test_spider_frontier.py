@@ -92,9 +92,7 @@ async def _rows(db: asyncpg.Connection) -> list[asyncpg.Record]:
 def test_the_frontier_setting_or_the_source_picks_pgscheduler(settings: Settings) -> None:
     books = "spiders.books:BooksSpider"
     durable = settings.model_copy(update={"frontier": "postgres"})
-    assert (
-        scrapy_settings(spider_source(books), settings)["SCHEDULER"] != "trawl.frontier.scheduler.PgScheduler"
-    )
+    assert scrapy_settings(spider_source(books), settings)["SCHEDULER"] != "trawl.frontier.scheduler.PgScheduler"
     for source, s in ((spider_source(books, "postgres"), settings), (spider_source(books), durable)):
         assert scrapy_settings(source, s)["SCHEDULER"] == "trawl.frontier.scheduler.PgScheduler"
     assert scrapy_settings(spider_source(books, "memory"), durable)["SCHEDULER"] != (

@@ -789,4 +789,3 @@ class DurableFrontier:
                     await self.store.set_shards([self.store.shard or 0], "finished")
         except Exception as exc:
             log.warning("leases not given back; they expire", error=str(exc))
-

@@ -58,11 +58,11 @@ __all__ = [
 ]
 
 
-class Transient:
-    """Marker: the next attempt may well succeed (retry with backoff)."""
+class Transient(Exception):
+    """Marker: the next attempt may well succeed (retry with backoff). ``except Transient:`` catches them all."""
 
 
-class Terminal:
+class Terminal(Exception):
     """Marker: retrying would give the same answer (never retried)."""
 
 

@@ -41,6 +41,7 @@ from trawl.records import utcnow
 from trawl.retry import full_jitter, is_transient_status, status_error
 from trawl.robots import ROBOTS_MAX_BYTES, RobotsCache
 from trawl.settings import Settings
+from trawl.urls import host_of
 
 __all__ = ["Fetcher", "GuardedResolver", "HostTurn", "NetworkGuard", "RefusedAddress", "Response", "TransportName"]
 
@@ -370,7 +371,7 @@ class Fetcher:
         await self._guard.check(url, parts.hostname)
         if robots:
             await self._obey_robots(url, concurrency, delay)
-        async with self.turn(parts.netloc.lower(), url, concurrency=concurrency, delay=delay, source=source) as turn:
+        async with self.turn(host_of(url), url, concurrency=concurrency, delay=delay, source=source) as turn:
             yield turn
             turn.ok = True
             turn.status = turn.status or 200
@@ -468,7 +469,7 @@ class Fetcher:
             raise RobotsDisallowed("disallowed by robots.txt", url=url)
         crawl_delay = rules.crawl_delay(self.robots.agent)
         if crawl_delay:
-            gate = self._gate(urlsplit(url).netloc.lower(), concurrency, delay)
+            gate = self._gate(host_of(url), concurrency, delay)
             gate.delay = max(gate.delay, min(crawl_delay, self._settings.max_crawl_delay))
 
     async def get(
@@ -541,7 +542,7 @@ class Fetcher:
                     if not exc.transient or n == retries:
                         raise
                     pause = self._backoff(n, exc.retry_after)
-                    METRICS.retries.labels(source, METRICS.host(urlsplit(exc.url).netloc.lower())).inc()
+                    METRICS.retries.labels(source, METRICS.host(host_of(exc.url))).inc()
                     log.info("retrying", url=url, attempt=attempts, error=str(exc), sleep_s=round(pause, 3))
                 await asyncio.sleep(pause)
             raise AssertionError("unreachable: the last attempt returns or raises")
@@ -572,7 +573,7 @@ class Fetcher:
             if hop and robots:  # a redirect target answers to its own robots.txt (as in Scrapy)
                 await self._obey_robots(current, concurrency, delay)
             async with self.turn(
-                parts.netloc.lower(), current, concurrency=concurrency, delay=delay, source=source
+                host_of(current), current, concurrency=concurrency, delay=delay, source=source
             ) as turn:
                 try:
                     async with asyncio.timeout(s.total_timeout):

@@ -17,6 +17,7 @@ import structlog
 from protego import Protego
 
 from trawl.errors import BreakerOpen, FetchError, PermanentFetchError
+from trawl.urls import host_of
 
 __all__ = ["RobotsCache", "RobotsRules", "origin_of"]
 
@@ -28,8 +29,8 @@ ROBOTS_MAX_BYTES = 512 * 1024  # Google reads the first 500 KiB
 
 
 def origin_of(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.lower()}"
+    """``scheme://host[:port]`` (no credentials): where a URL's robots.txt is."""
+    return f"{urlsplit(url).scheme.lower()}://{host_of(url)}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import orjson
 import structlog
@@ -20,6 +19,7 @@ from trawl.logs import redact
 from trawl.metrics import METRICS
 from trawl.records import Outcome, OutcomeKind, Record
 from trawl.settings import Settings
+from trawl.urls import host_of
 
 __all__ = [
     "OUTCOME_OF",
@@ -59,7 +59,7 @@ class SourceStats:
     outcomes: Counter[str] = field(default_factory=Counter)
     discovered: int = 0
     hosts: set[str] = field(default_factory=set)
-    """Hosts (``netloc``) this source's URLs ended on: whose breakers its summary counts."""
+    """Hosts (:func:`trawl.urls.host_of`) this source's URLs ended on: whose breakers its summary counts."""
     errors: Counter[tuple[str, str]] = field(default_factory=Counter)
     """(outcome, error message) of the URLs that did not end fetched or not_modified."""
     error_examples: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -193,7 +193,7 @@ class SourceContext:
 
     async def skipped_breaker(self, source: str, url: str) -> None:
         """Record that a URL was given up on because its host's breaker stayed open."""
-        breaker = self.fetcher.breakers.get(urlsplit(url).netloc.lower())
+        breaker = self.fetcher.breakers.get(host_of(url))
         await self.outcome(
             Outcome(
                 self.run_id,
@@ -214,7 +214,7 @@ class SourceContext:
         kind = outcome.outcome.value
         stats.outcomes[kind] += 1
         METRICS.outcomes.labels(outcome.source, kind).inc()
-        stats.hosts.add(urlsplit(outcome.url).netloc.lower())
+        stats.hosts.add(host_of(outcome.url))
         if outcome.outcome not in (OutcomeKind.FETCHED, OutcomeKind.NOT_MODIFIED):
             error = outcome.error or (f"HTTP {outcome.http_status}" if outcome.http_status else kind)
             key = (kind, error)

@@ -45,6 +45,7 @@ from trawl.frontier.base import Frontier
 from trawl.records import OutcomeKind, utcnow
 from trawl.retry import status_error
 from trawl.settings import Settings
+from trawl.urls import host_of
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser, BrowserContext, Page, Playwright, Route
@@ -94,8 +95,7 @@ def find_chromium(setting: str | None) -> str | None:
 
 def url_pattern(url: str) -> tuple[str, str]:
     """(host, path with every run of digits as ``{n}``): pages of one kind share it."""
-    parts = urlsplit(url)
-    return parts.netloc.lower(), _DIGITS.sub("{n}", parts.path)
+    return host_of(url), _DIGITS.sub("{n}", urlsplit(url).path)
 
 
 class BrowserPool:
@@ -335,7 +335,7 @@ class BrowserConnector(HtmlConnector):
             return None
 
     async def _render_once(self, url: str, attempts: int, started: float) -> Response:
-        host = urlsplit(url).netloc.lower()
+        host = host_of(url)
         generation = self.pool.generation  # the page's browser is this one, or one launched since
         try:
             return await self._navigate(url, host, attempts, started)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
 
 import structlog
 
@@ -17,6 +16,7 @@ from trawl.fetch import Response
 from trawl.frontier.base import Frontier, Idle, Settled
 from trawl.frontier.memory import MemoryFrontier
 from trawl.records import OutcomeKind, Record, utcnow
+from trawl.urls import host_of
 
 __all__ = ["HtmlConnector"]
 
@@ -52,14 +52,13 @@ class HtmlConnector:
         self._types = frozenset(t.lower() for t in source.content_types)
         self._seeds = list(source.urls) + list(source.start_urls)
         self._crawl = bool(source.start_urls)
-        self._hosts = {urlsplit(u).netloc.lower() for u in self._seeds}
+        self._hosts = {host_of(u) for u in self._seeds}
         self._seen: set[int] = set()
         self._scheduled = 0  # an upper bound with a shared frontier: links other crawlers queued first count too
 
     def _follow(self, url: str) -> bool:
         rules = self.source.follow
-        # Links are absolute http(s) URLs here, so the netloc is the third '/'-separated part (no urlsplit).
-        if rules.same_host and url.split("/", 3)[2].lower() not in self._hosts:
+        if rules.same_host and host_of(url) not in self._hosts:
             return False
         if self._allow is not None and self._allow.search(url) is None:
             return False

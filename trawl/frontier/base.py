@@ -8,14 +8,9 @@ from datetime import datetime
 from typing import Any, NamedTuple, Protocol
 
 from trawl.staging import SourceStage, Stager
+from trawl.urls import host_of
 
 __all__ = ["Claim", "Counts", "Frontier", "Idle", "Settled", "host_of"]
-
-
-def host_of(url: str) -> str:
-    """The host a URL is crawled under (``host[:port]``, lower-cased, without ``user@``): one spelling for the
-    frontier, its shards and Scrapy's scheduler. ``url`` is an absolute http(s) URL."""
-    return url.split("/", 3)[2].rpartition("@")[2].lower()
 
 
 class Claim(NamedTuple):

@@ -94,3 +94,12 @@ async def test_open_frontier_refuses_shards_where_there_are_none() -> None:
             pass
     async with open_frontier(html(), "r1", settings) as f:
         assert isinstance(f, MemoryFrontier)
+
+
+def test_one_host_spelling_everywhere_a_host_keys_something() -> None:
+    from trawl.robots import origin_of
+
+    url = "https://user:secret@Shop.Example:8443/a?b#c"
+    assert host_of(url) == "shop.example:8443"
+    assert origin_of(url) == "https://shop.example:8443"  # robots.txt is never asked for with credentials
+    assert host_of("http://shop.example?x=1") == host_of("http://shop.example#top") == "shop.example"

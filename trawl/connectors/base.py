@@ -109,12 +109,8 @@ class SourceStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "pages": self.pages,
-            "records": self.records,
-            "bytes": self.bytes,
-            "discovered": self.discovered,
+            **self.saved(),
             "failures": self.failures,
-            "outcomes": dict(self.outcomes),
             "top_errors": self.top_errors(),
             **({"render": dict(self.render)} if self.render else {}),
             **({"scrapy": self.scrapy} if self.scrapy else {}),

@@ -59,7 +59,11 @@ def _value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: s
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
-async def test_endpoint_shows_5xx_and_the_open_breaker_of_the_failing_host(tmp_path: Path) -> None:
+async def test_endpoint_shows_5xx_and_the_open_breaker_of_the_failing_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # METRICS lives for the whole test session: hosts of earlier tests must not push these two into `other`.
+    monkeypatch.setattr(METRICS, "max_hosts", len(METRICS._hosts) + 10)
     port = METRICS.serve(0)
     url = f"http://127.0.0.1:{port}/metrics"
     settings = Settings(**EXPECTED_SETTINGS)

@@ -606,7 +606,7 @@ async def _child_memory(n: int, drain_as_you_go: bool) -> dict[str, Any]:
         fields={"name": HtmlField(selector="h1")},
     )
     conn = HtmlConnector(source, SourceContext("bench", settings, Fetcher(settings), emit))
-    queue = conn._frontier
+    queue = conn.frontier.claims
     schedule = conn._schedule
     for i in range(1000):  # warm up: first allocations of the queue and the set
         schedule(f"https://warm.example.com/{i}", 1)

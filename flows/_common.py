@@ -67,14 +67,19 @@ def current_flow_run_id() -> str | None:
 
 
 def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """``retry_condition_fn`` for trawl's tasks: retry transient failures only, never a bad config or bad data."""
-    try:
-        state.result(raise_on_failure=True)
-    except Exception as exc:
-        retry = is_transient(exc)
-        log.info("task failed", task=task_run.name, error=str(exc), retry=retry)
-        return retry
-    return False
+    """``retry_condition_fn`` for trawl's tasks: retry transient failures only, never a bad config or bad data.
+
+    Prefect's async engine calls it from inside its event loop with a Failed state
+    that holds the exception itself; ``state.result()`` there is an un-awaited
+    coroutine (FIELD-NOTES), so the exception is read from the state's data.
+    """
+    exc = state.data
+    if not isinstance(exc, BaseException):
+        log.info("task failed", task=task_run.name, error=state.message, retry=False)
+        return False
+    retry = is_transient(exc)
+    log.info("task failed", task=task_run.name, error=str(exc), retry=retry)
+    return retry
 
 
 @contextlib.asynccontextmanager

@@ -27,7 +27,7 @@ import httpx
 import orjson
 import structlog
 
-from trawl.breakers import BreakerRegistry
+from trawl.breakers import BreakerRegistry, HostBreaker
 from trawl.errors import (
     BlockedNetworkError,
     BreakerOpen,
@@ -195,16 +195,67 @@ class _HostGate:
             self.next_start = max(now, self.next_start) + self.delay
 
 
-@dataclass(slots=True)
 class HostTurn:
-    """One request's turn at its host: what the request tells the breaker and the metrics when it ends.
+    """One request's turn at its host, for every kind (an async context manager, :meth:`Fetcher.turn`).
 
-    ``ok`` is the breaker's verdict (None: neutral, e.g. a cancelled or refused request); ``status`` the HTTP
-    status received (0: none).
+    Entering waits for the host's gate (concurrency, delay, ``Crawl-delay``) and
+    passes its breaker (BreakerOpen when it is open); leaving tells the breaker
+    and the in-flight/latency/status metrics how the request went. ``ok`` is the
+    breaker's verdict (None: neutral, e.g. a cancelled request), ``status`` the
+    HTTP status received (0: none). A FetchError (or TimeoutError) that ends the
+    block counts like a failed attempt (transient ones as failures).
     """
 
-    status: int = 0
-    ok: bool | None = None
+    __slots__ = ("_breaker", "_gate", "_label", "_probe", "_sent", "_source", "_url", "ok", "status")
+
+    def __init__(self, gate: _HostGate, breaker: HostBreaker, url: str, label: str, source: str) -> None:
+        self._gate = gate
+        self._breaker = breaker
+        self._url = url
+        self._label = label
+        self._source = source
+        self._probe = False
+        self._sent = 0.0
+        self.status = 0
+        self.ok: bool | None = None
+
+    async def __aenter__(self) -> HostTurn:
+        slots = self._gate.slots
+        await slots.acquire()
+        try:
+            self._probe = self._breaker.admit(self._url)  # after waiting for a slot: it may have opened meanwhile
+        except BaseException:
+            slots.release()
+            raise
+        try:
+            await self._gate.wait_turn()
+        except BaseException:
+            self._breaker.release(self._probe)
+            slots.release()
+            raise
+        METRICS.in_flight.labels(self._source, self._label).inc()
+        self._sent = time.monotonic()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if isinstance(exc, TimeoutError):
+                self.ok = False
+            elif isinstance(exc, FetchError):
+                self.ok = not exc.transient
+                self.status = exc.status or self.status
+            source, label = self._source, self._label
+            METRICS.in_flight.labels(source, label).dec()
+            METRICS.request_seconds.labels(source, label).observe(time.monotonic() - self._sent)
+            METRICS.requests.labels(source, label, status_class(self.status)).inc()
+            if self.ok is None:
+                self._breaker.release(self._probe)
+            else:
+                self._breaker.record(self.ok, self._probe)
+        finally:
+            self._gate.slots.release()
 
 
 class _Transport(Protocol):
@@ -376,45 +427,9 @@ class Fetcher:
             turn.ok = True
             turn.status = turn.status or 200
 
-    @contextlib.asynccontextmanager
-    async def turn(
-        self, host: str, url: str, *, concurrency: int | None, delay: float | None, source: str
-    ) -> AsyncIterator[HostTurn]:
-        """A request's turn at its host, for every kind: the host's gate (concurrency, delay,
-        ``Crawl-delay``), its breaker (BreakerOpen when it is open), in-flight/latency/status metrics.
-
-        A FetchError (or TimeoutError) raised in the block counts for the breaker like a
-        failed attempt (transient ones as failures); anything else that is not a verdict
-        set on the turn leaves the breaker's count alone.
-        """
-        gate = self._gate(host, concurrency, delay)
-        breaker = self.breakers.get(host)
-        async with gate.slots:
-            probe = breaker.admit(url)  # after waiting for a slot: the breaker may have opened meanwhile
-            label = METRICS.host(host)
-            turn = HostTurn()
-            sent = 0.0
-            try:
-                await gate.wait_turn()
-                METRICS.in_flight.labels(source, label).inc()
-                sent = time.monotonic()
-                yield turn
-            except TimeoutError:
-                turn.ok = False
-                raise
-            except FetchError as exc:
-                turn.ok = not exc.transient
-                turn.status = exc.status or turn.status
-                raise
-            finally:
-                if sent:
-                    METRICS.in_flight.labels(source, label).dec()
-                    METRICS.request_seconds.labels(source, label).observe(time.monotonic() - sent)
-                    METRICS.requests.labels(source, label, status_class(turn.status)).inc()
-                if turn.ok is None:
-                    breaker.release(probe)
-                else:
-                    breaker.record(turn.ok, probe)
+    def turn(self, host: str, url: str, *, concurrency: int | None, delay: float | None, source: str) -> HostTurn:
+        """A request's turn at its host (``async with``): gate, breaker and metrics, as for every attempt."""
+        return HostTurn(self._gate(host, concurrency, delay), self.breakers.get(host), url, METRICS.host(host), source)
 
     async def __aenter__(self) -> Fetcher:
         return self

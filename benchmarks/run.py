@@ -27,7 +27,7 @@ the last runs to ``.trawl/bench/runs/``. Exit status 1 when any run failed its
 checks.
 
 The chaos variant (on by default, ``--no-chaos`` skips it): trawl's crawl
-again, with every host of the chaos fleet (its seeds and 20 product URLs each) (``trawl.demo.chaos``: 500s, resets,
+again, with every host of the chaos fleet (its seeds and 20 product URLs each) (``tests.helpers.chaos``: 500s, resets,
 hangs, drips, 429 bursts, a gzip bomb, redirect loops, ...) among the seeds, and
 the fleet's short timeouts (``EXPECTED_SETTINGS``) so the crawl's tail stays
 short. The figure is the healthy host's rate: the site's pages / seconds from
@@ -73,7 +73,7 @@ from benchmarks.site import (
     ensure_site,
     page_path,
 )
-from trawl.demo.chaos import ChaosFleetThread
+from tests.helpers.chaos import ChaosFleetThread
 
 __all__ = ["CONTENDERS", "RunResult", "main"]
 
@@ -144,7 +144,7 @@ class RunResult:
 
 
 def _chaos_settings() -> dict[str, Any]:
-    from trawl.demo.chaos import EXPECTED_SETTINGS
+    from tests.helpers.chaos import EXPECTED_SETTINGS
 
     return {k: v for k, v in EXPECTED_SETTINGS.items() if k != "allowed_networks"}
 

@@ -20,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from flows._common import flow_metrics
 from sinks.stage import LocalStager
+from tests.helpers.chaos import EXPECTED_SETTINGS, ChaosFleet
 from trawl.config import HtmlSource
 from trawl.crawler import SourceFailed, crawl_source, new_run_id
-from trawl.demo.chaos import EXPECTED_SETTINGS, ChaosFleet
 from trawl.fetch import Fetcher
 from trawl.metrics import METRICS, OTHER_HOST, Metrics
 from trawl.settings import Settings

@@ -976,9 +976,9 @@ async def _serve_forever(fleet: ChaosFleet) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m trawl.demo.chaos``: serve the fleet until Ctrl-C, one ``behaviour URL`` line per host."""
+    """``python -m tests.helpers.chaos``: serve the fleet until Ctrl-C, one ``behaviour URL`` line per host."""
     parser = argparse.ArgumentParser(
-        prog="python -m trawl.demo.chaos", description="Serve the trawl chaos fleet until Ctrl-C."
+        prog="python -m tests.helpers.chaos", description="Serve the trawl chaos fleet until Ctrl-C."
     )
     parser.add_argument("--behaviours", help=f"comma-separated subset of: {', '.join(BEHAVIOURS)} (default: all)")
     parser.add_argument("--port", type=int, default=0, help="port shared by every host; 0 picks a free one")

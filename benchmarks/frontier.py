@@ -54,12 +54,11 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
 
-from benchmarks.load import _admin
+from tests.helpers.databases import scratch_database
 
 __all__ = ["main"]
 
@@ -748,13 +747,10 @@ def main(argv: list[str] | None = None) -> int:
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     batches = list(dict.fromkeys(args.batch or [default_batch, 1000]))
     planner_sizes = [int(s) for s in args.planner_sizes.split(",") if s.strip()]
-    name = f"trawl_bench_{uuid.uuid4().hex[:8]}"
-    dsn = urlunsplit(urlsplit(args.database_url)._replace(path=f"/{name}"))
-    asyncio.run(_admin(args.database_url, f'CREATE DATABASE "{name}"'))
     ok = True
     targets: list[list[str]] = []
     started = time.perf_counter()
-    try:
+    with scratch_database(args.database_url, "trawl_bench") as dsn:
         server = asyncio.run(_server_facts(dsn))
         print(
             f"## trawl frontier benchmark: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {server}\n",
@@ -766,8 +762,6 @@ def main(argv: list[str] | None = None) -> int:
             ok &= _bench_crawl(dsn, args, targets)
         if "memory" in only:
             _bench_memory(args.urls, targets)
-    finally:
-        asyncio.run(_admin(args.database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     if targets:
         print("\n### Targets\n")
         print(_table(["what", "target", "measured", "verdict"], targets))

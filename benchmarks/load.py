@@ -30,16 +30,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import orjson
 
 from sinks.stage import LocalStager
+from tests.helpers.databases import scratch_database
+from tests.helpers.staged import part_lines, staged_parts
 from trawl.records import Record
 
 SOURCE = "bench_items"
@@ -112,32 +111,28 @@ async def _stage(stager: LocalStager, rows: int) -> None:
 
 def _csv(stager: LocalStager, path: Path) -> int:
     """r1's records flattened to the table's columns, as `\\copy` reads them."""
-    import gzip
-
     n = 0
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
-        for part in sorted((stager.root / "raw" / f"source={SOURCE}").glob("dt=*/run=r1/part-*.jsonl.gz")):
-            with gzip.open(part, "rb") as g:
-                for line in g:
-                    env = orjson.loads(line)
-                    d = env["data"]
-                    price = d["price"]
-                    if isinstance(price, str):
-                        price = price.replace(",", "")
-                    extra = {k: v for k, v in d.items() if k not in FIELDS}
-                    out.writerow(
-                        [
-                            env["key"],
-                            *(price if k == "price" else d.get(k) for k in FIELDS),
-                            orjson.dumps(extra).decode() if extra else "",
-                            env["url"],
-                            env["content_hash"],
-                            env["run_id"],
-                            env["fetched_at"],
-                        ]
-                    )
-                    n += 1
+        for part in staged_parts(stager.root, SOURCE, run_id="r1"):
+            for env in part_lines(part):
+                d = env["data"]
+                price = d["price"]
+                if isinstance(price, str):
+                    price = price.replace(",", "")
+                extra = {k: v for k, v in d.items() if k not in FIELDS}
+                out.writerow(
+                    [
+                        env["key"],
+                        *(price if k == "price" else d.get(k) for k in FIELDS),
+                        orjson.dumps(extra).decode() if extra else "",
+                        env["url"],
+                        env["content_hash"],
+                        env["run_id"],
+                        env["fetched_at"],
+                    ]
+                )
+                n += 1
     return n
 
 
@@ -224,14 +219,6 @@ def _line(**kv: Any) -> None:
     print(orjson.dumps(kv).decode(), flush=True)
 
 
-async def _admin(dsn: str, sql: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -247,37 +234,31 @@ def main() -> None:
         asyncio.run(_child_load(args.database_url, args.staging, args.child_load))
         return
 
-    name = f"trawl_bench_{uuid.uuid4().hex[:8]}"
-    dsn = urlunsplit(urlsplit(args.database_url)._replace(path=f"/{name}"))
-    asyncio.run(_admin(args.database_url, f'CREATE DATABASE "{name}"'))
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            staging = Path(tmp) / "staging"
-            stager = LocalStager(staging)
-            t0 = time.perf_counter()
-            asyncio.run(_stage(stager, args.rows))
-            _line(bench="load.stage", rows=2 * args.rows, seconds=round(time.perf_counter() - t0, 2))
-            r0 = _load_in_child(dsn, staging, "r0")
-            _line(bench="load.trawl_into_empty", **r0, rows_per_s=round(r0["rows"] / r0["seconds"]))
-            r1 = _load_in_child(dsn, staging, "r1")
-            _line(bench="load.trawl", **r1, rows_per_s=round(r1["rows"] / r1["seconds"]))
-            csv_path = Path(tmp) / "r1.csv"
-            n = _csv(stager, csv_path)
-            copy_s = _psql_copy(dsn, csv_path)
-            _line(bench="load.psql_copy", rows=n, seconds=round(copy_s, 2), rows_per_s=round(n / copy_s))
-            ratio = (r1["rows"] / r1["seconds"]) / (n / copy_s)
-            _line(
-                bench="load.summary",
-                trawl_rows_per_s=round(r1["rows"] / r1["seconds"]),
-                psql_copy_rows_per_s=round(n / copy_s),
-                ratio=round(ratio, 3),
-                target=0.5,
-                ok=ratio >= 0.5,
-                trawl_peak_rss_mb=r1["peak_rss_mb"],
-                table_rows_before=r0["inserted"],
-            )
-    finally:
-        asyncio.run(_admin(args.database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with scratch_database(args.database_url, "trawl_bench") as dsn, tempfile.TemporaryDirectory() as tmp:
+        staging = Path(tmp) / "staging"
+        stager = LocalStager(staging)
+        t0 = time.perf_counter()
+        asyncio.run(_stage(stager, args.rows))
+        _line(bench="load.stage", rows=2 * args.rows, seconds=round(time.perf_counter() - t0, 2))
+        r0 = _load_in_child(dsn, staging, "r0")
+        _line(bench="load.trawl_into_empty", **r0, rows_per_s=round(r0["rows"] / r0["seconds"]))
+        r1 = _load_in_child(dsn, staging, "r1")
+        _line(bench="load.trawl", **r1, rows_per_s=round(r1["rows"] / r1["seconds"]))
+        csv_path = Path(tmp) / "r1.csv"
+        n = _csv(stager, csv_path)
+        copy_s = _psql_copy(dsn, csv_path)
+        _line(bench="load.psql_copy", rows=n, seconds=round(copy_s, 2), rows_per_s=round(n / copy_s))
+        ratio = (r1["rows"] / r1["seconds"]) / (n / copy_s)
+        _line(
+            bench="load.summary",
+            trawl_rows_per_s=round(r1["rows"] / r1["seconds"]),
+            psql_copy_rows_per_s=round(n / copy_s),
+            ratio=round(ratio, 3),
+            target=0.5,
+            ok=ratio >= 0.5,
+            trawl_peak_rss_mb=r1["peak_rss_mb"],
+            table_rows_before=r0["inserted"],
+        )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,6 +21,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+
+from tests.helpers.net import free_port
 
 __all__ = ["Nginx", "NginxError", "find_nginx"]
 
@@ -78,13 +79,6 @@ def find_nginx() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _cpu_seconds(pid: int) -> float:
     """user+sys CPU of one process from /proc (0 when it is gone)."""
     try:
@@ -116,7 +110,7 @@ class Nginx:
         tmp = Path(self._tmp.name)
         # The port is free when we look; if someone takes it before nginx binds, nginx exits and we retry.
         for _ in range(3):
-            self.port = _free_port()
+            self.port = free_port()
             conf = tmp / "nginx.conf"
             conf.write_text(
                 _CONFIG.format(

@@ -27,7 +27,7 @@ the last runs to ``.trawl/bench/runs/``. Exit status 1 when any run failed its
 checks.
 
 The chaos variant (on by default, ``--no-chaos`` skips it): trawl's crawl
-again, with every host of the chaos fleet (its seeds and 20 product URLs each) (``trawl.demo.chaos``: 500s, resets,
+again, with every host of the chaos fleet (its seeds and 20 product URLs each) (``tests.helpers.chaos``: 500s, resets,
 hangs, drips, 429 bursts, a gzip bomb, redirect loops, ...) among the seeds, and
 the fleet's short timeouts (``EXPECTED_SETTINGS``) so the crawl's tail stays
 short. The figure is the healthy host's rate: the site's pages / seconds from
@@ -41,7 +41,6 @@ the checks then cover only the generated site's pages.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -51,7 +50,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -73,7 +72,8 @@ from benchmarks.site import (
     ensure_site,
     page_path,
 )
-from trawl.demo.chaos import ChaosFleetThread
+from tests.helpers.chaos import ChaosFleetThread
+from tests.helpers.staged import part_lines, staged_parts
 
 __all__ = ["CONTENDERS", "RunResult", "main"]
 
@@ -144,7 +144,7 @@ class RunResult:
 
 
 def _chaos_settings() -> dict[str, Any]:
-    from trawl.demo.chaos import EXPECTED_SETTINGS
+    from tests.helpers.chaos import EXPECTED_SETTINGS
 
     return {k: v for k, v in EXPECTED_SETTINGS.items() if k != "allowed_networks"}
 
@@ -216,14 +216,6 @@ def _spawn(argv: list[str], log: Path, timeout: float) -> tuple[int | None, floa
 # --- checking outputs ------------------------------------------------------------------------------------------------
 
 
-def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                yield orjson.loads(line)
-
-
 def _check_records(result: RunResult, rows: Iterable[dict[str, Any]], site: Site, base: str) -> None:
     """Every product page's record exactly once, with the field values the generator wrote."""
     expected = site.expected_fields()
@@ -269,8 +261,8 @@ def _check_trawl(
     result: RunResult, out: Path, report: dict[str, Any], site: Site, base: str, strict_status: bool
 ) -> None:
     staging = out / "staging"
-    raw = sorted(staging.glob("raw/source=bench/dt=*/run=*/part-*.jsonl.gz"))
-    outcomes = sorted(staging.glob("outcomes/source=bench/dt=*/run=*/part-*.jsonl.gz"))
+    raw = staged_parts(staging, "bench")
+    outcomes = staged_parts(staging, "bench", kind="outcomes")
     manifests = sorted(staging.glob("raw/source=bench/dt=*/run=*/_manifest.json"))
     if not manifests:
         result.problems.append("no committed manifest")
@@ -278,12 +270,12 @@ def _check_trawl(
         manifest = orjson.loads(manifests[-1].read_bytes())
         if manifest["status"] != "complete":
             result.problems.append(f"manifest status {manifest['status']}: {manifest.get('error')}")
-    _check_records(result, (r["data"] | {"url": r["url"]} for p in raw for r in _jsonl(p)), site, base)
+    _check_records(result, (r["data"] | {"url": r["url"]} for p in raw for r in part_lines(p)), site, base)
     kinds: Counter[str] = Counter()
     fetched: set[str] = set()
     last = 0.0
     for part in outcomes:
-        for o in _jsonl(part):
+        for o in part_lines(part):
             if not o["url"].startswith(base + "/"):
                 continue
             last = max(last, datetime.fromisoformat(o["at"]).timestamp())
@@ -303,7 +295,7 @@ def _check_scrapy(result: RunResult, out: Path, report: dict[str, Any], site: Si
     if not items.exists():
         result.problems.append("no feed export (items.jsonl)")
     else:
-        _check_records(result, _jsonl(items), site, base)
+        _check_records(result, part_lines(items), site, base)
     _check_pages(result, report.get("pages_by_origin", {}).get(base, 0), site, "parsed")
     stats: dict[str, Any] = report.get("stats", {})
     bad = {
@@ -325,7 +317,7 @@ def _check_scrapy(result: RunResult, out: Path, report: dict[str, Any], site: Si
 
 
 def _check_minimal(result: RunResult, out: Path, report: dict[str, Any], site: Site, base: str, strict: bool) -> None:
-    _check_records(result, _jsonl(out / "records.jsonl"), site, base)
+    _check_records(result, part_lines(out / "records.jsonl"), site, base)
     by_origin: dict[str, dict[str, int]] = report.get("statuses_by_origin", {})
     statuses = by_origin.get(base, {})
     _check_pages(result, statuses.get("200", 0), site, "fetched")

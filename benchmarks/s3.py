@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from typing import Any
 import orjson
 
 from sinks.s3 import S3Stager
+from tests.helpers.net import free_port
 from trawl.settings import Settings
 
 BUCKET = "trawl-bench"
@@ -46,9 +46,7 @@ def _peak_rss_mb() -> float:
 
 
 def _moto() -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     exe = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen(
         [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -17,14 +17,7 @@ from sinks.postgres import load_validators
 from sinks.targets import open_stager
 from trawl.config import AnySource, ApiSource, HtmlSource
 from trawl.connectors.base import SourceStats, Validators
-from trawl.crawler import (
-    SourceResult,
-    begin_sharded,
-    commit_sharded,
-    crawl_source,
-    new_run_id,
-    whole_frontier,
-)
+from trawl.crawler import SourceResult, begin_sharded, commit_sharded, crawl_source, new_run_id, whole_frontier
 from trawl.database import connect_pool
 from trawl.errors import DatabaseRefused, DatabaseUnavailable, ParameterError, SourceFailed
 from trawl.fetch import Fetcher

@@ -13,8 +13,13 @@ import asyncpg
 import pytest
 import structlog
 
+from tests.helpers.databases import fresh_database
+from tests.helpers.net import free_port
 from trawl.demo.site import DemoSite
 from trawl.settings import Settings
+
+# The loader's fixtures (pool, loader), shared by every module that loads staged parts.
+pytest_plugins = ["tests.helpers.loading"]
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -40,29 +45,11 @@ def pg_server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.cleanup()
 
 
-def _with_database(dsn: str, name: str) -> str:
-    """The same server DSN pointing at another database."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
 @pytest.fixture
 async def database_url(pg_server_dsn: str) -> AsyncIterator[str]:
     """A brand-new empty database on the test server, dropped afterwards: tests never share state."""
-    name = f"trawl_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_server_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield _with_database(pg_server_dsn, name)
-    admin = await asyncpg.connect(pg_server_dsn)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with fresh_database(pg_server_dsn, "trawl_test") as url:
+        yield url
 
 
 @pytest.fixture
@@ -112,14 +99,6 @@ def prefect_api() -> Iterator[str]:
 # -- S3 over HTTP: moto's server, and a TCP proxy in front of it that a test can cut and restore -------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """moto's S3 server (``moto_server``) on a free loopback port, for the whole session."""
@@ -128,7 +107,7 @@ def moto_endpoint() -> Iterator[str]:
     import time
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen(
         [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -174,7 +153,7 @@ class TcpProxy:
         import threading
 
         self.target_port = target_port
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None

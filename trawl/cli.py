@@ -14,7 +14,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from importlib.resources import as_file
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -105,14 +105,6 @@ def _quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # trawl's log events reach the run's log in Prefect too (as they do under a worker, see prefect.yaml).
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "trawl,flows,sinks,spiders,scrapy,playwright")
-
-
-def _demo_sources_file() -> Path:
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        path = base / "examples" / "demo.yaml"
-        if path.is_file():
-            return path
-    raise ConfigError("examples/demo.yaml not found (run `trawl demo` from the trawl checkout)")
 
 
 def _render(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -297,9 +289,11 @@ def _execute(args: argparse.Namespace) -> int:
             os.environ[env] = getattr(args, flag)
     with contextlib.ExitStack() as stack:
         if args.command == "demo":
+            from trawl.demo import sources_file
             from trawl.demo.site import DemoSiteThread
 
-            args.sources_file = str(_demo_sources_file())
+            # A real path for the flows to open, whatever the install (as_file copies out of a zip if need be).
+            args.sources_file = str(stack.enter_context(as_file(sources_file())))
             site = stack.enter_context(DemoSiteThread())
             os.environ["TRAWL_DEMO_URL"] = site.url
             # The demo site is on loopback, which the fetch layer refuses unless allowed.

@@ -7,30 +7,23 @@ it starts the workers it needs with ``prefect_stack.start_worker``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import pytest
+
+from tests.helpers.databases import scratch_database
+from tests.helpers.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -58,17 +51,6 @@ def _wait_healthy(api: str, proc: subprocess.Popen[bytes], log: Path, timeout: f
                 return
         time.sleep(0.5)
     raise RuntimeError(f"prefect server not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-def _admin(server_dsn: str, sql: str) -> None:
-    async def run() -> None:
-        conn = await asyncpg.connect(server_dsn)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
 
 
 @dataclass
@@ -117,14 +99,18 @@ class PrefectStack:
 
 
 @pytest.fixture(scope="module")
-def prefect_stack(tmp_path_factory: pytest.TempPathFactory, pg_server_dsn: str) -> Iterator[PrefectStack]:
+def stack_database_url(pg_server_dsn: str) -> Iterator[str]:
+    """The stack's own database, dropped after the stack has stopped."""
+    with scratch_database(pg_server_dsn, "trawl_stack") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def prefect_stack(tmp_path_factory: pytest.TempPathFactory, stack_database_url: str) -> Iterator[PrefectStack]:
     """Server, `trawl` pool and every deployment of prefect.yaml; no worker yet. Torn down after the module."""
     tmp = tmp_path_factory.mktemp("prefect-stack")
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    name = f"trawl_stack_{os.getpid()}_{time.time_ns()}"
-    _admin(pg_server_dsn, f'CREATE DATABASE "{name}"')
-    database_url = urlunsplit(urlsplit(pg_server_dsn)._replace(path=f"/{name}"))
     keep = {k: v for k, v in os.environ.items() if not k.startswith(("TRAWL_", "PREFECT_"))}
     env = {
         **keep,
@@ -137,7 +123,7 @@ def prefect_stack(tmp_path_factory: pytest.TempPathFactory, pg_server_dsn: str) 
     }
     logs = tmp / "logs"
     logs.mkdir()
-    stack = PrefectStack(api, f"http://127.0.0.1:{port}", env, tmp / "staging", database_url, logs)
+    stack = PrefectStack(api, f"http://127.0.0.1:{port}", env, tmp / "staging", stack_database_url, logs)
     try:
         server = stack.start(
             "server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
@@ -151,4 +137,3 @@ def prefect_stack(tmp_path_factory: pytest.TempPathFactory, pg_server_dsn: str) 
     finally:
         for proc in reversed(stack.procs):
             _stop(proc)
-        _admin(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 import yaml
 
-from trawl.demo.tree import TreeSite
+from tests.helpers.tree import TreeSite
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -11,7 +11,8 @@ import asyncpg
 import pytest
 import yaml
 
-from trawl.demo.tree import TreeSite, free_port
+from tests.helpers.net import free_port
+from tests.helpers.tree import TreeSite
 from trawl.frontier.postgres import shard_of
 
 if TYPE_CHECKING:

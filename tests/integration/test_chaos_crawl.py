@@ -15,15 +15,17 @@ import pytest
 
 from sinks.postgres import Loader
 from sinks.stage import LocalStager
+from tests.helpers.chaos import EXPECTED_SETTINGS, ChaosFleet
 from trawl.config import HtmlSource
 from trawl.crawler import SourceResult, crawl_source
 from trawl.database import connect_pool
-from trawl.demo.chaos import EXPECTED_SETTINGS, ChaosFleet
 from trawl.errors import SourceFailed
 from trawl.fetch import Fetcher
 from trawl.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 async def _staged(stager: LocalStager, kind: str) -> list[dict[str, object]]:
@@ -104,7 +106,7 @@ async def test_crawl_over_the_whole_fleet(tmp_path: Path, database_url: str, db:
 
 BOMB_SCRIPT = """
 import asyncio, resource, sys
-from trawl.demo.chaos import ChaosFleet
+from tests.helpers.chaos import ChaosFleet
 from trawl.errors import PermanentFetchError
 from trawl.fetch import Fetcher
 from trawl.settings import Settings
@@ -130,7 +132,10 @@ def test_gzip_bomb_is_refused_without_blowing_memory(transport: str) -> None:
     script = BOMB_SCRIPT.replace(
         "robots=False)\n        except", f'robots=False, transport="{transport}")\n        except'
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    # cwd: the script imports ``tests.helpers`` from the checkout
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stderr
     assert "refused:" in done.stderr and "larger than" in done.stderr, done.stderr
     grew_mb = int(done.stdout.strip())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gzip
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -29,6 +28,7 @@ from flows.artifacts import ERRORS_KEY, LINK_KEY, PROGRESS_KEY, SUMMARY_KEY
 from flows.crawl import crawl
 from flows.load import load
 from flows.pipeline import pipeline
+from tests.helpers.staged import staged_lines
 from trawl.demo.account import ORDER_COUNT
 from trawl.demo.site import ITEM_COUNT, JS_DEMO_COUNT, PAGE_COUNT, PRODUCT_COUNT, DemoSite
 from trawl.errors import ParameterError
@@ -323,10 +323,7 @@ async def test_a_spider_source_runs_twice_in_one_process_with_identical_results(
     flow_env: Path, demo_site: DemoSite
 ) -> None:
     def staged(run_id: str) -> list[tuple[str, str]]:
-        lines = []
-        for part in sorted(flow_env.glob(f"raw/source=orders/dt=*/run={run_id}/part-*.jsonl.gz")):
-            lines += [orjson.loads(line) for line in gzip.decompress(part.read_bytes()).splitlines()]
-        return sorted((r["key"], r["content_hash"]) for r in lines)
+        return sorted((r["key"], r["content_hash"]) for r in staged_lines(flow_env, "orders", run_id=run_id))
 
     first = await crawl(str(REPO / "examples" / "demo.yaml"), sources=["orders"])
     second = await crawl(str(REPO / "examples" / "demo.yaml"), sources=["orders"])

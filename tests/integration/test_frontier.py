@@ -167,8 +167,9 @@ async def test_a_durable_crawl_checkpoints_into_s3(
 
 
 async def test_shards_in_one_process_split_hosts_and_commit_one_manifest(settings: Settings, database_url: str) -> None:
+    from tests.helpers.net import free_port
+    from tests.helpers.tree import TreeSite
     from trawl.crawler import begin_sharded, commit_sharded, whole_frontier
-    from trawl.demo.tree import TreeSite, free_port
 
     settings = settings.model_copy(update={"database_url": SecretStr(database_url), "frontier_checkpoint_seconds": 0.2})
     hosts = [f"127.0.0.{i}" for i in range(51, 55)]

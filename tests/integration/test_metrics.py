@@ -7,7 +7,6 @@ import contextlib
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -20,9 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from flows._common import flow_metrics
 from sinks.stage import LocalStager
+from tests.helpers.chaos import EXPECTED_SETTINGS, ChaosFleet
+from tests.helpers.net import free_port
 from trawl.config import HtmlSource
 from trawl.crawler import crawl_source, new_run_id
-from trawl.demo.chaos import EXPECTED_SETTINGS, ChaosFleet
 from trawl.errors import SourceFailed
 from trawl.fetch import Fetcher
 from trawl.metrics import METRICS, OTHER_HOST, Metrics
@@ -115,9 +115,7 @@ def test_host_labels_are_capped() -> None:
 
 @pytest.fixture
 def pushgateway(tmp_path: Path) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         # Debian's build keeps its groups in /var/lib/prometheus by default: each test starts empty.
         [

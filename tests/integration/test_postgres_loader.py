@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -13,8 +13,9 @@ import asyncpg
 import orjson
 import pytest
 
-from sinks.postgres import Loader, PartLoad, load_validators
+from sinks.postgres import Loader, load_validators
 from sinks.stage import LocalStager
+from tests.helpers.loading import part_totals, table_rows
 from trawl.database import connect_pool
 from trawl.errors import LoadError, StagingError
 from trawl.records import Outcome, OutcomeKind, Record, content_hash
@@ -87,41 +88,12 @@ def stager(tmp_path: Path) -> LocalStager:
     return LocalStager(tmp_path / "staging", part_max_records=3)
 
 
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await connect_pool(database_url)
-    try:
-        yield pool
-    finally:
-        await pool.close()
-
-
-@pytest.fixture
-async def loader(pool: asyncpg.Pool, stager: LocalStager) -> Loader:
-    loader = Loader(pool, stager)
-    await loader.setup()
-    return loader
-
-
-async def rows(db: asyncpg.Connection, table: str = "items") -> dict[str, asyncpg.Record]:
-    return {r["_key"]: r for r in await db.fetch(f'SELECT * FROM trawl."{table}" ORDER BY _key')}
-
-
 async def snapshot(db: asyncpg.Connection) -> list[list[tuple[Any, ...]]]:
     """Everything the loader writes, for before/after comparisons."""
     return [
         [tuple(r) for r in await db.fetch(f"SELECT * FROM trawl.{t} ORDER BY 1")]
         for t in ("items", "_loads", "_rejects", "_runs", "_outcomes")
     ]
-
-
-def loaded(results: Sequence[PartLoad]) -> tuple[int, int, int, int]:
-    return (
-        sum(r.inserted for r in results),
-        sum(r.updated for r in results),
-        sum(r.unchanged for r in results),
-        sum(r.rejected for r in results),
-    )
 
 
 async def test_setup_creates_schema_and_bookkeeping_tables(
@@ -181,7 +153,7 @@ async def test_rows_land_typed_with_lineage(loader: Loader, stager: LocalStager,
         (raw.parts[0].uri, 3, 3, False),
         (raw.parts[1].uri, 2, 2, False),
     ]
-    got = await rows(db)
+    got = await table_rows(db)
     assert sorted(got) == ["1", "2", "3", "4", "5"]
     r2 = got["2"]
     assert (r2["id"], r2["name"], r2["price"], r2["in_stock"]) == (2, "item 2", 2.5, True)
@@ -226,7 +198,7 @@ async def test_loading_the_same_manifest_again_changes_nothing(
 
     assert all(r.skipped for r in results + forced)
     assert [r.staged_object for r in forced] == [p.uri for p in raw.parts]
-    assert loaded(results + forced) == (0, 0, 0, 0)
+    assert part_totals(results + forced) == (0, 0, 0, 0)
     assert await snapshot(db) == before
 
 
@@ -235,14 +207,14 @@ async def test_identical_second_run_only_moves_last_seen(
 ) -> None:
     _, run1 = await stage(stager, "r1", [rec(str(i), item(i), run_id="r1", at=T0) for i in range(4)])
     await loader.load_manifest(run1)
-    first = await rows(db)
+    first = await table_rows(db)
     t2 = T0 + timedelta(days=1)
     _, run2 = await stage(stager, "r2", [rec(str(i), item(i), run_id="r2", at=t2) for i in range(4)], started=t2)
 
     results = await loader.load_manifest(run2)
 
-    assert loaded(results) == (0, 0, 4, 0)
-    second = await rows(db)
+    assert part_totals(results) == (0, 0, 4, 0)
+    second = await table_rows(db)
     for key, row in second.items():
         assert row["_last_seen_at"] == t2
         assert {k: v for k, v in row.items() if k != "_last_seen_at"} == {
@@ -270,8 +242,8 @@ async def test_changed_content_rewrites_the_row(loader: Loader, stager: LocalSta
 
     results = await loader.load_manifest(run2)
 
-    assert loaded(results) == (1, 1, 2, 0)
-    got = await rows(db)
+    assert part_totals(results) == (1, 1, 2, 0)
+    got = await table_rows(db)
     r1 = got["1"]
     assert (r1["price"], r1["in_stock"], orjson.loads(r1["meta"])) == (9.99, False, {"tags": []})
     assert r1["_content_hash"] == content_hash(changed)
@@ -295,8 +267,8 @@ async def test_an_older_run_loaded_late_does_not_overwrite_newer_rows(
 
     results = await loader.load_manifest(old)
 
-    assert loaded(results) == (0, 0, 1, 0)
-    row = (await rows(db))["1"]
+    assert part_totals(results) == (0, 0, 1, 0)
+    row = (await table_rows(db))["1"]
     assert (row["name"], row["_run_id"], row["_last_seen_at"]) == ("new", "r2", t2)
 
 
@@ -314,7 +286,7 @@ async def test_latest_fetched_at_wins_per_key_within_a_part(
     [result] = await loader.load_manifest(raw)
 
     assert (result.rows, result.inserted, result.updated, result.unchanged) == (3, 1, 0, 0)
-    got = await rows(db)
+    got = await table_rows(db)
     assert list(got) == ["1"]
     assert got["1"]["name"] == "latest"
     assert got["1"]["_fetched_at"] == T0 + timedelta(minutes=3)
@@ -335,8 +307,8 @@ async def test_records_that_do_not_fit_go_to_rejects(
 
     results = await loader.load_manifest(raw)
 
-    assert loaded(results) == (1, 0, 0, 5)
-    assert list(await rows(db)) == ["1"]
+    assert part_totals(results) == (1, 0, 0, 5)
+    assert list(await table_rows(db)) == ["1"]
     rejects = await db.fetch("SELECT * FROM trawl._rejects ORDER BY id")
     assert [(r["key"], list(r["reasons"])) for r in rejects] == [
         ("2", ["id: expected int, got 'abc'"]),
@@ -375,7 +347,7 @@ async def test_undeclared_fields_land_in_extra(loader: Loader, stager: LocalStag
 
     await loader.load_manifest(raw)
 
-    got = await rows(db)
+    got = await table_rows(db)
     assert orjson.loads(got["1"]["_extra"]) == {"colour": "red", "dims": {"w": 2, "h": [1, 2]}}
     assert got["2"]["_extra"] is None
     assert "colour" not in got["1"]
@@ -390,9 +362,9 @@ async def test_nul_characters_never_block_a_part(loader: Loader, stager: LocalSt
     ]
     _, raw = await stage(stager, "r1", records)
 
-    assert loaded(await loader.load_manifest(raw)) == (1, 0, 0, 1)
+    assert part_totals(await loader.load_manifest(raw)) == (1, 0, 0, 1)
 
-    got = await rows(db)
+    got = await table_rows(db)
     assert orjson.loads(got["2"]["_extra"]) == {"note": "a\ufffdb"}
     assert orjson.loads(got["2"]["meta"]) == {"k\ufffd": "v\ufffd"}
     reject = await db.fetchrow("SELECT key, reasons, record FROM trawl._rejects")
@@ -423,7 +395,7 @@ async def test_a_field_declared_later_adds_a_column(
 
     results = await loader.load_manifest(run2)
 
-    assert loaded(results) == (1, 1, 0, 0)
+    assert part_totals(results) == (1, 1, 0, 0)
     types = dict(
         await db.fetch(
             "SELECT column_name, data_type FROM information_schema.columns"
@@ -432,7 +404,7 @@ async def test_a_field_declared_later_adds_a_column(
     )
     assert (types["rating"], types["Seller Name"]) == ("double precision", "text")
     assert len(types) == 18
-    got = await rows(db)
+    got = await table_rows(db)
     assert (got["1"]["rating"], got["1"]["Seller Name"], got["1"]["_extra"]) == (4.5, None, None)
     assert (got["2"]["rating"], got["2"]["Seller Name"]) == (3.0, "Ann")
 
@@ -626,7 +598,7 @@ async def test_racing_loads_of_one_manifest_load_each_part_once(
         # Every part was loaded by exactly one of the two loaders.
         assert [x.skipped != y.skipped for x, y in zip(first, second, strict=True)] == [True] * len(manifest.parts)
     done = [r for r in res_a + res_b if not r.skipped]
-    assert loaded(done) == (60, 0, 0, 3)
+    assert part_totals(done) == (60, 0, 0, 3)
     assert await db.fetchval("SELECT count(*) FROM trawl._loads") == len(raw.parts) + len(outcomes.parts)
     assert await db.fetchval("SELECT count(*) FROM trawl.items") == 60
     assert await db.fetchval("SELECT count(*) FROM trawl._rejects") == 3
@@ -654,7 +626,7 @@ async def test_not_modified_moves_last_seen_and_validators_carry_over(
     for m in (out2, raw2):
         await loader.load_manifest(m)
 
-    got = await rows(db)
+    got = await table_rows(db)
     assert got["1"]["_last_seen_at"] == later  # still current, seen in run r2
     assert got["1"]["_run_id"] == "r1" and got["1"]["_fetched_at"] == T0
     assert got["2"]["_last_seen_at"] == T0

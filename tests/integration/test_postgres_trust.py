@@ -8,20 +8,20 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
 import pytest
 
-from sinks.postgres import Loader, PartLoad
+from sinks.postgres import Loader
 from sinks.stage import LocalStager
 from sinks.validate import register_check
+from tests.helpers.databases import fresh_database
+from tests.helpers.loading import part_totals, table_rows
 from trawl.cli import main as trawl_main
 from trawl.database import connect_pool
 from trawl.errors import LoadError, StagingError
@@ -62,38 +62,9 @@ async def stage(
     return raw
 
 
-def totals(results: Sequence[PartLoad]) -> tuple[int, int, int, int]:
-    return (
-        sum(r.inserted for r in results),
-        sum(r.updated for r in results),
-        sum(r.unchanged for r in results),
-        sum(r.rejected for r in results),
-    )
-
-
 @pytest.fixture
 def stager(tmp_path: Path) -> LocalStager:
     return LocalStager(tmp_path / "staging", part_max_records=4)
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await connect_pool(database_url)
-    try:
-        yield pool
-    finally:
-        await pool.close()
-
-
-@pytest.fixture
-async def loader(pool: asyncpg.Pool, stager: LocalStager) -> Loader:
-    loader = Loader(pool, stager)
-    await loader.setup()
-    return loader
-
-
-async def table(db: asyncpg.Connection, name: str = "items") -> dict[str, asyncpg.Record]:
-    return {r["_key"]: r for r in await db.fetch(f'SELECT * FROM trawl."{name}" ORDER BY _key')}
 
 
 # -- validation -------------------------------------------------------------------------------------------
@@ -141,9 +112,9 @@ async def test_every_rule_is_enforced_and_every_reason_kept(
     ]
     raw = await stage(stager, "r1", records, decl)
 
-    assert totals(await loader.load_manifest(raw)) == (2, 0, 0, 2)
+    assert part_totals(await loader.load_manifest(raw)) == (2, 0, 0, 2)
 
-    got = await table(db)
+    got = await table_rows(db)
     assert (got["1"]["price"], got["1"]["qty"], got["1"]["plain"], got["1"]["sku"]) == (1299.0, 1000, 2.5, "1-AB")
     assert (got["2"]["price"], got["2"]["qty"], got["2"]["size"]) == (12.5, 4, None)
     rejects = {r["key"]: r for r in await db.fetch("SELECT * FROM trawl._rejects")}
@@ -217,7 +188,7 @@ async def test_a_broken_scrape_over_the_reject_rate_fails_instead_of_loading(
     lenient = Loader(pool, stager)
     results = await lenient.load_manifest(raw)
     assert [r.skipped for r in results] == [True, False, False]
-    assert totals(results) == (2, 0, 0, 6)
+    assert part_totals(results) == (2, 0, 0, 6)
     assert await db.fetchval("SELECT count(*) FROM trawl._rejects") == 6
     assert await db.fetchval("SELECT count(*) FROM trawl.items") == 6
 
@@ -251,7 +222,7 @@ async def test_latest_fetched_at_wins_across_parts_of_a_run(
     results = await loader.load_manifest(raw)
 
     assert [(r.inserted, r.updated, r.unchanged) for r in results] == [(4, 0, 0), (0, 0, 1)]
-    row = (await table(db))["1"]
+    row = (await table_rows(db))["1"]
     assert (row["name"], row["_fetched_at"], row["_staged_object"]) == ("late", late, raw.parts[0].uri)
     changes = await db.fetch("SELECT change, staged_object FROM trawl._lineage WHERE key = '1' ORDER BY fetched_at")
     assert [tuple(c) for c in changes] == [("older", raw.parts[1].uri), ("inserted", raw.parts[0].uri)]
@@ -313,9 +284,9 @@ async def test_a_field_added_mid_history_is_back_filled_from_extra(
     wider = schema(rating={"type": "float"})
     run2 = await stage(stager, "r2", [rec("5", {"id": 5, "rating": 1}, run_id="r2", at=t2)], wider, started=t2)
 
-    assert totals(await loader.load_manifest(run2)) == (1, 0, 0, 0)
+    assert part_totals(await loader.load_manifest(run2)) == (1, 0, 0, 0)
 
-    got = await table(db)
+    got = await table_rows(db)
     assert {k: r["rating"] for k, r in got.items()} == {"1": 4.5, "2": 3.0, "3": None, "4": None, "5": 1.0}
     assert got["1"]["_extra"] is None
     assert orjson.loads(got["2"]["_extra"]) == {"note": "x"}
@@ -353,7 +324,7 @@ async def test_a_lossless_type_change_is_applied_and_recorded(
         )
         == "double precision"
     )
-    assert {k: r["qty"] for k, r in (await table(db)).items()} == {"1": 3.0, "2": 2.5}
+    assert {k: r["qty"] for k, r in (await table_rows(db)).items()} == {"1": 3.0, "2": 2.5}
     assert list(await db.fetchval("SELECT changes FROM trawl._schemas WHERE version = 2")) == ["qty: int -> float"]
     # An older run loaded late does not move the type back: its ints load into the float column.
     late = await stage(
@@ -364,7 +335,7 @@ async def test_a_lossless_type_change_is_applied_and_recorded(
         started=T0 - timedelta(days=1),
     )
     await loader.load_manifest(late)
-    assert (await table(db))["3"]["qty"] == 4.0
+    assert (await table_rows(db))["3"]["qty"] == 4.0
     assert await db.fetchval("SELECT count(*) FROM trawl._schemas") == 2
 
 
@@ -440,7 +411,7 @@ async def test_the_view_shows_only_declared_columns(
     )
 
     assert await view_columns() == ["_key", "id", "name", "size", "weight"]
-    got = await table(db)
+    got = await table_rows(db)
     assert got["1"]["colour"] == "red"  # the column stays in the table
     assert orjson.loads(got["2"]["_extra"]) == {"colour": "blue"}  # undeclared now: kept in _extra
     changes = await db.fetchval("SELECT changes FROM trawl._schemas WHERE version = 2")
@@ -453,25 +424,11 @@ async def test_the_view_shows_only_declared_columns(
 # -- exactly once across processes ------------------------------------------------------------------------
 
 
-def _other_database(dsn: str, name: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
-
-
 @pytest.fixture
 async def reference_url(pg_server_dsn: str) -> AsyncIterator[str]:
     """A second fresh database: the uninterrupted load to compare with."""
-    name = f"trawl_ref_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_server_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield _other_database(pg_server_dsn, name)
-    admin = await asyncpg.connect(pg_server_dsn)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with fresh_database(pg_server_dsn, "trawl_ref") as url:
+        yield url
 
 
 async def _history(stager: LocalStager) -> None:

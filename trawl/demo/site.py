@@ -17,11 +17,12 @@ import struct
 import threading
 import zlib
 from collections import Counter
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from html import escape
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -41,6 +42,7 @@ __all__ = [
     "DemoSiteThread",
     "Item",
     "Product",
+    "ServerThread",
     "catalogue_page_of",
     "catalogue_urls",
     "decode_cursor",
@@ -52,6 +54,8 @@ __all__ = [
     "product_urls",
     "related_ids",
 ]
+
+ServerT = TypeVar("ServerT", bound=AbstractAsyncContextManager[Any])
 
 PRODUCT_COUNT = 1200
 PAGE_SIZE = 20
@@ -663,14 +667,17 @@ class DemoSite:
         await self.stop()
 
 
-class DemoSiteThread:
-    """Runs a :class:`DemoSite` on its own event loop in a background thread.
+class ServerThread(Generic[ServerT]):
+    """Runs an async server (serving while entered as an async context manager) on its own loop in a thread.
 
-    For sync code and tests that drive the crawler from a subprocess.
+    For sync code, benchmarks and tests that drive the crawler from a subprocess.
+    Subclasses name what they serve in ``what`` (the thread's name and error messages).
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 10.0) -> None:
-        self.site = DemoSite(host, port)
+    what = "server"
+
+    def __init__(self, server: ServerT, start_timeout: float = 10.0) -> None:
+        self.server = server
         self.start_timeout = start_timeout
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -678,26 +685,11 @@ class DemoSiteThread:
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
-    @property
-    def url(self) -> str:
-        """Base URL of the running site."""
-        return self.site.url
-
-    @property
-    def requests(self) -> Counter[str]:
-        """Request paths counted so far (written by the server thread)."""
-        return self.site.requests
-
-    @property
-    def requests_qs(self) -> Counter[str]:
-        """Request paths with query strings counted so far."""
-        return self.site.requests_qs
-
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         try:
-            async with self.site:
+            async with self.server:
                 self._ready.set()
                 await self._stop.wait()
         except BaseException as exc:
@@ -713,21 +705,21 @@ class DemoSiteThread:
     def start(self) -> None:
         """Start the thread and block until the server listens (or re-raise why it could not)."""
         if self._thread is not None:
-            raise RuntimeError("DemoSiteThread already started")
+            raise RuntimeError(f"{type(self).__name__} already started")
         self._ready.clear()
         self._error = None
-        self._thread = threading.Thread(target=self._run, name="trawl-demo-site", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"trawl-{self.what.replace(' ', '-')}", daemon=True)
         self._thread.start()
         if not self._ready.wait(self.start_timeout):
             self.stop(timeout=1.0)
-            raise TimeoutError(f"demo site did not start within {self.start_timeout}s")
+            raise TimeoutError(f"{self.what} did not start within {self.start_timeout}s")
         if self._error is not None:
             self._thread.join()
             self._thread = None
             raise self._error
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Ask the server loop to shut down and wait for the thread to finish."""
+        """Ask the server's loop to shut down and wait for the thread to finish."""
         thread, self._thread = self._thread, None
         if thread is None:
             return
@@ -749,3 +741,31 @@ class DemoSiteThread:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class DemoSiteThread(ServerThread[DemoSite]):
+    """Runs a :class:`DemoSite` on its own event loop in a background thread.
+
+    For sync code and tests that drive the crawler from a subprocess.
+    """
+
+    what = "demo site"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 10.0) -> None:
+        super().__init__(DemoSite(host, port), start_timeout)
+        self.site = self.server
+
+    @property
+    def url(self) -> str:
+        """Base URL of the running site."""
+        return self.site.url
+
+    @property
+    def requests(self) -> Counter[str]:
+        """Request paths counted so far (written by the server thread)."""
+        return self.site.requests
+
+    @property
+    def requests_qs(self) -> Counter[str]:
+        """Request paths with query strings counted so far."""
+        return self.site.requests_qs

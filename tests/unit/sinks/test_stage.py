@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gzip
 import hashlib
 import random
 from datetime import UTC, datetime, timedelta
@@ -16,6 +15,7 @@ import pytest
 from sinks.s3 import S3Stager
 from sinks.stage import LocalStager, PartWriter
 from sinks.targets import open_stager
+from tests.helpers.staged import part_lines
 from trawl.errors import ConfigError, StagingError
 from trawl.records import Outcome, OutcomeKind, Record
 from trawl.settings import Settings
@@ -54,10 +54,6 @@ def outcome(i: int, *, source: str = "shop") -> Outcome:
 def local(uri: str) -> Path:
     assert uri.startswith("file://"), uri
     return Path(uri.removeprefix("file://"))
-
-
-def lines(path: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in gzip.decompress(path.read_bytes()).splitlines()]
 
 
 def expected_json(envelope: dict[str, Any]) -> dict[str, Any]:
@@ -115,12 +111,12 @@ async def test_manifest_matches_files_on_disk_and_lines_are_the_envelopes(tmp_pa
         data = local(part.uri).read_bytes()
         assert part.bytes == len(data)
         assert part.sha256 == hashlib.sha256(data).hexdigest()
-        part_lines = lines(local(part.uri))
-        assert len(part_lines) == part.rows
-        staged.extend(part_lines)
+        lines = list(part_lines(local(part.uri)))
+        assert len(lines) == part.rows
+        staged.extend(lines)
     assert staged == [expected_json(record(i).envelope()) for i in range(25)]
     assert staged[3]["fetched_at"] == "2026-03-14T23:59:33.123456+00:00"
-    assert lines(local(outcomes.parts[0].uri)) == [expected_json(outcome(7).envelope())]
+    assert list(part_lines(local(outcomes.parts[0].uri))) == [expected_json(outcome(7).envelope())]
 
     body = orjson.loads(local(raw.uri).read_bytes())
     assert body["parts"] == [p.as_dict() for p in raw.parts]
@@ -161,7 +157,7 @@ async def test_parts_roll_at_part_max_bytes(tmp_path: Path) -> None:
     # A part closed by size must not leave the next one closing after a single row.
     assert all(p.rows > 1 for p in raw.parts), [p.rows for p in raw.parts]
     assert [p.bytes for p in raw.parts] == [local(p.uri).stat().st_size for p in raw.parts]
-    keys = [line["i"] for p in raw.parts for line in lines(local(p.uri))]
+    keys = [line["i"] for p in raw.parts for line in part_lines(local(p.uri))]
     assert keys == list(range(n))
 
 
@@ -227,7 +223,7 @@ async def test_failed_status_and_error_are_preserved(tmp_path: Path) -> None:
         assert m.status == "failed"
         assert m.error == "too many failures on example.test"
     assert listed.rows == 2
-    assert lines(local(listed_outcomes.parts[0].uri))[0]["error"] == "503 Service Unavailable"
+    assert next(part_lines(local(listed_outcomes.parts[0].uri)))["error"] == "503 Service Unavailable"
 
 
 async def test_empty_run_commits_a_manifest_without_parts(tmp_path: Path) -> None:
@@ -315,7 +311,7 @@ async def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
 
     assert sum(p.rows for p in parts) == 2000 == writer.rows
     assert all(p.rows == 37 for p in parts[:-1])
-    seen = [(line["task"], line["i"]) for p in parts for line in lines(local(p.uri))]
+    seen = [(line["task"], line["i"]) for p in parts for line in part_lines(local(p.uri))]
     assert len(seen) == 2000
     assert sorted(seen) == [(t, i) for t in range(40) for i in range(50)]
     for t in range(40):  # each task's own writes stay in order

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from tests.helpers.net import free_port
 from trawl.errors import BlockedNetworkError, FetchError, PermanentFetchError, TransientFetchError
 from trawl.fetch import Fetcher, NetworkGuard, Response, TransportName
 from trawl.settings import Settings
@@ -356,9 +357,7 @@ async def test_per_host_delay_spaces_request_starts(
 
 
 async def test_connection_refused_is_transient(settings: Settings, transport: TransportName) -> None:
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     exc = await fail(tuned(settings, max_retries=1), f"http://127.0.0.1:{port}/", transport)
     assert type(exc) is TransientFetchError
     assert exc.attempts == 2

@@ -54,7 +54,6 @@ import math
 import re
 import socket
 import struct
-import threading
 import time
 import zlib
 from collections import Counter, deque
@@ -69,7 +68,7 @@ from typing import Any, Final, Self
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from trawl.demo.site import PRODUCT_COUNT, Product, product
+from trawl.demo.site import PRODUCT_COUNT, Product, ServerThread, product
 
 __all__ = [
     "BEHAVIOURS",
@@ -867,20 +866,17 @@ class ChaosFleet:
         raise _not_found()
 
 
-class ChaosFleetThread:
+class ChaosFleetThread(ServerThread[ChaosFleet]):
     """Runs a :class:`ChaosFleet` on its own event loop in a background thread.
 
     For sync code, benchmarks and tests that drive the crawler from a subprocess.
     """
 
+    what = "chaos fleet"
+
     def __init__(self, behaviours: Iterable[str] | None = None, *, start_timeout: float = 10.0, **options: Any) -> None:
-        self.fleet = ChaosFleet(behaviours, **options)
-        self.start_timeout = start_timeout
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
+        super().__init__(ChaosFleet(behaviours, **options), start_timeout)
+        self.fleet = self.server
 
     @property
     def hosts(self) -> dict[str, str]:
@@ -910,63 +906,6 @@ class ChaosFleetThread:
         """See :attr:`ChaosFleet.expected`."""
         return self.fleet.expected
 
-    async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        try:
-            async with self.fleet:
-                self._ready.set()
-                await self._stop.wait()
-        except BaseException as exc:
-            self._error = exc
-            raise
-        finally:
-            self._ready.set()
-
-    def _run(self) -> None:
-        with contextlib.suppress(BaseException):  # reported to start() through self._error
-            asyncio.run(self._serve())
-
-    def start(self) -> None:
-        """Start the thread and block until every host listens (or re-raise why it could not)."""
-        if self._thread is not None:
-            raise RuntimeError("ChaosFleetThread already started")
-        self._ready.clear()
-        self._error = None
-        self._thread = threading.Thread(target=self._run, name="trawl-chaos-fleet", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(self.start_timeout):
-            self.stop(timeout=1.0)
-            raise TimeoutError(f"chaos fleet did not start within {self.start_timeout}s")
-        if self._error is not None:
-            self._thread.join()
-            self._thread = None
-            raise self._error
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Ask the fleet's loop to shut down and wait for the thread to finish."""
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        loop, stop = self._loop, self._stop
-        if loop is not None and stop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # loop closed meanwhile: already stopping
-                loop.call_soon_threadsafe(stop.set)
-        thread.join(timeout)
-        self._loop = self._stop = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 async def _serve_forever(fleet: ChaosFleet) -> None:
     async with fleet:
@@ -976,9 +915,9 @@ async def _serve_forever(fleet: ChaosFleet) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m trawl.demo.chaos``: serve the fleet until Ctrl-C, one ``behaviour URL`` line per host."""
+    """``python -m tests.helpers.chaos``: serve the fleet until Ctrl-C, one ``behaviour URL`` line per host."""
     parser = argparse.ArgumentParser(
-        prog="python -m trawl.demo.chaos", description="Serve the trawl chaos fleet until Ctrl-C."
+        prog="python -m tests.helpers.chaos", description="Serve the trawl chaos fleet until Ctrl-C."
     )
     parser.add_argument("--behaviours", help=f"comma-separated subset of: {', '.join(BEHAVIOURS)} (default: all)")
     parser.add_argument("--port", type=int, default=0, help="port shared by every host; 0 picks a free one")

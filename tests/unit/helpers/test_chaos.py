@@ -12,6 +12,7 @@ import urllib.request
 import zlib
 from collections.abc import AsyncIterator
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,11 +22,12 @@ from multidict import CIMultiDict
 from protego import Protego
 from selectolax.lexbor import LexborHTMLParser
 
-from trawl.demo.chaos import BEHAVIOURS, EXPECTED_SETTINGS, ChaosFleet, ChaosFleetThread, gzip_bomb
+from tests.helpers.chaos import BEHAVIOURS, EXPECTED_SETTINGS, ChaosFleet, ChaosFleetThread, gzip_bomb
 from trawl.records import OutcomeKind, utcnow
 from trawl.settings import Settings
 
 MiB = 1 << 20
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
@@ -371,7 +373,8 @@ def test_thread_serves_from_its_own_loop() -> None:
 
 def test_main_prints_one_line_per_host() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trawl.demo.chaos", "--behaviours", "healthy,robots", "--port", "0"],
+        [sys.executable, "-m", "tests.helpers.chaos", "--behaviours", "healthy,robots", "--port", "0"],
+        cwd=REPO,  # `-m tests.helpers.chaos` resolves from the checkout
         stdout=subprocess.PIPE,
         text=True,
     )

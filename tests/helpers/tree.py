@@ -13,21 +13,15 @@ page, so a crawler that ignores the layout still gets pages.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections import Counter
 from types import TracebackType
 from typing import Self
 
 from aiohttp import web
 
-__all__ = ["TreeSite", "free_port"]
+from tests.helpers.net import free_port
 
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+__all__ = ["TreeSite"]
 
 
 class TreeSite:

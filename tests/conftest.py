@@ -8,10 +8,12 @@ import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import asyncpg
 import pytest
 import structlog
+from blockbuster import BlockBuster, blockbuster_ctx
 
 from trawl.demo.site import DemoSite
 from trawl.settings import Settings
@@ -20,6 +22,32 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+# -- No blocking calls on the event loop (as aiohttp's own suite does with blockbuster) ------------------------------
+
+# Code whose blocking calls count: ours, and the tests themselves (a folder, not a package, hence the stand-in
+# module). A blocking call fails when one of these is on the stack, including through a library we called from a
+# coroutine; a library's own background loop threads (Prefect's services, the test harness's uvicorn) are not ours.
+_TESTS = ModuleType("tests")
+_TESTS.__path__ = [str(REPO / "tests")]
+_SCANNED: list[str | ModuleType] = ["trawl", "sinks", "flows", "spiders", _TESTS]
+
+
+def _allow_third_party(bb: BlockBuster) -> None:
+    """Blocking calls made by libraries we do not control, each allowed where it happens and nowhere else."""
+
+
+@pytest.fixture(autouse=True)
+def blockbuster() -> Iterator[BlockBuster]:
+    """Fail any blocking call (sleep, file or socket I/O, lock wait...) made on a running event loop.
+
+    On for sync tests too: blockbuster only checks a thread while its event loop is running, so a plain sync
+    test costs nothing, and one that drives a loop itself (``asyncio.run`` in the CLI, Prefect's sync wrappers)
+    is held to the same rule as an async test.
+    """
+    with blockbuster_ctx(_SCANNED) as bb:
+        _allow_third_party(bb)
+        yield bb
 
 
 @pytest.fixture(scope="session")

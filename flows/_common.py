@@ -89,13 +89,15 @@ def is_transient(exc: BaseException) -> bool:
 
 def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """``retry_condition_fn`` for trawl's tasks: retry transient failures only, never a bad config or bad data."""
-    try:
-        state.result(raise_on_failure=True)
-    except Exception as exc:
-        retry = is_transient(exc)
-        log.info("task failed", task=task_run.name, error=str(exc), retry=retry)
-        return retry
-    return False
+    # The failed state holds the exception. Not ``state.result(raise_on_failure=True)``: Prefect calls this from
+    # its async engine, where that is an un-awaited ``State.aresult`` coroutine raising nothing (so nothing was
+    # ever retried), and forcing it sync blocks the loop on another thread.
+    exc = getattr(state.data, "result", state.data)  # a persisted failure is a ResultRecord holding the error
+    if not isinstance(exc, Exception):
+        return False
+    retry = is_transient(exc)
+    log.info("task failed", task=task_run.name, error=str(exc), retry=retry)
+    return retry
 
 
 @contextlib.asynccontextmanager

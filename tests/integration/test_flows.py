@@ -338,5 +338,5 @@ async def test_a_spider_source_runs_twice_in_one_process_with_identical_results(
         assert orders["status"] == "complete" and orders["records"] == ORDER_COUNT
         assert orders["outcomes"] == {"fetched": 3}
     assert first["run_id"] != second["run_id"]
-    assert len(staged(first["run_id"])) == ORDER_COUNT
-    assert staged(first["run_id"]) == staged(second["run_id"])
+    assert len(await asyncio.to_thread(staged, first["run_id"])) == ORDER_COUNT
+    assert await asyncio.to_thread(staged, first["run_id"]) == await asyncio.to_thread(staged, second["run_id"])

@@ -602,6 +602,9 @@ async def test_kill_9_mid_part_then_rerun_gives_the_same_tables(
             child.kill()
             await asyncio.to_thread(child.wait)
     assert child.returncode == -signal.SIGKILL, child.stderr.read().decode() if child.stderr else ""
+    for pipe in (child.stdout, child.stderr):  # never read: close them, or they leak (ResourceWarning)
+        if pipe is not None:
+            pipe.close()
     loaded = {r[0] for r in await db.fetch("SELECT staged_object FROM trawl._loads")}
     assert target not in loaded
     assert {p.uri for p in manifests[0].parts} | {manifests[1].parts[0].uri, manifests[1].parts[1].uri} <= loaded

@@ -70,11 +70,12 @@ def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any
     """``retry_condition_fn`` for trawl's tasks: retry transient failures only, never a bad config or bad data.
 
     Prefect's async engine calls it from inside its event loop with a Failed state
-    that holds the exception itself; ``state.result()`` there is an un-awaited
-    coroutine (FIELD-NOTES), so the exception is read from the state's data.
+    that holds the exception; ``state.result()`` there is an un-awaited
+    coroutine raising nothing (FIELD-NOTES), so the exception is read from the
+    state's data (a persisted failure's ResultRecord holds it in ``result``).
     """
-    exc = state.data
-    if not isinstance(exc, BaseException):
+    exc = getattr(state.data, "result", state.data)
+    if not isinstance(exc, Exception):
         log.info("task failed", task=task_run.name, error=state.message, retry=False)
         return False
     retry = is_transient(exc)

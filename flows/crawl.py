@@ -160,11 +160,11 @@ async def crawl_shard(
     Started by the crawl flow through the shard deployment; it stages parts under
     the run's id and leaves the manifest to the crawl flow that started it.
     """
-    (src,) = check_sources(sources_file, [source])
+    (src,) = await asyncio.to_thread(check_sources, sources_file, [source])  # reads the sources file
     if not isinstance(src, HtmlSource) or src.shards != shards:
         raise ParameterError("source", f"{source} in {sources_file} is not an html source with shards: {shards}")
     settings = await settings_for(staging, politeness, database_secret)
-    stager = open_stager(settings.staging, settings=settings)
+    stager = await asyncio.to_thread(open_stager, settings.staging, settings=settings)  # resolves a local path
     bind(run_id=run_id, flow_run_id=current_flow_run_id())
     async with flow_metrics("crawl-shard", settings, f"{source}-shard-{shard}"), stager, Fetcher(settings) as fetcher:
         result = await crawl_source(
@@ -229,9 +229,9 @@ async def crawl(
     carry on where their last checkpoint left them, the others crawl again. ``publish`` adds the run summary artifact
     (the pipeline publishes its own, with the load's rejects).
     """
-    selected = check_sources(sources_file, sources)
+    selected = await asyncio.to_thread(check_sources, sources_file, sources)  # reads the sources file
     settings = await settings_for(staging, politeness, database_secret)
-    stager = open_stager(settings.staging, settings=settings)
+    stager = await asyncio.to_thread(open_stager, settings.staging, settings=settings)  # resolves a local path
     _SHARD_PARAMS.set(
         {
             "sources_file": sources_file,

@@ -104,7 +104,7 @@ async def load(
     """
     settings = await settings_for(staging, database_secret=database_secret)
     bind(flow_run_id=current_flow_run_id())
-    async with open_stager(settings.staging, settings=settings) as stager:
+    async with await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager:
         manifests = [
             m
             for kind in _KINDS
@@ -117,7 +117,8 @@ async def load(
 
 async def _load_all(settings: Settings, stager: Stager, manifests: list[Manifest], dry_run: bool) -> dict[str, Any]:
     """Every source's manifests side by side, each source's parts in order; the per-source totals."""
-    pool = await connect_pool(resolve_dsn(settings), max_size=settings.db_pool_size)
+    # resolve_dsn may start the embedded PostgreSQL (a subprocess and file I/O): off the loop
+    pool = await connect_pool(await asyncio.to_thread(resolve_dsn, settings), max_size=settings.db_pool_size)
     try:
         loader = Loader(
             pool,

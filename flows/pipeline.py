@@ -48,10 +48,10 @@ async def pipeline(
     the parameters, the sources file and the database and stops there.
     ``resume_run_id`` continues a run that died (see the crawl flow) and loads it.
     """
-    selected = check_sources(sources_file, sources)
+    selected = await asyncio.to_thread(check_sources, sources_file, sources)  # reads the sources file
     settings = await settings_for(staging, politeness, database_secret)
     if dry_run:
-        pool = await connect_pool(resolve_dsn(settings), max_size=1)
+        pool = await connect_pool(await asyncio.to_thread(resolve_dsn, settings), max_size=1)
         await pool.close()
     async with flow_metrics("pipeline", settings, "+".join(sorted(s.name for s in selected))) as measured:
         result = await _crawl_and_load(

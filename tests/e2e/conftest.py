@@ -66,15 +66,15 @@ class PrefectStack:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def start(self, name: str, argv: list[str], extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        out = (self.logs / f"{name}.log").open("wb")
-        proc = subprocess.Popen(
-            argv,
-            cwd=REPO,
-            env={**self.env, **(extra or {})},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with (self.logs / f"{name}.log").open("wb") as out:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(
+                argv,
+                cwd=REPO,
+                env={**self.env, **(extra or {})},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.procs.append(proc)
         return proc
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -51,7 +52,7 @@ async def test_run_load_and_rerun_demo(
 ) -> None:
     env = {**env, "TRAWL_DEMO_URL": site.url, "TRAWL_ALLOWED_NETWORKS": '["127.0.0.0/8"]'}
 
-    first = trawl("run", "examples/demo.yaml", "--database-url", database_url, env=env)
+    first = await asyncio.to_thread(trawl, "run", "examples/demo.yaml", "--database-url", database_url, env=env)
     assert first.returncode == 0, first.stderr + first.stdout[-3000:]
     assert "products" in first.stdout and "complete" in first.stdout
     # Logs: JSON lines (the summary table follows them), source lines carry run and source context.
@@ -79,7 +80,7 @@ async def test_run_load_and_rerun_demo(
     ]
     assert objects
     for uri in objects:
-        assert uri.startswith("file://") and Path(uri.removeprefix("file://")).is_file(), uri
+        assert uri.startswith("file://") and await asyncio.to_thread(Path(uri.removeprefix("file://")).is_file), uri
 
     # Every fetched URL has exactly one outcome row, and the site saw each page once.
     outcomes = await db.fetch("SELECT url, outcome FROM trawl._outcomes")
@@ -92,7 +93,7 @@ async def test_run_load_and_rerun_demo(
 
     # `trawl load` again: the ledger has every part, nothing changes.
     before = await db.fetch("SELECT _key, _last_seen_at FROM trawl.items ORDER BY _key")
-    again = trawl("load", "--database-url", database_url, env=env)
+    again = await asyncio.to_thread(trawl, "load", "--database-url", database_url, env=env)
     assert again.returncode == 0, again.stderr
     assert await db.fetch("SELECT _key, _last_seen_at FROM trawl.items ORDER BY _key") == before
     assert await db.fetchval("SELECT count(*) FROM trawl._loads") == 8  # records and outcomes of 4 sources
@@ -105,7 +106,7 @@ async def test_run_load_and_rerun_demo(
     snapshot = "SELECT _key, name, price, _content_hash, _run_id, _first_seen_at, _last_seen_at FROM trawl.products"
     old = {r["_key"]: r for r in await db.fetch(snapshot)}
     first_run = old[next(iter(old))]["_run_id"]
-    second = trawl("run", "examples/demo.yaml", "--database-url", database_url, env=env)
+    second = await asyncio.to_thread(trawl, "run", "examples/demo.yaml", "--database-url", database_url, env=env)
     assert second.returncode == 0, second.stderr
     new = {r["_key"]: r for r in await db.fetch(snapshot)}
     assert new.keys() == old.keys()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -62,36 +63,40 @@ async def test_s3_down_at_the_end_fails_clearly_then_the_next_run_and_resume_fin
     s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3_proxy.target_port}", region_name="us-east-1")
 
     s3_proxy.cut()
-    failed = trawl("crawl", "examples/demo.yaml", "--source", "items", "--staging", staging, env=env)
+    failed = await asyncio.to_thread(
+        trawl, "crawl", "examples/demo.yaml", "--source", "items", "--staging", staging, env=env
+    )
     assert failed.returncode == 1, failed.stderr + failed.stdout[-3000:]
     [summary] = [line for line in failed.stdout.splitlines() if line.startswith("items:")]
     run_id = next(line.split()[1].rstrip(":") for line in failed.stdout.splitlines() if line.startswith("run "))
     assert "still unavailable" in summary and f"trawl stage resume {run_id}" in summary
     assert "4 part(s) wait in the spool" in summary  # 3 record parts, 1 outcomes part
-    spooled = sorted(p.name for p in (tmp_path / "spool").rglob("*") if p.is_file())
+    spooled = await asyncio.to_thread(lambda: sorted(p.name for p in (tmp_path / "spool").rglob("*") if p.is_file()))
     assert spooled.count("_manifest.json") == 2 and "part-00003.jsonl.gz" in spooled  # 2,500 items: 3 parts
     assert "Contents" not in s3.list_objects_v2(Bucket=s3_bucket) or not any(
         o["Key"].endswith("_manifest.json") for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]
     )
 
     s3_proxy.restore()
-    listed = trawl("runs", "ls", "--staging", staging, env=env)
+    listed = await asyncio.to_thread(trawl, "runs", "ls", "--staging", staging, env=env)
     assert listed.returncode == 0, listed.stderr
     [row] = [line.split() for line in listed.stdout.splitlines() if line.startswith(run_id)]
     assert row[1:4] == ["items", row[2], "incomplete"] and row[-1] == "3"
 
     # The next run finishes the spooled one before it crawls; then a resume has nothing left to do.
-    again = trawl("crawl", "examples/demo.yaml", "--source", "items", "--staging", staging, env=env)
+    again = await asyncio.to_thread(
+        trawl, "crawl", "examples/demo.yaml", "--source", "items", "--staging", staging, env=env
+    )
     assert again.returncode == 0, again.stderr + again.stdout[-3000:]
     assert "earlier run resumed" in again.stdout
-    resumed = trawl("stage", "resume", run_id, "--staging", staging, env=env)
+    resumed = await asyncio.to_thread(trawl, "stage", "resume", run_id, "--staging", staging, env=env)
     assert resumed.returncode == 0 and "nothing to resume" in resumed.stdout
-    listed = trawl("runs", "ls", "--staging", staging, env=env)
+    listed = await asyncio.to_thread(trawl, "runs", "ls", "--staging", staging, env=env)
     rows = [line.split() for line in listed.stdout.splitlines()[1:]]
     assert [(r[1], r[3], r[4], r[5], r[6]) for r in rows] == [("items", "committed", "complete", "3", "2500")] * 2
     assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
 
-    loaded = trawl("load", "--staging", staging, "--database-url", database_url, env=env)
+    loaded = await asyncio.to_thread(trawl, "load", "--staging", staging, "--database-url", database_url, env=env)
     assert loaded.returncode == 0, loaded.stderr + loaded.stdout[-3000:]
     assert await db.fetchval("SELECT count(*) FROM trawl.items") == ITEM_COUNT
     assert await db.fetchval("SELECT count(DISTINCT run_id) FROM trawl._outcomes") == 2

@@ -194,9 +194,14 @@ async def test_the_ui_shows_the_run_summary(
                 text = await table.inner_text()
             finally:  # the picture is most useful when the table is not there
                 await page.screenshot(path=str(shot), full_page=True)
-                ARTIFACTS.mkdir(parents=True, exist_ok=True)
-                shutil.copy(shot, ARTIFACTS / shot.name)
-                (ARTIFACTS / "prefect-ui-flow-run.html").write_text(await page.content())
+                html = await page.content()
+
+                def keep() -> None:
+                    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(shot, ARTIFACTS / shot.name)
+                    (ARTIFACTS / "prefect-ui-flow-run.html").write_text(html)
+
+                await asyncio.to_thread(keep)
         finally:
             await browser.close()
     assert "products" in text and str(PRODUCT_COUNT) in text and "items" in text
@@ -206,14 +211,24 @@ async def test_invalid_parameters_are_refused_before_any_crawling(
     stack: Stack, demo_run: tuple[subprocess.CompletedProcess[str], Any]
 ) -> None:
     # A malformed staging URL: the server checks the parameter schema and creates no run at all.
-    bad_staging = stack.prefect("deployment", "run", "pipeline/demo", "--param", "staging=ftp://example.com/x")
+    bad_staging = await asyncio.to_thread(
+        stack.prefect, "deployment", "run", "pipeline/demo", "--param", "staging=ftp://example.com/x"
+    )
     assert bad_staging.returncode != 0
     assert "staging" in bad_staging.stdout + bad_staging.stderr
 
     # An unknown source: the run starts and fails at once, naming the parameter, before any request.
     requests_before = sum(stack.site.requests.values())
-    unknown = stack.prefect(
-        "deployment", "run", "pipeline/demo", "--param", 'sources=["nope"]', "--watch", "--watch-timeout", "300"
+    unknown = await asyncio.to_thread(
+        stack.prefect,
+        "deployment",
+        "run",
+        "pipeline/demo",
+        "--param",
+        'sources=["nope"]',
+        "--watch",
+        "--watch-timeout",
+        "300",
     )
     flow_run = await _flow_run(stack, "pipeline/demo", unknown)
     assert flow_run.state.is_failed(), flow_run.state

@@ -67,7 +67,7 @@ async def _trawl(*args: str, env: dict[str, str]) -> tuple[int, str]:
         except TimeoutError:
             proc.kill()
             raise AssertionError(f"trawl {' '.join(args)} did not finish: {log.read_text()[-3000:]}") from None
-    return proc.returncode or 0, log.read_text()
+    return proc.returncode or 0, await asyncio.to_thread(log.read_text)
 
 
 async def _rows(db: asyncpg.Connection, schema: str) -> list[tuple[str, int, str]]:
@@ -78,7 +78,7 @@ async def test_kill_9_then_resume_equals_an_uninterrupted_run(
     tmp_path: Path, database_url: str, db: asyncpg.Connection
 ) -> None:
     async with TreeSite(["127.0.0.21", "127.0.0.22", "127.0.0.23"], pages=PAGES, delay=0.002) as site:
-        sources = _sources(tmp_path / "tree.yaml", site)
+        sources = await asyncio.to_thread(_sources, tmp_path / "tree.yaml", site)
 
         # The reference: the same crawl, uninterrupted, into its own schema and staging.
         ref_env = _env(tmp_path, database_url, tmp_path / "ref-staging", "reference")
@@ -118,7 +118,7 @@ async def test_kill_9_then_resume_equals_an_uninterrupted_run(
             for r in await db.fetch("SELECT url FROM trawl._frontier WHERE state = 'done'")
         }
         assert states["done"] > 0 and states["done"] < PAGES, states
-        assert (tmp_path / "staging").exists()
+        assert await asyncio.to_thread((tmp_path / "staging").exists)
 
         code, out = await _trawl("crawl", str(sources), "--resume", run_id, env=env)
         assert code == 0, out[-3000:]

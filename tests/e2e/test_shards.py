@@ -48,7 +48,8 @@ async def test_two_workers_crawl_two_shards_politely_and_completely(workers: Pre
     stack = workers
     async with TreeSite(HOSTS, pages=PAGES, delay=0.01, port=_balanced_port()) as site:
         sources = tmp_path / "tree.yaml"
-        sources.write_text(
+        await asyncio.to_thread(
+            sources.write_text,
             yaml.safe_dump(
                 {
                     "sources": [
@@ -68,7 +69,7 @@ async def test_two_workers_crawl_two_shards_politely_and_completely(workers: Pre
                         }
                     ]
                 }
-            )
+            ),
         )
         env = {
             **stack.env,
@@ -108,6 +109,7 @@ async def test_two_workers_crawl_two_shards_politely_and_completely(workers: Pre
     async with PrefectClient(stack.api) as client:
         runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="tree-")))
     assert len(runs) >= 2 and all(r.state is not None and r.state.is_completed() for r in runs)
-    took = {name: [r.name for r in runs if str(r.id) in stack.log(name)] for name in ("shard-a", "shard-b")}
+    logs = {name: await asyncio.to_thread(stack.log, name) for name in ("shard-a", "shard-b")}
+    took = {name: [r.name for r in runs if str(r.id) in logs[name]] for name in ("shard-a", "shard-b")}
     assert all(took.values()), took
     print(f"shard runs by worker: {took}; max in flight per host: {dict(site.max_inflight)}")

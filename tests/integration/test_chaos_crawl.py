@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections import Counter
@@ -40,7 +41,7 @@ async def test_crawl_over_the_whole_fleet(tmp_path: Path, database_url: str, db:
     async with ChaosFleet() as fleet:
         settings = Settings(**EXPECTED_SETTINGS, staging=f"file://{tmp_path}")
         source = HtmlSource.model_validate(fleet.source())
-        stager = LocalStager(tmp_path)
+        stager = await asyncio.to_thread(LocalStager, tmp_path)  # resolves the path
         async with Fetcher(settings) as fetcher:
             try:
                 result: SourceResult = await crawl_source(

@@ -127,7 +127,7 @@ async def test_pipeline_loads_every_product_and_item(flow_env: Path, db: asyncpg
 async def test_failed_source_does_not_stop_the_others(
     flow_env: Path, db: asyncpg.Connection, demo_site: DemoSite, tmp_path: Path
 ) -> None:
-    sources = _sources_with_broken_api(tmp_path, demo_site.url)
+    sources = await asyncio.to_thread(_sources_with_broken_api, tmp_path, demo_site.url)
 
     result = await pipeline(str(sources), sources=["items", "broken"])
 
@@ -172,7 +172,7 @@ async def _artifacts(flow_run_id: str) -> dict[str, Artifact]:
 async def test_pipeline_publishes_summary_progress_link_and_errors(
     flow_env: Path, db: asyncpg.Connection, demo_site: DemoSite, tmp_path: Path
 ) -> None:
-    sources = _sources_with_broken_api(tmp_path, demo_site.url)
+    sources = await asyncio.to_thread(_sources_with_broken_api, tmp_path, demo_site.url)
 
     result = await pipeline(str(sources), sources=["items", "broken"])
 
@@ -269,7 +269,7 @@ async def test_spider_html_and_api_sources_interleave_in_one_flow(
     # Prefect test server, which can hold one source's start back by seconds.
     monkeypatch.setenv("TRAWL_PER_HOST_CONCURRENCY", "4")
     monkeypatch.setenv("TRAWL_SOURCE_LOCK", "off")
-    spec = yaml.safe_load((REPO / "examples" / "demo.yaml").read_text())
+    spec = yaml.safe_load(await asyncio.to_thread((REPO / "examples" / "demo.yaml").read_text))
     by_name = {s["name"]: s for s in spec["sources"]}
     items = {**by_name["items"], "params": {"limit": 10}}  # 250 API pages, so it lasts as long as the others
     books = {
@@ -281,7 +281,9 @@ async def test_spider_html_and_api_sources_interleave_in_one_flow(
         "fields": {"sku": {"type": "text", "required": True}, "price": {"type": "float"}, "rating": {"type": "int"}},
     }
     path = tmp_path / "sources.yaml"
-    path.write_text(yaml.safe_dump({"version": 1, "sources": [books, by_name["products"], items]}))
+    await asyncio.to_thread(
+        path.write_text, yaml.safe_dump({"version": 1, "sources": [books, by_name["products"], items]})
+    )
 
     result = await pipeline(str(path))
 
@@ -333,5 +335,5 @@ async def test_a_spider_source_runs_twice_in_one_process_with_identical_results(
         assert orders["status"] == "complete" and orders["records"] == ORDER_COUNT
         assert orders["outcomes"] == {"fetched": 3}
     assert first["run_id"] != second["run_id"]
-    assert len(staged(first["run_id"])) == ORDER_COUNT
-    assert staged(first["run_id"]) == staged(second["run_id"])
+    assert len(await asyncio.to_thread(staged, first["run_id"])) == ORDER_COUNT
+    assert await asyncio.to_thread(staged, first["run_id"]) == await asyncio.to_thread(staged, second["run_id"])

@@ -27,8 +27,8 @@ pytestmark = [pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _products(base: str, **extra: object) -> HtmlSource:
-    spec = load_sources(REPO / "examples" / "demo.yaml", env={"TRAWL_DEMO_URL": base})
+async def _products(base: str, **extra: object) -> HtmlSource:
+    spec = await asyncio.to_thread(load_sources, REPO / "examples" / "demo.yaml", env={"TRAWL_DEMO_URL": base})
     src = next(s for s in spec.sources if s.name == "products")
     assert isinstance(src, HtmlSource)
     return src.model_copy(update={"frontier": "postgres", **extra})
@@ -73,7 +73,10 @@ def test_keys_and_shards_are_stable() -> None:
 
 
 async def _crawl(src: HtmlSource, settings: Settings, run_id: str, *, resume: bool = False) -> dict:
-    async with open_stager(settings.staging, settings=settings) as stager, Fetcher(settings) as fetcher:
+    async with (
+        await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager,
+        Fetcher(settings) as fetcher,
+    ):
         res = await crawl_source(src, run_id=run_id, settings=settings, fetcher=fetcher, stager=stager, resume=resume)
     return res.as_dict()
 
@@ -83,25 +86,28 @@ async def test_a_durable_crawl_stages_what_the_memory_crawl_does(
 ) -> None:
     settings = settings.model_copy(update={"database_url": SecretStr(database_url), "frontier_checkpoint_seconds": 0.2})
     run_id = new_run_id()
-    res = await _crawl(_products(demo_site.url), settings, run_id)
+    res = await _crawl(await _products(demo_site.url), settings, run_id)
     assert res["status"] == "complete" and res["records"] == PRODUCT_COUNT
-    async with open_stager(settings.staging, settings=settings) as stager:
+    async with await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager:
         (m,) = await stager.manifests("raw")
         assert m.rows == PRODUCT_COUNT and len(m.parts) > 1  # checkpoints closed parts along the way
     with pytest.raises(ConfigError, match="--resume"):
-        await _crawl(_products(demo_site.url), settings, run_id)
+        await _crawl(await _products(demo_site.url), settings, run_id)
 
 
 async def test_a_crawl_that_died_midway_resumes_where_its_checkpoint_left_it(
     demo_site: DemoSite, settings: Settings, database_url: str
 ) -> None:
     settings = settings.model_copy(update={"database_url": SecretStr(database_url), "frontier_checkpoint_seconds": 0.1})
-    src = _products(demo_site.url)
+    src = await _products(demo_site.url)
     run_id = new_run_id()
     stats = SourceStats()
 
     async def first() -> None:
-        async with open_stager(settings.staging, settings=settings) as stager, Fetcher(settings) as fetcher:
+        async with (
+            await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager,
+            Fetcher(settings) as fetcher,
+        ):
             await crawl_source(src, run_id=run_id, settings=settings, fetcher=fetcher, stager=stager, stats=stats)
 
     task = asyncio.create_task(first())
@@ -110,7 +116,7 @@ async def test_a_crawl_that_died_midway_resumes_where_its_checkpoint_left_it(
     task.cancel()  # dies mid-crawl: no final checkpoint, no manifest
     with pytest.raises(asyncio.CancelledError):
         await task
-    async with open_stager(settings.staging, settings=settings) as stager:
+    async with await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager:
         assert await stager.manifests("raw") == []
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
     try:
@@ -122,7 +128,7 @@ async def test_a_crawl_that_died_midway_resumes_where_its_checkpoint_left_it(
 
     res = await _crawl(src, settings, run_id, resume=True)
     assert res["status"] == "complete"
-    async with open_stager(settings.staging, settings=settings) as stager:
+    async with await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager:
         (m,) = await stager.manifests("raw")
         keys = [orjson.loads(line)["key"] for p in m.parts async for line in stager.read_part(p)]
     assert len(set(keys)) == PRODUCT_COUNT  # nothing lost; a URL fetched again since the checkpoint may repeat
@@ -157,9 +163,9 @@ async def test_a_durable_crawl_checkpoints_into_s3(
             "frontier_checkpoint_seconds": 0.2,
         }
     )
-    res = await _crawl(_products(demo_site.url), settings, new_run_id())
+    res = await _crawl(await _products(demo_site.url), settings, new_run_id())
     assert res["status"] == "complete"
-    async with open_stager(settings.staging, settings=settings) as stager:
+    async with await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager:
         (m,) = await stager.manifests("raw")
         assert m.rows == PRODUCT_COUNT and len(m.parts) > 1
         keys = [orjson.loads(line)["key"] for p in m.parts async for line in stager.read_part(p)]
@@ -196,14 +202,17 @@ async def test_shards_in_one_process_split_hosts_and_commit_one_manifest(setting
             await whole.set_shards([0, 1], "scheduled")
 
         async def shard(k: int) -> dict:
-            async with open_stager(settings.staging, settings=settings) as stager, Fetcher(settings) as fetcher:
+            async with (
+                await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager,
+                Fetcher(settings) as fetcher,
+            ):
                 res = await crawl_source(src, run_id=run_id, settings=settings, fetcher=fetcher, stager=stager, shard=k)
             return res.as_dict()
 
         results = await asyncio.gather(shard(0), shard(1))
         async with (
             whole_frontier(src, run_id, settings) as whole,
-            open_stager(settings.staging, settings=settings) as stager,
+            await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager,
         ):
             assert await whole.shards_pending() == []
             committed = await commit_sharded(whole, src, stager, flow_run_id=None)

@@ -88,7 +88,7 @@ async def test_endpoint_shows_5xx_and_the_open_breaker_of_the_failing_host(
         scraper = asyncio.create_task(scrape_until(done))
         try:
             async with Fetcher(settings) as fetcher:
-                stager = LocalStager(tmp_path / "staging")
+                stager = await asyncio.to_thread(LocalStager, tmp_path / "staging")  # resolves the path
                 with contextlib.suppress(SourceFailed):  # the failing host fails the source; that is the point
                     await crawl_source(source, run_id=new_run_id(), settings=settings, fetcher=fetcher, stager=stager)
         finally:

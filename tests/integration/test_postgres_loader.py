@@ -168,7 +168,7 @@ async def test_rows_land_typed_with_lineage(loader: Loader, stager: LocalStager,
     for key, row in got.items():
         part = raw.parts[0] if int(key) <= 3 else raw.parts[1]
         assert row["_staged_object"] == part.uri
-        assert Path(row["_staged_object"].removeprefix("file://")).is_file()
+        assert await asyncio.to_thread(Path(row["_staged_object"].removeprefix("file://")).is_file)
 
     ledger = await db.fetch("SELECT * FROM trawl._loads ORDER BY staged_object")
     assert [
@@ -330,7 +330,7 @@ async def test_records_that_do_not_fit_go_to_rejects(
     for r in rejects:
         assert (r["run_id"], r["source"]) == ("r1", "items")
         assert r["staged_object"] in {p.uri for p in raw.parts}
-        assert Path(r["staged_object"].removeprefix("file://")).is_file()
+        assert await asyncio.to_thread(Path(r["staged_object"].removeprefix("file://")).is_file)
     assert by_key["2"]["url"] == "https://shop.test/items/2"
     assert by_key["2"]["staged_object"] == raw.parts[0].uri
     assert by_key["6"]["staged_object"] == raw.parts[1].uri
@@ -442,7 +442,7 @@ async def test_a_changed_declared_type_is_a_load_error(
 async def test_a_corrupted_part_loads_nothing(loader: Loader, stager: LocalStager, db: asyncpg.Connection) -> None:
     _, raw = await stage(stager, "r1", [rec(str(i), item(i), run_id="r1", at=T0) for i in range(2)])
     path = Path(raw.parts[0].uri.removeprefix("file://"))
-    path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")
+    await asyncio.to_thread(lambda: path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0"))
 
     with pytest.raises(StagingError, match="does not match the manifest"):
         await loader.load_manifest(raw)

@@ -527,7 +527,7 @@ async def test_kill_9_mid_part_then_rerun_gives_the_same_tables(
     # upsert and block on the ledger row: killed there, inside the part's transaction.
     target = manifests[1].parts[2].uri
     await db.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", target)
-    child = _child(database_url, stager.root)
+    child = await asyncio.to_thread(_child, database_url, stager.root)
     try:
         await _wait_for(
             db,
@@ -552,21 +552,24 @@ async def test_kill_9_mid_part_then_rerun_gives_the_same_tables(
             == 2
         )
         os.kill(child.pid, signal.SIGKILL)
-        child.wait()
+        await asyncio.to_thread(child.wait)
         await tx.rollback()
         await _wait_for(db, "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)", pid)
     finally:
         if child.poll() is None:
             child.kill()
-            child.wait()
+            await asyncio.to_thread(child.wait)
     assert child.returncode == -signal.SIGKILL, child.stderr.read().decode() if child.stderr else ""
+    for pipe in (child.stdout, child.stderr):  # never read: close them, or they leak (ResourceWarning)
+        if pipe is not None:
+            pipe.close()
     loaded = {r[0] for r in await db.fetch("SELECT staged_object FROM trawl._loads")}
     assert target not in loaded
     assert {p.uri for p in manifests[0].parts} | {manifests[1].parts[0].uri, manifests[1].parts[1].uri} <= loaded
     assert await db.fetchval("SELECT count(*) FROM trawl._lineage WHERE staged_object = $1", target) == 0
 
-    rerun = _child(database_url, stager.root)
-    out, err = rerun.communicate(timeout=120)
+    rerun = await asyncio.to_thread(_child, database_url, stager.root)
+    out, err = await asyncio.to_thread(rerun.communicate, timeout=120)
     assert rerun.returncode == 0, err.decode()
     assert target in _parts(out)
 
@@ -578,11 +581,16 @@ async def test_two_loader_processes_at_once_load_each_part_once(
     stager: LocalStager, database_url: str, reference_url: str
 ) -> None:
     await _history(stager)
-    ref = _child(reference_url, stager.root)
-    _, err = ref.communicate(timeout=120)
+    ref = await asyncio.to_thread(_child, reference_url, stager.root)
+    _, err = await asyncio.to_thread(ref.communicate, timeout=120)
     assert ref.returncode == 0, err.decode()
-    a, b = _child(database_url, stager.root), _child(database_url, stager.root)
-    (out_a, err_a), (out_b, err_b) = a.communicate(timeout=120), b.communicate(timeout=120)
+    a, b = (
+        await asyncio.to_thread(_child, database_url, stager.root),
+        await asyncio.to_thread(_child, database_url, stager.root),
+    )
+    (out_a, err_a), (out_b, err_b) = await asyncio.gather(
+        asyncio.to_thread(a.communicate, timeout=120), asyncio.to_thread(b.communicate, timeout=120)
+    )
     assert (a.returncode, b.returncode) == (0, 0), (err_a + err_b).decode()
 
     done_a, done_b = _parts(out_a), _parts(out_b)
@@ -599,7 +607,7 @@ async def test_the_load_flow_fails_only_the_source_over_the_reject_rate(
 ) -> None:
     from flows.load import load
 
-    stager = LocalStager(tmp_path / "staging")
+    stager = await asyncio.to_thread(LocalStager, tmp_path / "staging")  # resolves the path
     await stage(
         stager,
         "r1",
@@ -631,7 +639,7 @@ async def test_a_bad_part_read_ahead_fails_when_its_turn_comes(
     raw = await stage(stager, "r1", [rec(str(i), {"id": i}, run_id="r1", at=T0) for i in range(12)], schema())
     assert len(raw.parts) == 3
     path = Path(raw.parts[1].uri.removeprefix("file://"))
-    path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")
+    await asyncio.to_thread(lambda: path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0"))
 
     with pytest.raises(StagingError, match="does not match the manifest"):
         await loader.load_manifest(raw)
@@ -641,7 +649,7 @@ async def test_a_bad_part_read_ahead_fails_when_its_turn_comes(
     assert await db.fetchval("SELECT count(*) FROM trawl.items") == 4
 
     # Per-part calls, as the load flow makes them, give the same result as load_manifest.
-    path.write_bytes(b"")  # still broken; load the others one by one
+    await asyncio.to_thread(path.write_bytes, b"")  # still broken; load the others one by one
     fields = await loader.prepare(raw)
     done = await loader.load_part(raw, raw.parts[2], fields)
     await loader.finish(raw)

@@ -82,7 +82,8 @@ async def test_demo_staged_to_s3_loads_the_same_rows_as_a_local_directory(
     assert [tuple(r) for r in await db.fetch(outcomes.format("trawl_s3"))] == [
         tuple(r) for r in await db.fetch(outcomes.format("trawl"))
     ]
-    assert not (tmp_path / "spool" / s3_bucket).exists() or not any((tmp_path / "spool" / s3_bucket).rglob("*.gz"))
+    spool = tmp_path / "spool" / s3_bucket
+    assert await asyncio.to_thread(lambda: not spool.exists() or not any(spool.rglob("*.gz")))
 
 
 async def _load_everything(stager: Stager, database_url: str, schema: str = "trawl") -> list[PartLoad]:
@@ -120,7 +121,8 @@ async def test_a_crawl_survives_s3_going_away_and_loads_every_row(
         s3_commit_timeout=60,
     )
     [source] = select_sources(
-        load_sources(REPO / "examples" / "demo.yaml", env={"TRAWL_DEMO_URL": demo_site.url}), ["products"]
+        await asyncio.to_thread(load_sources, REPO / "examples" / "demo.yaml", env={"TRAWL_DEMO_URL": demo_site.url}),
+        ["products"],
     )
     s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3_proxy.target_port}", region_name="us-east-1")
     most_spooled = 0
@@ -143,7 +145,10 @@ async def test_a_crawl_survives_s3_going_away_and_loads_every_row(
             await asyncio.sleep(0.01)
         s3_proxy.restore()  # … and S3 comes back before the end
 
-    async with open_stager(settings.staging, settings=settings) as stager, Fetcher(settings) as fetcher:
+    async with (
+        await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager,
+        Fetcher(settings) as fetcher,
+    ):
         assert isinstance(stager, S3Stager)
         chaos = asyncio.create_task(outage(stager))
         result = await crawl_source(
@@ -172,7 +177,7 @@ async def test_a_tampered_part_fails_the_load_and_loads_nothing_from_it(
         s3_addressing_style="path",
         s3_spool_dir=tmp_path / "spool",
     )
-    async with open_stager(settings.staging, settings=settings) as stager:
+    async with await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager:
         stage = stager.open_source("items", "20260314T120000Z-tamper", datetime(2026, 3, 14, 12, 0, tzinfo=UTC))
         for i in range(10):
             await stage.records.write(

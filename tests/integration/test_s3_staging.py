@@ -72,7 +72,7 @@ async def stage(stager: Any, n: int, *, pad: Any = "", run_id: str = RUN, source
 
 async def test_parts_and_manifests_land_in_the_local_layout(s3_bucket: str, moto_endpoint: str, tmp_path: Path) -> None:
     settings = s3_settings(s3_bucket, moto_endpoint, tmp_path, part_max_records=4)
-    async with open_stager(settings.staging, settings=settings) as stager:
+    async with await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager:
         assert isinstance(stager, S3Stager)
         outcomes, raw = await stage(stager, 10)
         assert [p.rows for p in raw.parts] == [4, 4, 2]
@@ -92,7 +92,7 @@ async def test_parts_and_manifests_land_in_the_local_layout(s3_bucket: str, moto
     assert [m.uri for m in listed] == [raw.uri]
     assert [r["data"]["id"] for r in read] == list(range(10))
     assert outcomes.rows == 1
-    assert not (tmp_path / "spool" / s3_bucket / "lake").exists()  # nothing left in the spool
+    assert not await asyncio.to_thread((tmp_path / "spool" / s3_bucket / "lake").exists)  # nothing left in the spool
 
 
 async def test_a_large_part_goes_up_in_chunks_and_the_manifest_comes_last(
@@ -100,7 +100,7 @@ async def test_a_large_part_goes_up_in_chunks_and_the_manifest_comes_last(
 ) -> None:
     settings = s3_settings(s3_bucket, moto_endpoint, tmp_path, s3_part_size=5 * MIB, s3_max_concurrency=2)
     s3 = client(moto_endpoint)
-    async with open_stager(settings.staging, settings=settings) as stager:
+    async with await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager:
         st = stager.open_source("shop", RUN, STARTED)
         i = 0
         seen_upload = False
@@ -128,7 +128,7 @@ async def test_a_large_part_goes_up_in_chunks_and_the_manifest_comes_last(
 async def test_a_tampered_or_missing_part_is_a_loud_failure(s3_bucket: str, moto_endpoint: str, tmp_path: Path) -> None:
     settings = s3_settings(s3_bucket, moto_endpoint, tmp_path, part_max_records=5)
     s3 = client(moto_endpoint)
-    async with open_stager(settings.staging, settings=settings) as stager:
+    async with await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager:
         _, raw = await stage(stager, 10)
         first, second = raw.parts
         key = first.uri.removeprefix(f"s3://{s3_bucket}/")
@@ -155,10 +155,10 @@ async def test_encryption_storage_class_and_tags_are_sent(s3_bucket: str, moto_e
         s3_part_size=5 * MIB,
     )
     s3 = client(moto_endpoint)
-    async with open_stager(settings.staging, settings=settings) as stager:
+    async with await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager:
         _, raw = await stage(stager, 12_000, pad=lambda _: os.urandom(1000).hex())  # one multipart part
         small_settings = settings.model_copy(update={"s3_sse": "AES256", "s3_sse_kms_key_id": None})
-    async with open_stager(settings.staging, settings=small_settings) as small:
+    async with await asyncio.to_thread(open_stager, settings.staging, settings=small_settings) as small:
         _, small_raw = await stage(small, 3, run_id="20260314T120000Z-small1")
     big_key = raw.parts[0].uri.removeprefix(f"s3://{s3_bucket}/")
     head = s3.head_object(Bucket=s3_bucket, Key=big_key)
@@ -189,7 +189,7 @@ async def test_s3_going_away_mid_part_spools_and_the_run_still_commits(
     s3 = client(s3_proxy.url.replace(str(s3_proxy.port), str(s3_proxy.target_port)))
     written_while_down = 0
     most_spooled = 0
-    async with open_stager(settings.staging, settings=settings) as stager:
+    async with await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager:
         assert isinstance(stager, S3Stager)
         st = stager.open_source("shop", RUN, STARTED)
         i = 0
@@ -220,7 +220,7 @@ async def test_s3_going_away_mid_part_spools_and_the_run_still_commits(
     assert len(raw.parts) >= 3
     assert ids == list(range(i))
     assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []  # the broken upload was aborted
-    assert _spooled_files(tmp_path) == []
+    assert await asyncio.to_thread(_spooled_files, tmp_path) == []
 
 
 def test_s3_down_at_the_end_fails_clearly_and_stage_resume_commits(
@@ -233,7 +233,7 @@ def test_s3_down_at_the_end_fails_clearly_and_stage_resume_commits(
     s3 = client(s3_proxy.url.replace(str(s3_proxy.port), str(s3_proxy.target_port)))
 
     async def crawl() -> None:
-        async with open_stager(settings.staging, settings=settings) as stager:
+        async with await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager:
             await stage(stager, 10)
 
     s3_proxy.cut()
@@ -283,7 +283,7 @@ def test_s3_down_at_the_end_fails_clearly_and_stage_resume_commits(
     assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
 
     async def read_back() -> list[int]:
-        async with open_stager(staging, settings=settings) as stager:
+        async with await asyncio.to_thread(open_stager, staging, settings=settings) as stager:
             [m] = await stager.manifests()
             return [orjson.loads(line)["data"]["id"] for p in m.parts async for line in stager.read_part(p)]
 
@@ -301,7 +301,7 @@ async def test_a_full_spool_holds_staging_back_until_parts_are_in_s3(
     settings = s3_settings(
         s3_bucket, s3_proxy.url, tmp_path, part_max_records=2, s3_spool_max_bytes=1, s3_commit_timeout=1
     )
-    async with open_stager(settings.staging, settings=settings) as stager:
+    async with await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager:
         # S3 up: each new part waits for the previous one to be uploaded (back-pressure), nothing fails.
         _, raw = await stage(stager, 8)
         assert len(raw.parts) == 4
@@ -327,10 +327,12 @@ async def test_a_permanent_s3_error_fails_the_commit_naming_the_object(
     moto_endpoint: str, s3_bucket: str, tmp_path: Path
 ) -> None:
     settings = s3_settings("trawl-no-such-bucket", moto_endpoint, tmp_path)
-    async with open_stager(settings.staging, settings=settings) as stager:
+    async with await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager:
         with pytest.raises(
             StagingError, match=r"S3 refused parts \(s3://trawl-no-such-bucket/lake/.*NoSuchBucket"
         ) as info:
             await stage(stager, 3)
     assert not info.value.transient
-    assert any(f.endswith("part-00001.jsonl.gz") for f in _spooled_files(tmp_path))  # kept, not lost
+    assert any(
+        f.endswith("part-00001.jsonl.gz") for f in await asyncio.to_thread(_spooled_files, tmp_path)
+    )  # kept, not lost

@@ -382,7 +382,11 @@ async def test_scrapy_logs_are_json_lines_with_source_and_run_id(
     source = spider_source("spiders.orders:OrdersSpider", base_url=demo_site.url, password="trawl-demo")
     async with Fetcher(settings) as fetcher:
         result = await crawl_source(
-            source, run_id="run-logs-1", settings=settings, fetcher=fetcher, stager=LocalStager(tmp_path)
+            source,
+            run_id="run-logs-1",
+            settings=settings,
+            fetcher=fetcher,
+            stager=await asyncio.to_thread(LocalStager, tmp_path),
         )
 
     lines = [orjson.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]

@@ -209,7 +209,10 @@ async def test_a_spider_crawl_that_died_midway_resumes_from_its_checkpoint(
     stats = SourceStats()
 
     async def crawl(resume: bool, stats: SourceStats | None = None) -> Any:
-        async with open_stager(settings.staging, settings=settings) as stager, Fetcher(settings) as fetcher:
+        async with (
+            await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager,
+            Fetcher(settings) as fetcher,
+        ):
             return await crawl_source(
                 source, run_id=run_id, settings=settings, fetcher=fetcher, stager=stager, stats=stats, resume=resume
             )
@@ -228,7 +231,7 @@ async def test_a_spider_crawl_that_died_midway_resumes_from_its_checkpoint(
 
     result = await crawl(True)
     assert result.status == "complete"
-    async with open_stager(settings.staging, settings=settings) as stager:
+    async with await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager:
         (m,) = [m for m in await stager.manifests("raw") if m.run_id == run_id]
         keys = [orjson.loads(line)["key"] for p in m.parts async for line in stager.read_part(p)]
     assert len(set(keys)) == PRODUCT_COUNT  # nothing lost

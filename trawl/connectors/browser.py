@@ -143,7 +143,7 @@ class BrowserPool:
 
             if self._pw is None:
                 self._pw = await async_playwright().start()
-            path = find_chromium(self.settings.browser_path)
+            path = await asyncio.to_thread(find_chromium, self.settings.browser_path)  # globs and stats the disk
             t0 = time.monotonic()
             self._browser = await self._pw.chromium.launch(executable_path=path, headless=True, args=_LAUNCH_ARGS)
             self.launches += 1

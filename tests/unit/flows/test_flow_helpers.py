@@ -9,6 +9,7 @@ import asyncpg
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
+from flows._common import retry_if_transient
 from flows.artifacts import summary_markdown, top_errors
 from flows.load import _part_cache_key
 from flows.params import Politeness, StagingURL, check_sources
@@ -42,6 +43,17 @@ REPO = Path(__file__).resolve().parents[3]
 )
 def test_only_transient_failures_are_retried(exc: BaseException, transient: bool) -> None:
     assert is_transient(exc) is transient
+
+
+async def test_the_retry_condition_sees_the_error_inside_an_event_loop() -> None:
+    """Prefect's async engine calls it from a coroutine, where ``state.result()`` alone would be a coroutine."""
+    from types import SimpleNamespace
+
+    from prefect.states import Failed
+
+    run: Any = SimpleNamespace(name="load-part")
+    assert retry_if_transient(None, run, Failed(data=TransientFetchError("reset", url="http://x/"))) is True  # type: ignore[arg-type]
+    assert retry_if_transient(None, run, Failed(data=ConfigError("bad file"))) is False  # type: ignore[arg-type]
 
 
 class _Loader:

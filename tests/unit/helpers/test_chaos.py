@@ -387,3 +387,5 @@ def test_main_prints_one_line_per_host() -> None:
     finally:
         proc.terminate()
         proc.wait(5)
+        if proc.stdout is not None:  # else an unclosed pipe (ResourceWarning) when it is collected
+            proc.stdout.close()

@@ -56,6 +56,26 @@ def local(uri: str) -> Path:
     return Path(uri.removeprefix("file://"))
 
 
+# Tests read what was staged off the event loop too (the suite fails blocking calls on it: tests/conftest.py).
+
+
+async def read_bytes(path: Path) -> bytes:
+    return await asyncio.to_thread(path.read_bytes)
+
+
+async def lines(path: Path) -> list[dict[str, Any]]:
+    return await asyncio.to_thread(lambda: list(part_lines(path)))
+
+
+async def names(directory: Path) -> list[str]:
+    return [p.name for p in await asyncio.to_thread(lambda: list(directory.iterdir()))]
+
+
+async def local_stager(root: Path, **limits: int) -> LocalStager:
+    """A LocalStager built off the loop (its constructor resolves the path)."""
+    return await asyncio.to_thread(lambda: LocalStager(root, **limits))
+
+
 def expected_json(envelope: dict[str, Any]) -> dict[str, Any]:
     """What a staged envelope reads back as: datetimes become ISO 8601 strings."""
     return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in envelope.items()}
@@ -69,7 +89,7 @@ async def stage_records(stager: LocalStager, n: int, *, source: str = "shop", ru
 
 
 async def test_layout_paths_and_part_rolling_by_record_count(tmp_path: Path) -> None:
-    stager = LocalStager(tmp_path, part_max_records=10)
+    stager = await local_stager(tmp_path, part_max_records=10)
     stage = await stage_records(stager, 25)
     for i in range(3):
         await stage.outcomes.write(outcome(i).envelope())
@@ -77,13 +97,13 @@ async def test_layout_paths_and_part_rolling_by_record_count(tmp_path: Path) -> 
 
     run_dir = tmp_path / "raw" / "source=shop" / "dt=2026-03-14" / f"run={RUN}"
     out_dir = tmp_path / "outcomes" / "source=shop" / "dt=2026-03-14" / f"run={RUN}"
-    assert sorted(p.name for p in run_dir.iterdir()) == [
+    assert sorted(await names(run_dir)) == [
         "_manifest.json",
         "part-00001.jsonl.gz",
         "part-00002.jsonl.gz",
         "part-00003.jsonl.gz",
     ]
-    assert sorted(p.name for p in out_dir.iterdir()) == ["_manifest.json", "part-00001.jsonl.gz"]
+    assert sorted(await names(out_dir)) == ["_manifest.json", "part-00001.jsonl.gz"]
     assert [p.rows for p in raw.parts] == [10, 10, 5]
     assert [p.uri for p in raw.parts] == [f"file://{run_dir}/part-0000{n}.jsonl.gz" for n in (1, 2, 3)]
     assert raw.uri == f"file://{run_dir}/_manifest.json"
@@ -97,28 +117,28 @@ async def test_layout_paths_and_part_rolling_by_record_count(tmp_path: Path) -> 
         25,
     )
     assert (outcomes.kind, outcomes.rows, len(outcomes.parts)) == ("outcomes", 3, 1)
-    assert stager.uri == f"file://{tmp_path.resolve()}"
+    assert stager.uri == f"file://{await asyncio.to_thread(tmp_path.resolve)}"
 
 
 async def test_manifest_matches_files_on_disk_and_lines_are_the_envelopes(tmp_path: Path) -> None:
-    stager = LocalStager(tmp_path, part_max_records=10)
+    stager = await local_stager(tmp_path, part_max_records=10)
     stage = await stage_records(stager, 25)
     await stage.outcomes.write(outcome(7).envelope())
     outcomes, raw = await stage.commit(status="complete", schema=SCHEMA, stats={"records": 25}, flow_run_id="fr-1")
 
     staged: list[dict[str, Any]] = []
     for part in raw.parts:
-        data = local(part.uri).read_bytes()
+        data = await read_bytes(local(part.uri))
         assert part.bytes == len(data)
         assert part.sha256 == hashlib.sha256(data).hexdigest()
-        lines = list(part_lines(local(part.uri)))
-        assert len(lines) == part.rows
-        staged.extend(lines)
+        part_lines = await lines(local(part.uri))
+        assert len(part_lines) == part.rows
+        staged.extend(part_lines)
     assert staged == [expected_json(record(i).envelope()) for i in range(25)]
     assert staged[3]["fetched_at"] == "2026-03-14T23:59:33.123456+00:00"
-    assert list(part_lines(local(outcomes.parts[0].uri))) == [expected_json(outcome(7).envelope())]
+    assert await lines(local(outcomes.parts[0].uri)) == [expected_json(outcome(7).envelope())]
 
-    body = orjson.loads(local(raw.uri).read_bytes())
+    body = orjson.loads(await read_bytes(local(raw.uri)))
     assert body["parts"] == [p.as_dict() for p in raw.parts]
     assert body["rows"] == 25
     assert body["schema"] == SCHEMA
@@ -126,11 +146,11 @@ async def test_manifest_matches_files_on_disk_and_lines_are_the_envelopes(tmp_pa
     assert body["flow_run_id"] == "fr-1"
     assert body["started_at"] == STARTED.isoformat()
     assert datetime.fromisoformat(body["finished_at"]) >= STARTED
-    assert Manifest.from_json(raw.uri, local(raw.uri).read_bytes()) == raw
+    assert Manifest.from_json(raw.uri, await read_bytes(local(raw.uri))) == raw
 
 
 async def test_read_part_yields_the_verified_lines(tmp_path: Path) -> None:
-    stager = LocalStager(tmp_path, part_max_records=4)
+    stager = await local_stager(tmp_path, part_max_records=4)
     stage = await stage_records(stager, 6)
     _, raw = await stage.commit(status="complete", schema=SCHEMA, stats={})
 
@@ -142,7 +162,7 @@ async def test_read_part_yields_the_verified_lines(tmp_path: Path) -> None:
 
 async def test_parts_roll_at_part_max_bytes(tmp_path: Path) -> None:
     max_bytes = 32 * 1024
-    stager = LocalStager(tmp_path, part_max_records=1_000_000, part_max_bytes=max_bytes)
+    stager = await local_stager(tmp_path, part_max_records=1_000_000, part_max_bytes=max_bytes)
     stage = stager.open_source("blobs", RUN, STARTED)
     rng = random.Random(7)  # incompressible payload, so compressed size tracks input size
     n = 1500
@@ -156,13 +176,13 @@ async def test_parts_roll_at_part_max_bytes(tmp_path: Path) -> None:
     assert all(max_bytes <= size < max_bytes + 64 * 1024 for size in sizes[:-1]), sizes
     # A part closed by size must not leave the next one closing after a single row.
     assert all(p.rows > 1 for p in raw.parts), [p.rows for p in raw.parts]
-    assert [p.bytes for p in raw.parts] == [local(p.uri).stat().st_size for p in raw.parts]
-    keys = [line["i"] for p in raw.parts for line in part_lines(local(p.uri))]
+    assert [p.bytes for p in raw.parts] == [(await asyncio.to_thread(local(p.uri).stat)).st_size for p in raw.parts]
+    keys = [line["i"] for p in raw.parts for line in await lines(local(p.uri))]
     assert keys == list(range(n))
 
 
 async def test_nothing_is_loadable_before_commit(tmp_path: Path) -> None:
-    stager = LocalStager(tmp_path, part_max_records=10)
+    stager = await local_stager(tmp_path, part_max_records=10)
     done = await stage_records(stager, 3, source="done", run_id="run-a")
     await done.commit(status="complete", schema=SCHEMA, stats={})
     stage = await stage_records(stager, 15, source="shop", run_id="run-b")
@@ -171,7 +191,7 @@ async def test_nothing_is_loadable_before_commit(tmp_path: Path) -> None:
     assert [m.source for m in await stager.manifests("outcomes")] == ["done"]
     run_dir = tmp_path / "raw" / "source=shop" / "dt=2026-03-14" / "run=run-b"
     # The first part closed at 10 rows; the 5 buffered rows are not on disk; no manifest yet.
-    assert sorted(p.name for p in run_dir.iterdir()) == ["part-00001.jsonl.gz"]
+    assert sorted(await names(run_dir)) == ["part-00001.jsonl.gz"]
     assert stage.records.rows == 15
 
     _, raw = await stage.commit(status="complete", schema=SCHEMA, stats={})
@@ -180,7 +200,7 @@ async def test_nothing_is_loadable_before_commit(tmp_path: Path) -> None:
     assert [(m.source, m.run_id, m.rows) for m in listed] == [("done", "run-a", 3), ("shop", "run-b", 15)]
     assert listed[1] == raw
     assert [(m.source, m.rows) for m in await stager.manifests("outcomes")] == [("done", 0), ("shop", 0)]
-    assert not list(tmp_path.rglob("*.partial"))
+    assert not await asyncio.to_thread(lambda: list(tmp_path.rglob("*.partial")))
 
 
 async def test_open_part_is_partial_until_closed(tmp_path: Path) -> None:
@@ -190,16 +210,16 @@ async def test_open_part_is_partial_until_closed(tmp_path: Path) -> None:
         await writer.write({"i": i, "blob": rng.randbytes(2000).hex()})
 
     assert writer.parts == []
-    assert [p.name for p in (tmp_path / "d").iterdir()] == ["part-00001.jsonl.gz.partial"]
+    assert await names(tmp_path / "d") == ["part-00001.jsonl.gz.partial"]
 
     parts = await writer.close()
 
     assert [p.rows for p in parts] == [70]
-    assert [p.name for p in (tmp_path / "d").iterdir()] == ["part-00001.jsonl.gz"]
+    assert await names(tmp_path / "d") == ["part-00001.jsonl.gz"]
 
 
 async def test_failed_status_and_error_are_preserved(tmp_path: Path) -> None:
-    stager = LocalStager(tmp_path)
+    stager = await local_stager(tmp_path)
     stage = await stage_records(stager, 2)
     await stage.outcomes.write(
         Outcome(
@@ -223,11 +243,11 @@ async def test_failed_status_and_error_are_preserved(tmp_path: Path) -> None:
         assert m.status == "failed"
         assert m.error == "too many failures on example.test"
     assert listed.rows == 2
-    assert next(part_lines(local(listed_outcomes.parts[0].uri)))["error"] == "503 Service Unavailable"
+    assert (await lines(local(listed_outcomes.parts[0].uri)))[0]["error"] == "503 Service Unavailable"
 
 
 async def test_empty_run_commits_a_manifest_without_parts(tmp_path: Path) -> None:
-    stager = LocalStager(tmp_path)
+    stager = await local_stager(tmp_path)
     outcomes, raw = await stager.open_source("empty", RUN, STARTED).commit(status="complete", schema={}, stats={})
 
     assert (raw.parts, raw.rows, outcomes.parts) == ((), 0, ())
@@ -235,7 +255,7 @@ async def test_empty_run_commits_a_manifest_without_parts(tmp_path: Path) -> Non
 
 
 async def test_manifests_are_listed_oldest_first(tmp_path: Path) -> None:
-    stager = LocalStager(tmp_path)
+    stager = await local_stager(tmp_path)
     for source, hours in (("b", 2), ("a", 1), ("c", 0)):
         stage = stager.open_source(source, f"run-{source}", STARTED - timedelta(hours=hours))
         await stage.commit(status="complete", schema={}, stats={})
@@ -244,23 +264,23 @@ async def test_manifests_are_listed_oldest_first(tmp_path: Path) -> None:
 
 
 async def test_unreadable_manifest_is_a_staging_error(tmp_path: Path) -> None:
-    stager = LocalStager(tmp_path)
+    stager = await local_stager(tmp_path)
     run_dir = tmp_path / "raw" / "source=x" / "dt=2026-03-14" / "run=r"
-    run_dir.mkdir(parents=True)
-    (run_dir / "_manifest.json").write_bytes(b'{"kind": "raw"}')
+    await asyncio.to_thread(run_dir.mkdir, parents=True)
+    await asyncio.to_thread((run_dir / "_manifest.json").write_bytes, b'{"kind": "raw"}')
 
     with pytest.raises(StagingError, match=r"_manifest\.json: unreadable manifest"):
         await stager.manifests()
 
 
 async def test_read_part_rejects_a_corrupted_part(tmp_path: Path) -> None:
-    stager = LocalStager(tmp_path)
+    stager = await local_stager(tmp_path)
     _, raw = await (await stage_records(stager, 5)).commit(status="complete", schema=SCHEMA, stats={})
     part = raw.parts[0]
     path = local(part.uri)
-    data = bytearray(path.read_bytes())
+    data = bytearray(await read_bytes(path))
     data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+    await asyncio.to_thread(path.write_bytes, bytes(data))
 
     with pytest.raises(StagingError, match="does not match the manifest") as info:
         [line async for line in stager.read_part(part)]
@@ -268,9 +288,9 @@ async def test_read_part_rejects_a_corrupted_part(tmp_path: Path) -> None:
 
 
 async def test_read_part_rejects_a_missing_part(tmp_path: Path) -> None:
-    stager = LocalStager(tmp_path)
+    stager = await local_stager(tmp_path)
     _, raw = await (await stage_records(stager, 5)).commit(status="complete", schema=SCHEMA, stats={})
-    local(raw.parts[0].uri).unlink()
+    await asyncio.to_thread(local(raw.parts[0].uri).unlink)
 
     with pytest.raises(StagingError, match="staged part is missing"):
         [line async for line in stager.read_part(raw.parts[0])]
@@ -286,11 +306,15 @@ async def test_read_part_rejects_a_missing_part(tmp_path: Path) -> None:
 )
 async def test_read_part_refuses_objects_outside_the_staging_target(tmp_path: Path, uri: str) -> None:
     root = tmp_path / "staging"
-    root.mkdir()
-    (tmp_path / "outside").mkdir()
     secret = b"not staged"
-    (tmp_path / "outside" / "part-00001.jsonl.gz").write_bytes(secret)
-    stager = LocalStager(root)
+
+    def layout() -> None:
+        root.mkdir()
+        (tmp_path / "outside").mkdir()
+        (tmp_path / "outside" / "part-00001.jsonl.gz").write_bytes(secret)
+
+    await asyncio.to_thread(layout)
+    stager = await local_stager(root)
     part = StagedPart(uri.format(root=root), 1, len(secret), hashlib.sha256(secret).hexdigest())
 
     with pytest.raises(StagingError, match="is not inside the staging target"):
@@ -311,7 +335,7 @@ async def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
 
     assert sum(p.rows for p in parts) == 2000 == writer.rows
     assert all(p.rows == 37 for p in parts[:-1])
-    seen = [(line["task"], line["i"]) for p in parts for line in part_lines(local(p.uri))]
+    seen = [(line["task"], line["i"]) for p in parts for line in await lines(local(p.uri))]
     assert len(seen) == 2000
     assert sorted(seen) == [(t, i) for t in range(40) for i in range(50)]
     for t in range(40):  # each task's own writes stay in order
@@ -350,7 +374,7 @@ def test_open_stager_plain_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 async def test_open_stager_passes_part_limits(tmp_path: Path) -> None:
-    stager = open_stager(f"file://{tmp_path}", part_max_records=2)
+    stager = await asyncio.to_thread(open_stager, f"file://{tmp_path}", part_max_records=2)
     _, raw = await (await stage_records(stager, 5)).commit(status="complete", schema={}, stats={})
 
     assert [p.rows for p in raw.parts] == [2, 2, 1]
@@ -378,7 +402,7 @@ def test_kms_key_without_kms_is_a_config_error() -> None:
 
 
 async def test_runs_lists_committed_and_incomplete_runs(tmp_path: Path) -> None:
-    async with LocalStager(tmp_path, part_max_records=3) as stager:
+    async with await local_stager(tmp_path, part_max_records=3) as stager:
         await (await stage_records(stager, 7)).commit(status="complete", schema={}, stats={})
         unfinished = await stage_records(stager, 4, run_id="20260315T000000Z-zzz999")
         await unfinished.records.close()  # parts written, never committed (the crawl died)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,9 +27,9 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[4]
 
 
-def demo_products(site: DemoSite) -> HtmlSource:
-    """The `products` source of examples/demo.yaml, pointed at this test's demo site."""
-    spec = load_sources(REPO / "examples" / "demo.yaml", env={"TRAWL_DEMO_URL": site.url})
+async def demo_products(site: DemoSite) -> HtmlSource:
+    """The `products` source of examples/demo.yaml, pointed at this test's demo site (read off the loop)."""
+    spec = await asyncio.to_thread(load_sources, REPO / "examples" / "demo.yaml", env={"TRAWL_DEMO_URL": site.url})
     [source] = [s for s in spec.sources if s.name == "products"]
     assert isinstance(source, HtmlSource)
     return source
@@ -43,7 +44,7 @@ def paths(urls: Any) -> Counter[str]:
 
 
 async def test_crawl_yields_one_record_per_product(harness: Harness, demo_site: DemoSite) -> None:
-    records = await harness.run(demo_products(demo_site))
+    records = await harness.run(await demo_products(demo_site))
 
     assert len(records) == PRODUCT_COUNT
     assert {r.url for r in records} == set(product_urls(demo_site.url))
@@ -83,8 +84,8 @@ async def test_crawl_yields_one_record_per_product(harness: Harness, demo_site: 
 async def test_max_depth_limits_the_crawl(
     harness: Harness, demo_site: DemoSite, max_depth: int, pages: int, records: int
 ) -> None:
-    source = demo_products(demo_site).model_copy(
-        update={"follow": demo_products(demo_site).follow.model_copy(update={"max_depth": max_depth})}
+    source = (await demo_products(demo_site)).model_copy(
+        update={"follow": (await demo_products(demo_site)).follow.model_copy(update={"max_depth": max_depth})}
     )
     got = await harness.run(source)
     assert len(got) == records
@@ -98,7 +99,7 @@ async def test_max_depth_limits_the_crawl(
 
 
 async def test_max_pages_caps_the_crawl(harness: Harness, demo_site: DemoSite, settings: Settings) -> None:
-    await harness.run(demo_products(demo_site), settings.model_copy(update={"max_pages": 5}))
+    await harness.run(await demo_products(demo_site), settings.model_copy(update={"max_pages": 5}))
     assert sum(site_pages(demo_site.requests).values()) == 5
     assert len(harness.outcomes) == 5
     assert harness.stats.pages == 5
@@ -159,7 +160,7 @@ async def test_follow_rules_deny_and_same_host(harness: Harness, demo_site: Demo
 
 async def test_blocked_network_outcome(harness: Harness, demo_site: DemoSite, settings: Settings) -> None:
     blocked = settings.model_copy(update={"allowed_networks": []})
-    records = await harness.run(demo_products(demo_site), blocked)
+    records = await harness.run(await demo_products(demo_site), blocked)
     assert records == []
     [outcome] = harness.outcomes
     assert (outcome.outcome, outcome.url) == (OutcomeKind.BLOCKED_NETWORK, f"{demo_site.url}/catalogue/page/1")
@@ -169,7 +170,7 @@ async def test_blocked_network_outcome(harness: Harness, demo_site: DemoSite, se
 async def test_conditional_requests_turn_unchanged_record_pages_into_not_modified(
     harness: Harness, demo_site: DemoSite
 ) -> None:
-    source = demo_products(demo_site).model_copy(update={"start_urls": [f"{demo_site.url}/catalogue/page/1"]})
+    source = (await demo_products(demo_site)).model_copy(update={"start_urls": [f"{demo_site.url}/catalogue/page/1"]})
     source = source.model_copy(update={"follow": source.follow.model_copy(update={"max_depth": 1})})
     await harness.run(source)
     first = {o.url: o for o in harness.outcomes}

@@ -77,11 +77,12 @@ async def test_memory_frontier_stages_a_fresh_run_and_checkpoints_nothing(tmp_pa
     f = MemoryFrontier("shop", "r1")
     assert (f.resumable, f.commits, f.recent_max, f.name) == (False, True, None, "memory")
     started = datetime(2026, 3, 14, 12, tzinfo=UTC)
-    stage = await f.open_stage(LocalStager(tmp_path), SourceStats(), started)
+    stager = await asyncio.to_thread(LocalStager, tmp_path)  # its constructor resolves the path: off the loop
+    stage = await f.open_stage(stager, SourceStats(), started)
     assert (stage.source, stage.run_id, stage.dt) == ("shop", "r1", "2026-03-14")
     await f.checkpoint()
     await f.finish()
-    assert not list(tmp_path.rglob("*"))  # nothing written before the source writes
+    assert not await asyncio.to_thread(lambda: list(tmp_path.rglob("*")))  # nothing written before the source writes
 
 
 async def test_open_frontier_refuses_shards_where_there_are_none() -> None:

@@ -100,4 +100,4 @@ async def test_s3_down_at_the_end_fails_clearly_then_the_next_run_and_resume_fin
     assert loaded.returncode == 0, loaded.stderr + loaded.stdout[-3000:]
     assert await db.fetchval("SELECT count(*) FROM trawl.items") == ITEM_COUNT
     assert await db.fetchval("SELECT count(DISTINCT run_id) FROM trawl._outcomes") == 2
-    assert not [p for p in (tmp_path / "spool").rglob("*") if p.is_file()]
+    assert not await asyncio.to_thread(lambda: [p for p in (tmp_path / "spool").rglob("*") if p.is_file()])

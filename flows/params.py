@@ -32,10 +32,10 @@ STAGING_PATTERN = r"^(file://.+|s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|[./
 
 
 def _check_staging(url: str) -> str:
-    from sinks.targets import open_stager
+    from sinks.targets import staging_target
 
     try:
-        open_stager(url)
+        staging_target(url)
     except ConfigError as exc:
         raise ValueError(str(exc)) from None
     return url

@@ -181,12 +181,18 @@ class S3Stager:
         self._waiting: set[str] = set()  # keys of parts whose upload failed, waiting in the spool for S3
         self.healthy = True
 
+    @staticmethod
+    def check_url(url: str) -> None:
+        """A ConfigError unless ``url`` is ``s3://BUCKET[/PREFIX]`` with a valid bucket name."""
+        bucket = urlsplit(url).netloc
+        if not _BUCKET.match(bucket or ""):
+            raise ConfigError(f"staging {url}: {bucket!r} is not a valid S3 bucket name")
+
     @classmethod
     def from_url(cls, url: str, settings: Settings, *, part_max_records: int, part_max_bytes: int) -> S3Stager:
         """Check an ``s3://BUCKET[/PREFIX]`` URL (a ConfigError when malformed); opens nothing."""
+        cls.check_url(url)
         parts = urlsplit(url)
-        if not _BUCKET.match(parts.netloc or ""):
-            raise ConfigError(f"staging {url}: {parts.netloc!r} is not a valid S3 bucket name")
         if settings.s3_sse != "aws:kms" and settings.s3_sse_kms_key_id:
             raise ConfigError("setting TRAWL_S3_SSE_KMS_KEY_ID needs TRAWL_S3_SSE=aws:kms")
         return cls(parts.netloc, parts.path, settings, part_max_records=part_max_records, part_max_bytes=part_max_bytes)

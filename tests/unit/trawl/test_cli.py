@@ -25,6 +25,12 @@ GOOD = 'sources:\n  - name: shop\n    kind: html\n    urls: ["https://shop.examp
 
 
 @pytest.fixture(autouse=True)
+def clean_logging(restore_logging: None) -> None:
+    """main() configures logging onto this test's captured stdout, closed when the test ends: undo it, or every
+    later test logs into a closed stream."""
+
+
+@pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """main() writes its flags into os.environ (TRAWL_*, PREFECT_*): start without them, leave nothing behind.
 

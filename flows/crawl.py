@@ -58,7 +58,6 @@ async def crawl_source_task(
     """
     async with source_lock(name, settings, takeover=resume):
         if sharded(source):
-            assert isinstance(source, HtmlSource)
             return await _crawl_sharded(source, run_id, settings, stager, resume=resume)
         return await crawl_source(
             source,

@@ -17,7 +17,7 @@ from flows._common import current_flow_run_id, flow_metrics, retry_if_transient,
 from flows.params import SecretBlockName, SourceName, StagingURL
 from sinks.postgres import Loader, PartLoad
 from sinks.targets import open_stager
-from trawl.database import connect_pool, resolve_dsn
+from trawl.database import open_pool
 from trawl.logs import bind
 from trawl.metrics import METRICS
 from trawl.settings import Settings
@@ -117,8 +117,7 @@ async def load(
 
 async def _load_all(settings: Settings, stager: Stager, manifests: list[Manifest], dry_run: bool) -> dict[str, Any]:
     """Every source's manifests side by side, each source's parts in order; the per-source totals."""
-    # resolve_dsn may start the embedded PostgreSQL (a subprocess and file I/O): off the loop
-    pool = await connect_pool(await asyncio.to_thread(resolve_dsn, settings), max_size=settings.db_pool_size)
+    pool = await open_pool(settings, max_size=settings.db_pool_size)
     try:
         loader = Loader(
             pool,

@@ -22,7 +22,7 @@ from flows.artifacts import publish_summary
 from flows.crawl import crawl
 from flows.load import load
 from flows.params import Politeness, SecretBlockName, SourceName, SourcesPath, StagingURL, check_sources
-from trawl.database import connect_pool, resolve_dsn
+from trawl.database import open_pool
 
 __all__ = ["main", "pipeline"]
 
@@ -51,7 +51,7 @@ async def pipeline(
     selected = await asyncio.to_thread(check_sources, sources_file, sources)  # reads the sources file
     settings = await settings_for(staging, politeness, database_secret)
     if dry_run:
-        pool = await connect_pool(await asyncio.to_thread(resolve_dsn, settings), max_size=1)
+        pool = await open_pool(settings, max_size=1)
         await pool.close()
     async with flow_metrics("pipeline", settings, "+".join(sorted(s.name for s in selected))) as measured:
         result = await _crawl_and_load(

@@ -8,6 +8,7 @@ exits (so the rows stay queryable with ``psql``) and is reused by the next run.
 
 from __future__ import annotations
 
+import asyncio
 import warnings
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from trawl.logs import redact
 from trawl.retry import pg_error
 from trawl.settings import Settings
 
-__all__ = ["connect_pool", "embedded_dsn", "resolve_dsn"]
+__all__ = ["connect_pool", "embedded_dsn", "open_pool", "resolve_dsn"]
 
 
 def embedded_dsn(data_dir: Path) -> str:
@@ -51,3 +52,9 @@ async def connect_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asy
         raise pg_error(exc, redact(dsn)) from None
     assert pool is not None
     return pool
+
+
+async def open_pool(settings: Settings, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+    """A pool on the settings' database: resolved off the event loop (it may start the embedded PostgreSQL,
+    a subprocess and file I/O), then connected as :func:`connect_pool` does."""
+    return await connect_pool(await asyncio.to_thread(resolve_dsn, settings), min_size=min_size, max_size=max_size)

@@ -206,7 +206,7 @@ class HostTurn:
     block counts like a failed attempt (transient ones as failures).
     """
 
-    __slots__ = ("_breaker", "_gate", "_label", "_probe", "_sent", "_source", "_url", "ok", "status")
+    __slots__ = ("_breaker", "_gate", "_in_flight", "_label", "_probe", "_sent", "_source", "_url", "ok", "status")
 
     def __init__(self, gate: _HostGate, breaker: HostBreaker, url: str, label: str, source: str) -> None:
         self._gate = gate
@@ -233,7 +233,8 @@ class HostTurn:
             self._breaker.release(self._probe)
             slots.release()
             raise
-        METRICS.in_flight.labels(self._source, self._label).inc()
+        self._in_flight = METRICS.in_flight.labels(self._source, self._label)
+        self._in_flight.inc()
         self._sent = time.monotonic()
         return self
 
@@ -247,7 +248,7 @@ class HostTurn:
                 self.ok = not exc.transient
                 self.status = exc.status or self.status
             source, label = self._source, self._label
-            METRICS.in_flight.labels(source, label).dec()
+            self._in_flight.dec()
             METRICS.request_seconds.labels(source, label).observe(time.monotonic() - self._sent)
             METRICS.requests.labels(source, label, status_class(self.status)).inc()
             if self.ok is None:

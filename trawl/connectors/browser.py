@@ -326,7 +326,10 @@ class BrowserConnector(HtmlConnector):
         started = time.monotonic()
         try:
             return await self.ctx.fetcher.retrying(
-                lambda attempt: self._render_once(url, attempt, started), url=url, source=self.source.name
+                lambda attempt: self._render_once(url, attempt, started),
+                url=url,
+                source=self.source.name,
+                started=started,
             )
         except BreakerOpen:
             raise

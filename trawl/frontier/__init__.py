@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import TypeGuard
 
 from trawl.config import AnySource, HtmlSource, SpiderSource
 from trawl.errors import ConfigError
-from trawl.frontier.base import Claim, Counts, Frontier, Idle, Settled, host_of
+from trawl.frontier.base import Claim, Counts, Frontier, Idle, Settled
 from trawl.frontier.memory import MemoryFrontier
 from trawl.frontier.postgres import DurableFrontier, PgFrontier, open_store
 from trawl.settings import Settings
@@ -29,14 +30,13 @@ __all__ = [
     "PgFrontier",
     "Settled",
     "durable",
-    "host_of",
     "open_frontier",
     "open_store",
     "sharded",
 ]
 
 
-def sharded(source: AnySource) -> bool:
+def sharded(source: AnySource) -> TypeGuard[HtmlSource]:
     """Whether the crawl flow fans a source out into shard runs."""
     return isinstance(source, HtmlSource) and source.shards > 1
 

@@ -8,9 +8,8 @@ from datetime import datetime
 from typing import Any, NamedTuple, Protocol
 
 from trawl.staging import SourceStage, Stager
-from trawl.urls import host_of
 
-__all__ = ["Claim", "Counts", "Frontier", "Idle", "Settled", "host_of"]
+__all__ = ["Claim", "Counts", "Frontier", "Idle", "Settled"]
 
 
 class Claim(NamedTuple):

@@ -36,12 +36,13 @@ import asyncpg
 import orjson
 import structlog
 
-from trawl.database import connect_pool, resolve_dsn
+from trawl.database import open_pool
 from trawl.errors import ConfigError
-from trawl.frontier.base import Claim, Counts, Idle, Settled, host_of
+from trawl.frontier.base import Claim, Counts, Idle, Settled
 from trawl.logs import bind, unbind
 from trawl.settings import Settings
 from trawl.staging import SourceStage, StagedPart, Stager, StreamKind
+from trawl.urls import host_of
 
 __all__ = [
     "ClaimedRequest",
@@ -605,8 +606,7 @@ async def open_store(
 ) -> AsyncIterator[PgFrontier]:
     """A source's frontier for this run in the configured (or embedded) PostgreSQL, tables created; its pool
     is closed on the way out."""
-    dsn = await asyncio.to_thread(resolve_dsn, settings)
-    pool = await connect_pool(dsn, min_size=1, max_size=3)
+    pool = await open_pool(settings, max_size=3)
     try:
         frontier = PgFrontier(
             pool,

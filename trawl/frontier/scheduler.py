@@ -42,8 +42,8 @@ from scrapy.core.scheduler import BaseScheduler
 from scrapy.utils.defer import deferred_from_coro
 from scrapy.utils.request import request_from_dict
 
-from trawl.frontier.base import host_of
 from trawl.frontier.postgres import ClaimedRequest, PgFrontier, QueuedRequest
+from trawl.urls import host_of
 
 if TYPE_CHECKING:
     from scrapy import Spider

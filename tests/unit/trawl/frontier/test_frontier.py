@@ -12,8 +12,9 @@ from sinks.stage import LocalStager
 from trawl.config import ApiSource, BrowserSource, HtmlSource, SpiderSource
 from trawl.connectors.base import SourceStats
 from trawl.errors import ConfigError
-from trawl.frontier import Claim, MemoryFrontier, durable, host_of, open_frontier, sharded
+from trawl.frontier import Claim, MemoryFrontier, durable, open_frontier, sharded
 from trawl.settings import Settings
+from trawl.urls import host_of
 
 
 def html(**kw: object) -> HtmlSource:

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import asyncpg
 import pytest
 import yaml
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
 from tests.helpers.net import free_port
 from tests.helpers.tree import TreeSite
@@ -103,9 +105,6 @@ async def test_two_workers_crawl_two_shards_politely_and_completely(workers: Pre
     finally:
         await conn.close()
     # Both workers took a shard.
-    from prefect.client.orchestration import PrefectClient
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
-
     async with PrefectClient(stack.api) as client:
         runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="tree-")))
     assert len(runs) >= 2 and all(r.state is not None and r.state.is_completed() for r in runs)

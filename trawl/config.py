@@ -93,6 +93,11 @@ class Politeness(_Model):
 
     concurrency: int | None = Field(default=None, ge=1)
     delay: float | None = Field(default=None, ge=0)
+    adaptive: bool = Field(
+        default=True,
+        description="Also ease a host whose response times rise (lower its concurrency before it starts refusing); "
+        "throttle signals (429, 503 with Retry-After) slow a host down either way.",
+    )
 
 
 class FieldRules(_Model):

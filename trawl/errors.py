@@ -12,11 +12,14 @@ this to foreign errors too (OS, asyncpg by SQLSTATE, botocore by code)::
     ├── ParameterError              a flow parameter is wrong; names the parameter
     ├── DatabaseUnavailable         cannot reach / start PostgreSQL; connection lost  (transient; exit 2)
     ├── FetchError                  one URL could not be fetched
-    │   ├── TransientFetchError     connect errors, timeouts, 408/425/429/5xx, truncated bodies
+    │   ├── TransientFetchError     connect errors, timeouts, 408/425/5xx, truncated bodies
+    │   │   └── Throttled           429, or 503 with Retry-After: the host asks us to slow down (not a failure)
     │   ├── PermanentFetchError     other 4xx, bad content, body too large, too many redirects
     │   │   ├── BlockedNetworkError the URL resolves to a network the settings forbid
-    │   │   └── RobotsDisallowed    the host's robots.txt forbids the URL
-    │   └── BreakerOpen             the host's circuit breaker is open: not requested (retry later)
+    │   │   ├── RobotsDisallowed    the host's robots.txt forbids the URL
+    │   │   └── ThrottleBudgetSpent the host kept throttling past ``throttle_budget``: "throttled"
+    │   ├── BreakerOpen             the host's circuit breaker is open: not requested (retry later)
+    │   └── HostBusy                the throttled host has no room now: not requested (park the URL)
     ├── SourceFailed                a source ended early (its result attached; what it fetched is staged)
     ├── SpiderFailed                a Scrapy spider could not start or its crawl broke off
     ├── SourceBusy                  another flow run holds the source's concurrency slot
@@ -29,6 +32,7 @@ this to foreign errors too (OS, asyncpg by SQLSTATE, botocore by code)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -40,6 +44,7 @@ __all__ = [
     "DatabaseRefused",
     "DatabaseUnavailable",
     "FetchError",
+    "HostBusy",
     "LoadConflict",
     "LoadError",
     "ParameterError",
@@ -51,6 +56,8 @@ __all__ = [
     "StagingError",
     "StagingUnavailable",
     "Terminal",
+    "ThrottleBudgetSpent",
+    "Throttled",
     "TooManyRejects",
     "Transient",
     "TransientFetchError",
@@ -143,6 +150,14 @@ class TransientFetchError(FetchError, Transient):
     """Worth retrying: the next attempt may well succeed."""
 
 
+class Throttled(TransientFetchError):
+    """The host asked us to slow down (429, or 503 with ``Retry-After``).
+
+    Not a failure: the host's gate pauses and slows it, its breaker does not count
+    it, and the retry that follows does not use one of the URL's ``max_retries``.
+    """
+
+
 class PermanentFetchError(FetchError, Terminal):
     """Retrying would give the same answer."""
 
@@ -155,6 +170,19 @@ class RobotsDisallowed(PermanentFetchError):
     """The host's robots.txt does not allow this URL for our user agent."""
 
 
+class ThrottleBudgetSpent(PermanentFetchError):
+    """The host kept throttling at its slowest rate for longer than ``throttle_budget``: its URLs end ``failed``.
+
+    ``status`` is the host's last throttle status (429 or 503); the message starts with "throttled".
+    """
+
+    def __init__(self, host: str, url: str, status: int | None, budget: float) -> None:
+        super().__init__(
+            f"throttled: {host} kept asking to slow down for more than {budget:g}s", url=url, status=status
+        )
+        self.host = host
+
+
 class BreakerOpen(FetchError):
     """The host's breaker is open (or its one probe is in flight): the URL was not requested."""
 
@@ -162,6 +190,23 @@ class BreakerOpen(FetchError):
         super().__init__(f"circuit breaker for {host} is open; retry in {retry_in:.1f}s", url=url)
         self.host = host
         self.retry_in = retry_in
+
+
+class HostBusy(FetchError):
+    """The URL's host is throttled and has no room for another request now: it was not requested.
+
+    A crawl puts the URL back (:meth:`when_ready` calls back once the host has room)
+    instead of holding a worker through the host's pause.
+    """
+
+    def __init__(self, host: str, url: str, park: Callable[[Callable[[], None]], None]) -> None:
+        super().__init__(f"{host} is throttled and has no room now", url=url)
+        self.host = host
+        self._park = park
+
+    def when_ready(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (once, from the event loop) when the host may take this request."""
+        self._park(callback)
 
 
 class SourceFailed(TrawlError):

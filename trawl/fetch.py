@@ -14,9 +14,9 @@ import contextlib
 import ipaddress
 import socket
 import time
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import urljoin, urlsplit
@@ -32,13 +32,15 @@ from trawl.errors import (
     BlockedNetworkError,
     BreakerOpen,
     FetchError,
+    HostBusy,
     PermanentFetchError,
     RobotsDisallowed,
+    ThrottleBudgetSpent,
+    Throttled,
     TransientFetchError,
 )
 from trawl.metrics import METRICS, status_class
-from trawl.records import utcnow
-from trawl.retry import full_jitter, is_transient_status, status_error
+from trawl.retry import full_jitter, is_throttle, is_transient_status, retry_after, status_error
 from trawl.robots import ROBOTS_MAX_BYTES, RobotsCache
 from trawl.settings import Settings
 from trawl.urls import host_of
@@ -176,62 +178,344 @@ class GuardedResolver(aiohttp.abc.AbstractResolver):
         await self._inner.close()
 
 
-@dataclass(slots=True)
+# A throttle signal's first raise of a host's delay (seconds between request starts); each further one doubles it.
+_THROTTLE_STEP = 0.1
+# Latency-aware easing: a host is "slowing" when its smoothed response time is both this many times its usual one
+# and this many seconds above it (loopback and busy event loops jitter by milliseconds, not by half a second).
+_SLOW_RATIO = 3.0
+_SLOW_MARGIN = 0.5
+
+
 class _HostGate:
-    """Per-host concurrency cap and minimum gap between request starts."""
+    """One host's rate, shared by every request to it (every kind, every source of the process).
 
-    slots: asyncio.Semaphore
-    delay: float
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    next_start: float = 0.0
+    At most ``limit`` requests in flight (the configured ``cap``, lowered while the
+    host throttles or slows down) and at least ``delay`` (politeness, ``Crawl-delay``)
+    plus ``extra`` seconds between request starts. A throttle signal (429, 503 with
+    ``Retry-After``) pauses the whole host for its ``Retry-After`` (capped by
+    ``backoff_max``), halves ``limit`` (floor 1) and raises ``extra``, once per
+    window (signals for requests sent before the last cut do not cut again);
+    successes grow ``limit`` back by about one per window and shrink ``extra``
+    (AIMD, as TCP). A host that throttles at the floor without one good answer for
+    ``throttle_budget`` seconds is given up: its waiting and later requests raise
+    ThrottleBudgetSpent.
 
-    async def wait_turn(self) -> None:
-        if self.delay <= 0:
+    Requests that may not wait (``park``) are told HostBusy while the throttled host
+    has no room, and called back (:meth:`park`) when it has.
+    """
+
+    __slots__ = (
+        "_label",
+        "_parked",
+        "_settings",
+        "_timer_at",
+        "_waiters",
+        "active",
+        "baseline",
+        "cap",
+        "delay",
+        "ewma",
+        "extra",
+        "given_up",
+        "host",
+        "last_cut",
+        "last_status",
+        "limit",
+        "next_start",
+        "paused_until",
+        "signals",
+        "throttled_at",
+        "throttled_since",
+        "throttling",
+        "windows",
+    )
+
+    def __init__(self, host: str, cap: int, delay: float, settings: Settings) -> None:
+        self.host = host
+        self._label = METRICS.host(host)
+        self._settings = settings
+        self.cap = cap
+        self.limit = float(cap)
+        self.delay = delay
+        self.extra = 0.0
+        self.active = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._parked: deque[Callable[[], None]] = deque()
+        self._timer_at = 0.0
+        self.next_start = 0.0
+        self.paused_until = 0.0
+        self.last_cut = 0.0  # when limit was last cut: answers to requests sent before it say nothing new
+        self.windows = 0  # throttle windows since the last good answer (the backoff exponent without Retry-After)
+        self.throttling = False  # from the first throttle signal until the rate is all the way back
+        self.throttled_at = 0.0
+        self.throttled_since: float | None = None  # first throttle signal since the last good answer
+        self.last_status: int | None = None
+        self.given_up = False
+        self.signals: Counter[str] = Counter()  # throttle signals per source
+        self.ewma: float | None = None  # smoothed response time (adaptive sources only)
+        self.baseline: float | None = None  # the host's usual response time
+        self._show()
+
+    @property
+    def slots(self) -> int:
+        """Requests that may be in flight now."""
+        return max(1, int(self.limit))
+
+    @property
+    def gap(self) -> float:
+        """Seconds between request starts now."""
+        return self.delay + self.extra
+
+    def _show(self) -> None:
+        METRICS.host_concurrency.labels(self._label).set(self.slots)
+        METRICS.host_delay.labels(self._label).set(self.gap)
+
+    def raise_delay(self, delay: float) -> None:
+        """At least ``delay`` seconds between starts from now on (robots.txt's ``Crawl-delay``)."""
+        if delay > self.delay:
+            self.delay = delay
+            self._show()
+
+    # --- admission ---------------------------------------------------------------------------------------------------
+
+    def check(self, url: str) -> None:
+        """Raise ThrottleBudgetSpent once the host has been given up."""
+        if self.given_up:
+            raise ThrottleBudgetSpent(self.host, url, self.last_status, self._settings.throttle_budget)
+
+    def crowded(self) -> bool:
+        """Whether a request that may not wait should be parked: the host throttles and has no room now."""
+        if not self.throttling:
+            return False
+        return self.paused_until > time.monotonic() or self.active + len(self._waiters) >= self.slots
+
+    def park(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when the host may take another request (or has been given up)."""
+        self._parked.append(callback)
+        self._unpark()
+
+    async def acquire(self) -> None:
+        """Wait for one of the host's slots (first come, first served)."""
+        if self.active < self.slots and not self._waiters:
+            self.active += 1
             return
-        async with self.lock:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # the releaser hands its slot over (active stays counted)
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed over just as we were cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        """Give a slot back: to the next waiter, or (room permitting) to a parked request."""
+        self.active -= 1
+        self._wake()
+        self._unpark()
+
+    def _wake(self) -> None:
+        while self._waiters and self.active < self.slots:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.active += 1
+                waiter.set_result(None)
+
+    def _unpark(self) -> None:
+        if not self._parked:
+            return
+        now = time.monotonic()
+        if self.given_up or not self.throttling:
+            room = len(self._parked)
+        elif self.paused_until > now:
+            if self._timer_at < self.paused_until:  # wake them when the pause is over
+                self._timer_at = self.paused_until
+                asyncio.get_running_loop().call_later(self.paused_until - now, self._unpark)
+            return
+        else:
+            room = self.slots - self.active - len(self._waiters)
+        for _ in range(min(room, len(self._parked))):
+            self._parked.popleft()()
+
+    async def wait_turn(self, url: str) -> None:
+        """Wait out the host's pause and its gap between request starts."""
+        while True:
+            self.check(url)
             now = time.monotonic()
-            if self.next_start > now:
-                await asyncio.sleep(self.next_start - now)
-            self.next_start = max(now, self.next_start) + self.delay
+            at = max(now, self.paused_until, self.next_start)
+            if at <= now:
+                gap = self.gap
+                if gap > 0:
+                    self.next_start = now + gap
+                return
+            await asyncio.sleep(at - now)  # then look again: a throttle signal may have paused the host meanwhile
+
+    # --- feedback ----------------------------------------------------------------------------------------------------
+
+    def throttled(self, status: int, after: float | None, sent: float, source: str) -> None:
+        """A response asked us to slow down: pause the host, cut its rate (once per window), maybe give it up."""
+        s = self._settings
+        now = time.monotonic()
+        self.signals[source] += 1
+        METRICS.throttle_signals.labels(source, self._label).inc()
+        self.last_status = status
+        if self.throttled_since is None:
+            self.throttled_since = now
+        if after is not None:
+            pause = min(after, s.backoff_max)
+        else:
+            pause = min(s.backoff_max, s.backoff_base * 2**self.windows)
+        self.paused_until = max(self.paused_until, now + pause)
+        if sent >= self.last_cut:  # the first answer of a new window: react once
+            self.last_cut = now
+            self.windows += 1
+            self.limit = max(1.0, self.limit / 2)
+            extra = min(s.max_crawl_delay, max(2 * self.extra, _THROTTLE_STEP))
+            self.extra = min(extra, max(pause, _THROTTLE_STEP)) if after is not None else extra
+            self._show()
+        if not self.throttling:
+            self.throttling, self.throttled_at = True, now
+            log.warning(
+                "host throttled",
+                host=self.host,
+                status=status,
+                retry_after_s=after,
+                pause_s=round(pause, 3),
+                concurrency=self.slots,
+                delay_s=round(self.gap, 3),
+            )
+        if self.limit <= 1 and now - self.throttled_since >= s.throttle_budget and not self.given_up:
+            self.given_up = True
+            log.error(
+                "host given up: throttled past the budget",
+                host=self.host,
+                budget_s=s.throttle_budget,
+                status=status,
+                signals=sum(self.signals.values()),
+            )
+        self._unpark()
+
+    def answered(self, sent: float, latency: float | None) -> None:
+        """A good answer (``latency`` given for adaptive sources): grow the rate back, ease a slowing host."""
+        self.throttled_since = None
+        self.windows = 0
+        slowing = False
+        if latency is not None:
+            ewma = latency if self.ewma is None else 0.8 * self.ewma + 0.2 * latency
+            self.ewma = ewma
+            base = self.baseline
+            # The usual response time: the lowest seen, drifting up slowly so a host that stays slower is accepted.
+            base = ewma if base is None else min(ewma, base + 0.01 * (ewma - base))
+            self.baseline = base
+            slowing = ewma > _SLOW_RATIO * base and ewma - base > _SLOW_MARGIN
+        if slowing:
+            if sent >= self.last_cut and self.limit > 1:
+                self.last_cut = time.monotonic()
+                self.limit = max(1.0, self.limit * 0.75)
+                self._show()
+            return
+        if self.limit >= self.cap and not self.extra and not self.throttling:
+            return
+        before = (self.slots, self.extra)
+        if self.limit < self.cap:
+            self.limit = min(float(self.cap), self.limit + 1 / self.limit)
+        if self.extra:
+            self.extra = max(0.0, self.extra - max(0.01, 0.05 * self.extra))
+        if (self.slots, self.extra) != before:
+            self._show()
+        if self.throttling and self.limit >= self.cap and not self.extra:
+            self.throttling = False
+            log.info(
+                "host recovered",
+                host=self.host,
+                seconds=round(time.monotonic() - self.throttled_at, 3),
+                signals=sum(self.signals.values()),
+            )
+        self._wake()
+        self._unpark()
 
 
 class HostTurn:
     """One request's turn at its host, for every kind (an async context manager, :meth:`Fetcher.turn`).
 
-    Entering waits for the host's gate (concurrency, delay, ``Crawl-delay``) and
-    passes its breaker (BreakerOpen when it is open); leaving tells the breaker
-    and the in-flight/latency/status metrics how the request went. ``ok`` is the
-    breaker's verdict (None: neutral, e.g. a cancelled request), ``status`` the
-    HTTP status received (0: none). A FetchError (or TimeoutError) that ends the
-    block counts like a failed attempt (transient ones as failures).
+    Entering waits for the host's gate (its adaptive concurrency, delay and
+    ``Crawl-delay``, a throttled host's pause) and passes its breaker (BreakerOpen
+    when it is open); with ``park`` a throttled host with no room raises HostBusy
+    instead of waiting, and a host given up raises ThrottleBudgetSpent. Leaving
+    tells the gate, the breaker and the in-flight/latency/status metrics how the
+    request went: :meth:`answered` with the response's status and headers, or the
+    FetchError (or TimeoutError) that ends the block. ``ok`` is the breaker's
+    verdict (None: neutral, e.g. a cancelled request or a throttle signal).
     """
 
-    __slots__ = ("_breaker", "_gate", "_in_flight", "_label", "_probe", "_sent", "_source", "_url", "ok", "status")
+    __slots__ = (
+        "_adaptive",
+        "_breaker",
+        "_gate",
+        "_in_flight",
+        "_label",
+        "_park",
+        "_probe",
+        "_sent",
+        "_source",
+        "_throttle",
+        "_url",
+        "ok",
+        "status",
+    )
 
-    def __init__(self, gate: _HostGate, breaker: HostBreaker, url: str, label: str, source: str) -> None:
+    def __init__(
+        self,
+        gate: _HostGate,
+        breaker: HostBreaker,
+        url: str,
+        label: str,
+        source: str,
+        *,
+        adaptive: bool = True,
+        park: bool = False,
+    ) -> None:
         self._gate = gate
         self._breaker = breaker
         self._url = url
         self._label = label
         self._source = source
+        self._adaptive = adaptive
+        self._park = park
         self._probe = False
         self._sent = 0.0
+        self._throttle: tuple[float | None] | None = None  # (Retry-After,) of a throttle signal
         self.status = 0
         self.ok: bool | None = None
 
+    def answered(self, status: int, headers: Mapping[str, str]) -> None:
+        """The response's status and headers: a throttle signal, a failure (5xx) or a good answer."""
+        self.status = status
+        after = retry_after(headers)
+        if is_throttle(status, after):
+            self._throttle, self.ok = (after,), None
+        else:
+            self.ok = not is_transient_status(status)
+
     async def __aenter__(self) -> HostTurn:
-        slots = self._gate.slots
-        await slots.acquire()
+        gate = self._gate
+        gate.check(self._url)
+        if self._park and gate.crowded():
+            raise HostBusy(gate.host, self._url, gate.park)
+        await gate.acquire()
         try:
             self._probe = self._breaker.admit(self._url)  # after waiting for a slot: it may have opened meanwhile
         except BaseException:
-            slots.release()
+            gate.release()
             raise
         try:
-            await self._gate.wait_turn()
+            await gate.wait_turn(self._url)
         except BaseException:
             self._breaker.release(self._probe)
-            slots.release()
+            gate.release()
             raise
         self._in_flight = METRICS.in_flight.labels(self._source, self._label)
         self._in_flight.inc()
@@ -241,22 +525,34 @@ class HostTurn:
     async def __aexit__(
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        gate = self._gate
         try:
             if isinstance(exc, TimeoutError):
                 self.ok = False
+            elif isinstance(exc, Throttled):
+                self._throttle, self.ok = (exc.retry_after,), None
+                self.status = exc.status or self.status
             elif isinstance(exc, FetchError):
                 self.ok = not exc.transient
                 self.status = exc.status or self.status
             source, label = self._source, self._label
             self._in_flight.dec()
-            METRICS.request_seconds.labels(source, label).observe(time.monotonic() - self._sent)
+            latency = time.monotonic() - self._sent
+            METRICS.request_seconds.labels(source, label).observe(latency)
             METRICS.requests.labels(source, label, status_class(self.status)).inc()
-            if self.ok is None:
+            if self._throttle is not None:
+                # Neither a success nor a failure for the breaker (a half-open probe waits for its verdict); the
+                # gate pauses and slows the host.
+                self._breaker.release(self._probe)
+                gate.throttled(self.status, self._throttle[0], self._sent, source)
+            elif self.ok is None:
                 self._breaker.release(self._probe)
             else:
                 self._breaker.record(self.ok, self._probe)
+                if self.ok:
+                    gate.answered(self._sent, latency if self._adaptive else None)
         finally:
-            self._gate.slots.release()
+            gate.release()
 
 
 class _Transport(Protocol):
@@ -342,20 +638,6 @@ class _HttpxTransport:
         await self._client.aclose()
 
 
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, (parsedate_to_datetime(value) - utcnow()).total_seconds())
-    except (TypeError, ValueError):
-        return None
-
-
 class Fetcher:
     """Every request of a process goes through one Fetcher (an async context manager).
 
@@ -410,12 +692,15 @@ class Fetcher:
         delay: float | None = None,
         robots: bool = True,
         source: str = "-",
+        adaptive: bool = True,
+        park: bool = False,
     ) -> AsyncIterator[HostTurn]:
         """Hold one request's place under the per-host rules, for a request this Fetcher does not send itself.
 
         The network guard, robots.txt, then the host's turn (:meth:`turn`), exactly as
         for :meth:`get`: the block runs when the request may go. It may set the turn's
-        ``status``; when it ends normally the request counts as a success.
+        ``status`` or call its :meth:`HostTurn.answered`; when it ends normally without
+        a verdict the request counts as a success.
         """
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -423,14 +708,43 @@ class Fetcher:
         await self._guard.check(url, parts.hostname)
         if robots:
             await self._obey_robots(url, concurrency, delay)
-        async with self.turn(host_of(url), url, concurrency=concurrency, delay=delay, source=source) as turn:
+        async with self.turn(
+            host_of(url), url, concurrency=concurrency, delay=delay, source=source, adaptive=adaptive, park=park
+        ) as turn:
             yield turn
-            turn.ok = True
+            if turn.ok is None:
+                turn.ok = True
             turn.status = turn.status or 200
 
-    def turn(self, host: str, url: str, *, concurrency: int | None, delay: float | None, source: str) -> HostTurn:
-        """A request's turn at its host (``async with``): gate, breaker and metrics, as for every attempt."""
-        return HostTurn(self._gate(host, concurrency, delay), self.breakers.get(host), url, METRICS.host(host), source)
+    def turn(
+        self,
+        host: str,
+        url: str,
+        *,
+        concurrency: int | None,
+        delay: float | None,
+        source: str,
+        adaptive: bool = True,
+        park: bool = False,
+    ) -> HostTurn:
+        """A request's turn at its host (``async with``): gate, breaker and metrics, as for every attempt.
+
+        ``adaptive``: the response time feeds the host's rate (politeness ``adaptive``); ``park``: a throttled host
+        with no room raises HostBusy instead of holding the caller.
+        """
+        return HostTurn(
+            self._gate(host, concurrency, delay),
+            self.breakers.get(host),
+            url,
+            METRICS.host(host),
+            source,
+            adaptive=adaptive,
+            park=park,
+        )
+
+    def throttle_signals(self, source: str, hosts: set[str]) -> dict[str, int]:
+        """Throttle signals (429, 503 with Retry-After) a source's requests met, per host (hosts with none left out)."""
+        return {h: n for h in sorted(hosts) if (gate := self._gates.get(h)) is not None and (n := gate.signals[source])}
 
     async def __aenter__(self) -> Fetcher:
         return self
@@ -458,9 +772,9 @@ class Fetcher:
     def _gate(self, host: str, concurrency: int | None, delay: float | None) -> _HostGate:
         gate = self._gates.get(host)
         if gate is None:
+            s = self._settings
             gate = _HostGate(
-                slots=asyncio.Semaphore(concurrency or self._settings.per_host_concurrency),
-                delay=self._settings.per_host_delay if delay is None else delay,
+                host, concurrency or s.per_host_concurrency, s.per_host_delay if delay is None else delay, s
             )
             self._gates[host] = gate
         return gate
@@ -486,7 +800,7 @@ class Fetcher:
         crawl_delay = rules.crawl_delay(self.robots.agent)
         if crawl_delay:
             gate = self._gate(host_of(url), concurrency, delay)
-            gate.delay = max(gate.delay, min(crawl_delay, self._settings.max_crawl_delay))
+            gate.raise_delay(min(crawl_delay, self._settings.max_crawl_delay))
 
     async def get(
         self,
@@ -499,14 +813,21 @@ class Fetcher:
         robots: bool = True,
         max_bytes: int | None = None,
         source: str = "-",
+        adaptive: bool = True,
+        park: bool = False,
+        attempts: int = 0,
+        started: float | None = None,
     ) -> Response:
         """GET a URL through robots.txt, politeness, the breaker, retries, redirects and limits.
 
         Raises FetchError (with ``attempts`` and ``elapsed_ms`` set) when the URL
         finally fails; a final status other than 2xx or 304 is an error too.
-        BreakerOpen means the URL was not (or no longer) requested.
+        BreakerOpen means the URL was not (or no longer) requested; so does
+        HostBusy, with ``park``, when its host is throttled and has no room now.
+        ``attempts`` and ``started`` carry on the count and clock of a URL that was
+        parked before (what HostBusy's ``attempts`` and ``elapsed_ms`` said).
         """
-        started = time.monotonic()
+        started = time.monotonic() if started is None else started
         if robots:
             try:
                 await self._obey_robots(url, concurrency, delay)
@@ -524,44 +845,56 @@ class Fetcher:
                 max_bytes or self._settings.max_body_bytes,
                 robots,
                 source,
+                adaptive=adaptive,
+                park=park,
             )
             if 200 <= status < 300 or status == 304:
                 return Response(final_url, status, hdrs, body, attempt, int((time.monotonic() - started) * 1000))
-            error = status_error(status, final_url)
-            error.retry_after = _retry_after(hdrs)
-            raise error
+            raise status_error(status, final_url, retry_after(hdrs))
 
-        return await self.retrying(once, url=url, source=source, started=started)
+        return await self.retrying(once, url=url, source=source, started=started, attempts=attempts)
 
     async def retrying(
-        self, attempt: Callable[[int], Awaitable[T]], *, url: str, source: str = "-", started: float | None = None
+        self,
+        attempt: Callable[[int], Awaitable[T]],
+        *,
+        url: str,
+        source: str = "-",
+        started: float | None = None,
+        attempts: int = 0,
     ) -> T:
         """Run ``attempt(n)`` (n = 1, 2, ...) until it returns: the one retry loop of every kind.
 
         A transient FetchError is retried up to ``max_retries`` times after a
         backoff with full jitter (at least the error's ``Retry-After``, capped);
-        the last error is raised with ``attempts`` and ``elapsed_ms`` set.
-        BreakerOpen propagates at once (nothing was sent).
+        the last error is raised with ``attempts`` and ``elapsed_ms`` set. A
+        throttle signal (Throttled) is retried without using one of them: the
+        host's gate holds the next attempt until the host's pause is over (and
+        ThrottleBudgetSpent ends it when the host is given up). BreakerOpen and
+        HostBusy propagate at once (nothing was sent). ``attempts`` counts attempts
+        made before the URL was parked (the next one is ``attempts + 1``).
         """
         started = time.monotonic() if started is None else started
         retries = self._settings.max_retries
-        attempts = 0
+        failures = 0
         try:
-            for n in range(retries + 1):
+            while True:
                 attempts += 1
                 try:
                     return await attempt(attempts)
-                except BreakerOpen:
+                except (BreakerOpen, HostBusy):
                     attempts -= 1
                     raise
+                except Throttled:
+                    continue  # the host's gate pauses it: the next attempt waits there
                 except FetchError as exc:
-                    if not exc.transient or n == retries:
+                    if not exc.transient or failures == retries:
                         raise
-                    pause = self._backoff(n, exc.retry_after)
+                    pause = self._backoff(failures, exc.retry_after)
+                    failures += 1
                     METRICS.retries.labels(source, METRICS.host(host_of(exc.url))).inc()
                     log.info("retrying", url=url, attempt=attempts, error=str(exc), sleep_s=round(pause, 3))
                 await asyncio.sleep(pause)
-            raise AssertionError("unreachable: the last attempt returns or raises")
         except FetchError as exc:
             exc.attempts = attempts
             exc.elapsed_ms = int((time.monotonic() - started) * 1000)
@@ -577,6 +910,9 @@ class Fetcher:
         max_bytes: int,
         robots: bool,
         source: str = "-",
+        *,
+        adaptive: bool = True,
+        park: bool = False,
     ) -> tuple[str, int, dict[str, str], bytes]:
         client = self._transport(transport)
         s = self._settings
@@ -589,14 +925,20 @@ class Fetcher:
             if hop and robots:  # a redirect target answers to its own robots.txt (as in Scrapy)
                 await self._obey_robots(current, concurrency, delay)
             async with self.turn(
-                host_of(current), current, concurrency=concurrency, delay=delay, source=source
+                host_of(current),
+                current,
+                concurrency=concurrency,
+                delay=delay,
+                source=source,
+                adaptive=adaptive,
+                park=park,
             ) as turn:
                 try:
                     async with asyncio.timeout(s.total_timeout):
                         status, hdrs, body = await client.get(current, headers, max_bytes)
                 except TimeoutError:
                     raise TransientFetchError(f"timed out after {s.total_timeout}s", url=current) from None
-                turn.status, turn.ok = status, not is_transient_status(status)
+                turn.answered(status, hdrs)
             if status in _REDIRECT_STATUS and "location" in hdrs:
                 current = urljoin(current, hdrs["location"])
                 continue

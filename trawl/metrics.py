@@ -65,6 +65,24 @@ class Metrics:
         self.retries = Counter(
             "trawl_retries_total", "Retries of transient failures (after a backoff).", ["source", "host"], registry=r
         )
+        self.host_concurrency = Gauge(
+            "trawl_host_concurrency",
+            "Requests a host may have in flight now (its cap, lowered while it throttles or slows down).",
+            ["host"],
+            registry=r,
+        )
+        self.host_delay = Gauge(
+            "trawl_host_delay_seconds",
+            "Seconds between request starts to a host now (politeness, Crawl-delay, raised while it throttles).",
+            ["host"],
+            registry=r,
+        )
+        self.throttle_signals = Counter(
+            "trawl_throttle_signals_total",
+            "Responses asking to slow down (429, 503 with Retry-After), by the source whose request got one.",
+            ["source", "host"],
+            registry=r,
+        )
         self.breaker_state = Gauge(
             "trawl_breaker_state", "A host's circuit breaker: 0 closed, 1 half-open, 2 open.", ["host"], registry=r
         )

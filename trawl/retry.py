@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import random
 import socket
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 
 from trawl.errors import (
     DatabaseRefused,
     DatabaseUnavailable,
+    FetchError,
     LoadConflict,
     PermanentFetchError,
+    Throttled,
     TransientFetchError,
     TrawlError,
 )
@@ -25,14 +30,17 @@ from trawl.errors import (
 __all__ = [
     "TRANSIENT_STATUS",
     "full_jitter",
+    "is_throttle",
     "is_transient",
     "is_transient_status",
     "pg_error",
+    "retry_after",
     "status_error",
 ]
 
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504, 507, 508, 509, 520, 521, 522, 523, 524})
-"""HTTP statuses that are retried and count as failures for a host's breaker (Scrapy's ``RETRY_HTTP_CODES`` too)."""
+"""HTTP statuses that are retried (Scrapy's ``RETRY_HTTP_CODES`` too); all but the throttle signals
+(:func:`is_throttle`) count as failures for a host's breaker."""
 
 # S3 error codes that say "later" (throttling, timeouts, the service's own trouble); 5xx and 429 are transient too.
 _S3_TRANSIENT_CODES = frozenset(
@@ -71,10 +79,41 @@ def is_transient_status(status: int) -> bool:
     return status in TRANSIENT_STATUS
 
 
-def status_error(status: int, url: str) -> TransientFetchError | PermanentFetchError:
-    """The error a final HTTP status other than 2xx/304 is, on every transport (aiohttp, httpx, the browser)."""
-    cls = TransientFetchError if status in TRANSIENT_STATUS else PermanentFetchError
-    return cls(f"HTTP {status}", url=url, status=status)
+def is_throttle(status: int, retry_after: float | None) -> bool:
+    """Whether a response asks us to slow down rather than failed: 429, or 503 with a ``Retry-After``.
+
+    A throttle signal slows the host (its gate) instead of counting toward its breaker.
+    """
+    return status == 429 or (status == 503 and retry_after is not None)
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds a ``Retry-After`` header (lower-cased names) asks for: delta-seconds or an HTTP-date; None if absent
+    or unreadable."""
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+def status_error(status: int, url: str, after: float | None = None) -> FetchError:
+    """The error a final HTTP status other than 2xx/304 is, on every transport (aiohttp, httpx, the browser,
+    Scrapy); ``after`` is the response's ``Retry-After`` in seconds (:func:`retry_after`)."""
+    cls: type[FetchError]
+    if is_throttle(status, after):
+        cls = Throttled
+    else:
+        cls = TransientFetchError if status in TRANSIENT_STATUS else PermanentFetchError
+    error = cls(f"HTTP {status}", url=url, status=status)
+    error.retry_after = after
+    return error
 
 
 def _sqlstate(exc: BaseException) -> str:

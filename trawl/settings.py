@@ -75,12 +75,17 @@ class Settings(BaseSettings):
     max_retries: int = Field(
         default=3,
         ge=0,
-        description="Retries after the first attempt for transient failures (connect errors, timeouts, 429, 5xx).",
+        description="Retries after the first attempt for transient failures (connect errors, timeouts, 5xx). "
+        "Throttle signals (429, 503 with `Retry-After`) are retried without using one.",
     )
     backoff_base: float = Field(
         default=0.5, ge=0, description="Base of the exponential backoff between retries, in seconds (full jitter)."
     )
-    backoff_max: float = Field(default=30.0, ge=0, description="Cap on one backoff sleep, `Retry-After` included.")
+    backoff_max: float = Field(
+        default=30.0,
+        ge=0,
+        description="Cap on one backoff sleep, `Retry-After` included (a throttled host's pause too).",
+    )
     max_redirects: int = Field(default=10, ge=0, description="Redirects followed before a URL fails.")
     max_body_bytes: int = Field(
         default=10 * 1024 * 1024, ge=1024, description="Largest response body accepted (after decompression)."
@@ -88,7 +93,8 @@ class Settings(BaseSettings):
     breaker_fail_max: int = Field(
         default=5,
         ge=1,
-        description="Consecutive failed requests (transient errors) after which a host's breaker opens.",
+        description="Consecutive failed requests (connect errors, timeouts, resets, 5xx without `Retry-After`, "
+        "truncated bodies) after which a host's breaker opens. Throttle signals do not count.",
     )
     breaker_reset_timeout: float = Field(
         default=30.0, gt=0, description="Seconds an open breaker waits before letting one probe request through."
@@ -98,8 +104,18 @@ class Settings(BaseSettings):
         ge=0,
         description="Times a URL skipped by an open breaker is put back to wait for it to close; then `skipped_breaker`.",
     )
+    throttle_budget: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds a host may keep throttling (429, 503 with `Retry-After`) at its slowest rate without one "
+        'good answer; then its remaining URLs end `failed` ("throttled"). Until then a throttled host is paused '
+        "for its `Retry-After`, its concurrency halved and its delay raised, and both grow back with its successes.",
+    )
     max_crawl_delay: float = Field(
-        default=10.0, ge=0, description="Cap on a robots.txt `Crawl-delay` (seconds between request starts to a host)."
+        default=10.0,
+        ge=0,
+        description="Cap on a robots.txt `Crawl-delay`, and on the delay a throttling host is given (seconds between "
+        "request starts to a host).",
     )
     robots_unavailable: Literal["allow", "disallow"] = Field(
         default="allow",

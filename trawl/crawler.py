@@ -145,6 +145,7 @@ async def _finish(
     await frontier.checkpoint()
     summary = stats.as_dict()
     summary["breaker_trips"] = sum(fetcher.breakers.trips(host) for host in stats.hosts)
+    summary["throttled"] = fetcher.throttle_signals(source.name, stats.hosts)  # throttle signals per host
     status: Literal["complete", "failed"] = "failed" if error else "complete"
 
     def failed(message: str | None) -> SourceFailed:
@@ -186,13 +187,17 @@ def merge_stats(shards: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One summary from the summaries of a sharded crawl's shards (counts add up)."""
     out: dict[str, Any] = {"pages": 0, "records": 0, "bytes": 0, "discovered": 0, "failures": 0}
     outcomes: Counter[str] = Counter()
+    throttled: Counter[str] = Counter()
     errors: list[dict[str, Any]] = []
     for st in shards:
         for k in out:
             out[k] += st.get(k, 0)
         outcomes.update(st.get("outcomes", {}))
+        throttled.update(st.get("throttled", {}))
         errors += st.get("top_errors", [])
     out["outcomes"] = dict(outcomes)
+    if throttled:
+        out["throttled"] = dict(throttled)
     out["top_errors"] = sorted(errors, key=lambda e: -e.get("count", 0))[:10]
     out["shards"] = len(shards)
     return out

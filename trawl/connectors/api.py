@@ -121,6 +121,7 @@ class ApiConnector:
                     concurrency=src.politeness.concurrency,
                     delay=src.politeness.delay,
                     robots=src.robots,
+                    adaptive=src.politeness.adaptive,
                     park=waited < self.ctx.settings.breaker_requeues,
                 )
             except BreakerOpen as exc:

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import orjson
 import structlog
 
-from trawl.errors import BlockedNetworkError, BreakerOpen, FetchError, RobotsDisallowed
+from trawl.errors import BlockedNetworkError, BreakerOpen, FetchError, HostBusy, RobotsDisallowed
 from trawl.extract import get_path
 from trawl.fetch import Fetcher, Response, TransportName
 from trawl.frontier.base import Idle, Settled
@@ -149,12 +149,19 @@ class SourceContext:
         concurrency: int | None = None,
         delay: float | None = None,
         robots: bool = True,
+        adaptive: bool = True,
         park: bool = False,
+        park_busy: bool = False,
+        attempts: int = 0,
+        started: float | None = None,
     ) -> Response | None:
         """Fetch a URL and record exactly one outcome for it when it failed; None when it failed.
 
         With ``park`` a BreakerOpen is raised instead of recorded, so the caller can
         put the URL back until the breaker closes (and record ``skipped_breaker`` later).
+        With ``park_busy`` a throttled host without room raises HostBusy instead of
+        holding the caller, who puts the URL back when the host has room
+        (``attempts``/``started`` carry on from there).
         """
         try:
             resp = await self.fetcher.get(
@@ -165,7 +172,13 @@ class SourceContext:
                 delay=delay,
                 robots=robots,
                 source=source,
+                adaptive=adaptive,
+                park=park_busy,
+                attempts=attempts,
+                started=started,
             )
+        except HostBusy:
+            raise  # only with park_busy: the caller puts the URL back
         except BreakerOpen:
             if park:
                 raise

@@ -38,12 +38,12 @@ import structlog
 from trawl.config import BrowserSource
 from trawl.connectors.base import SourceContext, make_record, url_hash
 from trawl.connectors.html import HtmlConnector
-from trawl.errors import BreakerOpen, FetchError, PermanentFetchError, TransientFetchError
+from trawl.errors import BreakerOpen, FetchError, HostBusy, PermanentFetchError, TransientFetchError
 from trawl.extract import extract_items, extract_links, parse_html
 from trawl.fetch import Fetcher, Response
 from trawl.frontier.base import Frontier
 from trawl.records import OutcomeKind, utcnow
-from trawl.retry import status_error
+from trawl.retry import retry_after, status_error
 from trawl.settings import Settings
 from trawl.urls import host_of
 
@@ -321,17 +321,18 @@ class BrowserConnector(HtmlConnector):
     async def _render(self, url: str) -> Response | None:
         """Render one page (retrying transient failures); None after recording its outcome when it failed.
 
-        BreakerOpen propagates, so the crawl parks the URL like any other.
+        BreakerOpen and HostBusy propagate, so the crawl parks the URL like any other.
         """
-        started = time.monotonic()
+        attempts, started = self._resume.pop(url, (0, time.monotonic()))
         try:
             return await self.ctx.fetcher.retrying(
                 lambda attempt: self._render_once(url, attempt, started),
                 url=url,
                 source=self.source.name,
                 started=started,
+                attempts=attempts,
             )
-        except BreakerOpen:
+        except (BreakerOpen, HostBusy):
             raise
         except FetchError as exc:
             await self.ctx.failed(self.source.name, url, exc)
@@ -356,6 +357,8 @@ class BrowserConnector(HtmlConnector):
             delay=src.politeness.delay,
             robots=src.robots,
             source=src.name,
+            adaptive=src.politeness.adaptive,
+            park=True,
         ):
             try:
                 async with self.pool.page(host, src.javascript, self._blocked) as page:
@@ -367,7 +370,7 @@ class BrowserConnector(HtmlConnector):
                     )
                     status = nav.status if nav is not None else 200
                     if status >= 400:
-                        raise status_error(status, url)
+                        raise status_error(status, url, retry_after(await nav.all_headers()) if nav else None)
                     if src.wait_for.selector:
                         try:
                             await page.wait_for_selector(src.wait_for.selector, timeout=s.browser_wait_timeout * 1000)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
+import time
 from collections.abc import AsyncIterator
 
 import structlog
 
 from trawl.config import HtmlSource
 from trawl.connectors.base import SourceContext, make_record, url_hash
-from trawl.errors import BreakerOpen
+from trawl.errors import BreakerOpen, HostBusy
 from trawl.extract import extract_items, extract_links, parse_html
 from trawl.fetch import Response
 from trawl.frontier.base import Frontier, Idle, Settled
@@ -37,7 +39,10 @@ class HtmlConnector:
     durable one; the loop is the same. The crawl ends when the frontier says so
     (nothing queued, being fetched, or parked). URLs whose host's breaker is open
     wait (parked) until it may let requests through again, up to
-    ``breaker_requeues`` times, then end as ``skipped_breaker``. With a frontier
+    ``breaker_requeues`` times, then end as ``skipped_breaker``. URLs whose host
+    is throttled and has no room are parked too, without holding a worker, until
+    the host's gate calls them back (any number of times: the host's throttle
+    budget bounds it); their attempts and clock carry on. With a frontier
     that checkpoints, ``fetch()`` also yields a :class:`Settled` marker after each
     URL's records and outcome, and :class:`Idle` while it waits on other shards.
     """
@@ -54,6 +59,8 @@ class HtmlConnector:
         self._crawl = bool(source.start_urls)
         self._hosts = {host_of(u) for u in self._seeds}
         self._seen: set[int] = set()
+        self._resume: dict[str, tuple[int, float]] = {}
+        """Parked for a throttled host: attempts made so far and when the first started, per URL."""
         self._scheduled = 0  # an upper bound with a shared frontier: links other crawlers queued first count too
 
     def _follow(self, url: str) -> bool:
@@ -102,6 +109,11 @@ class HtmlConnector:
                 claim = await frontier.claims.get()
                 try:
                     await self._page(claim.url, claim.depth, out)
+                except HostBusy as exc:
+                    # The host asked to slow down: the URL waits outside the worker pool until the host has room.
+                    self._resume[claim.url] = (exc.attempts, time.monotonic() - exc.elapsed_ms / 1000)
+                    exc.when_ready(functools.partial(frontier.claims.put_nowait, claim))
+                    continue
                 except BreakerOpen as exc:
                     if claim.requeues < requeues_max:
                         # Parked, still outstanding: back in the frontier when the breaker may admit a probe.
@@ -147,9 +159,10 @@ class HtmlConnector:
     async def _get(self, url: str, headers: dict[str, str] | None = None) -> Response | None:
         """Fetch one page under the source's politeness; None when it failed (its outcome recorded).
 
-        BreakerOpen propagates (``park``): the crawl puts the URL back until the breaker may admit it.
+        BreakerOpen and HostBusy propagate (``park``): the crawl puts the URL back until its host may take it.
         """
         src = self.source
+        attempts, started = self._resume.pop(url, (0, None))
         return await self.ctx.fetch(
             src.name,
             url,
@@ -158,7 +171,11 @@ class HtmlConnector:
             concurrency=src.politeness.concurrency,
             delay=src.politeness.delay,
             robots=src.robots,
+            adaptive=src.politeness.adaptive,
             park=True,
+            park_busy=True,
+            attempts=attempts,
+            started=started,
         )
 
     async def _page(self, url: str, depth: int, out: asyncio.Queue[object]) -> None:

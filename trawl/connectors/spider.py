@@ -11,8 +11,11 @@ Two downloader middlewares tie Scrapy to :class:`trawl.fetch.Fetcher`:
   every attempt and redirect hop in :meth:`Fetcher.slot`: the network guard,
   robots.txt (trawl's cache, not Scrapy's), the host's gate (per-host
   concurrency and delay, ``Crawl-delay``) and its circuit breaker — the one the
-  asyncio workers use, so failures on either side open it for both. 5xx/429
-  and connection errors count as failures, like a failed attempt of the Fetcher.
+  asyncio workers use, so failures on either side open it for both. 5xx and
+  connection errors count as failures, like a failed attempt of the Fetcher; a
+  throttle signal (429, 503 with ``Retry-After``) slows the host's shared gate
+  down and the request is scheduled again without using one of Scrapy's
+  retries (the gate holds it until the host's pause is over).
 * :class:`OutcomeMiddleware`, outermost, sees each URL's end (after Scrapy's
   retries and redirects) and records exactly one outcome for it, under the
   URL first asked for.
@@ -53,13 +56,21 @@ from scrapy.utils.ssl import _make_ssl_context
 
 from trawl.config import SpiderSource
 from trawl.connectors.base import OUTCOME_OF, SourceContext, make_record, url_hash
-from trawl.errors import BreakerOpen, ConfigError, FetchError, PermanentFetchError, SpiderFailed, TransientFetchError
+from trawl.errors import (
+    BreakerOpen,
+    ConfigError,
+    FetchError,
+    PermanentFetchError,
+    SpiderFailed,
+    Throttled,
+    TransientFetchError,
+)
 from trawl.extract import get_path
 from trawl.fetch import GuardedResolver, RefusedAddress
 from trawl.frontier import DurableFrontier, Frontier, PgFrontier, Settled, durable, open_store
 from trawl.frontier.scheduler import PgScheduler
 from trawl.records import Outcome, OutcomeKind, Record, utcnow
-from trawl.retry import TRANSIENT_STATUS, status_error
+from trawl.retry import TRANSIENT_STATUS, retry_after, status_error
 from trawl.settings import Settings
 
 if TYPE_CHECKING:
@@ -248,6 +259,7 @@ class GateMiddleware:
             delay=src.politeness.delay,
             robots=src.robots,
             source=src.name,
+            adaptive=src.politeness.adaptive,
         )
         try:
             await slot.__aenter__()
@@ -258,11 +270,19 @@ class GateMiddleware:
         request.meta[_SLOT] = slot
         c.open_slots.add(slot)
 
-    async def process_response(self, request: Request, response: Response) -> Response:
+    async def process_response(self, request: Request, response: Response) -> Response | Request:
         slot = request.meta.pop(_SLOT, None)
-        if slot is not None:
-            status = response.status
-            await self.connector.close_slot(slot, status_error(status, request.url) if status >= 400 else None)
+        if slot is None:
+            return response
+        status = response.status
+        error = None
+        if status >= 400:
+            headers = {"retry-after": (response.headers.get("Retry-After") or b"").decode("latin-1")}
+            error = status_error(status, request.url, retry_after(headers))
+        await self.connector.close_slot(slot, error)
+        if isinstance(error, Throttled):
+            # Asked to slow down: again, through the gate (which waits out the host's pause), not a Scrapy retry.
+            return request.replace(dont_filter=True)
         return response
 
     async def process_exception(self, request: Request, exception: Exception) -> None:

@@ -199,14 +199,18 @@ class HostBusy(FetchError):
     instead of holding a worker through the host's pause.
     """
 
-    def __init__(self, host: str, url: str, park: Callable[[Callable[[], None]], None]) -> None:
+    def __init__(self, host: str, url: str, park: Callable[[Callable[[], None], bool], None]) -> None:
         super().__init__(f"{host} is throttled and has no room now", url=url)
         self.host = host
         self._park = park
 
     def when_ready(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (once, from the event loop) when the host may take this request."""
-        self._park(callback)
+        """Call ``callback`` (once, from the event loop) when the host may take this request.
+
+        A URL already under way (``attempts`` > 0) goes before those not yet sent, so the host's
+        URLs finish one by one rather than all waiting on each other's pauses.
+        """
+        self._park(callback, self.attempts > 0)
 
 
 class SourceFailed(TrawlError):

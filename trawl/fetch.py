@@ -289,9 +289,13 @@ class _HostGate:
             return False
         return self.paused_until > time.monotonic() or self.active + len(self._waiters) >= self.slots
 
-    def park(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` when the host may take another request (or has been given up)."""
-        self._parked.append(callback)
+    def park(self, callback: Callable[[], None], first: bool = False) -> None:
+        """Call ``callback`` when the host may take another request (or has been given up); ``first``: before the
+        others waiting (a URL under way)."""
+        if first:
+            self._parked.appendleft(callback)
+        else:
+            self._parked.append(callback)
         self._unpark()
 
     async def acquire(self) -> None:

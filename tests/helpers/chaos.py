@@ -34,9 +34,21 @@ malformed           ``/`` and ``/products/1..3``: invalid UTF-8, a NUL, unclosed
                     tags, unquoted attributes, a bogus charset; fields intact    unparseable Crawl-delay; allows all pages
 robots              ``/`` links ``/public/products/1..3`` and                    ``Disallow: /private/``,
                     ``/private/products/1..2`` (private pages exist, counted)    ``Crawl-delay: <crawl_delay>``
+throttle503         the first two requests of every path: 503 +                  the same: 503 twice, then allow-all
+                    ``Retry-After: <throttle_after>``; then ``/`` links
+                    ``/products/1..<throttle_pages>`` (20), each a product page
+rate429             at most ``rate`` (5) answers per rolling second; past that   the same rule (robots.txt counts too)
+                    429 + ``Retry-After: <rate_after>`` (1); ``/`` links
+                    ``/products/1..<rate_pages>`` (50)
+throttle_forever    every page: 429 + ``Retry-After: <throttle_after>``,         allow-all (so the pages are asked for)
+                    for ever
 ==================  ===========================================================  ==========================================
 
-The reset host is deterministic: every request is reset, there is no randomness anywhere.
+The reset host is deterministic: every request is reset, there is no randomness anywhere. The
+throttling hosts ask to slow down the way real sites and APIs do (a correct crawler slows down and
+fetches every page of throttle503 and rate429; throttle_forever's pages end ``failed`` "throttled" once
+``throttle_budget`` is spent). ``refusals`` keeps the time of every throttling answer, to check that
+no request comes inside a ``Retry-After`` window.
 :attr:`ChaosFleet.expected` says what a correct crawl of each host ends with, under
 :data:`EXPECTED_SETTINGS` and :meth:`ChaosFleet.source`.
 """
@@ -96,6 +108,9 @@ BEHAVIOURS: Final[tuple[str, ...]] = (
     "huge",
     "malformed",
     "robots",
+    "throttle503",
+    "rate429",
+    "throttle_forever",
 )
 
 EXPECTED_SETTINGS: Final[Mapping[str, Any]] = {
@@ -115,6 +130,7 @@ EXPECTED_SETTINGS: Final[Mapping[str, Any]] = {
     "robots_unavailable": "allow",
     "max_crawl_delay": 10.0,
     "per_host_delay": 0.0,
+    "throttle_budget": 2.5,  # > a few Retry-After pauses of throttle_forever; throttle503 and rate429 never stall
 }
 """The trawl settings (field names of ``trawl.settings.Settings``) that :attr:`ChaosFleet.expected` assumes.
 
@@ -173,6 +189,8 @@ class Expectation:
     requests: Mapping[str, int]
     never_requested: tuple[str, ...]
     why: str
+    exact: bool = True
+    """False where the host's answers depend on timing (the throttling hosts): ``requests`` are then minimums."""
 
 
 # --- gzip bomb ----------------------------------------------------------------------------
@@ -389,6 +407,12 @@ class ChaosFleet:
 
     ``requests`` counts ``(behaviour, path)``, ``totals`` counts requests per behaviour, and ``hits``
     keeps the last 100,000 requests with their times (to check Retry-After and Crawl-delay spacing).
+
+    The throttling hosts: ``throttle_after`` is the ``Retry-After`` of throttle503 and throttle_forever (the
+    issue's 2 s scaled down, so a crawl of the fleet stays short), ``throttle_pages`` the products of
+    throttle503; rate429 answers at most ``rate`` requests per rolling second, then 429 with
+    ``Retry-After: rate_after``, and has ``rate_pages`` products. ``refusals`` lists ``(behaviour, path,
+    time, Retry-After)`` of every throttling answer.
     """
 
     def __init__(
@@ -404,6 +428,11 @@ class ChaosFleet:
         huge_bytes: int = 20 * 1024 * 1024,
         bomb_bytes: int = 1 << 30,
         crawl_delay: float = 1.0,
+        throttle_after: float = 0.5,
+        throttle_pages: int = 20,
+        rate: int = 5,
+        rate_after: float = 1.0,
+        rate_pages: int = 50,
         port: int = 0,
         first_address: str = _FIRST_ADDRESS,
     ) -> None:
@@ -415,7 +444,9 @@ class ChaosFleet:
             raise ValueError("a fleet needs at least one behaviour")
         if pages < 1:
             raise ValueError("pages must be >= 1")
-        if min(retry_after, hang_seconds, drip_seconds, crawl_delay, burst, huge_bytes, bomb_bytes) < 0:
+        if min(retry_after, hang_seconds, drip_seconds, crawl_delay, burst, huge_bytes, bomb_bytes, throttle_after) < 0:
+            raise ValueError("times, counts and sizes must be >= 0")
+        if min(throttle_pages, rate, rate_pages) < 1 or rate_after < 0:
             raise ValueError("times, counts and sizes must be >= 0")
         if drip_interval <= 0:
             raise ValueError("drip_interval must be > 0")
@@ -434,6 +465,13 @@ class ChaosFleet:
         self.huge_bytes = huge_bytes
         self.bomb_bytes = bomb_bytes
         self.crawl_delay = crawl_delay
+        self.throttle_after = throttle_after
+        self.throttle_pages = throttle_pages
+        self.rate = rate
+        self.rate_after = rate_after
+        self.rate_pages = rate_pages
+        self.refusals: list[tuple[str, str, float, float]] = []
+        self._served: deque[float] = deque()  # rate429: when it answered, over the last second
         self.port = port
         self.requests: Counter[tuple[str, str]] = Counter()
         self.totals: Counter[str] = Counter()
@@ -514,9 +552,24 @@ class ChaosFleet:
             seeds = tuple(self.url(b, p) for p in self._seed_paths(b))
             robots = {"/robots.txt": 1}
             never: tuple[str, ...] = ()
+            exact = True
             if b == "healthy":
                 reqs = {**robots, "/": 1, **{f"/products/{i}": 1 for i in range(1, self.pages + 1)}}
                 e = ("fetched", {"fetched": self.pages + 1}, self.pages, reqs, "index + every product, once each")
+            elif b == "throttle503":
+                # Throttle signals neither use retries nor count for the breaker: every path is asked 3 times.
+                n = self.throttle_pages
+                reqs = {"/robots.txt": 3, "/": 3, **{f"/products/{i}": 3 for i in range(1, n + 1)}}
+                e = ("fetched", {"fetched": n + 1}, n, reqs, "each path: 503 twice (the host pauses), then 200")
+            elif b == "rate429":
+                # How many 429s each path meets depends on timing: at least one request each, every page fetched.
+                n, exact = self.rate_pages, False
+                reqs = {**robots, "/": 1, **{f"/products/{i}": 1 for i in range(1, n + 1)}}
+                e = ("fetched", {"fetched": n + 1}, n, reqs, "the crawler slows to the host's rate")
+            elif b == "throttle_forever":
+                exact = False
+                reqs = {**robots, "/": 1}
+                e = ("failed", {"failed": 1}, 0, reqs, "throttled past throttle_budget: failed, not skipped_breaker")
             elif b in ("error500", "reset"):
                 # robots.txt fails `tries` times (then: allow all); the seed's first failure trips the breaker,
                 # and each later probe fails too. aiohttp's client resends an idempotent request once when the
@@ -529,13 +582,10 @@ class ChaosFleet:
                 reqs = {"/robots.txt": 2, "/products/1": 2, "/date/products/2": 2}
                 e = ("fetched", {"fetched": 2}, 2, reqs, "each path: 503, wait Retry-After, 200")
             elif b == "burst429":
+                # 429 is a throttle signal: retried without using max_retries, however long the burst.
                 products = {f"/products/{i}": 1 for i in range(1, _BURST_PAGES + 1)}
-                if self.burst < tries:
-                    reqs = {**robots, "/": self.burst + 1, **products}
-                    e = ("fetched", {"fetched": 1 + _BURST_PAGES}, _BURST_PAGES, reqs, "the index outlasts the burst")
-                else:
-                    reqs = {**robots, "/": tries}
-                    e = ("failed", {"failed": 1}, 0, reqs, "the burst outlasts the index's retries")
+                reqs = {**robots, "/": self.burst + 1, **products}
+                e = ("fetched", {"fetched": 1 + _BURST_PAGES}, _BURST_PAGES, reqs, "the index outlasts the burst")
             elif b in ("hang", "drip", "truncated"):
                 limit = float(s["read_timeout"]) if b == "hang" else float(s["total_timeout"])
                 slow = self.hang_seconds if b == "hang" else self.drip_seconds
@@ -569,7 +619,7 @@ class ChaosFleet:
                 outcomes = {"fetched": 1 + _ROBOTS_PUBLIC, "skipped_robots": _ROBOTS_PRIVATE}
                 e = ("fetched", outcomes, _ROBOTS_PUBLIC, {**robots, "/": 1, **public}, "private pages never asked for")
             kind, outcomes, records, reqs, why = e
-            out[b] = Expectation(seeds, kind, outcomes, records, reqs, never, why)
+            out[b] = Expectation(seeds, kind, outcomes, records, reqs, never, why, exact)
         return out
 
     # --- serving ---------------------------------------------------------------------------
@@ -581,6 +631,8 @@ class ChaosFleet:
         self._closing = asyncio.Event()
         self._retried.clear()
         self._burst_seen = 0
+        self._served.clear()
+        self.refusals.clear()
         wanted = self.port
         for attempt in range(_BIND_ATTEMPTS):
             runners: list[web.AppRunner] = []
@@ -650,6 +702,9 @@ class ChaosFleet:
             "huge": (None, self._huge),
             "malformed": (self._malformed_robots, self._malformed),
             "robots": (self._robots_robots, self._robots),
+            "throttle503": (self._throttle503, self._throttle503),
+            "rate429": (self._rate429, self._rate429),
+            "throttle_forever": (None, self._throttle_forever),
         }
         robots, pages = handlers[behaviour]
         app = web.Application(middlewares=[self._counting(behaviour)])
@@ -865,6 +920,42 @@ class ChaosFleet:
                 return _html_response(_product_html(p, links))
         raise _not_found()
 
+    def _slow_down(self, behaviour: str, request: web.Request, status: int, after: float) -> web.Response:
+        self.refusals.append((behaviour, request.path, time.monotonic(), after))
+        resp = _html_response(_page("Slow down", f"<h1>{status}</h1>"), status=status)
+        resp.headers["Retry-After"] = f"{after:g}"
+        return resp
+
+    def _shop(self, behaviour: str, path: str, count: int) -> web.Response:
+        """``/`` linking ``/products/1..count``, and those product pages (each links home)."""
+        if path == "/robots.txt":
+            return web.Response(text=_ALLOW_ALL, content_type="text/plain")
+        if path == "/":
+            links = [(f"/products/{i}", _product(behaviour, i).name) for i in range(1, count + 1)]
+            return _html_response(_index_html(behaviour, links))
+        m = _PRODUCT_PATH.fullmatch(path)
+        if m is None or not 1 <= int(m[1]) <= count:
+            raise _not_found()
+        return _html_response(_product_html(_product(behaviour, int(m[1])), [("/", "Home")]))
+
+    async def _throttle503(self, request: web.Request) -> web.Response:
+        if self.requests[("throttle503", request.path)] <= 2:  # counted before the handler runs
+            return self._slow_down("throttle503", request, 503, self.throttle_after)
+        return self._shop("throttle503", request.path, self.throttle_pages)
+
+    async def _rate429(self, request: web.Request) -> web.Response:
+        now = time.monotonic()
+        served = self._served
+        while served and served[0] <= now - 1.0:
+            served.popleft()
+        if len(served) >= self.rate:
+            return self._slow_down("rate429", request, 429, self.rate_after)
+        served.append(now)
+        return self._shop("rate429", request.path, self.rate_pages)
+
+    async def _throttle_forever(self, request: web.Request) -> web.Response:
+        return self._slow_down("throttle_forever", request, 429, self.throttle_after)
+
 
 class ChaosFleetThread(ServerThread[ChaosFleet]):
     """Runs a :class:`ChaosFleet` on its own event loop in a background thread.
@@ -928,6 +1019,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--retry-after", type=float, default=2, help="seconds the retry_after host asks for")
     parser.add_argument("--burst", type=int, default=3, help="requests the burst429 host answers with 429")
     parser.add_argument("--drip-seconds", type=float, default=10.0, help="how long the drip host takes per page")
+    parser.add_argument(
+        "--throttle-after", type=float, default=0.5, help="Retry-After of throttle503 and throttle_forever"
+    )
     args = parser.parse_args(argv)
     behaviours = [b.strip() for b in args.behaviours.split(",") if b.strip()] if args.behaviours else None
     try:
@@ -937,6 +1031,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             retry_after=args.retry_after,
             burst=args.burst,
             drip_seconds=args.drip_seconds,
+            throttle_after=args.throttle_after,
             port=args.port,
             first_address=args.first_address,
         )

@@ -37,8 +37,12 @@ async def _staged(stager: LocalStager, kind: str) -> list[dict[str, object]]:
     return lines
 
 
+THROTTLE_AFTER = 0.2  # Retry-After of throttle503 and throttle_forever: the 2 s, scaled down for a test
+IN_FLIGHT_SLACK = 0.05  # a request already on its way when a 429 went out may still arrive just after it
+
+
 async def test_crawl_over_the_whole_fleet(tmp_path: Path, database_url: str, db: asyncpg.Connection) -> None:
-    async with ChaosFleet() as fleet:
+    async with ChaosFleet(throttle_after=THROTTLE_AFTER) as fleet:
         settings = Settings(**EXPECTED_SETTINGS, staging=f"file://{tmp_path}")
         source = HtmlSource.model_validate(fleet.source())
         stager = await asyncio.to_thread(LocalStager, tmp_path)  # resolves the path
@@ -50,8 +54,10 @@ async def test_crawl_over_the_whole_fleet(tmp_path: Path, database_url: str, db:
             except SourceFailed as exc:  # pragma: no cover - the assertion below says why
                 pytest.fail(f"the crawl broke off: {exc}")
             breaker_states = fetcher.breakers.states()
+            trips = {b: fetcher.breakers.trips(urlsplit(url).netloc) for b, url in fleet.hosts.items()}
         requests = fleet.requests
         hits = list(fleet.hits)
+        refusals = list(fleet.refusals)
         expected = fleet.expected
         hosts = dict(fleet.hosts)
         behaviour_of = {urlsplit(url).netloc: b for b, url in hosts.items()}
@@ -67,11 +73,46 @@ async def test_crawl_over_the_whole_fleet(tmp_path: Path, database_url: str, db:
         got[behaviour_of[urlsplit(str(o["url"])).netloc]][str(o["outcome"])] += 1
     assert got == {b: Counter(e.outcomes) for b, e in expected.items()}
 
-    # The fleet saw exactly the requests a correct crawler makes; robots-disallowed paths never.
+    # The fleet saw exactly the requests a correct crawler makes (at least those, where timing decides how many
+    # times a throttling host refuses); robots-disallowed paths never.
     for b, e in expected.items():
         seen = {path: n for (host, path), n in requests.items() if host == b}
-        assert seen == dict(e.requests), b
+        if e.exact:
+            assert seen == dict(e.requests), b
+        else:
+            assert set(seen) == set(e.requests) and all(seen[p] >= n for p, n in e.requests.items()), (b, seen)
         assert not set(e.never_requested) & set(seen), b
+
+    # Throttling hosts: each URL's attempts are the requests the host saw for it (throttled ones included), and
+    # none of them used a retry or tripped a breaker.
+    for b in ("throttle503", "rate429", "burst429", "retry_after"):
+        base = hosts[b]
+        for o in outcomes:
+            if str(o["url"]).startswith(base + "/"):
+                assert o["attempts"] == requests[(b, str(o["url"])[len(base) :])], (b, o)
+        assert trips[b] == 0 and breaker_states[urlsplit(base).netloc] == "closed", b
+    assert max(requests[("rate429", p)] for _, p in (k for k in requests if k[0] == "rate429")) > 1  # it did refuse
+    # No request to rate429 started inside a Retry-After window it asked for.
+    for b, _, at, after in refusals:
+        if b == "rate429":
+            inside = [h.at - at for h in hits if h.behaviour == b and at + IN_FLIGHT_SLACK < h.at < at + after]
+            assert not inside, (at, inside)
+    # throttle503: a path is asked again only after the Retry-After its 503 gave.
+    for (b, path), n in requests.items():
+        if b == "throttle503":
+            times = sorted(h.at for h in hits if h.behaviour == b and h.path == path)
+            assert n == 3 and min(y - x for x, y in pairwise(times)) >= THROTTLE_AFTER - 0.01, (path, times)
+    # throttle_forever: its URL ends failed "throttled" (429) once the budget is spent, not skipped_breaker.
+    forever = [o for o in outcomes if str(o["url"]).startswith(hosts["throttle_forever"] + "/")]
+    assert [(o["outcome"], o["http_status"]) for o in forever] == [("failed", 429)]
+    assert str(forever[0]["error"]).startswith("throttled")
+    forever_hits = [h.at for h in hits if h.behaviour == "throttle_forever" and h.path != "/robots.txt"]
+    budget = float(EXPECTED_SETTINGS["throttle_budget"])
+    assert budget <= forever_hits[-1] - forever_hits[0] < budget + 2 * THROTTLE_AFTER + 0.5
+    assert trips["throttle_forever"] == 0
+    # A host that resets connections still opens its breaker after fail_max.
+    assert trips["reset"] >= 1
+    assert result.stats["throttled"][urlsplit(hosts["rate429"]).netloc] >= 1
 
     # Retry-After: 2 is honoured: the retry of each URL comes at least 2 s after the 503.
     for path in ("/products/1", "/date/products/2"):

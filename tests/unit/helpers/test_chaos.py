@@ -346,10 +346,46 @@ async def test_expected_table_matches_the_fleet() -> None:
         assert expected["reset"].requests == {"/robots.txt": 8, "/": 6}
         assert expected["robots"].never_requested == ("/private/products/1", "/private/products/2")
         assert expected["redirect_forbidden"].outcomes == {"blocked_network": 2}
-        fleet.burst = 4  # one more 429 than the index has attempts
-        assert fleet.expected["burst429"].outcomes == {"failed": 1}
+        # One more 429 than the index has attempts: before throttle signals stopped using retries this ended
+        # `failed`; now the index outlasts any burst.
+        fleet.burst = 4
+        assert fleet.expected["burst429"].outcomes == {"fetched": 6}
+        assert fleet.expected["burst429"].requests["/"] == 5
+        assert expected["throttle503"].requests["/products/20"] == 3 and expected["throttle503"].exact
+        assert expected["rate429"].outcomes == {"fetched": 51} and not expected["rate429"].exact
+        assert expected["throttle_forever"].outcomes == {"failed": 1}
         fleet.drip_seconds = 1.0  # inside total_timeout: the page arrives
         assert fleet.expected["drip"].outcomes == {"fetched": 1}
+
+
+async def test_throttle503_answers_503_twice_per_path(http: aiohttp.ClientSession) -> None:
+    async with ChaosFleet(["throttle503"], throttle_after=2, throttle_pages=3) as fleet:
+        for path in ("/robots.txt", "/", "/products/3"):
+            answers = [await get(http, fleet.url("throttle503", path)) for _ in range(3)]
+            assert [a[0] for a in answers] == [503, 503, 200], path
+            assert answers[0][1]["Retry-After"] == "2"
+        assert links((await get(http, fleet.url("throttle503", "/")))[2].decode()) == [
+            f"/products/{i}" for i in (1, 2, 3)
+        ]
+        assert [(b, p) for b, p, _, _ in fleet.refusals].count(("throttle503", "/")) == 2
+
+
+async def test_rate429_serves_at_most_rate_per_second(http: aiohttp.ClientSession) -> None:
+    async with ChaosFleet(["rate429"], rate=3, rate_after=1) as fleet:
+        statuses = [(await get(http, fleet.url("rate429", f"/products/{i}")))[0] for i in range(1, 6)]
+        assert statuses == [200, 200, 200, 429, 429]
+        assert (await get(http, fleet.url("rate429", "/robots.txt")))[0] == 429  # robots.txt counts too
+        assert len(fleet.refusals) == 3 and all(r[3] == 1 for r in fleet.refusals)
+        await asyncio.sleep(1.05)
+        assert (await get(http, fleet.url("rate429", "/")))[0] == 200
+
+
+async def test_throttle_forever_never_serves_a_page(http: aiohttp.ClientSession) -> None:
+    async with ChaosFleet(["throttle_forever"], throttle_after=0.5) as fleet:
+        for _ in range(3):
+            status, headers, _ = await get(http, fleet.url("throttle_forever", "/"))
+            assert (status, headers["Retry-After"]) == (429, "0.5")
+        assert (await get(http, fleet.url("throttle_forever", "/robots.txt")))[0] == 200
 
 
 def test_thread_serves_from_its_own_loop() -> None:

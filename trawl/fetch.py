@@ -874,8 +874,8 @@ class Fetcher:
         the last error is raised with ``attempts`` and ``elapsed_ms`` set. A
         throttle signal (Throttled) is retried without using one of them: the
         host's gate holds the next attempt until the host's pause is over (and
-        ThrottleBudgetSpent ends it when the host is given up). BreakerOpen and
-        HostBusy propagate at once (nothing was sent). ``attempts`` counts attempts
+        ThrottleBudgetSpent ends it when the host is given up). BreakerOpen,
+        HostBusy and ThrottleBudgetSpent propagate at once (nothing was sent). ``attempts`` counts attempts
         made before the URL was parked (the next one is ``attempts + 1``).
         """
         started = time.monotonic() if started is None else started
@@ -886,8 +886,8 @@ class Fetcher:
                 attempts += 1
                 try:
                     return await attempt(attempts)
-                except (BreakerOpen, HostBusy):
-                    attempts -= 1
+                except (BreakerOpen, HostBusy, ThrottleBudgetSpent):
+                    attempts -= 1  # refused before anything was sent
                     raise
                 except Throttled:
                     continue  # the host's gate pauses it: the next attempt waits there

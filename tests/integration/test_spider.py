@@ -370,6 +370,33 @@ async def test_host_failing_for_the_asyncio_workers_opens_the_breaker_for_scrapy
     assert sum(n for (_, who), n in local.seen_by.items() if who == "scrapy") == 0
 
 
+async def test_a_host_throttling_scrapy_slows_it_down_without_retries_or_breaker() -> None:
+    settings = _breaker_settings().model_copy(update={"breaker_fail_max": 2, "per_host_concurrency": 4})
+    refused: Counter[str] = Counter()
+    app = web.Application()
+
+    async def page(request: web.Request) -> web.Response:
+        refused[request.path] += 1
+        if refused[request.path] <= 2:  # twice per path: 429 with Retry-After, then the page
+            return web.Response(status=429, headers={"Retry-After": "0.1"})
+        return _ok(request.path)
+
+    app.router.add_get(r"/p/{n:\d+}", page)
+    async with LocalApp(app) as local:
+        host = local.url.removeprefix("http://")
+        async with Fetcher(settings) as fetcher:
+            spider = Run(settings)
+            source = spider_source(f"{HERE}:PathsSpider", base=local.url, paths=",".join(f"/p/{i}" for i in range(4)))
+            await spider.spider(source.model_copy(update={"robots": False}), fetcher)
+            assert fetcher.breakers.get(host).state == "closed" and fetcher.breakers.trips() == 0
+            assert fetcher.throttle_signals("spidered", {host}) == {host: 8}
+
+    # max_retries is 0 and fail_max 2: the 429s used no Scrapy retry and opened no breaker; attempts count them.
+    assert spider.kinds() == {"fetched": 4}
+    assert {o.url.rsplit("/", 1)[1]: o.attempts for o in spider.outcomes} == {str(i): 3 for i in range(4)}
+    assert all(local.seen[f"/p/{i}"] == 3 for i in range(4))
+
+
 # --- logs and the run summary --------------------------------------------------------------------------------------
 
 

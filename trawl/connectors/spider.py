@@ -90,6 +90,7 @@ log = structlog.get_logger("trawl.connectors.spider")
 
 _SLOT = "_trawl_slot"
 _STARTED = "_trawl_started"
+_THROTTLED = "_trawl_throttled"  # throttle signals met so far: attempts, not Scrapy retries
 _MW = "trawl.connectors.spider"
 
 
@@ -282,7 +283,9 @@ class GateMiddleware:
         await self.connector.close_slot(slot, error)
         if isinstance(error, Throttled):
             # Asked to slow down: again, through the gate (which waits out the host's pause), not a Scrapy retry.
-            return request.replace(dont_filter=True)
+            again = request.replace(dont_filter=True)
+            again.meta[_THROTTLED] = request.meta.get(_THROTTLED, 0) + 1
+            return again
         return response
 
     async def process_exception(self, request: Request, exception: Exception) -> None:
@@ -379,7 +382,9 @@ class SpiderConnector:
         started = request.meta.get(_STARTED)
         elapsed = int((time.monotonic() - started) * 1000) if started else 0
         attempts = (
-            0 if kind in (OutcomeKind.SKIPPED_BREAKER, OutcomeKind.FILTERED) else request.meta.get("retry_times", 0) + 1
+            0
+            if kind in (OutcomeKind.SKIPPED_BREAKER, OutcomeKind.FILTERED)
+            else request.meta.get("retry_times", 0) + 1 + request.meta.get(_THROTTLED, 0)
         )
         await self.ctx.outcome(
             Outcome(self.ctx.run_id, self.source.name, url, kind, status, attempts, size, elapsed, error)

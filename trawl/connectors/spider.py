@@ -55,9 +55,9 @@ from trawl.config import SpiderSource
 from trawl.connectors.base import OUTCOME_OF, SourceContext, make_record, url_hash
 from trawl.errors import BreakerOpen, ConfigError, FetchError, PermanentFetchError, SpiderFailed, TransientFetchError
 from trawl.extract import get_path
-from trawl.fetch import GuardedResolver, RefusedAddress
 from trawl.frontier import DurableFrontier, Frontier, PgFrontier, Settled, durable, open_store
 from trawl.frontier.scheduler import PgScheduler
+from trawl.netguard import GuardedResolver, RefusedAddress
 from trawl.records import Outcome, OutcomeKind, Record, utcnow
 from trawl.retry import TRANSIENT_STATUS, status_error
 from trawl.settings import Settings

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
-import socket
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -40,12 +38,13 @@ from trawl.errors import (
     TransientFetchError,
 )
 from trawl.metrics import METRICS, status_class
+from trawl.netguard import GuardedResolver, NetworkGuard, RefusedAddress, Resolve
 from trawl.retry import full_jitter, is_throttle, is_transient_status, retry_after, status_error
 from trawl.robots import ROBOTS_MAX_BYTES, RobotsCache
 from trawl.settings import Settings
 from trawl.urls import host_of
 
-__all__ = ["Fetcher", "GuardedResolver", "HostTurn", "NetworkGuard", "RefusedAddress", "Response", "TransportName"]
+__all__ = ["Fetcher", "HostTurn", "Response", "TransportName"]
 
 log = structlog.get_logger("trawl.fetch")
 
@@ -87,95 +86,6 @@ class Response:
             return self.body.decode(charset, errors="replace")
         except LookupError:
             return self.body.decode("utf-8", errors="replace")
-
-
-class NetworkGuard:
-    """Refuses hosts that resolve to loopback, private, link-local, CGNAT, multicast or reserved
-    addresses unless one of the allowed networks contains them."""
-
-    _CGNAT = ipaddress.ip_network("100.64.0.0/10")
-    _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-    def __init__(self, allowed: list[str]) -> None:
-        self._allowed = [ipaddress.ip_network(n, strict=False) for n in allowed]
-        self._cache: dict[str, str | None] = {}
-
-    def _forbidden(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        if isinstance(ip, ipaddress.IPv6Address):
-            # IPv4 carried inside IPv6 (mapped, 6to4, Teredo, NAT64) is judged as the IPv4 it reaches.
-            embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-            if embedded is None and ip in self._NAT64:
-                embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-            if embedded is not None:
-                return self._forbidden(embedded)
-        if any(ip in net for net in self._allowed):
-            return False
-        return (
-            ip.is_loopback
-            or ip.is_private
-            or ip.is_link_local
-            or ip.is_multicast
-            or ip.is_reserved
-            or ip.is_unspecified
-            or (isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local)
-            or (isinstance(ip, ipaddress.IPv4Address) and ip in self._CGNAT)
-        )
-
-    async def check(self, url: str, host: str | None = None) -> None:
-        """Raise BlockedNetworkError when the URL's host (``host``, if the caller split it) resolves to a
-        forbidden address."""
-        host = (urlsplit(url).hostname or "") if host is None else host
-        if host in self._cache:
-            reason = self._cache[host]
-        else:
-            reason, final = await self._verdict(host)
-            if final:  # a failed lookup is not cached: the next attempt must check again
-                self._cache[host] = reason
-        if reason:
-            raise BlockedNetworkError(reason, url=url)
-
-    async def _verdict(self, host: str) -> tuple[str | None, bool]:
-        """(why the host is blocked or None, whether that answer may be cached)."""
-        try:
-            addrs = [ipaddress.ip_address(host)]
-        except ValueError:
-            try:
-                infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-            except OSError:
-                return None, False  # let the connection attempt fail and be retried/recorded as usual
-            addrs = [ipaddress.ip_address(str(i[4][0]).split("%")[0]) for i in infos]
-        for ip in addrs:
-            if self._forbidden(ip):
-                return f"{host} resolves to {ip}, a network the settings do not allow", True
-        return None, True
-
-
-class RefusedAddress(OSError):
-    """Raised by :class:`GuardedResolver`: aiohttp (and Scrapy's aiohttp handler) report it as the connection
-    error's ``os_error``."""
-
-
-class GuardedResolver(aiohttp.abc.AbstractResolver):
-    """aiohttp resolver that applies the guard to the addresses it will actually connect to.
-
-    The guard's own lookup happens earlier; checking again here closes the gap in
-    which a host's DNS answer could change between the check and the connect.
-    """
-
-    def __init__(self, guard: NetworkGuard) -> None:
-        self._guard = guard
-        self._inner = aiohttp.ThreadedResolver()
-
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
-        infos = await self._inner.resolve(host, port, family)
-        for info in infos:
-            ip = ipaddress.ip_address(str(info["host"]).split("%")[0])
-            if self._guard._forbidden(ip):
-                raise RefusedAddress(f"{host} resolves to {ip}, a network the settings do not allow")
-        return list(infos)
-
-    async def close(self) -> None:
-        await self._inner.close()
 
 
 # A throttle signal's first raise of a host's delay (seconds between request starts); each further one doubles it.
@@ -650,9 +560,11 @@ class Fetcher:
     host's circuit breaker, the transport with its size and time limits.
     """
 
-    def __init__(self, settings: Settings, breakers: BreakerRegistry | None = None) -> None:
+    def __init__(
+        self, settings: Settings, breakers: BreakerRegistry | None = None, *, resolver: Resolve | None = None
+    ) -> None:
         self._settings = settings
-        self._guard = NetworkGuard(settings.allowed_networks)
+        self._guard = NetworkGuard(settings.allowed_networks, resolver=resolver)
         self._gates: dict[str, _HostGate] = {}
         self._transports: dict[str, _Transport] = {}
         self.breakers = breakers or BreakerRegistry(settings.breaker_fail_max, settings.breaker_reset_timeout)

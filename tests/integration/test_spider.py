@@ -437,7 +437,10 @@ async def test_an_address_that_changes_after_the_check_is_refused_at_connect(tmp
     app = web.Application()
     app.router.add_get("/x", page)
     async with LocalApp(app) as local, Fetcher(settings) as fetcher:
-        fetcher.guard._cache["localhost"] = None  # as if "localhost" had resolved to a public address when checked
+        fetcher.guard._verdicts["localhost"] = (
+            float("inf"),
+            None,
+        )  # as if "localhost" had resolved to a public address when checked
         port = local.url.rsplit(":", 1)[1]
         run = Run(settings)
         source = spider_source(f"{HERE}:PathsSpider", base=f"http://localhost:{port}", paths="/x")

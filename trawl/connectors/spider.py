@@ -66,9 +66,9 @@ from trawl.errors import (
     TransientFetchError,
 )
 from trawl.extract import get_path
-from trawl.fetch import GuardedResolver, RefusedAddress
 from trawl.frontier import DurableFrontier, Frontier, PgFrontier, Settled, durable, open_store
 from trawl.frontier.scheduler import PgScheduler
+from trawl.netguard import GuardedResolver, RefusedAddress
 from trawl.records import Outcome, OutcomeKind, Record, utcnow
 from trawl.retry import TRANSIENT_STATUS, retry_after, status_error
 from trawl.settings import Settings

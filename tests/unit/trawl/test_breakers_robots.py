@@ -12,7 +12,8 @@ import pytest
 from aiohttp import web
 
 from trawl.errors import BlockedNetworkError, BreakerOpen, PermanentFetchError, RobotsDisallowed, TransientFetchError
-from trawl.fetch import Fetcher, GuardedResolver, NetworkGuard, RefusedAddress
+from trawl.fetch import Fetcher
+from trawl.netguard import GuardedResolver, NetworkGuard, RefusedAddress
 from trawl.settings import Settings
 
 

@@ -17,7 +17,8 @@ from aiohttp import web
 
 from tests.helpers.net import free_port
 from trawl.errors import BlockedNetworkError, FetchError, PermanentFetchError, TransientFetchError
-from trawl.fetch import Fetcher, NetworkGuard, Response, TransportName
+from trawl.fetch import Fetcher, Response, TransportName
+from trawl.netguard import NetworkGuard
 from trawl.settings import Settings
 
 TRANSPORTS: list[TransportName] = ["aiohttp", "httpx"]
@@ -427,6 +428,21 @@ async def test_a_failed_lookup_is_checked_again(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
     guard = NetworkGuard([])
-    await guard.check("http://flaky.example/")  # unresolvable: left to the connection attempt
+    with pytest.raises(TransientFetchError, match=r"cannot resolve flaky\.example"):
+        await guard.check("http://flaky.example/")  # unresolvable: fails closed, retried as a transient error
     with pytest.raises(BlockedNetworkError, match=r"flaky\.example resolves to 127\.0\.0\.1"):
         await guard.check("http://flaky.example/")
+
+
+async def test_verdicts_expire() -> None:
+    answers = ["93.184.216.34", "127.0.0.1"]
+
+    async def resolver(host: str, port: int) -> list[str]:
+        return [answers.pop(0)]
+
+    guard = NetworkGuard([], resolver=resolver, ttl=0.05)
+    await guard.check("http://rebind.example/")
+    await guard.check("http://rebind.example/")  # within the TTL: the verdict is kept, no second lookup
+    await asyncio.sleep(0.06)
+    with pytest.raises(BlockedNetworkError, match=r"rebind\.example resolves to 127\.0\.0\.1"):
+        await guard.check("http://rebind.example/")

@@ -118,6 +118,7 @@ class _HostGate:
         "_label",
         "_parked",
         "_settings",
+        "_timer",
         "_timer_at",
         "_waiters",
         "active",
@@ -151,6 +152,7 @@ class _HostGate:
         self.active = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._parked: deque[Callable[[], None]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self.next_start = 0.0
         self.paused_until = 0.0
@@ -245,14 +247,29 @@ class _HostGate:
         if self.given_up or not self.throttling:
             room = len(self._parked)
         elif self.paused_until > now:
-            if self._timer_at < self.paused_until:  # wake them when the pause is over
-                self._timer_at = self.paused_until
-                asyncio.get_running_loop().call_later(self.paused_until - now, self._unpark)
+            self._look_again(self.paused_until)  # wake them when the pause is over
             return
         else:
             room = self.slots - self.active - len(self._waiters)
         for _ in range(min(room, len(self._parked))):
             self._parked.popleft()()
+        if self._parked:
+            # Look again in a while even if nothing happens here: a woken request may never come back to the gate
+            # (it failed before, or its crawl stopped), and the others must not wait for it for ever.
+            self._look_again(now + 1.0)
+
+    def _look_again(self, at: float) -> None:
+        """Run :meth:`_unpark` at ``at`` (monotonic), unless it is due to run earlier."""
+        if self._timer is not None:
+            if self._timer_at <= at:
+                return
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, at - time.monotonic()), self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._unpark()
 
     async def wait_turn(self, url: str) -> None:
         """Wait out the host's pause and its gap between request starts."""

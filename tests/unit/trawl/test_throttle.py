@@ -197,3 +197,23 @@ def test_rising_response_times_ease_an_adaptive_host(settings: Settings) -> None
     for _ in range(40):
         steady.answered(time.monotonic(), None)
     assert steady.slots == 8
+
+
+async def test_one_host_rate_for_every_kind(settings: Settings, host: Throttling) -> None:
+    # A 429 met by an html request (aiohttp) pauses the host for an api request (httpx) and for a browser navigation
+    # or Scrapy request (Fetcher.slot) too: one host state in the fetch layer.
+    host.mode, host.refuse, host.after = "429", 1, "0.3"
+    async with Fetcher(fast(settings, backoff_max=1.0)) as fetcher:
+        html = asyncio.create_task(fetcher.get(f"{host.url}/html", transport="aiohttp"))
+        gate = None
+        while gate is None or gate.paused_until <= time.monotonic():
+            await asyncio.sleep(0.005)
+            gate = fetcher._gates.get(f"127.0.0.1:{host.port}")
+        refused_at = host.times[0]
+        api = asyncio.create_task(fetcher.get(f"{host.url}/api", transport="httpx"))
+        async with fetcher.slot(f"{host.url}/slot", robots=False) as turn:
+            slot_at = time.monotonic()
+            turn.status = 200
+        assert (await html).attempts == 2 and (await api).attempts == 2
+    assert slot_at - refused_at >= 0.29
+    assert min(t for t in host.times[1:]) - refused_at >= 0.29  # every later request came after the pause

@@ -149,7 +149,18 @@ async def odd_site() -> AsyncIterator[str]:
     async def robots(request: web.Request) -> web.Response:
         return web.Response(text="User-agent: *\nDisallow: /private\n", content_type="text/plain")
 
+    throttled: Counter[str] = Counter()
+
+    async def busy(request: web.Request) -> web.Response:
+        throttled[request.path] += 1
+        if throttled[request.path] <= 2:  # twice per page: 429 with Retry-After, then the page
+            return web.Response(status=429, headers={"Retry-After": "0.05"}, text="slow down")
+        n = request.match_info["n"]
+        body = f"<html><body><span class='sku'>BUSY-{n}</span><h1 class='name'>Busy {n}</h1></body></html>"
+        return web.Response(text=body, content_type="text/html")
+
     app = web.Application()
+    app.router.add_get(r"/busy/{n:\d+}", busy)
     app.router.add_get("/never", never)
     app.router.add_get("/hang", hang)
     app.router.add_get("/leaky", leaky)
@@ -174,6 +185,16 @@ async def test_a_page_that_never_shows_its_selector_fails_cleanly(odd_site: str)
     assert outcome.outcome.value == "failed" and outcome.attempts == 1  # a missing selector is not retried
     assert "selector 'span.sku' did not appear within 1.0s" in (outcome.error or "")
     assert not run.records
+
+
+async def test_a_throttled_navigation_waits_without_using_retries(odd_site: str) -> None:
+    source = _source(urls=[f"{odd_site}/busy/{n}" for n in (1, 2, 3)], render="always")
+    run = await _crawl(source, _settings(max_retries=0, breaker_fail_max=2))
+
+    # max_retries 0 and fail_max 2: two 429s per page used no retry and opened no breaker; attempts count them.
+    assert run.kinds() == {"fetched": 3}
+    assert sorted(o.attempts for o in run.outcomes) == [3, 3, 3]
+    assert sorted(r.key or "" for r in run.records) == ["BUSY-1", "BUSY-2", "BUSY-3"]
 
 
 async def test_a_page_that_hangs_is_closed_and_fails(odd_site: str) -> None:

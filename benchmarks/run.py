@@ -28,7 +28,8 @@ checks.
 
 The chaos variant (on by default, ``--no-chaos`` skips it): trawl's crawl
 again, with every host of the chaos fleet (its seeds and 20 product URLs each) (``tests.helpers.chaos``: 500s, resets,
-hangs, drips, 429 bursts, a gzip bomb, redirect loops, ...) among the seeds, and
+hangs, drips, 429 bursts, hosts that throttle with 503/429 + Retry-After or for ever, a gzip bomb, redirect
+loops, ...) among the seeds, and
 the fleet's short timeouts (``EXPECTED_SETTINGS``) so the crawl's tail stays
 short. The figure is the healthy host's rate: the site's pages / seconds from
 the crawl's start to the site's last outcome, against the plain run's same

@@ -536,8 +536,10 @@ class ChaosFleet:
         """Per behaviour, the outcome of a crawl of :meth:`source` under :data:`EXPECTED_SETTINGS`.
 
         Worked out from trawl's fetch path: robots.txt is fetched once per host through the same
-        retries and breaker as pages (5xx/unreachable -> allow all, 4xx -> allow all); transient
-        failures (5xx, 429, resets, timeouts, truncated bodies) are retried ``max_retries`` times;
+        retries and breaker as pages (5xx/unreachable -> allow all, 4xx -> allow all); throttle signals
+        (429, 503 with Retry-After) pause and slow the host and are retried without using a retry or
+        counting for the breaker, until ``throttle_budget`` runs out at the slowest rate; transient
+        failures (other 5xx, resets, timeouts, truncated bodies) are retried ``max_retries`` times;
         five consecutive transient failures open a host's breaker, after which a URL is parked and
         re-probed ``breaker_requeues`` times before ending ``skipped_breaker``; too-large bodies,
         too many redirects and forbidden networks fail at once.

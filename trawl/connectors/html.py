@@ -15,7 +15,7 @@ from trawl.connectors.base import SourceContext, make_record, url_hash
 from trawl.errors import BreakerOpen, HostBusy
 from trawl.extract import extract_items, extract_links, parse_html
 from trawl.fetch import Response
-from trawl.frontier.base import Frontier, Idle, Settled
+from trawl.frontier.base import Claim, Frontier, Idle, Settled
 from trawl.frontier.memory import MemoryFrontier
 from trawl.records import OutcomeKind, Record, utcnow
 from trawl.urls import host_of
@@ -104,26 +104,47 @@ class HtmlConnector:
             self._schedule(url, 0)
         n_workers = self._workers()
 
+        woken: set[asyncio.Task[None]] = set()
+        closed = False
+
+        async def handle(claim: Claim) -> None:
+            try:
+                await self._page(claim.url, claim.depth, out)
+            except HostBusy as exc:
+                # The host asked to slow down: the URL waits outside the worker pool until the host has room.
+                self._resume[claim.url] = (exc.attempts, time.monotonic() - exc.elapsed_ms / 1000)
+                exc.when_ready(functools.partial(wake, claim))
+                return
+            except BreakerOpen as exc:
+                if claim.requeues < requeues_max:
+                    # Parked, still outstanding: back in the frontier when the breaker may admit a probe.
+                    parked = claim._replace(requeues=claim.requeues + 1)
+                    loop.call_later(exc.retry_in, frontier.claims.put_nowait, parked)
+                    return
+                await self.ctx.skipped_breaker(self.source.name, claim.url)
+            if markers:
+                await out.put(Settled(claim.key))
+            frontier.settle()
+
+        def wake(claim: Claim) -> None:
+            # The throttled host has room for it now: straight to the host's gate, not behind the whole frontier
+            # (which may hold thousands of other hosts' URLs). The gate wakes no more URLs than the host may take.
+            if not closed:
+                task = asyncio.create_task(woken_page(claim), name=f"{self.source.name}-woken")
+                woken.add(task)
+                task.add_done_callback(woken.discard)
+
+        async def woken_page(claim: Claim) -> None:
+            try:
+                await handle(claim)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # as a worker's crash would: the crawl ends with it
+                await out.put(exc)
+
         async def worker() -> None:
             while True:
-                claim = await frontier.claims.get()
-                try:
-                    await self._page(claim.url, claim.depth, out)
-                except HostBusy as exc:
-                    # The host asked to slow down: the URL waits outside the worker pool until the host has room.
-                    self._resume[claim.url] = (exc.attempts, time.monotonic() - exc.elapsed_ms / 1000)
-                    exc.when_ready(functools.partial(frontier.claims.put_nowait, claim))
-                    continue
-                except BreakerOpen as exc:
-                    if claim.requeues < requeues_max:
-                        # Parked, still outstanding: back in the frontier when the breaker may admit a probe.
-                        parked = claim._replace(requeues=claim.requeues + 1)
-                        loop.call_later(exc.retry_in, frontier.claims.put_nowait, parked)
-                        continue
-                    await self.ctx.skipped_breaker(self.source.name, claim.url)
-                if markers:
-                    await out.put(Settled(claim.key))
-                frontier.settle()
+                await handle(await frontier.claims.get())
 
         async def feed() -> None:
             try:
@@ -152,9 +173,11 @@ class HtmlConnector:
                     raise item
                 yield item  # type: ignore[misc]
         finally:
-            for t in (*workers, *helpers):
+            closed = True
+            tasks = (*workers, *helpers, *woken)
+            for t in tasks:
                 t.cancel()
-            await asyncio.gather(*workers, *helpers, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _get(self, url: str, headers: dict[str, str] | None = None) -> Response | None:
         """Fetch one page under the source's politeness; None when it failed (its outcome recorded).

@@ -271,11 +271,14 @@ class _HostGate:
         self._timer = None
         self._unpark()
 
-    async def wait_turn(self, url: str) -> None:
-        """Wait out the host's pause and its gap between request starts."""
+    async def wait_turn(self, url: str, park: bool = False) -> None:
+        """Wait out the host's pause and its gap between request starts; with ``park``, a pause that began while
+        this request waited its turn raises HostBusy (its slot goes back, and URLs already under way go first)."""
         while True:
             self.check(url)
             now = time.monotonic()
+            if park and self.paused_until > now:
+                raise HostBusy(self.host, url, self.park)
             at = max(now, self.paused_until, self.next_start)
             if at <= now:
                 gap = self.gap
@@ -304,8 +307,9 @@ class _HostGate:
             self.last_cut = now
             self.windows += 1
             self.limit = max(1.0, self.limit / 2)
-            extra = min(s.max_crawl_delay, max(2 * self.extra, _THROTTLE_STEP))
-            self.extra = min(extra, max(pause, _THROTTLE_STEP)) if after is not None else extra
+            # At most a quarter of the pause: enough to space a rate-limited host's requests, not so much that a host
+            # refusing each URL's first request a while lets only one request through per pause.
+            self.extra = min(s.max_crawl_delay, max(2 * self.extra, _THROTTLE_STEP), max(pause / 4, _THROTTLE_STEP))
             self._show()
         if not self.throttling:
             self.throttling, self.throttled_at = True, now
@@ -443,7 +447,7 @@ class HostTurn:
             gate.release()
             raise
         try:
-            await gate.wait_turn(self._url)
+            await gate.wait_turn(self._url, self._park)
         except BaseException:
             self._breaker.release(self._probe)
             gate.release()

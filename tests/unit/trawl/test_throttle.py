@@ -174,7 +174,7 @@ def test_gate_cuts_multiplicatively_and_grows_additively(settings: Settings) -> 
     gate.throttled(429, 1.0, time.monotonic(), "src")
     gate.throttled(429, 1.0, time.monotonic(), "src")
     assert gate.slots == 1  # floor
-    assert gate.gap == pytest.approx(0.8)  # doubled each window: 0.1, 0.2, 0.4, 0.8 (<= the 1 s pause)
+    assert gate.gap == pytest.approx(0.25)  # doubled each window: 0.1, 0.2, then a quarter of the 1 s pause
     assert gate.signals == Counter({"src": 5})
     for _ in range(200):
         gate.answered(time.monotonic(), None)

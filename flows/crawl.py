@@ -22,7 +22,7 @@ from trawl.database import connect_pool
 from trawl.errors import DatabaseRefused, DatabaseUnavailable, ParameterError, SourceFailed
 from trawl.fetch import Fetcher
 from trawl.frontier import durable, sharded
-from trawl.logs import bind
+from trawl.logs import bind, redact
 from trawl.settings import Settings
 from trawl.staging import Stager
 
@@ -341,7 +341,7 @@ async def _crawl_sources(
         elif isinstance(value, SourceResult):
             results.append(value.as_dict())
         else:  # the task itself broke (e.g. cancelled, or its source busy) before a result existed
-            error = str(value) if isinstance(value, BaseException) else repr(value)
+            error = redact(str(value) if isinstance(value, BaseException) else repr(value))
             results.append({"source": src.name, "status": "failed", "error": error, "seconds": 0.0})
     log.info("crawl finished", failed=[r["source"] for r in results if r["status"] != "complete"])
     return results

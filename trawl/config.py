@@ -4,6 +4,10 @@ Every problem is reported at once, each naming the file, the entry and the
 field, so a user fixes a file in one pass instead of one error per run.
 String values may reference environment variables as ``${NAME}`` or
 ``${NAME:-default}``; a missing variable is a config error, not an empty string.
+A value taken from the environment is a secret (:mod:`trawl.masking` masks it
+wherever trawl writes), except where it is only an address: the scheme, host,
+port or path of a URL field (``url``, ``urls``, ``start_urls``). A default
+written in the file is not a secret.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from trawl.errors import ConfigError, ConfigIssue
+from trawl.masking import register_secret
+from trawl.urls import origin_of
 
 __all__ = [
     "AnySource",
@@ -82,6 +88,30 @@ def _check_http_url(value: str) -> str:
 
 # Checked per item, so an error names the index (`urls.3`), not just the list.
 _HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
+
+
+def _check_origin(value: str) -> str:
+    """``scheme://host[:port]``, nothing else: the unit credentials are scoped to (spelled as :func:`origin_of`)."""
+    parts = re.match(r"^(https?)://([^/?#@\s]+)/?$", value, re.IGNORECASE)
+    origin = origin_of(value) if parts else ""
+    if not origin:
+        raise ValueError(f"not an origin (scheme://host[:port], no path, query or user:password@): {value!r}")
+    return origin
+
+
+_Origin = Annotated[str, AfterValidator(_check_origin)]
+_CREDENTIALS_ORIGINS = (
+    "Origins (scheme://host[:port]) besides those of the source's own URLs that its headers may be sent to. "
+    "Headers go to no other origin: they are dropped on any redirect hop, pagination page or link that leaves them."
+)
+_HEADERS = (
+    "HTTP headers sent with the source's requests (e.g. `Authorization`, `Cookie`), only to the origins of its "
+    "URLs and `credentials_origins`; `${VAR}` values are masked wherever trawl writes."
+)
+
+
+def _origins(urls: list[str], extra: list[str]) -> frozenset[str]:
+    return frozenset(o for o in (*map(origin_of, urls), *extra) if o)
 
 
 class _Model(BaseModel):
@@ -190,6 +220,8 @@ class HtmlSource(_Model):
     )
     key: str | list[str] = "url"
     fields: dict[str, HtmlField] = Field(min_length=1)
+    headers: dict[str, str] = Field(default_factory=dict, description=_HEADERS)
+    credentials_origins: list[_Origin] = Field(default_factory=list, description=_CREDENTIALS_ORIGINS)
     politeness: Politeness = Field(default_factory=Politeness)
     robots: bool = Field(default=True, description="Obey the hosts' robots.txt (set false only for sites you own).")
     conditional: bool = Field(
@@ -231,6 +263,11 @@ class HtmlSource(_Model):
     def key_fields(self) -> list[str]:
         return [self.key] if isinstance(self.key, str) else list(self.key)
 
+    @property
+    def header_origins(self) -> frozenset[str]:
+        """Where the source's headers may go: the origins of its URLs and ``credentials_origins``."""
+        return _origins([*self.urls, *self.start_urls], self.credentials_origins)
+
 
 class Pagination(_Model):
     """How an API's pages are walked."""
@@ -262,7 +299,8 @@ class ApiSource(_Model):
     name: str = Field(pattern=_NAME)
     url: str
     params: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(default_factory=dict, description=_HEADERS)
+    credentials_origins: list[_Origin] = Field(default_factory=list, description=_CREDENTIALS_ORIGINS)
     items_path: str | None = Field(default=None, description="Dotted path to the list of items (default: the body).")
     pagination: Pagination = Field(default_factory=Pagination)
     key: str | list[str] = "url"
@@ -277,6 +315,11 @@ class ApiSource(_Model):
     @property
     def key_fields(self) -> list[str]:
         return [self.key] if isinstance(self.key, str) else list(self.key)
+
+    @property
+    def header_origins(self) -> frozenset[str]:
+        """Where the source's headers may go: the origin of ``url`` and ``credentials_origins``."""
+        return _origins([self.url], self.credentials_origins)
 
 
 class WaitFor(_Model):
@@ -307,6 +350,16 @@ class BrowserSource(HtmlSource):
         "unset: TRAWL_BROWSER_BLOCK_RESOURCES.",
     )
 
+    @model_validator(mode="after")
+    def _no_headers_in_chromium(self) -> BrowserSource:
+        # Chromium carries headers set on a navigation over its redirect hops to any origin: none are given to it.
+        if self.headers and self.render != "never":
+            raise ValueError(
+                "`headers` are sent only over plain HTTP (`render: never`): Chromium would carry them across "
+                "redirects to other origins"
+            )
+        return self
+
 
 class SpiderSource(_Model):
     """A Scrapy spider from ``spiders/`` (``module:Class``), run in the crawl's event loop.
@@ -330,6 +383,12 @@ class SpiderSource(_Model):
         description="Scrapy settings for this spider; trawl's fetch settings (politeness, robots, retries, "
         "timeouts, the network guard) win over them.",
     )
+    headers: dict[str, str] = Field(default_factory=dict, description=_HEADERS)
+    credentials_origins: list[_Origin] = Field(
+        default_factory=list,
+        description="The origins (scheme://host[:port]) the source's `headers` are sent to (a spider's URLs are "
+        "its own, so `headers` need them); requests and redirect hops to any other origin go without.",
+    )
     key: str | list[str] = "url"
     fields: dict[str, ApiField] = Field(default_factory=dict)
     politeness: Politeness = Field(default_factory=Politeness)
@@ -348,11 +407,18 @@ class SpiderSource(_Model):
     def _shape(self) -> SpiderSource:
         for k in _undeclared_keys(self.key, self.fields):
             raise PydanticCustomError(_CROSS, "key field {key} is not a declared field", {"key": repr(k)})
+        if self.headers and not self.credentials_origins:
+            raise ValueError("`headers` need `credentials_origins`: the origins they may be sent to")
         return self
 
     @property
     def key_fields(self) -> list[str]:
         return [self.key] if isinstance(self.key, str) else list(self.key)
+
+    @property
+    def header_origins(self) -> frozenset[str]:
+        """Where the source's headers may go: exactly ``credentials_origins``."""
+        return _origins([], self.credentials_origins)
 
 
 AnySource = HtmlSource | ApiSource | SpiderSource
@@ -377,25 +443,63 @@ class SourcesFile(_Model):
         return self
 
 
-def _interpolate(
-    node: Any, env: Mapping[str, str], path: tuple[Any, ...], missing: list[tuple[tuple[Any, ...], str]]
-) -> Any:
-    if isinstance(node, str):
+# Fields holding URLs: a value from the environment there is an address (a base URL, a host) unless it reaches
+# into the URL's user:password@, query or fragment.
+_URL_FIELDS = frozenset({"url", "urls", "start_urls", "credentials_origins"})
 
-        def sub(m: re.Match[str]) -> str:
+
+def _address_only(url: str, start: int, end: int) -> bool:
+    """Whether ``url[start:end]`` lies in the scheme, host, port or path of ``url`` (not userinfo, query, fragment)."""
+    scheme_end = url.find("://")
+    authority_start = scheme_end + 3 if scheme_end != -1 else 0
+    rest = url[authority_start:]
+    authority_len = min([len(rest), *(i for i in (rest.find(c) for c in "/?#") if i != -1)])
+    at = rest.rfind("@", 0, authority_len)
+    if at != -1 and start < authority_start + at + 1:
+        return False  # touches user:password@
+    cut = min([len(url), *(i for i in (url.find(c, authority_start) for c in "?#") if i != -1)])
+    return end <= cut
+
+
+def _interpolate(
+    node: Any,
+    env: Mapping[str, str],
+    path: tuple[Any, ...],
+    missing: list[tuple[tuple[Any, ...], str]],
+    secrets: list[str],
+) -> Any:
+    """``${VAR}`` replaced from ``env``; the values that came from it go into ``secrets`` (addresses do not)."""
+    if isinstance(node, str):
+        spans: list[tuple[int, int, str]] = []
+        out: list[str] = []
+        size = 0
+        last = 0
+        for m in _ENV_REF.finditer(node):
+            out.append(node[last : m.start()])
+            size += m.start() - last
+            last = m.end()
             name, default = m.group(1), m.group(2)
             if name in env:
-                return env[name]
-            if default is not None:
-                return default
-            missing.append((path, name))
-            return m.group(0)
-
-        return _ENV_REF.sub(sub, node)
+                value = env[name]
+                spans.append((size, size + len(value), value))
+            elif default is not None:
+                value = default  # written in the file: not a secret
+            else:
+                missing.append((path, name))
+                value = m.group(0)
+            out.append(value)
+            size += len(value)
+        out.append(node[last:])
+        text = "".join(out)
+        in_url = any(p in _URL_FIELDS for p in path[2:3] if isinstance(p, str))
+        for start, end, value in spans:
+            if not (in_url and _address_only(text, start, end)):
+                secrets.append(value)
+        return text
     if isinstance(node, list):
-        return [_interpolate(v, env, (*path, i), missing) for i, v in enumerate(node)]
+        return [_interpolate(v, env, (*path, i), missing, secrets) for i, v in enumerate(node)]
     if isinstance(node, dict):
-        return {k: _interpolate(v, env, (*path, k), missing) for k, v in node.items()}
+        return {k: _interpolate(v, env, (*path, k), missing, secrets) for k, v in node.items()}
     return node
 
 
@@ -460,7 +564,10 @@ def load_sources(path: str | Path, env: Mapping[str, str] | None = None) -> Sour
         issue = ConfigIssue(file, "(file)", "", "expected a mapping with a `sources:` list")
         raise ConfigError(str(issue), [issue])
     missing: list[tuple[tuple[Any, ...], str]] = []
-    data = _interpolate(raw, env, (), missing)
+    secrets: list[str] = []
+    data = _interpolate(raw, env, (), missing, secrets)
+    for value in secrets:  # masked from here on, wherever trawl writes (trawl.masking)
+        register_secret(value)
     issues = []
     for loc, name in missing:
         entry, fld = _locate(raw, loc)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from types import TracebackType
@@ -40,7 +40,7 @@ from trawl.records import utcnow
 from trawl.retry import full_jitter, is_transient_status, status_error
 from trawl.robots import ROBOTS_MAX_BYTES, RobotsCache
 from trawl.settings import Settings
-from trawl.urls import host_of
+from trawl.urls import host_of, origin_of
 
 __all__ = ["Fetcher", "HostTurn", "Response", "TransportName"]
 
@@ -411,14 +411,21 @@ class Fetcher:
         robots: bool = True,
         max_bytes: int | None = None,
         source: str = "-",
+        origins: Collection[str] | None = None,
     ) -> Response:
         """GET a URL through robots.txt, politeness, the breaker, retries, redirects and limits.
+
+        ``headers`` (a source's credentials among them) go only to ``origins``
+        (:func:`trawl.urls.origin_of` spellings; default: the origin of ``url``):
+        a request or redirect hop to any other origin is sent without them, as
+        browsers and ``requests`` do.
 
         Raises FetchError (with ``attempts`` and ``elapsed_ms`` set) when the URL
         finally fails; a final status other than 2xx or 304 is an error too.
         BreakerOpen means the URL was not (or no longer) requested.
         """
         started = time.monotonic()
+        scope = frozenset(origins) if origins is not None else frozenset({origin_of(url)})
         if robots:
             try:
                 await self._obey_robots(url, concurrency, delay)
@@ -436,6 +443,7 @@ class Fetcher:
                 max_bytes or self._settings.max_body_bytes,
                 robots,
                 source,
+                scope,
             )
             if 200 <= status < 300 or status == 304:
                 return Response(final_url, status, hdrs, body, attempt, int((time.monotonic() - started) * 1000))
@@ -489,6 +497,7 @@ class Fetcher:
         max_bytes: int,
         robots: bool,
         source: str = "-",
+        origins: frozenset[str] = frozenset(),
     ) -> tuple[str, int, dict[str, str], bytes]:
         client = self._transport(transport)
         s = self._settings
@@ -505,7 +514,8 @@ class Fetcher:
             ) as turn:
                 try:
                     async with asyncio.timeout(s.total_timeout):
-                        status, hdrs, body = await client.get(current, headers, max_bytes)
+                        sent = headers if origin_of(current) in origins else {}  # credentials stay at home
+                        status, hdrs, body = await client.get(current, sent, max_bytes)
                 except TimeoutError:
                     raise TransientFetchError(f"timed out after {s.total_timeout}s", url=current) from None
                 turn.status, turn.ok = status, not is_transient_status(status)

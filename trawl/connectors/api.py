@@ -122,6 +122,7 @@ class ApiConnector:
                     delay=src.politeness.delay,
                     robots=src.robots,
                     park=waited < self.ctx.settings.breaker_requeues,
+                    origins=src.header_origins,  # a next page or redirect elsewhere goes without them
                 )
             except BreakerOpen as exc:
                 await asyncio.sleep(exc.retry_in)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -150,9 +150,11 @@ class SourceContext:
         delay: float | None = None,
         robots: bool = True,
         park: bool = False,
+        origins: Collection[str] | None = None,
     ) -> Response | None:
         """Fetch a URL and record exactly one outcome for it when it failed; None when it failed.
 
+        ``headers`` go only to ``origins`` (the source's :attr:`header_origins`), on every hop.
         With ``park`` a BreakerOpen is raised instead of recorded, so the caller can
         put the URL back until the breaker closes (and record ``skipped_breaker`` later).
         """
@@ -165,6 +167,7 @@ class SourceContext:
                 delay=delay,
                 robots=robots,
                 source=source,
+                origins=origins,
             )
         except BreakerOpen:
             if park:

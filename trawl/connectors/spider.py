@@ -13,6 +13,9 @@ Two downloader middlewares tie Scrapy to :class:`trawl.fetch.Fetcher`:
   concurrency and delay, ``Crawl-delay``) and its circuit breaker — the one the
   asyncio workers use, so failures on either side open it for both. 5xx/429
   and connection errors count as failures, like a failed attempt of the Fetcher.
+* :class:`CredentialsMiddleware`, just outside it, adds the source's ``headers``
+  to requests (and redirect hops) to the source's ``credentials_origins`` and
+  strips them from requests to any other origin.
 * :class:`OutcomeMiddleware`, outermost, sees each URL's end (after Scrapy's
   retries and redirects) and records exactly one outcome for it, under the
   URL first asked for.
@@ -61,11 +64,13 @@ from trawl.netguard import GuardedResolver, RefusedAddress
 from trawl.records import Outcome, OutcomeKind, Record, utcnow
 from trawl.retry import TRANSIENT_STATUS, status_error
 from trawl.settings import Settings
+from trawl.urls import origin_of
 
 if TYPE_CHECKING:
     from scrapy.http import Request, Response
 
 __all__ = [
+    "CredentialsMiddleware",
     "GateMiddleware",
     "GuardedAiohttpDownloadHandler",
     "OfflineCookiesMiddleware",
@@ -121,6 +126,7 @@ def scrapy_settings(source: SpiderSource, settings: Settings) -> ScrapySettings:
         {
             f"{_MW}.OutcomeMiddleware": 10,
             f"{_MW}.OfflineCookiesMiddleware": 700,
+            f"{_MW}.CredentialsMiddleware": 980,  # after every middleware that adds or copies headers
             f"{_MW}.GateMiddleware": 990,
         }
     )
@@ -227,6 +233,36 @@ class GuardedAiohttpDownloadHandler(AiohttpDownloadHandler):
             if isinstance(cause, aiohttp.ClientConnectorError) and isinstance(cause.os_error, RefusedAddress):
                 raise _Refused(OutcomeKind.BLOCKED_NETWORK, str(cause.os_error)) from None
             raise
+
+
+class CredentialsMiddleware:
+    """The source's ``headers`` on requests to its ``credentials_origins``, and on no other request.
+
+    Runs on every request Scrapy sends, redirect hops and retries included (each
+    goes through the downloader middlewares again), so a header copied onto a
+    hop that leaves those origins is taken off before it goes out. Scrapy's own
+    redirect middleware already drops ``Authorization`` and ``Cookie`` across
+    origins; this covers every header the source adds.
+    """
+
+    def __init__(self, headers: dict[str, str], origins: frozenset[str]) -> None:
+        self.headers = headers
+        self.origins = origins
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> CredentialsMiddleware:
+        src = _bridge(crawler).source
+        return cls(dict(src.headers), src.header_origins)
+
+    def process_request(self, request: Request) -> None:
+        if not self.headers:
+            return
+        if origin_of(request.url) in self.origins:
+            for name, value in self.headers.items():
+                request.headers.setdefault(name, value)
+        else:
+            for name in self.headers:
+                request.headers.pop(name, None)
 
 
 class GateMiddleware:

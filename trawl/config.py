@@ -5,9 +5,10 @@ field, so a user fixes a file in one pass instead of one error per run.
 String values may reference environment variables as ``${NAME}`` or
 ``${NAME:-default}``; a missing variable is a config error, not an empty string.
 A value taken from the environment is a secret (:mod:`trawl.masking` masks it
-wherever trawl writes), except where it is only an address: the scheme, host,
-port or path of a URL field (``url``, ``urls``, ``start_urls``). A default
-written in the file is not a secret.
+wherever trawl writes), except an address: a value that is a plain http(s) URL
+(no ``user:password@``, query or fragment), or one that lands only in the
+scheme, host, port or path of a URL field (``url``, ``urls``, ``start_urls``).
+A default written in the file is not a secret.
 """
 
 from __future__ import annotations
@@ -448,6 +449,10 @@ class SourcesFile(_Model):
 _URL_FIELDS = frozenset({"url", "urls", "start_urls", "credentials_origins"})
 
 
+# A whole value that is a plain address (a base URL: no user:password@, query or fragment) is no secret anywhere.
+_PLAIN_URL = re.compile(r"^https?://[^/?#@\s]+(/[^?#@\s]*)?$", re.IGNORECASE)
+
+
 def _address_only(url: str, start: int, end: int) -> bool:
     """Whether ``url[start:end]`` lies in the scheme, host, port or path of ``url`` (not userinfo, query, fragment)."""
     scheme_end = url.find("://")
@@ -493,7 +498,7 @@ def _interpolate(
         text = "".join(out)
         in_url = any(p in _URL_FIELDS for p in path[2:3] if isinstance(p, str))
         for start, end, value in spans:
-            if not (in_url and _address_only(text, start, end)):
+            if not (_PLAIN_URL.match(value) or (in_url and _address_only(text, start, end))):
                 secrets.append(value)
         return text
     if isinstance(node, list):

@@ -525,7 +525,8 @@ class SpiderConnector:
                 self.open_slots.discard(slot)
                 with contextlib.suppress(BaseException):
                     await slot.__aexit__(asyncio.CancelledError, asyncio.CancelledError(), None)
-            if crawler.stats is not None:
+            # A spider that failed to start has no stats (Scrapy raises on asking): its own error is the one to report.
+            with contextlib.suppress(RuntimeError):
                 self.ctx.stats.scrapy = _stats(crawler.stats.get_stats())
             crawler.signals.disconnect(self._on_item, signal=signals.item_scraped)
             self._crawler = None

@@ -15,6 +15,7 @@ handlers that ship records to the Prefect API format through it too.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 import sys
@@ -100,6 +101,10 @@ _CONSOLE_HANDLER_LOGGERS = ("", "prefect", "prefect._internal", "uvicorn", "fast
 
 def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: str = "INFO") -> None:
     """Route trawl's, Prefect's and the stdlib's loggers into one structlog renderer on stdout."""
+    if "prefect" in sys.modules:
+        # Prefect applies its logging config once, lazily (on loading `prefect.main`): let it go first, so its
+        # API handlers exist to be redacted and a later import does not configure over ours.
+        importlib.import_module("prefect.main")
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,

@@ -236,6 +236,20 @@ class _GuardedHttpxTransport(httpx.AsyncHTTPTransport):
         )
 
 
+async def _check_location(response: httpx.Response) -> None:
+    """A redirect's Location that cannot be followed fails the URL as trawl's own redirect handling words it
+    (httpx parses it for ``next_request`` even when it follows nothing, and calls the failure a protocol error)."""
+    location = response.headers.get("location")
+    if location is None or not response.is_redirect:
+        return
+    url = str(response.request.url)
+    try:
+        response.request.url.join(location)
+    except httpx.InvalidURL as exc:
+        raise PermanentFetchError(f"redirect to a bad Location {location!r}: {exc}", url=url) from None
+    _redirect_target(url, location)
+
+
 class _HttpxTransport:
     def __init__(self, settings: Settings, guard: NetworkGuard) -> None:
         self._client = httpx.AsyncClient(
@@ -243,6 +257,7 @@ class _HttpxTransport:
             transport=_GuardedHttpxTransport(guard, httpx.Limits(max_connections=settings.total_concurrency)),
             headers={"User-Agent": settings.user_agent, "Accept-Encoding": ACCEPT_ENCODING},
             follow_redirects=False,
+            event_hooks={"response": [_check_location]},
             # No proxy from HTTP(S)_PROXY/ALL_PROXY (it would connect to the target, past the guard) and no
             # credentials from ~/.netrc (they would go to whatever host a redirect names).
             trust_env=False,

@@ -47,6 +47,8 @@ from scrapy.core.downloader.handlers._aiohttp import AiohttpDownloadHandler, _Cl
 from scrapy.core.downloader.handlers._base_streaming import BaseStreamingDownloadHandler
 from scrapy.crawler import AsyncCrawlerRunner, Crawler
 from scrapy.downloadermiddlewares.cookies import CookiesMiddleware
+from scrapy.downloadermiddlewares.redirect import MetaRefreshMiddleware as _MetaRefreshMiddleware
+from scrapy.downloadermiddlewares.redirect import RedirectMiddleware as _RedirectMiddleware
 from scrapy.exceptions import CannotResolveHostError, DownloadConnectionRefusedError, IgnoreRequest
 from scrapy.http import Headers
 from scrapy.settings import Settings as ScrapySettings
@@ -70,8 +72,10 @@ if TYPE_CHECKING:
 __all__ = [
     "GateMiddleware",
     "GuardedAiohttpDownloadHandler",
+    "MetaRefreshMiddleware",
     "OfflineCookiesMiddleware",
     "OutcomeMiddleware",
+    "RedirectMiddleware",
     "SpiderConnector",
     "load_spider",
     "scrapy_settings",
@@ -119,9 +123,13 @@ def scrapy_settings(source: SpiderSource, settings: Settings) -> ScrapySettings:
     base = dict(ScrapySettings().getdict("DOWNLOADER_MIDDLEWARES_BASE"))
     base.pop("scrapy.downloadermiddlewares.cookies.CookiesMiddleware", None)
     base.pop("scrapy.downloadermiddlewares.robotstxt.RobotsTxtMiddleware", None)
+    redirect = base.pop("scrapy.downloadermiddlewares.redirect.RedirectMiddleware", 600)
+    refresh = base.pop("scrapy.downloadermiddlewares.redirect.MetaRefreshMiddleware", 580)
     base.update(
         {
             f"{_MW}.OutcomeMiddleware": 10,
+            f"{_MW}.MetaRefreshMiddleware": refresh,
+            f"{_MW}.RedirectMiddleware": redirect,
             f"{_MW}.OfflineCookiesMiddleware": 700,
             f"{_MW}.GateMiddleware": 990,
         }
@@ -260,6 +268,39 @@ class GuardedAiohttpDownloadHandler(AiohttpDownloadHandler):
     @staticmethod
     def _cancel_maxsize(size: int, limit: int, request: Request, *, expected: bool) -> NoReturn:
         raise _Refused(OutcomeKind.FAILED, str(body_too_large(request.url, limit)))
+
+
+class _HopFailsItsUrl:
+    """A redirect middleware whose errors fail the URL: a Location (or meta refresh) it cannot follow ends the URL
+    ``failed`` with its outcome recorded. Scrapy sends an error raised in ``process_response`` to no
+    ``process_exception`` (OutcomeMiddleware would never hear of it) and only logs it: the URL would vanish."""
+
+    connector: SpiderConnector
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Any:
+        mw = super().from_crawler(crawler)  # type: ignore[misc]
+        mw.connector = _bridge(crawler)
+        return mw
+
+    async def process_response(self, request: Request, response: Response) -> Request | Response:
+        try:
+            return super().process_response(request=request, response=response)  # type: ignore[misc,no-any-return]
+        except IgnoreRequest:
+            raise
+        except Exception as exc:
+            location = response.headers.get("Location") or b""
+            error = f"redirect to a bad Location {location.decode('latin-1')!r}: {type(exc).__name__}: {exc}"
+            await self.connector.outcome(request, OutcomeKind.FAILED, response.status, 0, error)
+            raise IgnoreRequest(error) from None
+
+
+class RedirectMiddleware(_HopFailsItsUrl, _RedirectMiddleware):
+    """Scrapy's RedirectMiddleware; a Location it cannot follow fails the URL."""
+
+
+class MetaRefreshMiddleware(_HopFailsItsUrl, _MetaRefreshMiddleware):
+    """Scrapy's MetaRefreshMiddleware; a refresh URL it cannot follow fails the URL."""
 
 
 class GateMiddleware:

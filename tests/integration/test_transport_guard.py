@@ -160,3 +160,18 @@ async def test_a_decompression_bomb_fails_in_bounded_memory(kind: str, coding: s
     assert result["outcomes"] == [[url, "failed", f"body larger than {LIMIT} bytes"]], result
     grown_mb = (result["peak_kb"] - result["baseline_kb"]) / 1024
     assert grown_mb < 100, f"peak RSS grew {grown_mb:.0f} MB fetching a {coding} bomb on the {kind} path"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_an_environment_proxy_is_not_used(
+    kind: str, hostile: Hostile, site: HostileSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A proxy connects to the target itself, past the guard: trawl's transports ignore HTTP(S)_PROXY/ALL_PROXY.
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.setenv(name, hostile.forbidden.base)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    start = site.api("") if kind == "api" else site.links(site.url + "/nowhere")
+    run = await run_source(source_for(kind, start), hostile_settings(hostile))
+    assert run.outcome(start).outcome.value == "fetched"
+    assert hostile.forbidden.hits == 0

@@ -146,6 +146,8 @@ def scrapy_settings(source: SpiderSource, settings: Settings) -> ScrapySettings:
                 "http": f"{_MW}.GuardedAiohttpDownloadHandler",
                 "https": f"{_MW}.GuardedAiohttpDownloadHandler",
             },
+            # No proxy from HTTP(S)_PROXY/ALL_PROXY: a proxy connects to the target itself, past the network guard.
+            "HTTPPROXY_ENABLED": False,
             "ROBOTSTXT_OBEY": False,  # GateMiddleware obeys robots.txt through trawl's shared cache
             "USER_AGENT": settings.user_agent,
             "CONCURRENT_REQUESTS": settings.total_concurrency,

@@ -23,20 +23,19 @@ import brotli
 
 from trawl.errors import PermanentFetchError
 
+_ZSTD: Any
 if sys.version_info >= (3, 14):  # pragma: no cover - the stdlib's module from 3.14 on
-    from compression import zstd as _zstd
+    from compression import zstd as _ZSTD
 else:
     try:
-        from backports import zstd as _zstd
-    except ImportError:  # pragma: no cover - an optional extra before 3.14 (Scrapy depends on it)
-        _zstd = None
+        from backports import zstd as _ZSTD
+    except ImportError:  # pragma: no cover - Scrapy depends on it; without it zstd is not asked for
+        _ZSTD = None
 
 __all__ = ["ACCEPT_ENCODING", "PIECE", "BodyDecoder", "body_too_large", "codings"]
 
 PIECE = 64 * 1024
 """The most a decoding step produces at once (bytes)."""
-
-_ZSTD: Any = _zstd
 
 
 class _Stage(Protocol):

@@ -29,7 +29,15 @@ from httpcore import SOCKET_OPTION
 
 from trawl.errors import BlockedNetworkError, TransientFetchError
 
-__all__ = ["GuardedBackend", "GuardedResolver", "NetworkGuard", "RefusedAddress", "Resolve", "UnresolvedHost", "resolve"]
+__all__ = [
+    "GuardedBackend",
+    "GuardedResolver",
+    "NetworkGuard",
+    "RefusedAddress",
+    "Resolve",
+    "UnresolvedHost",
+    "resolve",
+]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolve = Callable[[str, int], Awaitable[list[str]]]

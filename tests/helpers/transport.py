@@ -118,7 +118,9 @@ class HostileSite:
     async def _links(self, request: web.Request) -> web.StreamResponse:
         await self._count(request)
         href = request.query["url"].replace('"', "&quot;")
-        return web.Response(text=f'<html><body><h1>links</h1><a href="{href}">there</a></body></html>', content_type="text/html")
+        return web.Response(
+            text=f'<html><body><h1>links</h1><a href="{href}">there</a></body></html>', content_type="text/html"
+        )
 
     async def _api(self, request: web.Request) -> web.StreamResponse:
         await self._count(request)

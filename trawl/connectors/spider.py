@@ -297,11 +297,11 @@ class _HopFailsItsUrl:
             raise IgnoreRequest(error) from None
 
 
-class RedirectMiddleware(_HopFailsItsUrl, _RedirectMiddleware):
+class RedirectMiddleware(_HopFailsItsUrl, _RedirectMiddleware):  # type: ignore[misc]  # process_response: async
     """Scrapy's RedirectMiddleware; a Location it cannot follow fails the URL."""
 
 
-class MetaRefreshMiddleware(_HopFailsItsUrl, _MetaRefreshMiddleware):
+class MetaRefreshMiddleware(_HopFailsItsUrl, _MetaRefreshMiddleware):  # type: ignore[misc]  # process_response: async
     """Scrapy's MetaRefreshMiddleware; a refresh URL it cannot follow fails the URL."""
 
 

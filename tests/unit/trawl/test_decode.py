@@ -93,4 +93,3 @@ def test_a_body_that_is_not_its_coding_is_a_permanent_error(coding: str) -> None
     decoder = BodyDecoder(coding, 10**6, "http://127.0.0.1/x")
     with pytest.raises(PermanentFetchError, match=f"cannot decode {coding} body"):
         decoder.decode(b"\xff" * 64 + b"definitely not compressed" * 10)
-        decoder.flush()

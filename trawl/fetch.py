@@ -21,11 +21,13 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import aiohttp.abc
+import httpcore
 import httpx
 import orjson
 import structlog
 
 from trawl.breakers import BreakerRegistry, HostBreaker
+from trawl.decode import ACCEPT_ENCODING, BodyDecoder, body_too_large
 from trawl.errors import (
     BlockedNetworkError,
     BreakerOpen,
@@ -35,7 +37,7 @@ from trawl.errors import (
     TransientFetchError,
 )
 from trawl.metrics import METRICS, status_class
-from trawl.netguard import GuardedResolver, NetworkGuard, RefusedAddress, Resolve
+from trawl.netguard import GuardedBackend, GuardedResolver, NetworkGuard, RefusedAddress, Resolve, UnresolvedHost
 from trawl.records import utcnow
 from trawl.retry import full_jitter, is_transient_status, status_error
 from trawl.robots import ROBOTS_MAX_BYTES, RobotsCache
@@ -175,10 +177,6 @@ class _Transport(Protocol):
     async def close(self) -> None: ...
 
 
-def _too_large(url: str, limit: int) -> PermanentFetchError:
-    return PermanentFetchError(f"body larger than {limit} bytes", url=url)
-
-
 class _AiohttpTransport:
     def __init__(self, settings: Settings, guard: NetworkGuard) -> None:
         self._session = aiohttp.ClientSession(
@@ -188,7 +186,8 @@ class _AiohttpTransport:
             connector=aiohttp.TCPConnector(
                 limit=settings.total_concurrency, ttl_dns_cache=300, resolver=GuardedResolver(guard)
             ),
-            headers={"User-Agent": settings.user_agent},
+            headers={"User-Agent": settings.user_agent, "Accept-Encoding": ACCEPT_ENCODING},
+            auto_decompress=False,  # bodies are inflated by trawl's bounded decoder (trawl.decode)
         )
 
     async def get(self, url: str, headers: Mapping[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]:
@@ -197,17 +196,13 @@ class _AiohttpTransport:
                 declared = resp.content_length
                 hdrs = {k.lower(): v for k, v in resp.headers.items()}
                 if declared is not None and declared > max_bytes and resp.status < 300:
-                    raise _too_large(url, max_bytes)
-                if declared is not None and declared <= max_bytes and "content-encoding" not in hdrs:
+                    raise body_too_large(url, max_bytes)
+                decoder = BodyDecoder(hdrs.get("content-encoding"), max_bytes, url)
+                if declared is not None and declared <= max_bytes and decoder.identity:
                     # The size is known and within the cap: one read, no chunk loop.
                     return resp.status, hdrs, await resp.read()
-                chunks = []
-                size = 0
-                async for chunk in resp.content.iter_chunked(_CHUNK):
-                    size += len(chunk)  # after decompression: a gzip bomb is cut off here
-                    if size > max_bytes:
-                        raise _too_large(url, max_bytes)
-                    chunks.append(chunk)
+                chunks = [decoder.decode(chunk) async for chunk in resp.content.iter_chunked(_CHUNK)]
+                chunks.append(decoder.flush())
                 return resp.status, hdrs, b"".join(chunks)
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, RefusedAddress):
@@ -222,30 +217,68 @@ class _AiohttpTransport:
         await self._session.close()
 
 
+class _GuardedHttpxTransport(httpx.AsyncHTTPTransport):
+    """httpx's own transport whose connection pool connects through :class:`GuardedBackend`.
+
+    httpx 0.28 takes no ``network_backend`` (encode/httpx#3749 adds it), so the pool
+    the base class built is replaced by the same httpcore pool with the guarded
+    backend: httpx keeps mapping httpcore's errors and wrapping the body stream.
+    """
+
+    def __init__(self, guard: NetworkGuard, limits: httpx.Limits) -> None:
+        super().__init__(limits=limits)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=GuardedBackend(guard),
+        )
+
+
+async def _check_location(response: httpx.Response) -> None:
+    """A redirect's Location that cannot be followed fails the URL as trawl's own redirect handling words it
+    (httpx parses it for ``next_request`` even when it follows nothing, and calls the failure a protocol error)."""
+    location = response.headers.get("location")
+    if location is None or not response.is_redirect:
+        return
+    url = str(response.request.url)
+    try:
+        response.request.url.join(location)
+    except httpx.InvalidURL as exc:
+        raise PermanentFetchError(f"redirect to a bad Location {location!r}: {exc}", url=url) from None
+    _redirect_target(url, location)
+
+
 class _HttpxTransport:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, guard: NetworkGuard) -> None:
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
-            limits=httpx.Limits(max_connections=settings.total_concurrency),
-            headers={"User-Agent": settings.user_agent},
+            transport=_GuardedHttpxTransport(guard, httpx.Limits(max_connections=settings.total_concurrency)),
+            headers={"User-Agent": settings.user_agent, "Accept-Encoding": ACCEPT_ENCODING},
             follow_redirects=False,
+            event_hooks={"response": [_check_location]},
+            # No proxy from HTTP(S)_PROXY/ALL_PROXY (it would connect to the target, past the guard) and no
+            # credentials from ~/.netrc (they would go to whatever host a redirect names).
+            trust_env=False,
         )
 
     async def get(self, url: str, headers: Mapping[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]:
         try:
             async with self._client.stream("GET", url, headers=dict(headers)) as resp:
-                chunks = []
-                size = 0
-                async for chunk in resp.aiter_bytes(_CHUNK):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise _too_large(url, max_bytes)
-                    chunks.append(chunk)
                 hdrs = {k.lower(): v for k, v in resp.headers.items()}
+                decoder = BodyDecoder(hdrs.get("content-encoding"), max_bytes, url)
+                # Raw bytes: httpx would inflate each chunk whole before any cap of ours applied.
+                chunks = [decoder.decode(chunk) async for chunk in resp.aiter_raw(_CHUNK)]
+                chunks.append(decoder.flush())
                 return resp.status_code, hdrs, b"".join(chunks)
+        except RefusedAddress as exc:  # from GuardedBackend, where the connection is made
+            raise BlockedNetworkError(str(exc), url=url) from None
+        except UnresolvedHost as exc:
+            raise TransientFetchError(str(exc), url=url) from None
         except httpx.TransportError as exc:  # connect/read errors, timeouts, truncated bodies
             raise TransientFetchError(f"{type(exc).__name__}: {exc}", url=url) from exc
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise PermanentFetchError(f"{type(exc).__name__}: {exc}", url=url) from exc
 
     async def close(self) -> None:
@@ -329,10 +362,7 @@ class Fetcher:
         for :meth:`get`: the block runs when the request may go. It may set the turn's
         ``status``; when it ends normally the request counts as a success.
         """
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise PermanentFetchError(f"not an http(s) URL: {url}", url=url)
-        await self._guard.check(url, parts.hostname)
+        await self._guard.check(url, _http_host(url))
         if robots:
             await self._obey_robots(url, concurrency, delay)
         async with self.turn(host_of(url), url, concurrency=concurrency, delay=delay, source=source) as turn:
@@ -363,7 +393,9 @@ class Fetcher:
     def _transport(self, name: TransportName) -> _Transport:
         if name not in self._transports:
             self._transports[name] = (
-                _AiohttpTransport(self._settings, self._guard) if name == "aiohttp" else _HttpxTransport(self._settings)
+                _AiohttpTransport(self._settings, self._guard)
+                if name == "aiohttp"
+                else _HttpxTransport(self._settings, self._guard)
             )
         return self._transports[name]
 
@@ -426,6 +458,11 @@ class Fetcher:
         """
         started = time.monotonic()
         scope = frozenset(origins) if origins is not None else frozenset({origin_of(url)})
+        if robots:
+            try:
+                _http_host(url)
+            except PermanentFetchError:
+                robots = False  # not a URL trawl can request: it fails on its first attempt, no robots.txt asked
         if robots:
             try:
                 await self._obey_robots(url, concurrency, delay)
@@ -503,10 +540,8 @@ class Fetcher:
         s = self._settings
         current = url
         for hop in range(s.max_redirects + 1):
-            parts = urlsplit(current)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise PermanentFetchError(f"not an http(s) URL: {current}", url=current)
-            await self._guard.check(current, parts.hostname)
+            hostname = _http_host(current)
+            await self._guard.check(current, hostname)
             if hop and robots:  # a redirect target answers to its own robots.txt (as in Scrapy)
                 await self._obey_robots(current, concurrency, delay)
             async with self.turn(
@@ -518,12 +553,40 @@ class Fetcher:
                         status, hdrs, body = await client.get(current, sent, max_bytes)
                 except TimeoutError:
                     raise TransientFetchError(f"timed out after {s.total_timeout}s", url=current) from None
+                except FetchError:
+                    raise
+                except Exception as exc:  # whatever else sending this hop raised ends this URL, not its source
+                    raise PermanentFetchError(f"{type(exc).__name__}: {exc}", url=current) from exc
                 turn.status, turn.ok = status, not is_transient_status(status)
             if status in _REDIRECT_STATUS and "location" in hdrs:
-                current = urljoin(current, hdrs["location"])
+                current = _redirect_target(current, hdrs["location"])
                 continue
             return current, status, hdrs, body
         raise PermanentFetchError(f"more than {s.max_redirects} redirects", url=url)
+
+
+def _http_host(url: str) -> str:
+    """The host name of an http(s) URL; PermanentFetchError naming the URL when it is not one trawl can request
+    (another scheme, no host, a malformed host or port)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (validates the port: a number in 0-65535)
+    except ValueError as exc:
+        raise PermanentFetchError(f"malformed URL {url!r}: {exc}", url=url) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PermanentFetchError(f"not an http(s) URL: {url}", url=url)
+    return parts.hostname
+
+
+def _redirect_target(url: str, location: str) -> str:
+    """Where a redirect from ``url`` leads; PermanentFetchError naming both when its Location cannot be followed."""
+    try:
+        target = urljoin(url, location.strip())
+        _http_host(target)
+    except (ValueError, PermanentFetchError) as exc:
+        error = exc.args[0] if isinstance(exc, PermanentFetchError) else str(exc)
+        raise PermanentFetchError(f"redirect to a bad Location {location!r}: {error}", url=url) from None
+    return target
 
 
 def _agent_token(user_agent: str) -> str:

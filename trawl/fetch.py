@@ -170,7 +170,11 @@ class HostTurn:
 
 
 class _Transport(Protocol):
-    async def get(self, url: str, headers: Mapping[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]: ...
+    async def get(
+        self, url: str, headers: Mapping[str, str], max_bytes: int, *, truncate: bool = False
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One request; a body over ``max_bytes`` fails, or with ``truncate`` is cut there (robots.txt)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -191,12 +195,14 @@ class _AiohttpTransport:
             headers={"User-Agent": settings.user_agent},
         )
 
-    async def get(self, url: str, headers: Mapping[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]:
+    async def get(
+        self, url: str, headers: Mapping[str, str], max_bytes: int, *, truncate: bool = False
+    ) -> tuple[int, dict[str, str], bytes]:
         try:
             async with self._session.get(url, headers=headers or None, allow_redirects=False) as resp:
                 declared = resp.content_length
                 hdrs = {k.lower(): v for k, v in resp.headers.items()}
-                if declared is not None and declared > max_bytes and resp.status < 300:
+                if declared is not None and declared > max_bytes and resp.status < 300 and not truncate:
                     raise _too_large(url, max_bytes)
                 if declared is not None and declared <= max_bytes and "content-encoding" not in hdrs:
                     # The size is known and within the cap: one read, no chunk loop.
@@ -206,7 +212,10 @@ class _AiohttpTransport:
                 async for chunk in resp.content.iter_chunked(_CHUNK):
                     size += len(chunk)  # after decompression: a gzip bomb is cut off here
                     if size > max_bytes:
-                        raise _too_large(url, max_bytes)
+                        if not truncate:
+                            raise _too_large(url, max_bytes)
+                        chunks.append(chunk[: max_bytes - size + len(chunk)])
+                        break
                     chunks.append(chunk)
                 return resp.status, hdrs, b"".join(chunks)
         except aiohttp.ClientConnectorError as exc:
@@ -231,7 +240,9 @@ class _HttpxTransport:
             follow_redirects=False,
         )
 
-    async def get(self, url: str, headers: Mapping[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]:
+    async def get(
+        self, url: str, headers: Mapping[str, str], max_bytes: int, *, truncate: bool = False
+    ) -> tuple[int, dict[str, str], bytes]:
         try:
             async with self._client.stream("GET", url, headers=dict(headers)) as resp:
                 chunks = []
@@ -239,7 +250,10 @@ class _HttpxTransport:
                 async for chunk in resp.aiter_bytes(_CHUNK):
                     size += len(chunk)
                     if size > max_bytes:
-                        raise _too_large(url, max_bytes)
+                        if not truncate:
+                            raise _too_large(url, max_bytes)
+                        chunks.append(chunk[: max_bytes - size + len(chunk)])
+                        break
                     chunks.append(chunk)
                 hdrs = {k.lower(): v for k, v in resp.headers.items()}
                 return resp.status_code, hdrs, b"".join(chunks)
@@ -282,7 +296,11 @@ class Fetcher:
         self._gates: dict[str, _HostGate] = {}
         self._transports: dict[str, _Transport] = {}
         self.breakers = breakers or BreakerRegistry(settings.breaker_fail_max, settings.breaker_reset_timeout)
-        self.robots = RobotsCache(_agent_token(settings.user_agent), unavailable=settings.robots_unavailable)
+        self.robots = RobotsCache(
+            _agent_token(settings.user_agent),
+            unavailable=settings.robots_unavailable,
+            failure_ttl=settings.robots_failure_ttl,
+        )
         self.resources: dict[str, Any] = {}
         """Things other request paths share through this Fetcher (the browser pool), closed with it."""
         self._closers: list[Callable[[], Awaitable[None]]] = []
@@ -387,13 +405,32 @@ class Fetcher:
     async def _obey_robots(self, url: str, concurrency: int | None, delay: float | None) -> None:
         async def fetch(robots_url: str) -> tuple[int, bytes]:
             # With the asking source's limits: this may be the first request to the host, which sets up its gate.
+            # Cut at 500 KiB rather than refused: a longer file's first 500 KiB are its rules (RFC 9309 2.5).
             resp = await self.get(
-                robots_url, robots=False, max_bytes=ROBOTS_MAX_BYTES, concurrency=concurrency, delay=delay
+                robots_url,
+                robots=False,
+                max_bytes=ROBOTS_MAX_BYTES,
+                truncate=True,
+                concurrency=concurrency,
+                delay=delay,
             )
             return resp.status, resp.body
 
         rules = await self.robots.rules(url, fetch)
+        if rules.throttled:
+            raise TransientFetchError(
+                f"robots.txt throttled ({rules.unavailable}), asked again later", url=url, status=429
+            )
         if not rules.allows(url, self.robots.agent):
+            if rules.unavailable is not None and rules.status is None:
+                # Unreachable: not requested (RFC 9309: disallow), and the outcome says why rather than `robots`.
+                raise TransientFetchError(
+                    f"robots.txt unreachable ({rules.unavailable}): not requested (robots_unavailable)", url=url
+                )
+            if rules.unavailable is not None:
+                raise RobotsDisallowed(
+                    f"robots.txt unavailable ({rules.unavailable}): disallow all (robots_unavailable)", url=url
+                )
             raise RobotsDisallowed("disallowed by robots.txt", url=url)
         crawl_delay = rules.crawl_delay(self.robots.agent)
         if crawl_delay:
@@ -410,18 +447,24 @@ class Fetcher:
         delay: float | None = None,
         robots: bool = True,
         max_bytes: int | None = None,
+        truncate: bool = False,
         source: str = "-",
     ) -> Response:
         """GET a URL through robots.txt, politeness, the breaker, retries, redirects and limits.
+
+        ``truncate``: a body over ``max_bytes`` is cut there instead of failing (robots.txt).
 
         Raises FetchError (with ``attempts`` and ``elapsed_ms`` set) when the URL
         finally fails; a final status other than 2xx or 304 is an error too.
         BreakerOpen means the URL was not (or no longer) requested.
         """
         started = time.monotonic()
-        if robots:
+        parts = urlsplit(url)
+        if robots and parts.scheme in ("http", "https") and parts.hostname:  # else the attempt refuses it
             try:
                 await self._obey_robots(url, concurrency, delay)
+            except BlockedNetworkError:
+                pass  # robots.txt's host is forbidden: the URL's own attempt meets the guard and says so
             except FetchError as exc:
                 exc.attempts, exc.elapsed_ms = 0, int((time.monotonic() - started) * 1000)
                 raise
@@ -436,6 +479,7 @@ class Fetcher:
                 max_bytes or self._settings.max_body_bytes,
                 robots,
                 source,
+                truncate=truncate,
             )
             if 200 <= status < 300 or status == 304:
                 return Response(final_url, status, hdrs, body, attempt, int((time.monotonic() - started) * 1000))
@@ -489,6 +533,8 @@ class Fetcher:
         max_bytes: int,
         robots: bool,
         source: str = "-",
+        *,
+        truncate: bool = False,
     ) -> tuple[str, int, dict[str, str], bytes]:
         client = self._transport(transport)
         s = self._settings
@@ -505,7 +551,7 @@ class Fetcher:
             ) as turn:
                 try:
                     async with asyncio.timeout(s.total_timeout):
-                        status, hdrs, body = await client.get(current, headers, max_bytes)
+                        status, hdrs, body = await client.get(current, headers, max_bytes, truncate=truncate)
                 except TimeoutError:
                     raise TransientFetchError(f"timed out after {s.total_timeout}s", url=current) from None
                 turn.status, turn.ok = status, not is_transient_status(status)

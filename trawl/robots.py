@@ -120,9 +120,7 @@ class RobotsCache:
         except FetchError as exc:
             if exc.status == 429:
                 log.warning("robots.txt throttled (429), asking again later", origin=origin, error=str(exc))
-                return RobotsRules(
-                    None, unavailable=str(exc), status=429, throttled=True, expires=self._expiry(exc)
-                )
+                return RobotsRules(None, unavailable=str(exc), status=429, throttled=True, expires=self._expiry(exc))
             if isinstance(exc, PermanentFetchError) and exc.status is not None and 400 <= exc.status < 500:
                 return RobotsRules(None)
             log.warning("robots.txt unavailable", origin=origin, error=str(exc), treat_as=self._treat())

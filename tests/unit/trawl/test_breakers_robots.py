@@ -187,7 +187,7 @@ async def test_a_robots_txt_over_500_kib_is_read_to_500_kib_not_refused(settings
     host.robots = body + padding * ((600 * 1024 - len(body)) // len(padding))
     assert len(host.robots) > 600 * 1000
     async with Fetcher(fast(settings)) as fetcher:
-        with pytest.raises(RobotsDisallowed, match="disallowed by robots.txt"):
+        with pytest.raises(RobotsDisallowed, match=r"disallowed by robots\.txt"):
             await fetcher.get(f"{host.url}/page")
         assert (await fetcher.get(f"{host.url}/late/1")).status == 200
     assert host.hits["/page"] == 0
@@ -203,12 +203,10 @@ async def test_a_robots_txt_with_a_utf8_bom_keeps_its_first_group(settings: Sett
     assert host.hits["/private/1"] == 0
 
 
-async def test_a_failed_robots_verdict_expires_and_the_file_is_fetched_again(
-    settings: Settings, host: Host
-) -> None:
+async def test_a_failed_robots_verdict_expires_and_the_file_is_fetched_again(settings: Settings, host: Host) -> None:
     host.robots = 503
     async with Fetcher(fast(settings, robots_failure_ttl=0.2)) as fetcher:
-        with pytest.raises(RobotsDisallowed, match="robots.txt unavailable"):
+        with pytest.raises(RobotsDisallowed, match=r"robots\.txt unavailable"):
             await fetcher.get(f"{host.url}/page")
         with pytest.raises(RobotsDisallowed):  # within the TTL: the verdict stands, no new fetch
             await fetcher.get(f"{host.url}/page")
@@ -225,7 +223,7 @@ async def test_a_throttled_robots_txt_fails_the_url_as_transient_and_is_asked_ag
 ) -> None:
     host.robots = 429
     async with Fetcher(fast(settings, robots_failure_ttl=0.2)) as fetcher:
-        with pytest.raises(TransientFetchError, match="robots.txt throttled") as caught:
+        with pytest.raises(TransientFetchError, match=r"robots\.txt throttled") as caught:
             await fetcher.get(f"{host.url}/page")
         assert caught.value.status == 429
         assert not isinstance(caught.value, RobotsDisallowed)
@@ -239,7 +237,7 @@ async def test_an_unreachable_robots_txt_stops_the_url_and_says_why(settings: Se
     async with Host() as gone:
         url = f"{gone.url}/page"
     async with Fetcher(fast(settings)) as fetcher:
-        with pytest.raises(TransientFetchError, match="robots.txt unreachable"):
+        with pytest.raises(TransientFetchError, match=r"robots\.txt unreachable"):
             await fetcher.get(url)
 
 

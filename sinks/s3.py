@@ -61,7 +61,7 @@ __all__ = ["ResumeResult", "S3Stager"]
 
 log = structlog.get_logger("sinks.s3")
 
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")  # the whole name: fullmatch
 _READ_CHUNK = 1024 * 1024
 
 
@@ -185,7 +185,7 @@ class S3Stager:
     def check_url(url: str) -> None:
         """A ConfigError unless ``url`` is ``s3://BUCKET[/PREFIX]`` with a valid bucket name."""
         bucket = urlsplit(url).netloc
-        if not _BUCKET.match(bucket or ""):
+        if not _BUCKET.fullmatch(bucket or ""):
             raise ConfigError(f"staging {url}: {bucket!r} is not a valid S3 bucket name")
 
     @classmethod

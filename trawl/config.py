@@ -18,6 +18,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from trawl.checks import NAME_PATTERN as _CHECK_NAME
 from trawl.errors import ConfigError, ConfigIssue
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "FollowRules",
     "HtmlField",
     "HtmlSource",
+    "ManifestSchema",
     "Pagination",
     "Politeness",
     "Source",
@@ -37,18 +39,17 @@ __all__ = [
     "SpiderSource",
     "WaitFor",
     "load_sources",
+    "manifest_schema",
     "select_sources",
 ]
 
 FieldType = Literal["text", "int", "float", "bool", "date", "timestamp", "json"]
-_NAME = r"^[a-z][a-z0-9_]{0,62}$"
+_NAME = r"[a-z][a-z0-9_]{0,62}"  # the whole name (re.fullmatch: `$` would let a trailing newline through)
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Error type of the checks spanning fields or entries: `load_sources` runs them on the raw data
 # instead, because pydantic skips them once any field of the model fails, and cannot name a field.
 _CROSS = "cross_check"
 _NO_URLS = "needs `urls` (a fixed list) or `start_urls` (a crawl)"
-# A registered check's name, or `package.module:function`.
-_CHECK_NAME = r"^[A-Za-z_][A-Za-z0-9_.]*(:[A-Za-z_][A-Za-z0-9_]*)?$"
 
 
 def _check_regex(value: str | None) -> str | None:
@@ -62,7 +63,7 @@ def _check_regex(value: str | None) -> str | None:
 
 def _check_field_names(value: dict[str, Any]) -> dict[str, Any]:
     # Field names become column names: keep them plain identifiers that cannot clash with `_key`, `_extra`, ...
-    bad = [name for name in value if not re.match(_NAME, name)]
+    bad = [name for name in value if not re.fullmatch(_NAME, name)]
     if bad:
         raise ValueError(f"field name(s) {', '.join(map(repr, bad))} must match {_NAME} (they become column names)")
     return value
@@ -82,6 +83,15 @@ def _check_http_url(value: str) -> str:
 
 # Checked per item, so an error names the index (`urls.3`), not just the list.
 _HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
+
+
+def _check_name(value: str) -> str:
+    if not re.fullmatch(_NAME, value):
+        raise ValueError(f"name {value!r} must match {_NAME} (it names a table and staging paths)")
+    return value
+
+
+_Name = Annotated[str, AfterValidator(_check_name)]
 
 
 class _Model(BaseModel):
@@ -115,12 +125,26 @@ class FieldRules(_Model):
         default=None, min_length=1, description="The only values allowed."
     )
     max_length: int | None = Field(default=None, ge=1, description="Longest allowed text, in characters.")
-    checks: list[Annotated[str, Field(pattern=_CHECK_NAME)]] = Field(
+    checks: list[str] = Field(
         default_factory=list,
-        description="Custom checks: names registered with `sinks.validate.register_check`, or `module:function`.",
+        description="Custom checks by registered name (`trawl.checks.register` or the `trawl.checks` entry point "
+        "group); the loader refuses names nothing registered.",
     )
 
     _pattern = field_validator("pattern")(_check_regex)
+
+    @field_validator("checks")
+    @classmethod
+    def _check_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if ":" in name:
+                raise ValueError(
+                    f"check {name!r}: `module:function` paths are not accepted; register the function "
+                    "(trawl.checks.register or the `trawl.checks` entry point group) and give its name"
+                )
+            if not re.fullmatch(_CHECK_NAME, name):
+                raise ValueError(f"check name {name!r} must match {_CHECK_NAME}")
+        return value
 
     @model_validator(mode="after")
     def _rules_fit_the_type(self) -> FieldRules:
@@ -178,7 +202,7 @@ class HtmlSource(_Model):
     """Static HTML: a fixed URL list, or a crawl from start URLs."""
 
     kind: Literal["html"]
-    name: str = Field(pattern=_NAME)
+    name: _Name
     urls: list[_HttpUrl] = Field(default_factory=list)
     start_urls: list[_HttpUrl] = Field(default_factory=list)
     follow: FollowRules = Field(default_factory=FollowRules)
@@ -259,7 +283,7 @@ class ApiSource(_Model):
     """A JSON HTTP API, walked page by page."""
 
     kind: Literal["api"]
-    name: str = Field(pattern=_NAME)
+    name: _Name
     url: str
     params: dict[str, str | int | float | bool] = Field(default_factory=dict)
     headers: dict[str, str] = Field(default_factory=dict)
@@ -317,7 +341,7 @@ class SpiderSource(_Model):
     """
 
     kind: Literal["spider"]
-    name: str = Field(pattern=_NAME)
+    name: _Name
     spider: str = Field(
         pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$",
         description="The spider class as `package.module:Class` (e.g. `spiders.books:BooksSpider`).",
@@ -375,6 +399,37 @@ class SourcesFile(_Model):
                 raise PydanticCustomError(_CROSS, "source name {name} is used twice", {"name": repr(s.name)})
             seen.add(s.name)
         return self
+
+
+class ManifestSchema(_Model):
+    """The declaration a manifest carries (``trawl.crawler.source_schema``): a source's key and field rules.
+
+    The loader re-validates every manifest's declaration with it, the same
+    :class:`FieldRules` a sources file is checked with: staging is data, and a
+    manifest written there by hand gets no more trust than a sources file.
+    """
+
+    key: list[_Name] = Field(default_factory=lambda: ["url"])
+    fields: dict[str, FieldRules] = Field(default_factory=dict)
+
+    _fields = field_validator("fields")(_check_field_names)
+
+
+def manifest_schema(source: Any, schema: Any, where: str) -> ManifestSchema:
+    """A manifest's source name and declaration, validated; ConfigError naming ``where`` (the manifest) if not."""
+    issues = []
+    if not isinstance(source, str) or not re.fullmatch(_NAME, source):
+        issues.append(ConfigIssue(where, "source", "", f"source name {source!r} must match {_NAME}"))
+    try:
+        parsed = ManifestSchema.model_validate(schema if isinstance(schema, Mapping) else {"key": schema})
+    except ValidationError as exc:
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            issues.append(ConfigIssue(where, "schema", ".".join(str(p) for p in err["loc"]), msg))
+        parsed = None
+    if issues or parsed is None:
+        raise ConfigError(f"{where}: {len(issues)} problem(s) in the manifest's declaration", issues)
+    return parsed
 
 
 def _interpolate(

@@ -178,7 +178,7 @@ def test_every_problem_in_one_error(tmp_path: Path) -> None:
     assert f"{file}: sources[2] (shop): urls.0: not an http(s) URL: 'ftp://nope'" in lines
     assert f"{file}: sources[0] (shop): key: key field 'missing' is not a declared field" in lines
     assert f"{file}: sources[1] (feed): pagination: cursor pagination needs `cursor_path`" in lines
-    assert any("'Bad-Name'" in line and "^[a-z][a-z0-9_]{0,62}$" in line for line in lines)
+    assert any("'Bad-Name' must match [a-z][a-z0-9_]{0,62}" in line for line in lines)
 
 
 def test_invalid_yaml_names_line_and_column(tmp_path: Path) -> None:
@@ -458,3 +458,21 @@ def test_frontier_and_shards_are_html_options_with_bounds(tmp_path: Path) -> Non
         """,
     )
     assert {field for _, field in where(problems(bad))} >= {"shards", "frontier"}
+
+
+def test_names_with_a_trailing_newline_are_refused(tmp_path: Path) -> None:
+    # `re.match("^...$")` lets "price\n" through (`$` matches before a final newline); names become columns.
+    path = write(
+        tmp_path,
+        """\
+        sources:
+          - name: "shop\\n"
+            kind: html
+            urls: ["http://shop.test/"]
+            fields:
+              "price\\n": {selector: .price}
+        """,
+    )
+    lines = [str(i) for i in problems(path)]
+    assert any("name 'shop\\n' must match" in line for line in lines), lines
+    assert any("field name(s) 'price\\n' must match" in line for line in lines), lines

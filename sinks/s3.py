@@ -53,6 +53,8 @@ from trawl.staging import (
     SourceStage,
     StagedPart,
     StreamKind,
+    check_run_id,
+    check_run_path,
     run_path_parts,
     summarize_runs,
 )
@@ -252,6 +254,7 @@ class S3Stager:
     # -- writing ---------------------------------------------------------------------------------------------
 
     def _run_key(self, kind: StreamKind, source: str, dt: str, run_id: str) -> str:
+        check_run_path(source, run_id)  # never a key (or spool path) outside the prefix (`../`)
         return f"{self.prefix}{kind}/source={source}/dt={dt}/run={run_id}"
 
     def _object_args(self, key: str) -> dict[str, Any]:
@@ -557,6 +560,8 @@ class S3Stager:
 
     async def resume(self, run_id: str | None = None) -> list[ResumeResult]:
         """Finish staging runs left in the spool (one run, or all): upload their parts, then their manifests."""
+        if run_id is not None:
+            check_run_id(run_id)  # it becomes a glob under the spool
         results = []
         for spool in await asyncio.to_thread(self._spooled_runs, run_id):
             results.append(await self._resume_one(spool))

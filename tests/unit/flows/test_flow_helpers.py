@@ -165,10 +165,10 @@ async def test_the_flows_refuse_a_bad_run_id_before_anything_runs(flow: str, tmp
     from flows.pipeline import pipeline
 
     missing = str(tmp_path / "no-such-sources.yaml")  # would fail too, but later: the run id is checked first
+    calls = {
+        "crawl": lambda: crawl.fn(sources_file=missing, run_id="../escape"),
+        "pipeline": lambda: pipeline.fn(sources_file=missing, resume_run_id="x/../../escape"),
+        "load": lambda: load.fn(run_ids=["../escape"]),
+    }
     with pytest.raises(ParameterError, match="run_id"):
-        if flow == "crawl":
-            await crawl.fn(sources_file=missing, run_id="../escape")
-        elif flow == "pipeline":
-            await pipeline.fn(sources_file=missing, resume_run_id="x/../../escape")
-        else:
-            await load.fn(run_ids=["../escape"])
+        await calls[flow]()

@@ -4,6 +4,8 @@ Every problem is reported at once, each naming the file, the entry and the
 field, so a user fixes a file in one pass instead of one error per run.
 String values may reference environment variables as ``${NAME}`` or
 ``${NAME:-default}``; a missing variable is a config error, not an empty string.
+A sources file is at most :data:`MAX_SOURCES_BYTES` and has no YAML aliases
+(``*name``): a few hundred bytes of nested aliases expand to gigabytes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from trawl.checks import NAME_PATTERN as _CHECK_NAME
 from trawl.errors import ConfigError, ConfigIssue
 
 __all__ = [
+    "MAX_SOURCES_BYTES",
     "AnySource",
     "ApiField",
     "ApiSource",
@@ -42,6 +45,22 @@ __all__ = [
     "manifest_schema",
     "select_sources",
 ]
+
+MAX_SOURCES_BYTES = 1024 * 1024
+"""The largest sources file read (a file of thousands of sources is a few hundred KiB)."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: a reference to an anchor is refused where it stands."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML aliases (*{event.anchor}) are not allowed in a sources file", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
 
 FieldType = Literal["text", "int", "float", "bool", "date", "timestamp", "json"]
 _NAME = r"[a-z][a-z0-9_]{0,62}"  # the whole name (re.fullmatch: `$` would let a trailing newline through)
@@ -500,11 +519,20 @@ def load_sources(path: str | Path, env: Mapping[str, str] | None = None) -> Sour
     file = str(path)
     env = os.environ if env is None else env
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as f:
+            data = f.read(MAX_SOURCES_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read sources file: {exc.strerror or exc}") from None
+    if len(data) > MAX_SOURCES_BYTES:
+        issue = ConfigIssue(file, "(file)", "", f"larger than {MAX_SOURCES_BYTES} bytes: not read")
+        raise ConfigError(str(issue), [issue])
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        issue = ConfigIssue(file, "(file)", "", f"not UTF-8: {exc.reason} at byte {exc.start}")
+        raise ConfigError(str(issue), [issue]) from None
+    try:
+        raw = yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader without aliases
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"

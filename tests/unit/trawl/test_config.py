@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
-from trawl.config import ApiSource, BrowserSource, HtmlSource, SourcesFile, SpiderSource, load_sources, select_sources
+from trawl.config import (
+    MAX_SOURCES_BYTES,
+    ApiSource,
+    BrowserSource,
+    HtmlSource,
+    SourcesFile,
+    SpiderSource,
+    load_sources,
+    select_sources,
+)
 from trawl.errors import ConfigError, ConfigIssue
 
 REPO = Path(__file__).resolve().parents[3]
@@ -476,3 +486,26 @@ def test_names_with_a_trailing_newline_are_refused(tmp_path: Path) -> None:
     lines = [str(i) for i in problems(path)]
     assert any("name 'shop\\n' must match" in line for line in lines), lines
     assert any("field name(s) 'price\\n' must match" in line for line in lines), lines
+
+
+def test_a_yaml_alias_bomb_fails_fast_naming_the_file(tmp_path: Path) -> None:
+    # The "billion laughs" in 436 bytes: nine levels of nine aliases, ~387 million strings if expanded.
+    levels = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        levels.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    bomb = "\n".join(levels) + "\nsources: *i\n"
+    assert len(bomb.encode()) < 500
+    path = tmp_path / "bomb.yaml"
+    path.write_text(bomb, encoding="utf-8")
+    started = time.monotonic()
+    issues = problems(path)
+    assert time.monotonic() - started < 1.0
+    assert [str(i) for i in issues] == [
+        f"{path}: line 2, column 8: invalid YAML: YAML aliases (*a) are not allowed in a sources file"
+    ]
+
+
+def test_a_sources_file_over_the_size_cap_is_not_read(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    path.write_text("sources: []\n" + "#" * MAX_SOURCES_BYTES, encoding="utf-8")
+    assert [str(i) for i in problems(path)] == [f"{path}: (file): larger than {MAX_SOURCES_BYTES} bytes: not read"]

@@ -389,7 +389,7 @@ async def test_a_field_declared_later_adds_a_column(
     }
     records = [
         rec("1", item(1, rating=4.5), run_id="r2", at=t2),
-        rec("2", item(2, rating="3", **{"seller_name": "Ann"}), run_id="r2", at=t2),
+        rec("2", item(2, rating="3", seller_name="Ann"), run_id="r2", at=t2),
     ]
     _, run2 = await stage(stager, "r2", records, schema=wider, started=t2)
 

@@ -9,6 +9,9 @@ wherever trawl writes), except an address: a value that is a plain http(s) URL
 (no ``user:password@``, query or fragment), or one that lands only in the
 scheme, host, port or path of a URL field (``url``, ``urls``, ``start_urls``).
 A default written in the file is not a secret.
+
+A sources file is at most :data:`MAX_SOURCES_BYTES` and has no YAML aliases
+(``*name``): a few hundred bytes of nested aliases expand to gigabytes.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from trawl.checks import NAME_PATTERN as _CHECK_NAME
 from trawl.errors import ConfigError, ConfigIssue
 from trawl.masking import register_secret
 from trawl.urls import origin_of
 
 __all__ = [
+    "MAX_SOURCES_BYTES",
     "AnySource",
     "ApiField",
     "ApiSource",
@@ -37,6 +42,7 @@ __all__ = [
     "FollowRules",
     "HtmlField",
     "HtmlSource",
+    "ManifestSchema",
     "Pagination",
     "Politeness",
     "Source",
@@ -44,18 +50,33 @@ __all__ = [
     "SpiderSource",
     "WaitFor",
     "load_sources",
+    "manifest_schema",
     "select_sources",
 ]
 
+MAX_SOURCES_BYTES = 1024 * 1024
+"""The largest sources file read (a file of thousands of sources is a few hundred KiB)."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: a reference to an anchor is refused where it stands."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML aliases (*{event.anchor}) are not allowed in a sources file", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
 FieldType = Literal["text", "int", "float", "bool", "date", "timestamp", "json"]
-_NAME = r"^[a-z][a-z0-9_]{0,62}$"
+_NAME = r"[a-z][a-z0-9_]{0,62}"  # the whole name (re.fullmatch: `$` would let a trailing newline through)
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Error type of the checks spanning fields or entries: `load_sources` runs them on the raw data
 # instead, because pydantic skips them once any field of the model fails, and cannot name a field.
 _CROSS = "cross_check"
 _NO_URLS = "needs `urls` (a fixed list) or `start_urls` (a crawl)"
-# A registered check's name, or `package.module:function`.
-_CHECK_NAME = r"^[A-Za-z_][A-Za-z0-9_.]*(:[A-Za-z_][A-Za-z0-9_]*)?$"
 
 
 def _check_regex(value: str | None) -> str | None:
@@ -69,7 +90,7 @@ def _check_regex(value: str | None) -> str | None:
 
 def _check_field_names(value: dict[str, Any]) -> dict[str, Any]:
     # Field names become column names: keep them plain identifiers that cannot clash with `_key`, `_extra`, ...
-    bad = [name for name in value if not re.match(_NAME, name)]
+    bad = [name for name in value if not re.fullmatch(_NAME, name)]
     if bad:
         raise ValueError(f"field name(s) {', '.join(map(repr, bad))} must match {_NAME} (they become column names)")
     return value
@@ -115,6 +136,15 @@ def _origins(urls: list[str], extra: list[str]) -> frozenset[str]:
     return frozenset(o for o in (*map(origin_of, urls), *extra) if o)
 
 
+def _check_name(value: str) -> str:
+    if not re.fullmatch(_NAME, value):
+        raise ValueError(f"name {value!r} must match {_NAME} (it names a table and staging paths)")
+    return value
+
+
+_Name = Annotated[str, AfterValidator(_check_name)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -146,12 +176,26 @@ class FieldRules(_Model):
         default=None, min_length=1, description="The only values allowed."
     )
     max_length: int | None = Field(default=None, ge=1, description="Longest allowed text, in characters.")
-    checks: list[Annotated[str, Field(pattern=_CHECK_NAME)]] = Field(
+    checks: list[str] = Field(
         default_factory=list,
-        description="Custom checks: names registered with `sinks.validate.register_check`, or `module:function`.",
+        description="Custom checks by registered name (`trawl.checks.register` or the `trawl.checks` entry point "
+        "group); the loader refuses names nothing registered.",
     )
 
     _pattern = field_validator("pattern")(_check_regex)
+
+    @field_validator("checks")
+    @classmethod
+    def _check_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if ":" in name:
+                raise ValueError(
+                    f"check {name!r}: `module:function` paths are not accepted; register the function "
+                    "(trawl.checks.register or the `trawl.checks` entry point group) and give its name"
+                )
+            if not re.fullmatch(_CHECK_NAME, name):
+                raise ValueError(f"check name {name!r} must match {_CHECK_NAME}")
+        return value
 
     @model_validator(mode="after")
     def _rules_fit_the_type(self) -> FieldRules:
@@ -209,7 +253,7 @@ class HtmlSource(_Model):
     """Static HTML: a fixed URL list, or a crawl from start URLs."""
 
     kind: Literal["html"]
-    name: str = Field(pattern=_NAME)
+    name: _Name
     urls: list[_HttpUrl] = Field(default_factory=list)
     start_urls: list[_HttpUrl] = Field(default_factory=list)
     follow: FollowRules = Field(default_factory=FollowRules)
@@ -297,7 +341,7 @@ class ApiSource(_Model):
     """A JSON HTTP API, walked page by page."""
 
     kind: Literal["api"]
-    name: str = Field(pattern=_NAME)
+    name: _Name
     url: str
     params: dict[str, str | int | float | bool] = Field(default_factory=dict)
     headers: dict[str, str] = Field(default_factory=dict, description=_HEADERS)
@@ -371,7 +415,7 @@ class SpiderSource(_Model):
     """
 
     kind: Literal["spider"]
-    name: str = Field(pattern=_NAME)
+    name: _Name
     spider: str = Field(
         pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$",
         description="The spider class as `package.module:Class` (e.g. `spiders.books:BooksSpider`).",
@@ -447,6 +491,37 @@ class SourcesFile(_Model):
 # Fields holding URLs: a value from the environment there is an address (a base URL, a host) unless it reaches
 # into the URL's user:password@, query or fragment.
 _URL_FIELDS = frozenset({"url", "urls", "start_urls", "credentials_origins"})
+
+
+class ManifestSchema(_Model):
+    """The declaration a manifest carries (``trawl.crawler.source_schema``): a source's key and field rules.
+
+    The loader re-validates every manifest's declaration with it, the same
+    :class:`FieldRules` a sources file is checked with: staging is data, and a
+    manifest written there by hand gets no more trust than a sources file.
+    """
+
+    key: list[_Name] = Field(default_factory=lambda: ["url"])
+    fields: dict[str, FieldRules] = Field(default_factory=dict)
+
+    _fields = field_validator("fields")(_check_field_names)
+
+
+def manifest_schema(source: Any, schema: Any, where: str) -> ManifestSchema:
+    """A manifest's source name and declaration, validated; ConfigError naming ``where`` (the manifest) if not."""
+    issues = []
+    if not isinstance(source, str) or not re.fullmatch(_NAME, source):
+        issues.append(ConfigIssue(where, "source", "", f"source name {source!r} must match {_NAME}"))
+    try:
+        parsed = ManifestSchema.model_validate(schema if isinstance(schema, Mapping) else {"key": schema})
+    except ValidationError as exc:
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            issues.append(ConfigIssue(where, "schema", ".".join(str(p) for p in err["loc"]), msg))
+        parsed = None
+    if issues or parsed is None:
+        raise ConfigError(f"{where}: {len(issues)} problem(s) in the manifest's declaration", issues)
+    return parsed
 
 
 # A whole value that is a plain address (a base URL: no user:password@, query or fragment) is no secret anywhere.
@@ -554,11 +629,20 @@ def load_sources(path: str | Path, env: Mapping[str, str] | None = None) -> Sour
     file = str(path)
     env = os.environ if env is None else env
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as f:
+            data = f.read(MAX_SOURCES_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read sources file: {exc.strerror or exc}") from None
+    if len(data) > MAX_SOURCES_BYTES:
+        issue = ConfigIssue(file, "(file)", "", f"larger than {MAX_SOURCES_BYTES} bytes: not read")
+        raise ConfigError(str(issue), [issue])
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        issue = ConfigIssue(file, "(file)", "", f"not UTF-8: {exc.reason} at byte {exc.start}")
+        raise ConfigError(str(issue), [issue]) from None
+    try:
+        raw = yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader without aliases
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"

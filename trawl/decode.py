@@ -180,17 +180,22 @@ class BodyDecoder:
     {limit} bytes`` the moment either size passes ``limit`` (at most one
     :data:`PIECE` later), and ``cannot decode {coding} body: ...`` for data that
     is not what its coding says. Codings it does not know stop the decoding there:
-    the body is kept as it came (still within the limit).
+    the body is kept as it came (still within the limit). With ``truncate`` a body
+    over the limit is cut at ``limit`` bytes instead (``full`` says when), as
+    robots.txt is read.
     """
 
-    __slots__ = ("_limit", "_names", "_raw", "_stages", "_url", "remaining", "size")
+    __slots__ = ("_limit", "_names", "_raw", "_stages", "_truncate", "_url", "full", "remaining", "size")
 
-    def __init__(self, content_encoding: str | None, limit: int, url: str) -> None:
+    def __init__(self, content_encoding: str | None, limit: int, url: str, *, truncate: bool = False) -> None:
         self._url = url
         self._limit = limit
+        self._truncate = truncate
         self._raw = 0
         self.size = 0
         """Bytes handed out so far."""
+        self.full = False
+        """With ``truncate``: the limit was reached, the body is cut there and the rest need not be read."""
         applied = codings(content_encoding)
         undo: list[str] = []
         for coding in reversed(applied):  # the last applied is undone first
@@ -228,15 +233,26 @@ class BodyDecoder:
         for piece in pieces:
             self.size += len(piece)
             if self.size > self._limit:
-                raise body_too_large(self._url, self._limit)
+                if not self._truncate:
+                    raise body_too_large(self._url, self._limit)
+                out.append(piece[: len(piece) - (self.size - self._limit)])
+                self.size, self.full = self._limit, True
+                break
             out.append(piece)
         return b"".join(out)
 
     def decode(self, chunk: bytes) -> bytes:
         """The inflated bytes of the next raw chunk (may be empty)."""
+        if self.full:
+            return b""
         self._raw += len(chunk)
         if self._raw > self._limit:
-            raise body_too_large(self._url, self._limit)
+            if not self._truncate:
+                raise body_too_large(self._url, self._limit)
+            chunk = chunk[: len(chunk) - (self._raw - self._limit)]
+            self._raw = self._limit
+            if not self._stages:
+                self.full = True
         if not self._stages:
             self.size += len(chunk)
             return chunk
@@ -244,6 +260,6 @@ class BodyDecoder:
 
     def flush(self) -> bytes:
         """What the decoders still hold at the end of the body."""
-        if not self._stages:
+        if not self._stages or self.full:
             return b""
         return self._collect(self._through(b"", 0, final=True))

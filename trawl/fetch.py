@@ -172,7 +172,11 @@ class HostTurn:
 
 
 class _Transport(Protocol):
-    async def get(self, url: str, headers: Mapping[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]: ...
+    async def get(
+        self, url: str, headers: Mapping[str, str], max_bytes: int, *, truncate: bool = False
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One request; a body over ``max_bytes`` fails, or with ``truncate`` is cut there (robots.txt)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -190,18 +194,24 @@ class _AiohttpTransport:
             auto_decompress=False,  # bodies are inflated by trawl's bounded decoder (trawl.decode)
         )
 
-    async def get(self, url: str, headers: Mapping[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]:
+    async def get(
+        self, url: str, headers: Mapping[str, str], max_bytes: int, *, truncate: bool = False
+    ) -> tuple[int, dict[str, str], bytes]:
         try:
             async with self._session.get(url, headers=headers or None, allow_redirects=False) as resp:
                 declared = resp.content_length
                 hdrs = {k.lower(): v for k, v in resp.headers.items()}
-                if declared is not None and declared > max_bytes and resp.status < 300:
+                if declared is not None and declared > max_bytes and resp.status < 300 and not truncate:
                     raise body_too_large(url, max_bytes)
-                decoder = BodyDecoder(hdrs.get("content-encoding"), max_bytes, url)
+                decoder = BodyDecoder(hdrs.get("content-encoding"), max_bytes, url, truncate=truncate)
                 if declared is not None and declared <= max_bytes and decoder.identity:
                     # The size is known and within the cap: one read, no chunk loop.
                     return resp.status, hdrs, await resp.read()
-                chunks = [decoder.decode(chunk) async for chunk in resp.content.iter_chunked(_CHUNK)]
+                chunks = []
+                async for chunk in resp.content.iter_chunked(_CHUNK):
+                    chunks.append(decoder.decode(chunk))
+                    if decoder.full:
+                        break
                 chunks.append(decoder.flush())
                 return resp.status, hdrs, b"".join(chunks)
         except aiohttp.ClientConnectorError as exc:
@@ -263,13 +273,19 @@ class _HttpxTransport:
             trust_env=False,
         )
 
-    async def get(self, url: str, headers: Mapping[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]:
+    async def get(
+        self, url: str, headers: Mapping[str, str], max_bytes: int, *, truncate: bool = False
+    ) -> tuple[int, dict[str, str], bytes]:
         try:
             async with self._client.stream("GET", url, headers=dict(headers)) as resp:
                 hdrs = {k.lower(): v for k, v in resp.headers.items()}
-                decoder = BodyDecoder(hdrs.get("content-encoding"), max_bytes, url)
+                decoder = BodyDecoder(hdrs.get("content-encoding"), max_bytes, url, truncate=truncate)
                 # Raw bytes: httpx would inflate each chunk whole before any cap of ours applied.
-                chunks = [decoder.decode(chunk) async for chunk in resp.aiter_raw(_CHUNK)]
+                chunks = []
+                async for chunk in resp.aiter_raw(_CHUNK):
+                    chunks.append(decoder.decode(chunk))
+                    if decoder.full:
+                        break
                 chunks.append(decoder.flush())
                 return resp.status_code, hdrs, b"".join(chunks)
         except RefusedAddress as exc:  # from GuardedBackend, where the connection is made
@@ -315,7 +331,11 @@ class Fetcher:
         self._gates: dict[str, _HostGate] = {}
         self._transports: dict[str, _Transport] = {}
         self.breakers = breakers or BreakerRegistry(settings.breaker_fail_max, settings.breaker_reset_timeout)
-        self.robots = RobotsCache(_agent_token(settings.user_agent), unavailable=settings.robots_unavailable)
+        self.robots = RobotsCache(
+            _agent_token(settings.user_agent),
+            unavailable=settings.robots_unavailable,
+            failure_ttl=settings.robots_failure_ttl,
+        )
         self.resources: dict[str, Any] = {}
         """Things other request paths share through this Fetcher (the browser pool), closed with it."""
         self._closers: list[Callable[[], Awaitable[None]]] = []
@@ -419,13 +439,32 @@ class Fetcher:
     async def _obey_robots(self, url: str, concurrency: int | None, delay: float | None) -> None:
         async def fetch(robots_url: str) -> tuple[int, bytes]:
             # With the asking source's limits: this may be the first request to the host, which sets up its gate.
+            # Cut at 500 KiB rather than refused: a longer file's first 500 KiB are its rules (RFC 9309 2.5).
             resp = await self.get(
-                robots_url, robots=False, max_bytes=ROBOTS_MAX_BYTES, concurrency=concurrency, delay=delay
+                robots_url,
+                robots=False,
+                max_bytes=ROBOTS_MAX_BYTES,
+                truncate=True,
+                concurrency=concurrency,
+                delay=delay,
             )
             return resp.status, resp.body
 
         rules = await self.robots.rules(url, fetch)
+        if rules.throttled:
+            raise TransientFetchError(
+                f"robots.txt throttled ({rules.unavailable}), asked again later", url=url, status=429
+            )
         if not rules.allows(url, self.robots.agent):
+            if rules.unavailable is not None and rules.status is None:
+                # Unreachable: not requested (RFC 9309: disallow), and the outcome says why rather than `robots`.
+                raise TransientFetchError(
+                    f"robots.txt unreachable ({rules.unavailable}): not requested (robots_unavailable)", url=url
+                )
+            if rules.unavailable is not None:
+                raise RobotsDisallowed(
+                    f"robots.txt unavailable ({rules.unavailable}): disallow all (robots_unavailable)", url=url
+                )
             raise RobotsDisallowed("disallowed by robots.txt", url=url)
         crawl_delay = rules.crawl_delay(self.robots.agent)
         if crawl_delay:
@@ -442,6 +481,7 @@ class Fetcher:
         delay: float | None = None,
         robots: bool = True,
         max_bytes: int | None = None,
+        truncate: bool = False,
         source: str = "-",
         origins: Collection[str] | None = None,
     ) -> Response:
@@ -451,6 +491,8 @@ class Fetcher:
         (:func:`trawl.urls.origin_of` spellings; default: the origin of ``url``):
         a request or redirect hop to any other origin is sent without them, as
         browsers and ``requests`` do.
+
+        ``truncate``: a body over ``max_bytes`` is cut there instead of failing (robots.txt).
 
         Raises FetchError (with ``attempts`` and ``elapsed_ms`` set) when the URL
         finally fails; a final status other than 2xx or 304 is an error too.
@@ -466,6 +508,8 @@ class Fetcher:
         if robots:
             try:
                 await self._obey_robots(url, concurrency, delay)
+            except BlockedNetworkError:
+                pass  # robots.txt's host is forbidden: the URL's own attempt meets the guard and says so
             except FetchError as exc:
                 exc.attempts, exc.elapsed_ms = 0, int((time.monotonic() - started) * 1000)
                 raise
@@ -481,6 +525,7 @@ class Fetcher:
                 robots,
                 source,
                 scope,
+                truncate=truncate,
             )
             if 200 <= status < 300 or status == 304:
                 return Response(final_url, status, hdrs, body, attempt, int((time.monotonic() - started) * 1000))
@@ -535,6 +580,8 @@ class Fetcher:
         robots: bool,
         source: str = "-",
         origins: frozenset[str] = frozenset(),
+        *,
+        truncate: bool = False,
     ) -> tuple[str, int, dict[str, str], bytes]:
         client = self._transport(transport)
         s = self._settings
@@ -550,7 +597,7 @@ class Fetcher:
                 try:
                     async with asyncio.timeout(s.total_timeout):
                         sent = headers if origin_of(current) in origins else {}  # credentials stay at home
-                        status, hdrs, body = await client.get(current, sent, max_bytes)
+                        status, hdrs, body = await client.get(current, sent, max_bytes, truncate=truncate)
                 except TimeoutError:
                     raise TransientFetchError(f"timed out after {s.total_timeout}s", url=current) from None
                 except FetchError:

@@ -102,9 +102,16 @@ class Settings(BaseSettings):
         default=10.0, ge=0, description="Cap on a robots.txt `Crawl-delay` (seconds between request starts to a host)."
     )
     robots_unavailable: Literal["allow", "disallow"] = Field(
-        default="allow",
-        description="What a robots.txt that cannot be fetched (5xx, connection errors) means: `allow` everything, as "
-        "Scrapy does, or `disallow` everything, as RFC 9309 asks. A 4xx always means allow.",
+        default="disallow",
+        description="What a robots.txt that cannot be fetched (5xx, connection errors) means: `disallow` everything, "
+        "as RFC 9309 asks, or `allow` everything, as Scrapy does. A 4xx always means allow; a 429 fails the asking "
+        "URL as throttled and the file is asked for again later.",
+    )
+    robots_failure_ttl: float = Field(
+        default=300.0,
+        ge=0,
+        description="Seconds a verdict from a robots.txt fetch that failed (5xx, unreachable, 429) is kept before the "
+        "file is fetched again (a Retry-After shortens it); a file that was read is kept for the run.",
     )
     user_agent: str = Field(
         default="trawl/0.1 (+https://github.com/trawl/trawl)", description="User-Agent header sent with every request."

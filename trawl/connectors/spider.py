@@ -37,7 +37,7 @@ import contextlib
 import importlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -116,30 +116,83 @@ def load_spider(path: str) -> type[scrapy.Spider]:
     return cls
 
 
+_TRAWL_MIDDLEWARES = {
+    f"{_MW}.OutcomeMiddleware": 10,
+    f"{_MW}.MetaRefreshMiddleware": 580,  # where Scrapy's own stand
+    f"{_MW}.RedirectMiddleware": 600,
+    f"{_MW}.OfflineCookiesMiddleware": 700,
+    f"{_MW}.CredentialsMiddleware": 980,  # after every middleware that adds or copies headers
+    f"{_MW}.GateMiddleware": 990,
+}
+# Scrapy's middlewares that trawl's take the place of (a source may not put them back).
+_REPLACED = (
+    "scrapy.downloadermiddlewares.cookies.CookiesMiddleware",
+    "scrapy.downloadermiddlewares.robotstxt.RobotsTxtMiddleware",
+    "scrapy.downloadermiddlewares.redirect.RedirectMiddleware",
+    "scrapy.downloadermiddlewares.redirect.MetaRefreshMiddleware",
+)
+# Settings that decide which middlewares, handlers and add-ons run at all: trawl's own, never a source's.
+_RESERVED = ("DOWNLOADER_MIDDLEWARES_BASE", "DOWNLOAD_HANDLERS", "DOWNLOAD_HANDLERS_BASE", "DOWNLOADER", "ADDONS")
+
+
+def _component_path(component: Any) -> str:
+    return component if isinstance(component, str) else f"{component.__module__}.{component.__qualname__}"
+
+
+def _check_middlewares(middlewares: Any, where: str) -> None:
+    """A ConfigError if ``DOWNLOADER_MIDDLEWARES`` removes, disables or moves one of trawl's middlewares."""
+    if not isinstance(middlewares, Mapping):
+        return
+    for component, order in middlewares.items():
+        path = _component_path(component)
+        if path in _REPLACED and order is not None:
+            raise ConfigError(
+                f"{where}: DOWNLOADER_MIDDLEWARES enables {path}: trawl's own middleware does its job "
+                "(robots.txt, cookies and redirects pass the network guard and outcomes there)"
+            )
+        if path in _TRAWL_MIDDLEWARES and order != _TRAWL_MIDDLEWARES[path]:
+            raise ConfigError(
+                f"{where}: DOWNLOADER_MIDDLEWARES sets {path} to {order!r}: trawl's middlewares (the network "
+                "guard, robots.txt, per-host limits and outcomes) cannot be removed or moved"
+            )
+
+
+def enforce_trawl_components(crawler_settings: ScrapySettings, where: str) -> None:
+    """After a spider's ``custom_settings`` are merged: trawl's middlewares and handlers still in place, or a
+    ConfigError naming who changed them."""
+    _check_middlewares(crawler_settings.getdict("DOWNLOADER_MIDDLEWARES"), where)
+    merged = crawler_settings.getwithbase("DOWNLOADER_MIDDLEWARES")
+    for path, order in _TRAWL_MIDDLEWARES.items():
+        if merged.get(path) != order:
+            raise ConfigError(f"{where}: trawl's {path} is not in DOWNLOADER_MIDDLEWARES at {order}")
+    handlers = crawler_settings.getwithbase("DOWNLOAD_HANDLERS")
+    for scheme in ("http", "https"):
+        if _component_path(handlers.get(scheme)) != f"{_MW}.GuardedAiohttpDownloadHandler":
+            raise ConfigError(f"{where}: the {scheme} download handler is not trawl's guarded one")
+
+
 def scrapy_settings(source: SpiderSource, settings: Settings) -> ScrapySettings:
     """Scrapy settings for one spider source: its own ``settings``, then trawl's fetch rules on top.
 
     trawl's rules are set at ``cmdline`` priority, above a spider's ``custom_settings``:
     robots.txt, politeness, retries, timeouts and size limits are the fetch layer's,
     whatever the spider says. The spider's ``DOWNLOADER_MIDDLEWARES`` still merge with
-    the base list that carries trawl's two middlewares.
+    the base list that carries trawl's middlewares, but may not name them: a source
+    whose settings remove, disable or move one (or set which handlers, add-ons or
+    base middlewares run) is a ConfigError, and the connector checks again once the
+    spider's ``custom_settings`` are in (:func:`enforce_trawl_components`). Only
+    http(s) and ``data:`` URLs have a download handler.
     """
+    where = f"source {source.name!r}: settings"
+    reserved = [k for k in _RESERVED if k in source.settings]
+    if reserved:
+        raise ConfigError(f"{where}: {', '.join(reserved)} cannot be set (trawl decides what downloads)")
+    _check_middlewares(source.settings.get("DOWNLOADER_MIDDLEWARES"), where)
     concurrency = source.politeness.concurrency or settings.per_host_concurrency
     base = dict(ScrapySettings().getdict("DOWNLOADER_MIDDLEWARES_BASE"))
-    base.pop("scrapy.downloadermiddlewares.cookies.CookiesMiddleware", None)
-    base.pop("scrapy.downloadermiddlewares.robotstxt.RobotsTxtMiddleware", None)
-    redirect = base.pop("scrapy.downloadermiddlewares.redirect.RedirectMiddleware", 600)
-    refresh = base.pop("scrapy.downloadermiddlewares.redirect.MetaRefreshMiddleware", 580)
-    base.update(
-        {
-            f"{_MW}.OutcomeMiddleware": 10,
-            f"{_MW}.MetaRefreshMiddleware": refresh,
-            f"{_MW}.RedirectMiddleware": redirect,
-            f"{_MW}.OfflineCookiesMiddleware": 700,
-            f"{_MW}.CredentialsMiddleware": 980,  # after every middleware that adds or copies headers
-            f"{_MW}.GateMiddleware": 990,
-        }
-    )
+    for replaced in _REPLACED:
+        base.pop(replaced, None)
+    base.update(_TRAWL_MIDDLEWARES)
     out = ScrapySettings()
     out.setdict(source.settings, priority="project")
     out.setdict(
@@ -151,9 +204,14 @@ def scrapy_settings(source: SpiderSource, settings: Settings) -> ScrapySettings:
             "DOWNLOAD_HANDLERS": {
                 "http": f"{_MW}.GuardedAiohttpDownloadHandler",
                 "https": f"{_MW}.GuardedAiohttpDownloadHandler",
+                # No other way out: file://, s3://, ftp:// would read where the guard does not look.
+                "file": None,
+                "s3": None,
+                "ftp": None,
             },
             # No proxy from HTTP(S)_PROXY/ALL_PROXY: a proxy connects to the target itself, past the network guard.
             "HTTPPROXY_ENABLED": False,
+            "ADDONS": {},  # an add-on may rewrite any setting after these
             "ROBOTSTXT_OBEY": False,  # GateMiddleware obeys robots.txt through trawl's shared cache
             "USER_AGENT": settings.user_agent,
             "CONCURRENT_REQUESTS": settings.total_concurrency,
@@ -550,6 +608,7 @@ class SpiderConnector:
         spidercls = load_spider(self.source.spider)
         runner = AsyncCrawlerRunner(scrapy_settings(self.source, self.ctx.settings))
         crawler = runner.create_crawler(spidercls)
+        enforce_trawl_components(crawler.settings, f"spider {self.source.spider} (custom_settings)")
         crawler.trawl_connector = self  # type: ignore[attr-defined]  # found by the middlewares
         if frontier is not None:
             PgScheduler.attach(crawler, frontier, self._request_finished if frontier is self.frontier else None)

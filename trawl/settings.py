@@ -260,6 +260,20 @@ class Settings(BaseSettings):
     browser_wait_timeout: float = Field(
         default=10.0, gt=0, description="Seconds a rendered page may take to show its `wait_for` selector."
     )
+    browser_page_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds one page may take in the browser in all (navigation, waits, scrolling, reading the "
+        "rendered HTML); past it the page is closed and its URL `failed`, not retried.",
+    )
+    browser_contexts: int = Field(
+        default=16,
+        ge=1,
+        description="Browser contexts (one per host) kept open; past it the least recently used idle one is closed.",
+    )
+    browser_context_idle: float = Field(
+        default=120.0, gt=0, description="Seconds an idle browser context (one per host) is kept before it is closed."
+    )
     browser_block_resources: list[str] = Field(
         default_factory=lambda: ["image", "media", "font"],
         description="Resource types rendered pages do not load (Playwright's resource type names).",

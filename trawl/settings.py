@@ -253,6 +253,11 @@ class Settings(BaseSettings):
         description="Chromium executable for `browser` sources. Unset: Playwright's own Chromium if installed, "
         "else the system's (`/usr/lib/chromium/chromium`, `chromium`, `chromium-browser`, `google-chrome`).",
     )
+    browser_sandbox: bool = Field(
+        default=False,
+        description="Run Chromium's renderers in its sandbox. Needs a non-root user (and user namespaces); as root "
+        "Chromium runs unsandboxed (`--no-sandbox`): see the README's browser section.",
+    )
     browser_pages: int = Field(default=4, ge=1, le=64, description="Pages rendering at once (the browser pool's size).")
     browser_navigation_timeout: float = Field(
         default=30.0, gt=0, description="Seconds a page may take to load in the browser (one attempt)."

@@ -199,6 +199,17 @@ async def test_page_requests_to_forbidden_networks_are_blocked(odd_site: str) ->
     assert f"{odd_site}/private/page" not in run.pool.navigations
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="Chromium's sandbox runs for a non-root user")
+async def test_the_sandbox_asked_for_as_root_fails_clearly(odd_site: str) -> None:
+    source = _source(urls=[f"{odd_site}/never"], render="always")
+    run = await _crawl(source, _settings(browser_sandbox=True))
+
+    [outcome] = run.outcomes
+    assert outcome.outcome.value == "failed" and outcome.attempts == 1
+    assert "TRAWL_BROWSER_SANDBOX=true, but trawl runs as root" in (outcome.error or "")
+    assert run.pool is not None and run.pool.launches == 0
+
+
 def _chromium_pids() -> list[int]:
     """This process's Chromium main processes (descendants, not renderers or helpers)."""
     parents: dict[int, int] = {}

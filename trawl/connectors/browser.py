@@ -51,7 +51,14 @@ from trawl.config import BrowserSource
 from trawl.connectors.base import SourceContext, make_record, url_hash
 from trawl.connectors.html import HtmlConnector
 from trawl.connectors.proxy import GuardedProxy
-from trawl.errors import BlockedNetworkError, BreakerOpen, FetchError, PermanentFetchError, TransientFetchError
+from trawl.errors import (
+    BlockedNetworkError,
+    BreakerOpen,
+    ConfigError,
+    FetchError,
+    PermanentFetchError,
+    TransientFetchError,
+)
 from trawl.extract import extract_items, extract_links, parse_html
 from trawl.fetch import Fetcher, Response
 from trawl.frontier.base import Frontier
@@ -68,9 +75,8 @@ __all__ = ["BrowserConnector", "BrowserPool", "find_chromium"]
 log = structlog.get_logger("trawl.connectors.browser")
 
 _SYSTEM_CHROMIUM = ("/usr/lib/chromium/chromium", "chromium", "chromium-browser", "google-chrome")
-# Root in a container (see the README on running as another user), nothing phoning home.
+# Nothing phoning home. `--no-sandbox` comes from Playwright unless `browser_sandbox` is on (see the README).
 _LAUNCH_ARGS = [
-    "--no-sandbox",
     "--disable-dev-shm-usage",
     "--disable-gpu",
     "--disable-background-networking",
@@ -207,6 +213,12 @@ class BrowserPool:
                 self._contexts.clear()
             from playwright.async_api import async_playwright
 
+            sandbox = self.settings.browser_sandbox
+            if sandbox and os.geteuid() == 0:
+                raise ConfigError(
+                    "TRAWL_BROWSER_SANDBOX=true, but trawl runs as root and Chromium's sandbox does not: run trawl "
+                    "as another user (README: Browser sources), or leave the setting off"
+                )
             if self._proxy is None:
                 proxy = GuardedProxy(
                     self.fetcher.guard, connect_timeout=self.settings.connect_timeout, on_refused=self._refused
@@ -217,10 +229,17 @@ class BrowserPool:
             path = await asyncio.to_thread(find_chromium, self.settings.browser_path)  # globs and stats the disk
             t0 = time.monotonic()
             args = [*_LAUNCH_ARGS, *_proxy_args(self._proxy.host, self._proxy.url)]
-            self._browser = await self._pw.chromium.launch(executable_path=path, headless=True, args=args)
+            self._browser = await self._pw.chromium.launch(
+                executable_path=path, headless=True, args=args, chromium_sandbox=sandbox
+            )
             self.launches += 1
             self.generation += 1
-            log.info("browser launched", executable=path or "playwright", seconds=round(time.monotonic() - t0, 3))
+            log.info(
+                "browser launched",
+                executable=path or "playwright",
+                sandbox=sandbox,
+                seconds=round(time.monotonic() - t0, 3),
+            )
             return self._browser
 
     async def _context(self, key: _ContextKey) -> _Context:

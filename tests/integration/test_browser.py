@@ -316,11 +316,23 @@ async def hostile_site(hostile: Hostile) -> AsyncIterator[str]:
     async def websocket(request: web.Request) -> web.Response:
         return page(
             _probe_page(
+                "const finish = () => { if (results.ws && results.allowed) done(); };"
                 f"const ws = new WebSocket('ws://{FORBIDDEN_IP}:{port}/');"
-                "ws.onopen = () => { results.ws = 'open'; done(); };"
-                "ws.onerror = () => { results.ws = 'error'; done(); };"
+                "ws.onopen = () => { results.ws = 'open'; finish(); };"
+                "ws.onerror = () => { results.ws = 'error'; finish(); };"
+                "const ok = new WebSocket('ws://' + location.host + '/echo');"  # allowed: through the proxy too
+                "ok.onopen = () => ok.send('hi');"
+                "ok.onmessage = (e) => { results.allowed = e.data; finish(); };"
+                "ok.onerror = () => { results.allowed = 'error'; finish(); };"
             )
         )
+
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            await ws.send_str(f"echo:{message.data}")
+        return ws
 
     async def fetches(request: web.Request) -> web.Response:
         return page(
@@ -328,7 +340,7 @@ async def hostile_site(hostile: Hostile) -> AsyncIterator[str]:
                 "const seen = (k) => [(r) => { results[k] = 'status ' + r.status; },"
                 " (e) => { results[k] = 'failed'; }];"
                 f"Promise.all([fetch('{forbidden}/direct').then(...seen('direct')),"
-                " fetch('/bounce').then(...seen('redirect')),"
+                " fetch('/bounce').then(...seen('redirect')), fetch('/plain').then(...seen('allowed')),"
                 f" fetch('{forbidden}/nocors', {{mode: 'no-cors'}}).then(...seen('no-cors'))]).then(done);"
             )
         )
@@ -372,6 +384,7 @@ async def hostile_site(hostile: Hostile) -> AsyncIterator[str]:
         "/links": links,
         "/subresources": subresources,
         "/websocket": websocket,
+        "/echo": echo,
         "/fetch": fetches,
         "/webrtc": webrtc,
         "/busy-loading": busy_loading,
@@ -446,7 +459,7 @@ async def test_a_websocket_to_a_forbidden_network_is_refused(hostile: Hostile, h
     run = await _crawl(_guarded_source(urls=[url], wait_for={"selector": "span.done"}), _guarded(hostile))
 
     [record] = run.records
-    assert json.loads(record.data["result"]) == {"ws": "error"}
+    assert json.loads(record.data["result"]) == {"ws": "error", "allowed": "echo:hi"}
     assert run.pool is not None and run.pool.blocked["network"] >= 1
     assert hostile.forbidden.hits == 0
 
@@ -457,7 +470,7 @@ async def test_fetch_from_page_script_to_a_forbidden_network_is_refused(hostile:
 
     [record] = run.records
     results = json.loads(record.data["result"])
-    assert results["direct"] == results["redirect"] == "failed"
+    assert results["direct"] == results["redirect"] == "failed" and results["allowed"] == "status 200"
     assert results["no-cors"] != "status 200"  # an opaque answer at most: the proxy's refusal, never the secret
     assert SECRET not in record.data["result"]
     assert run.pool is not None and run.pool.blocked["network"] >= 3

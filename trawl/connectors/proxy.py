@@ -175,9 +175,8 @@ class GuardedProxy:
                 kept = [line for line in lines[1:] if line.split(b":", 1)[0].strip().lower() not in _HOP_BY_HOP]
                 upstream.write(b"\r\n".join([method + b" " + path + b" " + version, *kept, b"Connection: close"]))
                 upstream.write(b"\r\n\r\n")
-                await self._relay_head(up_reader, writer)
-            await _splice(reader, writer, up_reader, upstream)
-        except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            await _splice(reader, writer, up_reader, upstream, response_head=not tunnel)
+        except (ConnectionError, OSError):
             pass
         finally:
             for w in (writer, upstream):
@@ -222,14 +221,6 @@ class GuardedProxy:
             return opened
         return _BAD_GATEWAY
 
-    @staticmethod
-    async def _relay_head(up_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Pass the response head on, saying the connection closes after it (so Chromium does not reuse it)."""
-        head = await up_reader.readuntil(b"\r\n\r\n")
-        lines = head[:-4].split(b"\r\n")
-        kept = [line for line in lines[1:] if line.split(b":", 1)[0].strip().lower() not in _HOP_BY_HOP]
-        writer.write(b"\r\n".join([lines[0], *kept, b"Connection: close", b"Proxy-Connection: close"]) + b"\r\n\r\n")
-
 
 def _same_ip(host: str, other: str) -> bool:
     try:
@@ -243,16 +234,29 @@ async def _splice(
     writer: asyncio.StreamWriter,
     up_reader: asyncio.StreamReader,
     upstream: asyncio.StreamWriter,
+    *,
+    response_head: bool,
 ) -> None:
-    """Copy bytes both ways until either side closes."""
+    """Copy bytes both ways until either side closes (so a client that goes away ends a slow upstream too).
 
-    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
+    With ``response_head``, the upstream's response head is passed on saying the connection closes
+    after it, so Chromium sends its next request on a new connection, through the guard.
+    """
+
+    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, head: bool = False) -> None:
+        with contextlib.suppress(ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            if head:
+                lines = (await src.readuntil(b"\r\n\r\n"))[:-4].split(b"\r\n")
+                kept = [line for line in lines[1:] if line.split(b":", 1)[0].strip().lower() not in _HOP_BY_HOP]
+                dst.write(b"\r\n".join([lines[0], *kept, b"Connection: close", b"Proxy-Connection: close", b"", b""]))
             while data := await src.read(_CHUNK):
                 dst.write(data)
                 await dst.drain()
 
-    tasks = [asyncio.ensure_future(pump(reader, upstream)), asyncio.ensure_future(pump(up_reader, writer))]
+    tasks = [
+        asyncio.ensure_future(pump(reader, upstream)),
+        asyncio.ensure_future(pump(up_reader, writer, head=response_head)),
+    ]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:

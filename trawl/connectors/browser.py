@@ -307,9 +307,22 @@ class BrowserPool:
                 if page is not None and ok and not page.is_closed():
                     entry.idle.append(page)
                 elif page is not None:
-                    with contextlib.suppress(Exception):  # a page busy in a script loop still closes (its renderer)
+                    try:  # a page busy in a script loop still closes (Chromium ends its renderer)
                         async with asyncio.timeout(_CLOSE_TIMEOUT):
                             await page.close()
+                    except Exception as exc:
+                        await self._drop(key, entry, exc)
+
+    async def _drop(self, key: _ContextKey, entry: _Context, exc: Exception) -> None:
+        """A page that would not close: close its whole context, unless other pages are still using it."""
+        log.warning("browser page did not close", host=key[0], error=f"{type(exc).__name__}: {exc}")
+        if entry.busy or self._contexts.get(key) is not entry:
+            return
+        del self._contexts[key]
+        self.evicted += 1
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await entry.context.close()
 
     async def reset(self, generation: int) -> None:
         """Forget a dead browser (once, however many pages noticed it); the next page relaunches it."""

@@ -353,19 +353,6 @@ class Fetcher:
         """Run ``closer`` when the Fetcher closes (last registered, first run)."""
         self._closers.append(closer)
 
-    async def allowed(self, url: str) -> bool:
-        """Whether the network guard lets a request to this URL out (for requests made by others, e.g. a page)."""
-        parts = urlsplit(url)
-        if parts.scheme in ("data", "blob", "about"):
-            return True
-        if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
-            return False
-        try:
-            await self._guard.check(url, parts.hostname)
-        except BlockedNetworkError:
-            return False
-        return True
-
     @contextlib.asynccontextmanager
     async def slot(
         self,

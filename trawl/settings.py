@@ -260,12 +260,31 @@ class Settings(BaseSettings):
         description="Chromium executable for `browser` sources. Unset: Playwright's own Chromium if installed, "
         "else the system's (`/usr/lib/chromium/chromium`, `chromium`, `chromium-browser`, `google-chrome`).",
     )
+    browser_sandbox: bool = Field(
+        default=False,
+        description="Run Chromium's renderers in its sandbox. Needs a non-root user (and user namespaces); as root "
+        "Chromium runs unsandboxed (`--no-sandbox`): see the README's browser section.",
+    )
     browser_pages: int = Field(default=4, ge=1, le=64, description="Pages rendering at once (the browser pool's size).")
     browser_navigation_timeout: float = Field(
         default=30.0, gt=0, description="Seconds a page may take to load in the browser (one attempt)."
     )
     browser_wait_timeout: float = Field(
         default=10.0, gt=0, description="Seconds a rendered page may take to show its `wait_for` selector."
+    )
+    browser_page_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds one page may take in the browser in all (navigation, waits, scrolling, reading the "
+        "rendered HTML); past it the page is closed and its URL `failed`, not retried.",
+    )
+    browser_contexts: int = Field(
+        default=16,
+        ge=1,
+        description="Browser contexts (one per host) kept open; past it the least recently used idle one is closed.",
+    )
+    browser_context_idle: float = Field(
+        default=120.0, gt=0, description="Seconds an idle browser context (one per host) is kept before it is closed."
     )
     browser_block_resources: list[str] = Field(
         default_factory=lambda: ["image", "media", "font"],

@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 
 from flows.params import Politeness
 from trawl.errors import ParameterError, SourceBusy
+from trawl.masking import register_secret
 from trawl.metrics import METRICS
 from trawl.retry import is_transient
 from trawl.settings import Settings
@@ -56,8 +57,22 @@ async def settings_for(
         value = secret.get()
         if not isinstance(value, str) or not value:
             raise ParameterError("database_secret", f"Secret block {database_secret!r} does not hold a URL string")
+        register_secret(value)  # masked wherever trawl writes, as is its password on its own
+        password = _dsn_password(value)
+        if password:
+            register_secret(password)
         overrides["database_url"] = value
     return Settings(**overrides)
+
+
+def _dsn_password(dsn: str) -> str | None:
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        password = urlsplit(dsn).password
+    except ValueError:
+        return None
+    return unquote(password) if password else None
 
 
 def current_flow_run_id() -> str | None:

@@ -23,6 +23,7 @@ from prefect.artifacts import (
 )
 
 from trawl.connectors.base import SourceStats
+from trawl.logs import redact
 from trawl.records import OutcomeKind
 
 __all__ = [
@@ -151,12 +152,13 @@ async def publish_crawl(run_id: str, staging: str, crawl: Sequence[Mapping[str, 
     """The staged-run link and the top-errors table of a crawl."""
     manifests = [f"- {s['source']}: `{s['manifest']}`" for s in crawl if s.get("manifest")]
     await acreate_link_artifact(
-        staging,
-        link_text=f"run {run_id} staged in {staging}",
+        redact(staging),
+        link_text=redact(f"run {run_id} staged in {staging}"),
         key=LINK_KEY,
-        description="Manifests of this run:\n" + ("\n".join(manifests) or "(none)"),
+        description=redact("Manifests of this run:\n" + ("\n".join(manifests) or "(none)")),
     )
-    errors = top_errors(crawl)
+    # What the UI shows is masked here, whatever the stats it comes from were built with.
+    errors = [{k: redact(v) if isinstance(v, str) else v for k, v in row.items()} for row in top_errors(crawl)]
     await acreate_table_artifact(
         errors or [{"rank": 0, "source": "", "outcome": "", "error": "no errors", "count": 0, "example_url": ""}],
         key=ERRORS_KEY,
@@ -167,5 +169,5 @@ async def publish_crawl(run_id: str, staging: str, crawl: Sequence[Mapping[str, 
 async def publish_summary(run_id: str, crawl: Sequence[Mapping[str, Any]], load: Mapping[str, Any] | None) -> None:
     """The run summary table (per source) as a markdown artifact."""
     await acreate_markdown_artifact(
-        summary_markdown(run_id, crawl, load), key=SUMMARY_KEY, description=f"trawl run {run_id}"
+        redact(summary_markdown(run_id, crawl, load)), key=SUMMARY_KEY, description=f"trawl run {run_id}"
     )

@@ -12,7 +12,16 @@ from prefect.cache_policies import NO_CACHE
 
 from flows._common import current_flow_run_id, flow_metrics, retry_if_transient, settings_for, source_lock
 from flows.artifacts import crawl_progress, publish_crawl, publish_summary
-from flows.params import Politeness, SecretBlockName, SourceName, SourcesPath, StagingURL, check_sources
+from flows.params import (
+    Politeness,
+    RunId,
+    SecretBlockName,
+    SourceName,
+    SourcesPath,
+    StagingURL,
+    check_run_ids,
+    check_sources,
+)
 from sinks.postgres import load_validators
 from sinks.targets import open_stager
 from trawl.config import AnySource, ApiSource, HtmlSource
@@ -22,7 +31,7 @@ from trawl.database import connect_pool
 from trawl.errors import DatabaseRefused, DatabaseUnavailable, ParameterError, SourceFailed
 from trawl.fetch import Fetcher
 from trawl.frontier import durable, sharded
-from trawl.logs import bind
+from trawl.logs import bind, redact
 from trawl.settings import Settings
 from trawl.staging import Stager
 
@@ -213,9 +222,9 @@ async def crawl(
     staging: StagingURL | None = None,
     politeness: Politeness | None = None,
     dry_run: bool = False,
-    run_id: str | None = None,
+    run_id: RunId | None = None,
     publish: bool = True,
-    resume_run_id: str | None = None,
+    resume_run_id: RunId | None = None,
     database_secret: SecretBlockName | None = None,
 ) -> dict[str, Any]:
     """Crawl the sources of SOURCES_FILE (all enabled ones, or those named) and stage them.
@@ -228,6 +237,7 @@ async def crawl(
     carry on where their last checkpoint left them, the others crawl again. ``publish`` adds the run summary artifact
     (the pipeline publishes its own, with the load's rejects).
     """
+    check_run_ids(run_id=run_id, resume_run_id=resume_run_id)
     selected = await asyncio.to_thread(check_sources, sources_file, sources)  # reads the sources file
     settings = await settings_for(staging, politeness, database_secret)
     stager = await asyncio.to_thread(open_stager, settings.staging, settings=settings)  # resolves a local path
@@ -341,7 +351,7 @@ async def _crawl_sources(
         elif isinstance(value, SourceResult):
             results.append(value.as_dict())
         else:  # the task itself broke (e.g. cancelled, or its source busy) before a result existed
-            error = str(value) if isinstance(value, BaseException) else repr(value)
+            error = redact(str(value) if isinstance(value, BaseException) else repr(value))
             results.append({"source": src.name, "status": "failed", "error": error, "seconds": 0.0})
     log.info("crawl finished", failed=[r["source"] for r in results if r["status"] != "complete"])
     return results

@@ -14,7 +14,7 @@ from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
 from flows._common import current_flow_run_id, flow_metrics, retry_if_transient, settings_for
-from flows.params import SecretBlockName, SourceName, StagingURL
+from flows.params import RunId, SecretBlockName, SourceName, StagingURL, check_run_ids
 from sinks.postgres import Loader, PartLoad
 from sinks.targets import open_stager
 from trawl.database import open_pool
@@ -90,7 +90,7 @@ def _totals(loads: list[PartLoad]) -> dict[str, int]:
 @flow(name="load")
 async def load(
     staging: StagingURL | None = None,
-    run_ids: list[str] | None = None,
+    run_ids: list[RunId] | None = None,
     sources: list[SourceName] | None = None,
     database_secret: SecretBlockName | None = None,
     dry_run: bool = False,
@@ -102,6 +102,7 @@ async def load(
     parameter, so a URL with a password never shows in the UI. ``dry_run`` lists
     the parts that would load without loading them.
     """
+    check_run_ids(run_ids=run_ids)
     settings = await settings_for(staging, database_secret=database_secret)
     bind(flow_run_id=current_flow_run_id())
     async with await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager:

@@ -15,15 +15,18 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from trawl.config import Source, load_sources, select_sources
-from trawl.errors import ConfigError, ParameterError
+from trawl.errors import ConfigError, ParameterError, StagingError
+from trawl.staging import RUN_ID_PATTERN, check_run_id
 
 __all__ = [
     "STAGING_PATTERN",
     "Politeness",
+    "RunId",
     "SecretBlockName",
     "SourceName",
     "SourcesPath",
     "StagingURL",
+    "check_run_ids",
     "check_sources",
 ]
 
@@ -54,6 +57,14 @@ StagingURL = Annotated[
     ),
     AfterValidator(_check_staging),
 ]
+RunId = Annotated[
+    str,
+    Field(
+        pattern=f"^{RUN_ID_PATTERN}$",
+        description="A run id (letters, digits, `_`, `.`, `-`; it names staging paths).",
+        examples=["20261128T121501Z-3f9a1c"],
+    ),
+]
 SecretBlockName = Annotated[
     str,
     Field(
@@ -76,6 +87,19 @@ class Politeness(BaseModel):
     def overrides(self) -> dict[str, object]:
         """The settings this changes (field name → value)."""
         return self.model_dump(exclude_none=True)
+
+
+def check_run_ids(**run_ids: str | list[str] | None) -> None:
+    """ParameterError naming the parameter whose run id could not be a staging path (``../``, a newline, ...).
+
+    Prefect checks the ``RunId`` annotation when it validates parameters; this holds for direct calls too.
+    """
+    for parameter, value in run_ids.items():
+        for run_id in [value] if isinstance(value, str) else value or []:
+            try:
+                check_run_id(run_id)
+            except StagingError as exc:
+                raise ParameterError(parameter, str(exc)) from None
 
 
 def check_sources(sources_file: str, names: list[str] | None) -> list[Source]:

@@ -21,7 +21,16 @@ from flows._common import current_flow_run_id, flow_metrics, settings_for
 from flows.artifacts import publish_summary
 from flows.crawl import crawl
 from flows.load import load
-from flows.params import Politeness, SecretBlockName, SourceName, SourcesPath, StagingURL, check_sources
+from flows.params import (
+    Politeness,
+    RunId,
+    SecretBlockName,
+    SourceName,
+    SourcesPath,
+    StagingURL,
+    check_run_ids,
+    check_sources,
+)
 from trawl.database import open_pool
 
 __all__ = ["main", "pipeline"]
@@ -37,7 +46,7 @@ async def pipeline(
     database_secret: SecretBlockName | None = None,
     politeness: Politeness | None = None,
     dry_run: bool = False,
-    resume_run_id: str | None = None,
+    resume_run_id: RunId | None = None,
 ) -> dict[str, Any]:
     """Crawl SOURCES_FILE into staging and load the run into PostgreSQL.
 
@@ -48,6 +57,7 @@ async def pipeline(
     the parameters, the sources file and the database and stops there.
     ``resume_run_id`` continues a run that died (see the crawl flow) and loads it.
     """
+    check_run_ids(resume_run_id=resume_run_id)
     selected = await asyncio.to_thread(check_sources, sources_file, sources)  # reads the sources file
     settings = await settings_for(staging, politeness, database_secret)
     if dry_run:

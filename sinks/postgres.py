@@ -27,7 +27,7 @@ import asyncpg
 import orjson
 import structlog
 
-from sinks.validate import RecordValidator, coerce, jsonb, no_nul
+from sinks.validate import RecordValidator, check_manifest, coerce, jsonb, no_nul
 from trawl.errors import LoadError, StagingError, TooManyRejects
 from trawl.staging import Manifest, StagedPart, Stager
 
@@ -422,6 +422,8 @@ class Loader:
 
     async def prepare(self, manifest: Manifest) -> dict[str, str]:
         """Before a manifest's parts load: its table evolved to the declaration; returns field → type to load with."""
+        # First of all, before any DDL or check runs: the declaration re-validated, every check name resolved.
+        await asyncio.to_thread(check_manifest, manifest)
         if manifest.kind != "raw":
             return {}
         types = await self.ensure_table(manifest)

@@ -4,6 +4,14 @@ Every problem is reported at once, each naming the file, the entry and the
 field, so a user fixes a file in one pass instead of one error per run.
 String values may reference environment variables as ``${NAME}`` or
 ``${NAME:-default}``; a missing variable is a config error, not an empty string.
+A value taken from the environment is a secret (:mod:`trawl.masking` masks it
+wherever trawl writes), except an address: a value that is a plain http(s) URL
+(no ``user:password@``, query or fragment), or one that lands only in the
+scheme, host, port or path of a URL field (``url``, ``urls``, ``start_urls``).
+A default written in the file is not a secret.
+
+A sources file is at most :data:`MAX_SOURCES_BYTES` and has no YAML aliases
+(``*name``): a few hundred bytes of nested aliases expand to gigabytes.
 """
 
 from __future__ import annotations
@@ -18,9 +26,13 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from trawl.checks import NAME_PATTERN as _CHECK_NAME
 from trawl.errors import ConfigError, ConfigIssue
+from trawl.masking import register_secret
+from trawl.urls import origin_of
 
 __all__ = [
+    "MAX_SOURCES_BYTES",
     "AnySource",
     "ApiField",
     "ApiSource",
@@ -30,6 +42,7 @@ __all__ = [
     "FollowRules",
     "HtmlField",
     "HtmlSource",
+    "ManifestSchema",
     "Pagination",
     "Politeness",
     "Source",
@@ -37,18 +50,33 @@ __all__ = [
     "SpiderSource",
     "WaitFor",
     "load_sources",
+    "manifest_schema",
     "select_sources",
 ]
 
+MAX_SOURCES_BYTES = 1024 * 1024
+"""The largest sources file read (a file of thousands of sources is a few hundred KiB)."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: a reference to an anchor is refused where it stands."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML aliases (*{event.anchor}) are not allowed in a sources file", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
 FieldType = Literal["text", "int", "float", "bool", "date", "timestamp", "json"]
-_NAME = r"^[a-z][a-z0-9_]{0,62}$"
+_NAME = r"[a-z][a-z0-9_]{0,62}"  # the whole name (re.fullmatch: `$` would let a trailing newline through)
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Error type of the checks spanning fields or entries: `load_sources` runs them on the raw data
 # instead, because pydantic skips them once any field of the model fails, and cannot name a field.
 _CROSS = "cross_check"
 _NO_URLS = "needs `urls` (a fixed list) or `start_urls` (a crawl)"
-# A registered check's name, or `package.module:function`.
-_CHECK_NAME = r"^[A-Za-z_][A-Za-z0-9_.]*(:[A-Za-z_][A-Za-z0-9_]*)?$"
 
 
 def _check_regex(value: str | None) -> str | None:
@@ -62,7 +90,7 @@ def _check_regex(value: str | None) -> str | None:
 
 def _check_field_names(value: dict[str, Any]) -> dict[str, Any]:
     # Field names become column names: keep them plain identifiers that cannot clash with `_key`, `_extra`, ...
-    bad = [name for name in value if not re.match(_NAME, name)]
+    bad = [name for name in value if not re.fullmatch(_NAME, name)]
     if bad:
         raise ValueError(f"field name(s) {', '.join(map(repr, bad))} must match {_NAME} (they become column names)")
     return value
@@ -82,6 +110,39 @@ def _check_http_url(value: str) -> str:
 
 # Checked per item, so an error names the index (`urls.3`), not just the list.
 _HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
+
+
+def _check_origin(value: str) -> str:
+    """``scheme://host[:port]``, nothing else: the unit credentials are scoped to (spelled as :func:`origin_of`)."""
+    parts = re.match(r"^(https?)://([^/?#@\s]+)/?$", value, re.IGNORECASE)
+    origin = origin_of(value) if parts else ""
+    if not origin:
+        raise ValueError(f"not an origin (scheme://host[:port], no path, query or user:password@): {value!r}")
+    return origin
+
+
+_Origin = Annotated[str, AfterValidator(_check_origin)]
+_CREDENTIALS_ORIGINS = (
+    "Origins (scheme://host[:port]) besides those of the source's own URLs that its headers may be sent to. "
+    "Headers go to no other origin: they are dropped on any redirect hop, pagination page or link that leaves them."
+)
+_HEADERS = (
+    "HTTP headers sent with the source's requests (e.g. `Authorization`, `Cookie`), only to the origins of its "
+    "URLs and `credentials_origins`; `${VAR}` values are masked wherever trawl writes."
+)
+
+
+def _origins(urls: list[str], extra: list[str]) -> frozenset[str]:
+    return frozenset(o for o in (*map(origin_of, urls), *extra) if o)
+
+
+def _check_name(value: str) -> str:
+    if not re.fullmatch(_NAME, value):
+        raise ValueError(f"name {value!r} must match {_NAME} (it names a table and staging paths)")
+    return value
+
+
+_Name = Annotated[str, AfterValidator(_check_name)]
 
 
 class _Model(BaseModel):
@@ -120,12 +181,26 @@ class FieldRules(_Model):
         default=None, min_length=1, description="The only values allowed."
     )
     max_length: int | None = Field(default=None, ge=1, description="Longest allowed text, in characters.")
-    checks: list[Annotated[str, Field(pattern=_CHECK_NAME)]] = Field(
+    checks: list[str] = Field(
         default_factory=list,
-        description="Custom checks: names registered with `sinks.validate.register_check`, or `module:function`.",
+        description="Custom checks by registered name (`trawl.checks.register` or the `trawl.checks` entry point "
+        "group); the loader refuses names nothing registered.",
     )
 
     _pattern = field_validator("pattern")(_check_regex)
+
+    @field_validator("checks")
+    @classmethod
+    def _check_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if ":" in name:
+                raise ValueError(
+                    f"check {name!r}: `module:function` paths are not accepted; register the function "
+                    "(trawl.checks.register or the `trawl.checks` entry point group) and give its name"
+                )
+            if not re.fullmatch(_CHECK_NAME, name):
+                raise ValueError(f"check name {name!r} must match {_CHECK_NAME}")
+        return value
 
     @model_validator(mode="after")
     def _rules_fit_the_type(self) -> FieldRules:
@@ -183,7 +258,7 @@ class HtmlSource(_Model):
     """Static HTML: a fixed URL list, or a crawl from start URLs."""
 
     kind: Literal["html"]
-    name: str = Field(pattern=_NAME)
+    name: _Name
     urls: list[_HttpUrl] = Field(default_factory=list)
     start_urls: list[_HttpUrl] = Field(default_factory=list)
     follow: FollowRules = Field(default_factory=FollowRules)
@@ -195,6 +270,8 @@ class HtmlSource(_Model):
     )
     key: str | list[str] = "url"
     fields: dict[str, HtmlField] = Field(min_length=1)
+    headers: dict[str, str] = Field(default_factory=dict, description=_HEADERS)
+    credentials_origins: list[_Origin] = Field(default_factory=list, description=_CREDENTIALS_ORIGINS)
     politeness: Politeness = Field(default_factory=Politeness)
     robots: bool = Field(default=True, description="Obey the hosts' robots.txt (set false only for sites you own).")
     conditional: bool = Field(
@@ -236,6 +313,11 @@ class HtmlSource(_Model):
     def key_fields(self) -> list[str]:
         return [self.key] if isinstance(self.key, str) else list(self.key)
 
+    @property
+    def header_origins(self) -> frozenset[str]:
+        """Where the source's headers may go: the origins of its URLs and ``credentials_origins``."""
+        return _origins([*self.urls, *self.start_urls], self.credentials_origins)
+
 
 class Pagination(_Model):
     """How an API's pages are walked."""
@@ -264,10 +346,11 @@ class ApiSource(_Model):
     """A JSON HTTP API, walked page by page."""
 
     kind: Literal["api"]
-    name: str = Field(pattern=_NAME)
+    name: _Name
     url: str
     params: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(default_factory=dict, description=_HEADERS)
+    credentials_origins: list[_Origin] = Field(default_factory=list, description=_CREDENTIALS_ORIGINS)
     items_path: str | None = Field(default=None, description="Dotted path to the list of items (default: the body).")
     pagination: Pagination = Field(default_factory=Pagination)
     key: str | list[str] = "url"
@@ -282,6 +365,11 @@ class ApiSource(_Model):
     @property
     def key_fields(self) -> list[str]:
         return [self.key] if isinstance(self.key, str) else list(self.key)
+
+    @property
+    def header_origins(self) -> frozenset[str]:
+        """Where the source's headers may go: the origin of ``url`` and ``credentials_origins``."""
+        return _origins([self.url], self.credentials_origins)
 
 
 class WaitFor(_Model):
@@ -312,6 +400,16 @@ class BrowserSource(HtmlSource):
         "unset: TRAWL_BROWSER_BLOCK_RESOURCES.",
     )
 
+    @model_validator(mode="after")
+    def _no_headers_in_chromium(self) -> BrowserSource:
+        # Chromium carries headers set on a navigation over its redirect hops to any origin: none are given to it.
+        if self.headers and self.render != "never":
+            raise ValueError(
+                "`headers` are sent only over plain HTTP (`render: never`): Chromium would carry them across "
+                "redirects to other origins"
+            )
+        return self
+
 
 class SpiderSource(_Model):
     """A Scrapy spider from ``spiders/`` (``module:Class``), run in the crawl's event loop.
@@ -322,7 +420,7 @@ class SpiderSource(_Model):
     """
 
     kind: Literal["spider"]
-    name: str = Field(pattern=_NAME)
+    name: _Name
     spider: str = Field(
         pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$",
         description="The spider class as `package.module:Class` (e.g. `spiders.books:BooksSpider`).",
@@ -334,6 +432,12 @@ class SpiderSource(_Model):
         default_factory=dict,
         description="Scrapy settings for this spider; trawl's fetch settings (politeness, robots, retries, "
         "timeouts, the network guard) win over them.",
+    )
+    headers: dict[str, str] = Field(default_factory=dict, description=_HEADERS)
+    credentials_origins: list[_Origin] = Field(
+        default_factory=list,
+        description="The origins (scheme://host[:port]) the source's `headers` are sent to (a spider's URLs are "
+        "its own, so `headers` need them); requests and redirect hops to any other origin go without.",
     )
     key: str | list[str] = "url"
     fields: dict[str, ApiField] = Field(default_factory=dict)
@@ -353,11 +457,18 @@ class SpiderSource(_Model):
     def _shape(self) -> SpiderSource:
         for k in _undeclared_keys(self.key, self.fields):
             raise PydanticCustomError(_CROSS, "key field {key} is not a declared field", {"key": repr(k)})
+        if self.headers and not self.credentials_origins:
+            raise ValueError("`headers` need `credentials_origins`: the origins they may be sent to")
         return self
 
     @property
     def key_fields(self) -> list[str]:
         return [self.key] if isinstance(self.key, str) else list(self.key)
+
+    @property
+    def header_origins(self) -> frozenset[str]:
+        """Where the source's headers may go: exactly ``credentials_origins``."""
+        return _origins([], self.credentials_origins)
 
 
 AnySource = HtmlSource | ApiSource | SpiderSource
@@ -382,25 +493,98 @@ class SourcesFile(_Model):
         return self
 
 
-def _interpolate(
-    node: Any, env: Mapping[str, str], path: tuple[Any, ...], missing: list[tuple[tuple[Any, ...], str]]
-) -> Any:
-    if isinstance(node, str):
+# Fields holding URLs: a value from the environment there is an address (a base URL, a host) unless it reaches
+# into the URL's user:password@, query or fragment.
+_URL_FIELDS = frozenset({"url", "urls", "start_urls", "credentials_origins"})
 
-        def sub(m: re.Match[str]) -> str:
+
+class ManifestSchema(_Model):
+    """The declaration a manifest carries (``trawl.crawler.source_schema``): a source's key and field rules.
+
+    The loader re-validates every manifest's declaration with it, the same
+    :class:`FieldRules` a sources file is checked with: staging is data, and a
+    manifest written there by hand gets no more trust than a sources file.
+    """
+
+    key: list[_Name] = Field(default_factory=lambda: ["url"])
+    fields: dict[str, FieldRules] = Field(default_factory=dict)
+
+    _fields = field_validator("fields")(_check_field_names)
+
+
+def manifest_schema(source: Any, schema: Any, where: str) -> ManifestSchema:
+    """A manifest's source name and declaration, validated; ConfigError naming ``where`` (the manifest) if not."""
+    issues = []
+    if not isinstance(source, str) or not re.fullmatch(_NAME, source):
+        issues.append(ConfigIssue(where, "source", "", f"source name {source!r} must match {_NAME}"))
+    try:
+        parsed = ManifestSchema.model_validate(schema if isinstance(schema, Mapping) else {"key": schema})
+    except ValidationError as exc:
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            issues.append(ConfigIssue(where, "schema", ".".join(str(p) for p in err["loc"]), msg))
+        parsed = None
+    if issues or parsed is None:
+        raise ConfigError(f"{where}: {len(issues)} problem(s) in the manifest's declaration", issues)
+    return parsed
+
+
+# A whole value that is a plain address (a base URL: no user:password@, query or fragment) is no secret anywhere.
+_PLAIN_URL = re.compile(r"^https?://[^/?#@\s]+(/[^?#@\s]*)?$", re.IGNORECASE)
+
+
+def _address_only(url: str, start: int, end: int) -> bool:
+    """Whether ``url[start:end]`` lies in the scheme, host, port or path of ``url`` (not userinfo, query, fragment)."""
+    scheme_end = url.find("://")
+    authority_start = scheme_end + 3 if scheme_end != -1 else 0
+    rest = url[authority_start:]
+    authority_len = min([len(rest), *(i for i in (rest.find(c) for c in "/?#") if i != -1)])
+    at = rest.rfind("@", 0, authority_len)
+    if at != -1 and start < authority_start + at + 1:
+        return False  # touches user:password@
+    cut = min([len(url), *(i for i in (url.find(c, authority_start) for c in "?#") if i != -1)])
+    return end <= cut
+
+
+def _interpolate(
+    node: Any,
+    env: Mapping[str, str],
+    path: tuple[Any, ...],
+    missing: list[tuple[tuple[Any, ...], str]],
+    secrets: list[str],
+) -> Any:
+    """``${VAR}`` replaced from ``env``; the values that came from it go into ``secrets`` (addresses do not)."""
+    if isinstance(node, str):
+        spans: list[tuple[int, int, str]] = []
+        out: list[str] = []
+        size = 0
+        last = 0
+        for m in _ENV_REF.finditer(node):
+            out.append(node[last : m.start()])
+            size += m.start() - last
+            last = m.end()
             name, default = m.group(1), m.group(2)
             if name in env:
-                return env[name]
-            if default is not None:
-                return default
-            missing.append((path, name))
-            return m.group(0)
-
-        return _ENV_REF.sub(sub, node)
+                value = env[name]
+                spans.append((size, size + len(value), value))
+            elif default is not None:
+                value = default  # written in the file: not a secret
+            else:
+                missing.append((path, name))
+                value = m.group(0)
+            out.append(value)
+            size += len(value)
+        out.append(node[last:])
+        text = "".join(out)
+        in_url = any(p in _URL_FIELDS for p in path[2:3] if isinstance(p, str))
+        for start, end, value in spans:
+            if not (_PLAIN_URL.match(value) or (in_url and _address_only(text, start, end))):
+                secrets.append(value)
+        return text
     if isinstance(node, list):
-        return [_interpolate(v, env, (*path, i), missing) for i, v in enumerate(node)]
+        return [_interpolate(v, env, (*path, i), missing, secrets) for i, v in enumerate(node)]
     if isinstance(node, dict):
-        return {k: _interpolate(v, env, (*path, k), missing) for k, v in node.items()}
+        return {k: _interpolate(v, env, (*path, k), missing, secrets) for k, v in node.items()}
     return node
 
 
@@ -450,11 +634,20 @@ def load_sources(path: str | Path, env: Mapping[str, str] | None = None) -> Sour
     file = str(path)
     env = os.environ if env is None else env
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as f:
+            data = f.read(MAX_SOURCES_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read sources file: {exc.strerror or exc}") from None
+    if len(data) > MAX_SOURCES_BYTES:
+        issue = ConfigIssue(file, "(file)", "", f"larger than {MAX_SOURCES_BYTES} bytes: not read")
+        raise ConfigError(str(issue), [issue])
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        issue = ConfigIssue(file, "(file)", "", f"not UTF-8: {exc.reason} at byte {exc.start}")
+        raise ConfigError(str(issue), [issue]) from None
+    try:
+        raw = yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader without aliases
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
@@ -465,7 +658,10 @@ def load_sources(path: str | Path, env: Mapping[str, str] | None = None) -> Sour
         issue = ConfigIssue(file, "(file)", "", "expected a mapping with a `sources:` list")
         raise ConfigError(str(issue), [issue])
     missing: list[tuple[tuple[Any, ...], str]] = []
-    data = _interpolate(raw, env, (), missing)
+    secrets: list[str] = []
+    data = _interpolate(raw, env, (), missing, secrets)
+    for value in secrets:  # masked from here on, wherever trawl writes (trawl.masking)
+        register_secret(value)
     issues = []
     for loc, name in missing:
         entry, fld = _locate(raw, loc)

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Protocol, TypeVar
@@ -21,11 +21,13 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import aiohttp.abc
+import httpcore
 import httpx
 import orjson
 import structlog
 
 from trawl.breakers import BreakerRegistry, HostBreaker
+from trawl.decode import ACCEPT_ENCODING, BodyDecoder, body_too_large
 from trawl.errors import (
     BlockedNetworkError,
     BreakerOpen,
@@ -38,11 +40,11 @@ from trawl.errors import (
     TransientFetchError,
 )
 from trawl.metrics import METRICS, status_class
-from trawl.netguard import GuardedResolver, NetworkGuard, RefusedAddress, Resolve
+from trawl.netguard import GuardedBackend, GuardedResolver, NetworkGuard, RefusedAddress, Resolve, UnresolvedHost
 from trawl.retry import full_jitter, is_throttle, is_transient_status, retry_after, status_error
 from trawl.robots import ROBOTS_MAX_BYTES, RobotsCache
 from trawl.settings import Settings
-from trawl.urls import host_of
+from trawl.urls import host_of, origin_of
 
 __all__ = ["Fetcher", "HostTurn", "Response", "TransportName"]
 
@@ -108,7 +110,8 @@ class _HostGate:
     successes grow ``limit`` back by about one per window and shrink ``extra``
     (AIMD, as TCP). A host that throttles at the floor without one good answer for
     ``throttle_budget`` seconds is given up: its waiting and later requests raise
-    ThrottleBudgetSpent.
+    ThrottleBudgetSpent, for another ``throttle_budget`` seconds (then it is tried
+    again).
 
     Requests that may not wait (``park``) are told HostBusy while the throttled host
     has no room, and called back (:meth:`park`) when it has.
@@ -128,6 +131,7 @@ class _HostGate:
         "ewma",
         "extra",
         "given_up",
+        "given_up_until",
         "host",
         "last_cut",
         "last_status",
@@ -163,6 +167,7 @@ class _HostGate:
         self.throttled_since: float | None = None  # first throttle signal since the last good answer
         self.last_status: int | None = None
         self.given_up = False
+        self.given_up_until = 0.0
         self.signals: Counter[str] = Counter()  # throttle signals per source
         self.ewma: float | None = None  # smoothed response time (adaptive sources only)
         self.baseline: float | None = None  # the host's usual response time
@@ -191,9 +196,12 @@ class _HostGate:
     # --- admission ---------------------------------------------------------------------------------------------------
 
     def check(self, url: str) -> None:
-        """Raise ThrottleBudgetSpent once the host has been given up."""
+        """Raise ThrottleBudgetSpent while the host is given up (for ``throttle_budget`` seconds; then it is tried
+        again, and a host still throttling spends a new budget)."""
         if self.given_up:
-            raise ThrottleBudgetSpent(self.host, url, self.last_status, self._settings.throttle_budget)
+            if time.monotonic() < self.given_up_until:
+                raise ThrottleBudgetSpent(self.host, url, self.last_status, self._settings.throttle_budget)
+            self.given_up, self.throttled_since, self.windows = False, None, 0
 
     def crowded(self) -> bool:
         """Whether a request that may not wait should be parked: the host throttles and has no room now."""
@@ -301,7 +309,7 @@ class _HostGate:
         if after is not None:
             pause = min(after, s.backoff_max)
         else:
-            pause = min(s.backoff_max, s.backoff_base * 2**self.windows)
+            pause = min(s.backoff_max, s.backoff_base * 2 ** min(self.windows, 32))
         self.paused_until = max(self.paused_until, now + pause)
         if sent >= self.last_cut:  # the first answer of a new window: react once
             self.last_cut = now
@@ -323,7 +331,7 @@ class _HostGate:
                 delay_s=round(self.gap, 3),
             )
         if self.limit <= 1 and now - self.throttled_since >= s.throttle_budget and not self.given_up:
-            self.given_up = True
+            self.given_up, self.given_up_until = True, now + s.throttle_budget
             log.error(
                 "host given up: throttled past the budget",
                 host=self.host,
@@ -491,13 +499,13 @@ class HostTurn:
 
 
 class _Transport(Protocol):
-    async def get(self, url: str, headers: Mapping[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]: ...
+    async def get(
+        self, url: str, headers: Mapping[str, str], max_bytes: int, *, truncate: bool = False
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One request; a body over ``max_bytes`` fails, or with ``truncate`` is cut there (robots.txt)."""
+        ...
 
     async def close(self) -> None: ...
-
-
-def _too_large(url: str, limit: int) -> PermanentFetchError:
-    return PermanentFetchError(f"body larger than {limit} bytes", url=url)
 
 
 class _AiohttpTransport:
@@ -509,26 +517,29 @@ class _AiohttpTransport:
             connector=aiohttp.TCPConnector(
                 limit=settings.total_concurrency, ttl_dns_cache=300, resolver=GuardedResolver(guard)
             ),
-            headers={"User-Agent": settings.user_agent},
+            headers={"User-Agent": settings.user_agent, "Accept-Encoding": ACCEPT_ENCODING},
+            auto_decompress=False,  # bodies are inflated by trawl's bounded decoder (trawl.decode)
         )
 
-    async def get(self, url: str, headers: Mapping[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]:
+    async def get(
+        self, url: str, headers: Mapping[str, str], max_bytes: int, *, truncate: bool = False
+    ) -> tuple[int, dict[str, str], bytes]:
         try:
             async with self._session.get(url, headers=headers or None, allow_redirects=False) as resp:
                 declared = resp.content_length
                 hdrs = {k.lower(): v for k, v in resp.headers.items()}
-                if declared is not None and declared > max_bytes and resp.status < 300:
-                    raise _too_large(url, max_bytes)
-                if declared is not None and declared <= max_bytes and "content-encoding" not in hdrs:
+                if declared is not None and declared > max_bytes and resp.status < 300 and not truncate:
+                    raise body_too_large(url, max_bytes)
+                decoder = BodyDecoder(hdrs.get("content-encoding"), max_bytes, url, truncate=truncate)
+                if declared is not None and declared <= max_bytes and decoder.identity:
                     # The size is known and within the cap: one read, no chunk loop.
                     return resp.status, hdrs, await resp.read()
                 chunks = []
-                size = 0
                 async for chunk in resp.content.iter_chunked(_CHUNK):
-                    size += len(chunk)  # after decompression: a gzip bomb is cut off here
-                    if size > max_bytes:
-                        raise _too_large(url, max_bytes)
-                    chunks.append(chunk)
+                    chunks.append(decoder.decode(chunk))
+                    if decoder.full:
+                        break
+                chunks.append(decoder.flush())
                 return resp.status, hdrs, b"".join(chunks)
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, RefusedAddress):
@@ -543,30 +554,74 @@ class _AiohttpTransport:
         await self._session.close()
 
 
-class _HttpxTransport:
-    def __init__(self, settings: Settings) -> None:
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
-            limits=httpx.Limits(max_connections=settings.total_concurrency),
-            headers={"User-Agent": settings.user_agent},
-            follow_redirects=False,
+class _GuardedHttpxTransport(httpx.AsyncHTTPTransport):
+    """httpx's own transport whose connection pool connects through :class:`GuardedBackend`.
+
+    httpx 0.28 takes no ``network_backend`` (encode/httpx#3749 adds it), so the pool
+    the base class built is replaced by the same httpcore pool with the guarded
+    backend: httpx keeps mapping httpcore's errors and wrapping the body stream.
+    """
+
+    def __init__(self, guard: NetworkGuard, limits: httpx.Limits) -> None:
+        super().__init__(limits=limits)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=GuardedBackend(guard),
         )
 
-    async def get(self, url: str, headers: Mapping[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]:
+
+async def _check_location(response: httpx.Response) -> None:
+    """A redirect's Location that cannot be followed fails the URL as trawl's own redirect handling words it
+    (httpx parses it for ``next_request`` even when it follows nothing, and calls the failure a protocol error)."""
+    location = response.headers.get("location")
+    if location is None or not response.is_redirect:
+        return
+    url = str(response.request.url)
+    try:
+        response.request.url.join(location)
+    except httpx.InvalidURL as exc:
+        raise PermanentFetchError(f"redirect to a bad Location {location!r}: {exc}", url=url) from None
+    _redirect_target(url, location)
+
+
+class _HttpxTransport:
+    def __init__(self, settings: Settings, guard: NetworkGuard) -> None:
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
+            transport=_GuardedHttpxTransport(guard, httpx.Limits(max_connections=settings.total_concurrency)),
+            headers={"User-Agent": settings.user_agent, "Accept-Encoding": ACCEPT_ENCODING},
+            follow_redirects=False,
+            event_hooks={"response": [_check_location]},
+            # No proxy from HTTP(S)_PROXY/ALL_PROXY (it would connect to the target, past the guard) and no
+            # credentials from ~/.netrc (they would go to whatever host a redirect names).
+            trust_env=False,
+        )
+
+    async def get(
+        self, url: str, headers: Mapping[str, str], max_bytes: int, *, truncate: bool = False
+    ) -> tuple[int, dict[str, str], bytes]:
         try:
             async with self._client.stream("GET", url, headers=dict(headers)) as resp:
-                chunks = []
-                size = 0
-                async for chunk in resp.aiter_bytes(_CHUNK):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise _too_large(url, max_bytes)
-                    chunks.append(chunk)
                 hdrs = {k.lower(): v for k, v in resp.headers.items()}
+                decoder = BodyDecoder(hdrs.get("content-encoding"), max_bytes, url, truncate=truncate)
+                # Raw bytes: httpx would inflate each chunk whole before any cap of ours applied.
+                chunks = []
+                async for chunk in resp.aiter_raw(_CHUNK):
+                    chunks.append(decoder.decode(chunk))
+                    if decoder.full:
+                        break
+                chunks.append(decoder.flush())
                 return resp.status_code, hdrs, b"".join(chunks)
+        except RefusedAddress as exc:  # from GuardedBackend, where the connection is made
+            raise BlockedNetworkError(str(exc), url=url) from None
+        except UnresolvedHost as exc:
+            raise TransientFetchError(str(exc), url=url) from None
         except httpx.TransportError as exc:  # connect/read errors, timeouts, truncated bodies
             raise TransientFetchError(f"{type(exc).__name__}: {exc}", url=url) from exc
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise PermanentFetchError(f"{type(exc).__name__}: {exc}", url=url) from exc
 
     async def close(self) -> None:
@@ -589,7 +644,11 @@ class Fetcher:
         self._gates: dict[str, _HostGate] = {}
         self._transports: dict[str, _Transport] = {}
         self.breakers = breakers or BreakerRegistry(settings.breaker_fail_max, settings.breaker_reset_timeout)
-        self.robots = RobotsCache(_agent_token(settings.user_agent), unavailable=settings.robots_unavailable)
+        self.robots = RobotsCache(
+            _agent_token(settings.user_agent),
+            unavailable=settings.robots_unavailable,
+            failure_ttl=settings.robots_failure_ttl,
+        )
         self.resources: dict[str, Any] = {}
         """Things other request paths share through this Fetcher (the browser pool), closed with it."""
         self._closers: list[Callable[[], Awaitable[None]]] = []
@@ -606,19 +665,6 @@ class Fetcher:
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
         """Run ``closer`` when the Fetcher closes (last registered, first run)."""
         self._closers.append(closer)
-
-    async def allowed(self, url: str) -> bool:
-        """Whether the network guard lets a request to this URL out (for requests made by others, e.g. a page)."""
-        parts = urlsplit(url)
-        if parts.scheme in ("data", "blob", "about"):
-            return True
-        if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
-            return False
-        try:
-            await self._guard.check(url, parts.hostname)
-        except BlockedNetworkError:
-            return False
-        return True
 
     @contextlib.asynccontextmanager
     async def slot(
@@ -639,10 +685,7 @@ class Fetcher:
         ``status`` or call its :meth:`HostTurn.answered`; when it ends normally without
         a verdict the request counts as a success.
         """
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise PermanentFetchError(f"not an http(s) URL: {url}", url=url)
-        await self._guard.check(url, parts.hostname)
+        await self._guard.check(url, _http_host(url))
         if robots:
             await self._obey_robots(url, concurrency, delay)
         async with self.turn(
@@ -702,7 +745,9 @@ class Fetcher:
     def _transport(self, name: TransportName) -> _Transport:
         if name not in self._transports:
             self._transports[name] = (
-                _AiohttpTransport(self._settings, self._guard) if name == "aiohttp" else _HttpxTransport(self._settings)
+                _AiohttpTransport(self._settings, self._guard)
+                if name == "aiohttp"
+                else _HttpxTransport(self._settings, self._guard)
             )
         return self._transports[name]
 
@@ -726,13 +771,32 @@ class Fetcher:
     async def _obey_robots(self, url: str, concurrency: int | None, delay: float | None) -> None:
         async def fetch(robots_url: str) -> tuple[int, bytes]:
             # With the asking source's limits: this may be the first request to the host, which sets up its gate.
+            # Cut at 500 KiB rather than refused: a longer file's first 500 KiB are its rules (RFC 9309 2.5).
             resp = await self.get(
-                robots_url, robots=False, max_bytes=ROBOTS_MAX_BYTES, concurrency=concurrency, delay=delay
+                robots_url,
+                robots=False,
+                max_bytes=ROBOTS_MAX_BYTES,
+                truncate=True,
+                concurrency=concurrency,
+                delay=delay,
             )
             return resp.status, resp.body
 
         rules = await self.robots.rules(url, fetch)
+        if rules.throttled:
+            raise TransientFetchError(
+                f"robots.txt throttled ({rules.unavailable}), asked again later", url=url, status=429
+            )
         if not rules.allows(url, self.robots.agent):
+            if rules.unavailable is not None and rules.status is None:
+                # Unreachable: not requested (RFC 9309: disallow), and the outcome says why rather than `robots`.
+                raise TransientFetchError(
+                    f"robots.txt unreachable ({rules.unavailable}): not requested (robots_unavailable)", url=url
+                )
+            if rules.unavailable is not None:
+                raise RobotsDisallowed(
+                    f"robots.txt unavailable ({rules.unavailable}): disallow all (robots_unavailable)", url=url
+                )
             raise RobotsDisallowed("disallowed by robots.txt", url=url)
         crawl_delay = rules.crawl_delay(self.robots.agent)
         if crawl_delay:
@@ -749,13 +813,22 @@ class Fetcher:
         delay: float | None = None,
         robots: bool = True,
         max_bytes: int | None = None,
+        truncate: bool = False,
         source: str = "-",
+        origins: Collection[str] | None = None,
         adaptive: bool = True,
         park: bool = False,
         attempts: int = 0,
         started: float | None = None,
     ) -> Response:
         """GET a URL through robots.txt, politeness, the breaker, retries, redirects and limits.
+
+        ``headers`` (a source's credentials among them) go only to ``origins``
+        (:func:`trawl.urls.origin_of` spellings; default: the origin of ``url``):
+        a request or redirect hop to any other origin is sent without them, as
+        browsers and ``requests`` do.
+
+        ``truncate``: a body over ``max_bytes`` is cut there instead of failing (robots.txt).
 
         Raises FetchError (with ``attempts`` and ``elapsed_ms`` set) when the URL
         finally fails; a final status other than 2xx or 304 is an error too.
@@ -765,11 +838,19 @@ class Fetcher:
         parked before (what HostBusy's ``attempts`` and ``elapsed_ms`` said).
         """
         started = time.monotonic() if started is None else started
+        scope = frozenset(origins) if origins is not None else frozenset({origin_of(url)})
+        if robots:
+            try:
+                _http_host(url)
+            except PermanentFetchError:
+                robots = False  # not a URL trawl can request: it fails on its first attempt, no robots.txt asked
         if robots:
             try:
                 await self._obey_robots(url, concurrency, delay)
+            except BlockedNetworkError:
+                pass  # robots.txt's host is forbidden: the URL's own attempt meets the guard and says so
             except FetchError as exc:
-                exc.attempts, exc.elapsed_ms = 0, int((time.monotonic() - started) * 1000)
+                exc.attempts, exc.elapsed_ms = attempts, int((time.monotonic() - started) * 1000)
                 raise
 
         async def once(attempt: int) -> Response:
@@ -782,6 +863,8 @@ class Fetcher:
                 max_bytes or self._settings.max_body_bytes,
                 robots,
                 source,
+                scope,
+                truncate=truncate,
                 adaptive=adaptive,
                 park=park,
             )
@@ -847,7 +930,9 @@ class Fetcher:
         max_bytes: int,
         robots: bool,
         source: str = "-",
+        origins: frozenset[str] = frozenset(),
         *,
+        truncate: bool = False,
         adaptive: bool = True,
         park: bool = False,
     ) -> tuple[str, int, dict[str, str], bytes]:
@@ -855,10 +940,8 @@ class Fetcher:
         s = self._settings
         current = url
         for hop in range(s.max_redirects + 1):
-            parts = urlsplit(current)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise PermanentFetchError(f"not an http(s) URL: {current}", url=current)
-            await self._guard.check(current, parts.hostname)
+            hostname = _http_host(current)
+            await self._guard.check(current, hostname)
             if hop and robots:  # a redirect target answers to its own robots.txt (as in Scrapy)
                 await self._obey_robots(current, concurrency, delay)
             async with self.turn(
@@ -872,15 +955,44 @@ class Fetcher:
             ) as turn:
                 try:
                     async with asyncio.timeout(s.total_timeout):
-                        status, hdrs, body = await client.get(current, headers, max_bytes)
+                        sent = headers if origin_of(current) in origins else {}  # credentials stay at home
+                        status, hdrs, body = await client.get(current, sent, max_bytes, truncate=truncate)
                 except TimeoutError:
                     raise TransientFetchError(f"timed out after {s.total_timeout}s", url=current) from None
+                except FetchError:
+                    raise
+                except Exception as exc:  # whatever else sending this hop raised ends this URL, not its source
+                    raise PermanentFetchError(f"{type(exc).__name__}: {exc}", url=current) from exc
                 turn.answered(status, hdrs)
             if status in _REDIRECT_STATUS and "location" in hdrs:
-                current = urljoin(current, hdrs["location"])
+                current = _redirect_target(current, hdrs["location"])
                 continue
             return current, status, hdrs, body
         raise PermanentFetchError(f"more than {s.max_redirects} redirects", url=url)
+
+
+def _http_host(url: str) -> str:
+    """The host name of an http(s) URL; PermanentFetchError naming the URL when it is not one trawl can request
+    (another scheme, no host, a malformed host or port)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (validates the port: a number in 0-65535)
+    except ValueError as exc:
+        raise PermanentFetchError(f"malformed URL {url!r}: {exc}", url=url) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PermanentFetchError(f"not an http(s) URL: {url}", url=url)
+    return parts.hostname
+
+
+def _redirect_target(url: str, location: str) -> str:
+    """Where a redirect from ``url`` leads; PermanentFetchError naming both when its Location cannot be followed."""
+    try:
+        target = urljoin(url, location.strip())
+        _http_host(target)
+    except (ValueError, PermanentFetchError) as exc:
+        error = exc.args[0] if isinstance(exc, PermanentFetchError) else str(exc)
+        raise PermanentFetchError(f"redirect to a bad Location {location!r}: {error}", url=url) from None
+    return target
 
 
 def _agent_token(user_agent: str) -> str:

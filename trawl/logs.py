@@ -5,10 +5,17 @@ with contextvars, so every line logged inside a source's task carries it.
 Configure after ``import prefect``: Prefect applies its own logging config once
 on import, and we replace its console handlers while keeping the handlers that
 ship run logs to the Prefect API.
+
+Secrets never reach a line: redaction (:func:`redact`: the values registered in
+:mod:`trawl.masking`, URL passwords, credential query parameters and
+``Bearer …`` credentials, and every value under a credential-looking key) is
+the last processor before rendering, after tracebacks are formatted, and the
+handlers that ship records to the Prefect API format through it too.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 import sys
@@ -16,6 +23,8 @@ from typing import Any, Literal
 
 import structlog
 from structlog.types import EventDict, Processor
+
+from trawl.masking import mask_text
 
 __all__ = ["bind", "configure_logging", "redact", "unbind"]
 
@@ -37,7 +46,8 @@ _SECRET_KEY = re.compile(
 
 
 def redact(text: str) -> str:
-    """Mask passwords in URLs/DSNs, credential query parameters and ``Bearer …`` style credentials."""
+    """Mask registered secrets, passwords in URLs/DSNs, credential query parameters and ``Bearer …`` credentials."""
+    text = mask_text(text)
     text = _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", text)
     text = _SECRET_QS.sub(lambda m: f"{m.group('k')}***", text)
     return _AUTH_SCHEME.sub(lambda m: f"{m.group('scheme')} ***", text)
@@ -61,18 +71,45 @@ def _redact_values(_: Any, __: str, event: EventDict) -> EventDict:
     return event
 
 
+class _RedactingFormatter(logging.Formatter):
+    """Wraps a handler's formatter: the whole formatted record (message and traceback) redacted."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record))
+
+
+def _redact_api_handlers() -> None:
+    """Every handler that ships records to the Prefect API (its run loggers, ``PREFECT_LOGGING_EXTRA_LOGGERS``)
+    formats through :func:`redact`."""
+    loggers = [
+        logging.getLogger(),
+        *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)),
+    ]
+    for logger in loggers:
+        for h in logger.handlers:
+            if "APILogHandler" in type(h).__name__ and not isinstance(h.formatter, _RedactingFormatter):
+                h.setFormatter(_RedactingFormatter(h.formatter))
+
+
 # Prefect's handlers that write to the console (the API handlers stay: they feed the Prefect UI).
 _CONSOLE_HANDLER_LOGGERS = ("", "prefect", "prefect._internal", "uvicorn", "fastapi", "prefect.server")
 
 
 def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: str = "INFO") -> None:
     """Route trawl's, Prefect's and the stdlib's loggers into one structlog renderer on stdout."""
+    if "prefect" in sys.modules:
+        # Prefect applies its logging config once, lazily (on loading `prefect.main`): let it go first, so its
+        # API handlers exist to be redacted and a later import does not configure over ours.
+        importlib.import_module("prefect.main")
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _redact_values,
     ]
     console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
     renderer: Processor = (
@@ -95,6 +132,7 @@ def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: s
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
+            _redact_values,  # last before rendering: after the traceback became text
             renderer,
         ],
     )
@@ -108,6 +146,7 @@ def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: s
                 logger.removeHandler(h)
         if name:
             logger.propagate = True
+    _redact_api_handlers()
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.WARNING)

@@ -10,6 +10,8 @@ from typing import Any
 
 import orjson
 
+from trawl.masking import mask_text, mask_url
+
 __all__ = [
     "Outcome",
     "OutcomeKind",
@@ -52,11 +54,16 @@ class Record:
             object.__setattr__(self, "content_hash", content_hash(self.data))
 
     def envelope(self) -> dict[str, Any]:
-        """The JSON object staged for this record (DESIGN.md: staging layout)."""
+        """The JSON object staged for this record (DESIGN.md: staging layout).
+
+        Secrets are masked in the URL and the key (:mod:`trawl.masking`): a key derived from the URL is
+        the masked URL, so what lands in tables, lineage and rejects never holds a token.
+        """
+        url = mask_url(self.url)
         return {
             "source": self.source,
-            "key": self.key,
-            "url": self.url,
+            "key": url if self.key == self.url else (mask_text(self.key) if self.key is not None else None),
+            "url": url,
             "fetched_at": self.fetched_at,
             "run_id": self.run_id,
             "content_hash": self.content_hash,
@@ -94,17 +101,17 @@ class Outcome:
     last_modified: str | None = None
 
     def envelope(self) -> dict[str, Any]:
-        """The JSON object staged for this outcome."""
+        """The JSON object staged for this outcome (URL and error with secrets masked)."""
         return {
             "run_id": self.run_id,
             "source": self.source,
-            "url": self.url,
+            "url": mask_url(self.url),
             "outcome": self.outcome.value,
             "http_status": self.http_status,
             "attempts": self.attempts,
             "bytes": self.bytes,
             "elapsed_ms": self.elapsed_ms,
-            "error": self.error,
+            "error": mask_text(self.error) if self.error else self.error,
             "at": self.at,
             "etag": self.etag,
             "last_modified": self.last_modified,

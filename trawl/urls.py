@@ -1,16 +1,36 @@
-"""The one spelling of a URL's host, for every place that keys something by host."""
+"""The one spelling of a URL's host and origin, for every place that keys something by them."""
 
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
-__all__ = ["host_of"]
+__all__ = ["host_of", "origin_of"]
 
-_AUTHORITY = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://(?:[^@/?#]*@)?([^/?#]*)")
+# userinfo ends at the authority's LAST "@" (a password may hold an unencoded "@", as urllib and browsers read it).
+_AUTHORITY = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://([^/?#\\]*)")
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
 def host_of(url: str) -> str:
     """``host[:port]`` of an absolute URL, lower-cased, without ``user:password@``: what a host's gate, breaker,
     robots.txt, metrics label, frontier shard and Scrapy's scheduler are keyed by ("" for a relative URL)."""
     m = _AUTHORITY.match(url)
-    return m.group(1).lower() if m else ""
+    return m.group(1).rpartition("@")[2].lower() if m else ""
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host:port`` with the port always spelled out (``https://a.example:443``), lower-cased, without
+    credentials: what a source's credentials are scoped to (RFC 6454 origin). "" when the URL has no host."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # a malformed port or IPv6 literal: no origin, so no credentials go there
+        return ""
+    host = parts.hostname
+    scheme = parts.scheme.lower()
+    if not host or not scheme:
+        return ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port or _DEFAULT_PORTS.get(scheme, 0)}"

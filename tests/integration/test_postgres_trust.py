@@ -75,8 +75,9 @@ def _even(value: Any, data: Any) -> bool:
     return bool(value % 2 == 0)
 
 
+@register_check("sku_starts_with_id")
 def sku_check(value: Any, data: Any) -> str | None:
-    """A check named as module:function in the declaration."""
+    """A check that reads another field of the record."""
     if not value.startswith(str(data.get("id"))):
         return f"sku {value!r} does not start with the id"
     return None
@@ -93,7 +94,7 @@ async def test_every_rule_is_enforced_and_every_reason_kept(
             "type": "text",
             "pattern": r"^\d+-[A-Z]+$",
             "max_length": 8,
-            "checks": [f"{__name__}:sku_check", "not_blank"],
+            "checks": ["sku_starts_with_id", "not_blank"],
         },
         colour={"type": "text", "choices": ["red", "blue"]},
         size={"type": "int", "choices": [1, 2, 3]},
@@ -124,7 +125,7 @@ async def test_every_rule_is_enforced_and_every_reason_kept(
         "plain: expected float, got '1,5'",  # no `parse: number`: a comma is not a decimal mark
         "sku: '9-toolong' does not match '^\\\\d+-[A-Z]+$'",
         "sku: 9 characters, more than max_length 8",
-        f"sku: sku '9-toolong' does not start with the id (check {__name__}:sku_check)",
+        "sku: sku '9-toolong' does not start with the id (check sku_starts_with_id)",
         "colour: 'green' is not one of ['red', 'blue']",
         "size: 7 is not one of [1, 2, 3]",
     ]
@@ -139,20 +140,49 @@ async def test_every_rule_is_enforced_and_every_reason_kept(
     assert (r3["staged_object"], r3["line"], r3["url"], r3["run_id"]) == (raw.parts[0].uri, 3, records[2].url, "r1")
 
 
-async def test_an_unknown_check_fails_the_load_naming_field_and_check(
+RAN: list[Any] = []
+"""What ran that must not have: a check a manifest named by import path, or code it had exec'd."""
+
+
+def side_effect(value: Any, data: Any) -> None:
+    """Looks like a check, is importable, and is registered under no name: a manifest must not reach it."""
+    RAN.append(value)
+
+
+@pytest.mark.parametrize("check", ["builtins:exec", f"{__name__}:side_effect", "nope", "not_blank\n"])
+async def test_a_manifest_naming_an_unregistered_check_fails_naming_the_manifest_and_runs_nothing(
+    loader: Loader, stager: LocalStager, db: asyncpg.Connection, check: str
+) -> None:
+    RAN.clear()
+    # What `builtins:exec` would run on each value, were the name imported and called.
+    code = f"__import__({__name__!r}, fromlist=['RAN']).RAN.append('exec')"
+    records = [rec("1", {"id": 1, "name": code}, run_id="r1", at=T0)]
+    raw = await stage(stager, "r1", records, schema(name={"type": "text", "checks": [check]}))
+    with pytest.raises(LoadError) as info:
+        await loader.load_manifest(raw)
+    assert info.value.staged_object == raw.uri
+    assert f"manifest {raw.uri}" in str(info.value)
+    assert "field 'name'" in str(info.value) or "schema" in str(info.value)
+    assert RAN == []
+    # Refused before anything: no table created, nothing in the ledger.
+    assert await db.fetchval("SELECT to_regclass('trawl.items')") is None
+    assert await db.fetchval("SELECT count(*) FROM trawl._loads") == 0
+
+
+async def test_a_manifest_whose_declaration_the_sources_models_refuse_is_not_loaded(
     loader: Loader, stager: LocalStager, db: asyncpg.Connection
 ) -> None:
-    raw = await stage(
-        stager, "r1", [rec("1", {"id": 1}, run_id="r1", at=T0)], schema(name={"type": "text", "checks": ["nope"]})
-    )
-    with pytest.raises(LoadError, match=r"source 'items': field 'name': no check registered as 'nope'"):
-        await loader.load_manifest(raw)
-    bad_import = schema(name={"type": "text", "checks": ["no_such_module_xyz:f"]})
-    raw2 = await stage(stager, "r2", [rec("1", {"id": 1}, run_id="r2", at=T0)], bad_import)
-    with pytest.raises(LoadError, match=r"field 'name': check 'no_such_module_xyz:f': cannot import"):
-        await loader.load_manifest(raw2)
-    assert await db.fetchval("SELECT count(*) FROM trawl.items") == 0
-    assert await db.fetchval("SELECT count(*) FROM trawl._loads") == 0
+    for run_id, bad, problem in [
+        ("r1", {"key": ["id"], "fields": {"id": {"type": "money"}}}, "schema: fields.id.type: Input should be"),
+        ("r2", {"key": ["id"], "fields": {"id": {"type": "int"}, "bad\n": {}}}, "field name(s) 'bad\\n' must match"),
+        ("r3", {"key": ["id"], "fields": {"id": {"type": "int", "eval": "1"}}}, "Extra inputs are not permitted"),
+    ]:
+        raw = await stage(stager, run_id, [rec("1", {"id": 1}, run_id=run_id, at=T0)], bad)
+        with pytest.raises(LoadError) as info:
+            await loader.load_manifest(raw)
+        assert str(info.value).startswith(f"manifest {raw.uri}: ")
+        assert problem in str(info.value)
+    assert await db.fetchval("SELECT to_regclass('trawl.items')") is None
 
 
 # -- reject threshold -------------------------------------------------------------------------------------

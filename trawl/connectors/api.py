@@ -123,6 +123,7 @@ class ApiConnector:
                     robots=src.robots,
                     adaptive=src.politeness.adaptive,
                     park=waited < self.ctx.settings.breaker_requeues,
+                    origins=src.header_origins,  # a next page or redirect elsewhere goes without them
                 )
             except BreakerOpen as exc:
                 await asyncio.sleep(exc.retry_in)

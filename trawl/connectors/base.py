@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -154,9 +154,11 @@ class SourceContext:
         park_busy: bool = False,
         attempts: int = 0,
         started: float | None = None,
+        origins: Collection[str] | None = None,
     ) -> Response | None:
         """Fetch a URL and record exactly one outcome for it when it failed; None when it failed.
 
+        ``headers`` go only to ``origins`` (the source's :attr:`header_origins`), on every hop.
         With ``park`` a BreakerOpen is raised instead of recorded, so the caller can
         put the URL back until the breaker closes (and record ``skipped_breaker`` later).
         With ``park_busy`` a throttled host without room raises HostBusy instead of
@@ -176,6 +178,7 @@ class SourceContext:
                 park=park_busy,
                 attempts=attempts,
                 started=started,
+                origins=origins,
             )
         except HostBusy:
             raise  # only with park_busy: the caller puts the URL back

@@ -189,7 +189,7 @@ class HtmlConnector:
         return await self.ctx.fetch(
             src.name,
             url,
-            headers=headers,
+            headers={**src.headers, **headers} if headers else src.headers,
             transport="aiohttp",
             concurrency=src.politeness.concurrency,
             delay=src.politeness.delay,
@@ -199,6 +199,7 @@ class HtmlConnector:
             park_busy=True,
             attempts=attempts,
             started=started,
+            origins=src.header_origins,  # links and redirects to other origins go without the source's headers
         )
 
     async def _page(self, url: str, depth: int, out: asyncio.Queue[object]) -> None:

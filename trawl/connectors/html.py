@@ -59,6 +59,8 @@ class HtmlConnector:
         self._crawl = bool(source.start_urls)
         self._hosts = {host_of(u) for u in self._seeds}
         self._seen: set[int] = set()
+        # Worked out once: the property walks every seed URL, and a crawl asks for it on every page.
+        self._origins = source.header_origins
         self._resume: dict[str, tuple[int, float]] = {}
         """Parked for a throttled host: attempts made so far and when the first started, per URL."""
         self._scheduled = 0  # an upper bound with a shared frontier: links other crawlers queued first count too
@@ -199,7 +201,7 @@ class HtmlConnector:
             park_busy=True,
             attempts=attempts,
             started=started,
-            origins=src.header_origins,  # links and redirects to other origins go without the source's headers
+            origins=self._origins,  # links and redirects to other origins go without the source's headers
         )
 
     async def _page(self, url: str, depth: int, out: asyncio.Queue[object]) -> None:

@@ -71,8 +71,12 @@ def decode_envelope(line: bytes, part: StagedPart, n: int) -> dict[str, Any]:
 
 def _compiled_type(kind: str, spec: Mapping[str, Any]) -> Any:
     """The msgspec type enforcing a field's type and rules, or None when a rule has no compiled form."""
-    if spec.get("checks") or spec.get("parse") or kind == "json":
+    if spec.get("checks") or kind == "json":
         return None
+    if spec.get("parse"):
+        # A JSON number is checked here; a string ("1,299.00") is read by the Python rules (see PartDecoder).
+        number = _compiled_type(kind, {k: v for k, v in spec.items() if k != "parse"})
+        return None if number is None else number | str
     choices = spec.get("choices")
     meta: dict[str, Any] = {}
     base: Any
@@ -142,23 +146,27 @@ class PartDecoder:
         self._run_id, self._source = run_id, source
         self._missing_key = "key: missing (" + ", ".join(key_names) + ")"
         struct_fields: list[tuple[Any, ...]] = []
+        self._always: list[bool] = []  # per slow field: Python always, or only for a string (``parse``)
         slow: dict[str, Mapping[str, Any]] = {}
         # Attributes f0, f1, … named as the fields in JSON: a field name need not be a Python identifier.
         rename = {f"f{i}": name for i, name in enumerate(fields)}
         for i, (name, spec) in enumerate(fields.items()):
             kind = self.types[name]
             compiled = _compiled_type(kind, spec)
-            if compiled is None:
+            if compiled is None or spec.get("parse"):
                 slow[name] = spec
+                self._always.append(compiled is None)
+            if compiled is None:
                 struct_fields.append((f"f{i}", Any, None))
             elif spec.get("required"):
                 struct_fields.append((f"f{i}", compiled))
             else:
                 struct_fields.append((f"f{i}", compiled | None, None))
-        self._slow = [i for i, n in enumerate(fields) if n in slow]
-        self._slow_names = [n for n in fields if n in slow]
         # The fields with no compiled form, each run alone through the rules' Python form.
-        self._slow_validator = RecordValidator(slow, types) if slow else None
+        self._slow = [
+            (i, n, always, RecordValidator({n: slow[n]}, types))
+            for (i, n), always in zip(((i, n) for i, n in enumerate(fields) if n in slow), self._always, strict=True)
+        ]
         self._needs_data = any(spec.get("checks") for spec in slow.values())  # checks see the whole record
         strict = msgspec.defstruct("Data", struct_fields, kw_only=True, forbid_unknown_fields=True, rename=rename)
         lenient = msgspec.defstruct("DataExtra", struct_fields, kw_only=True, rename=rename)
@@ -171,12 +179,7 @@ class PartDecoder:
         prepared = Prepared(part, len(lines))
         latest = prepared.latest
         strict, lenient, astuple = self._strict.decode, self._lenient.decode, msgspec.structs.astuple
-        slow_idx, slow_names, slow_validator, needs_data = (
-            self._slow,
-            self._slow_names,
-            self._slow_validator,
-            self._needs_data,
-        )
+        slow, needs_data = self._slow, self._needs_data
         declared = self._declared
         for n, line in enumerate(lines, 1):
             extra: str | None = None
@@ -198,18 +201,18 @@ class PartDecoder:
                 self._python(line, n, part, prepared)
                 continue
             values = list(astuple(env.data))
-            if slow_validator is not None:
-                if needs_data:
-                    data = orjson.loads(line)["data"]
-                else:
-                    data = {name: values[i] for i, name in zip(slow_idx, slow_names, strict=True)}
-                slow_values, reasons = slow_validator(data)
+            if slow:
+                data = orjson.loads(line)["data"] if needs_data else None
+                reasons = None
+                for i, name, always, validator in slow:
+                    if always or type(values[i]) is str:
+                        [values[i]], reasons = validator(data if data is not None else {name: values[i]})
+                        if reasons:
+                            break
                 if reasons:
                     prepared.slow += 1
                     self._python(line, n, part, prepared)  # every reason, the compiled fields' too
                     continue
-                for i, v in zip(slow_idx, slow_values, strict=True):
-                    values[i] = v
             fetched = env.fetched_at
             prev = latest.get(key)
             if prev is None or fetched >= prev[1]:  # the latest fetched_at wins within the part

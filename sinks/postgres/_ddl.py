@@ -218,22 +218,23 @@ async def _upgrade(conn: asyncpg.Connection, schema: str) -> None:
     ]
     for source in sources:
         t = f"{s}.{q(source)}"
-        await conn.execute(
-            f"""
+        await conn.execute(f"""
             ALTER TABLE {t} ADD COLUMN _changed_at timestamptz, ADD COLUMN _load_id bigint;
             UPDATE {t} t SET _load_id = d.load_id, _changed_at = d.loaded_at
-            FROM {s}._loads d WHERE d.staged_object = t._staged_object;
+            FROM {s}._loads d WHERE d.staged_object = t._staged_object;""")
+        await conn.execute(
+            f"""
             INSERT INTO {s}._lineage (load_id, key, line, change)
             SELECT DISTINCT d.load_id, t._key, NULL::integer, 'unchanged' FROM {t} t
             JOIN {s}._outcomes o ON o.source = $1 AND o.url = t._url AND o.outcome = 'not_modified'
-            JOIN {s}._loads d ON d.staged_object = o.staged_object;
+            JOIN {s}._loads d ON d.staged_object = o.staged_object""",
+            source,
+        )
+        await conn.execute(f"""
             ALTER TABLE {t} ALTER COLUMN _load_id SET NOT NULL, ALTER COLUMN _changed_at SET NOT NULL;
             DROP VIEW IF EXISTS {q(views_schema(schema))}.{q(source)};
             ALTER TABLE {t} DROP COLUMN _staged_object, DROP COLUMN _run_id, DROP COLUMN _last_seen_at;
-            ALTER TABLE {t} SET (fillfactor = 100);
-            """,
-            source,
-        )
+            ALTER TABLE {t} SET (fillfactor = 100);""")
         latest = await conn.fetchrow(
             f"SELECT version, declared, run_id, manifest, run_started_at FROM {s}._schemas"
             " WHERE source = $1 ORDER BY version DESC LIMIT 1",

@@ -34,9 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -159,7 +159,9 @@ async def _child_load(dsn: str, staging: str, run_id: str) -> None:
     pool = await connect_pool(dsn, min_size=2, max_size=2)
     try:
         async with pool.acquire() as conn:
-            pids = [r[0] for r in await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")]
+            pids = [
+                r[0] for r in await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+            ]
             writes = await conn.fetchval(_WRITES, SOURCE)
         pg_cpu0 = sum(_proc_cpu(p) for p in pids)
         loader = Loader(pool, stager, max_reject_rate=0.05)

@@ -254,7 +254,7 @@ async def _upgrade(conn: asyncpg.Connection, schema: str) -> None:
             latest["manifest"],
             latest["run_started_at"],
         )
-        declared = list((orjson.loads(latest["declared"]).get("fields") or {}))
+        declared = list(orjson.loads(latest["declared"]).get("fields") or {})
         await view(conn, schema, source, declared)
     await conn.execute(f"DROP TABLE {s}._lineage_v1")
     log.info("layout upgraded", schema=schema, layout=LAYOUT, sources=sources)

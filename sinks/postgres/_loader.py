@@ -207,9 +207,7 @@ class Loader:
             raise StagingError(f"{part.uri}: has {len(lines)} lines but the manifest says {part.rows}")
         return lines
 
-    async def _load_records(
-        self, m: Manifest, prepared: Prepared, types: Mapping[str, str], read_s: float
-    ) -> PartLoad:
+    async def _load_records(self, m: Manifest, prepared: Prepared, types: Mapping[str, str], read_s: float) -> PartLoad:
         part = prepared.part
         try:
             async with self.pool.acquire() as conn:

@@ -134,7 +134,13 @@ async def insert_rejects(conn: asyncpg.Connection, s: str, rejects: list[tuple[A
 
 
 async def check_reject_rate(
-    conn: asyncpg.Connection, s: str, schema: str, m: Manifest, prepared: Prepared, max_rate: float | None, min_rows: int
+    conn: asyncpg.Connection,
+    s: str,
+    schema: str,
+    m: Manifest,
+    prepared: Prepared,
+    max_rate: float | None,
+    min_rows: int,
 ) -> None:
     """TooManyRejects when the manifest's reject rate, counting this part, is over the limit."""
     if max_rate is None:

@@ -145,7 +145,7 @@ class PartDecoder:
         self._declared = frozenset(self.types)
         self._run_id, self._source = run_id, source
         self._missing_key = "key: missing (" + ", ".join(key_names) + ")"
-        struct_fields: list[tuple[Any, ...]] = []
+        struct_fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
         self._always: list[bool] = []  # per slow field: Python always, or only for a string (``parse``)
         slow: dict[str, Mapping[str, Any]] = {}
         # Attributes f0, f1, … named as the fields in JSON: a field name need not be a Python identifier.
@@ -170,7 +170,13 @@ class PartDecoder:
         self._needs_data = any(spec.get("checks") for spec in slow.values())  # checks see the whole record
         strict = msgspec.defstruct("Data", struct_fields, kw_only=True, forbid_unknown_fields=True, rename=rename)
         lenient = msgspec.defstruct("DataExtra", struct_fields, kw_only=True, rename=rename)
-        env = [("url", str), ("fetched_at", datetime), ("content_hash", str), ("key", Any, None), ("run_id", Any, None)]
+        env: list[tuple[str, Any] | tuple[str, Any, Any]] = [
+            ("url", str),
+            ("fetched_at", datetime),
+            ("content_hash", str),
+            ("key", Any, None),
+            ("run_id", Any, None),
+        ]
         self._strict = msgspec.json.Decoder(msgspec.defstruct("Env", [*env, ("data", strict)], kw_only=True))
         self._lenient = msgspec.json.Decoder(msgspec.defstruct("EnvExtra", [*env, ("data", lenient)], kw_only=True))
 

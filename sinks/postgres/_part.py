@@ -185,7 +185,11 @@ async def write_records(
     # Parts of one source are compared and written one at a time: what the comparison saw stays true until
     # commit, and concurrent loaders never deadlock on shared keys.
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"trawl-upsert:{table}")
-    await conn.execute("SET LOCAL jit = off; SET LOCAL work_mem = '64MB'")
+    # A part is a small share of the table: probe its keys through the primary key, never scan the table
+    # (the planner, with no statistics on the unnested arrays or the temp table, picks a hash join over it).
+    await conn.execute(
+        "SET LOCAL jit = off; SET LOCAL work_mem = '64MB'; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
+    )
     latest = prepared.latest
     keys = list(latest)
     rows = list(latest.values())

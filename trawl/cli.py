@@ -176,9 +176,18 @@ def _lineage(args: argparse.Namespace) -> int:
     dsn = _check_database(settings)
 
     async def query() -> list[Any]:
+        # Local parts are read where they are; S3 parts through the configured staging target.
+        s3 = None
+        if settings.staging.startswith("s3://"):
+            from sinks.targets import open_stager
+
+            s3 = open_stager(settings.staging, settings=settings)
         pool = await connect_pool(dsn, max_size=1)
         try:
-            return await lineage(pool, settings.db_schema, args.source, args.key)
+            if s3 is None:
+                return await lineage(pool, settings.db_schema, args.source, args.key)
+            async with s3 as stager:
+                return await lineage(pool, settings.db_schema, args.source, args.key, stager=stager)
         finally:
             await pool.close()
 

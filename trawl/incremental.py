@@ -15,9 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["CursorValue", "CursorWindow", "later", "minus_lag"]
+if TYPE_CHECKING:
+    from trawl.config import Incremental
+
+__all__ = ["CursorValue", "CursorWindow", "later", "minus_lag", "window_for"]
 
 CursorValue = str | int | float
 """A cursor value as stored and sent."""
@@ -101,3 +104,22 @@ class CursorWindow:
             "last_value": self.last_value,
             "moves_state": self.moves_state,
         }
+
+
+def window_for(
+    config: Incremental,
+    stored: CursorValue | None,
+    *,
+    initial_value: CursorValue | None = None,
+    end_value: CursorValue | None = None,
+) -> CursorWindow:
+    """The window a run asks for: an explicit ``initial_value`` (a run's override), else the stored state minus
+    ``lag``, else the configured ``initial_value``; up to ``end_value`` (override, else configured)."""
+    if initial_value is not None:
+        start: CursorValue | None = initial_value
+    elif stored is not None:
+        start = minus_lag(stored, config.lag)
+    else:
+        start = config.initial_value
+    end = end_value if end_value is not None else config.end_value
+    return CursorWindow(config.cursor_path, start, end, stored, moves_state=end is None)

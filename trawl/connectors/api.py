@@ -196,7 +196,14 @@ class ApiConnector:
     async def fetch(self) -> AsyncIterator[Record]:
         """Yield every item of every page, following the configured pagination."""
         src, p = self.source, self.source.pagination
-        self._auth = Authenticator(src.auth, self.ctx.fetcher, source=src.name, origins=src.header_origins)
+        self._auth = Authenticator(
+            src.auth,
+            self.ctx.fetcher,
+            source=src.name,
+            origins=src.header_origins,
+            concurrency=src.politeness.concurrency,
+            delay=src.politeness.delay,
+        )
         self._window = self._incremental()
         if self._window is not None:
             self.ctx.stats.incremental = self._window.summary()

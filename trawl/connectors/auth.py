@@ -47,8 +47,18 @@ class Authenticator:
     same token share one refresh).
     """
 
-    def __init__(self, auth: Auth | None, fetcher: Fetcher, *, source: str, origins: Collection[str]) -> None:
+    def __init__(
+        self,
+        auth: Auth | None,
+        fetcher: Fetcher,
+        *,
+        source: str,
+        origins: Collection[str],
+        concurrency: int | None = None,
+        delay: float | None = None,
+    ) -> None:
         self._auth = auth
+        self._concurrency, self._delay = concurrency, delay  # the source's politeness, for its token requests  # the source's politeness, for its token requests
         self._fetcher = fetcher
         self._source = source
         self._origins = frozenset(origins)
@@ -127,6 +137,8 @@ class Authenticator:
                 robots=False,  # a token endpoint is not crawled
                 source=self._source,
                 origins={origin_of(url)},
+                concurrency=self._concurrency,
+                delay=self._delay,
             )
             body = resp.json()
         except FetchError as exc:

@@ -133,7 +133,8 @@ def secret_block(name: str) -> str:
     from prefect.exceptions import ObjectNotFound
 
     try:
-        block: Secret[Any] = Secret.load(name)  # type: ignore[assignment]
+        # _sync: this thread inherited the flow run's context, which Prefect would take for an async caller.
+        block: Secret[Any] = Secret.load(name, _sync=True)  # type: ignore[call-arg]
     except (ValueError, ObjectNotFound) as exc:
         raise ConfigError(f"no Prefect Secret block named {name!r}: {exc}") from None
     value = block.get()

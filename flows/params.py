@@ -134,7 +134,7 @@ def secret_block(name: str) -> str:
 
     try:
         # _sync: this thread inherited the flow run's context, which Prefect would take for an async caller.
-        block: Secret[Any] = Secret.load(name, _sync=True)  # type: ignore[call-arg]
+        block: Secret[Any] = Secret.load(name, _sync=True)  # type: ignore[call-arg,assignment]
     except (ValueError, ObjectNotFound) as exc:
         raise ConfigError(f"no Prefect Secret block named {name!r}: {exc}") from None
     value = block.get()

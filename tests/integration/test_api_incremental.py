@@ -21,53 +21,9 @@ from trawl.staging import Manifest
 
 pytestmark = [pytest.mark.integration]
 
-SOURCES = """\
-sources:
-  - name: tickets
-    kind: api
-    url: ${API_URL}/v1/tickets
-    auth:
-      type: oauth2_client_credentials
-      access_token_url: ${API_URL}/oauth/token
-      client_id: trawl-client
-      client_secret: ${secret:tickets-client-secret}
-      scopes: [tickets.read]
-    items_path: data
-    pagination: {type: page, param: page, size_param: per_page, size: 20}
-    incremental:
-      cursor_path: updated_at
-      start_param: updated_since
-      initial_value: "2024-01-01T00:00:00Z"
-      lag: 300
-    key: id
-    fields:
-      id: {type: int, required: true}
-      title: {type: text}
-      updated_at: {type: timestamp}
-  - name: products
-    kind: api
-    url: ${API_URL}/graphql
-    method: POST
-    body:
-      query: "query($after: String) { products(first: 7, after: $after) { nodes { sku name } pageInfo { endCursor } } }"
-      variables: {after: null}
-    auth: {type: api_key, name: X-API-Key, api_key: "${PRODUCT_KEY}"}
-    items_path: data.products.nodes
-    pagination:
-      type: cursor
-      cursor_path: data.products.pageInfo.endCursor
-      body_path: variables.after
-    details:
-      url: /v1/products/{sku}
-      items_path: product
-      fields: [description, price]
-    key: sku
-    fields:
-      sku: {type: text, required: true}
-      name: {type: text}
-      description: {type: text}
-      price: {type: float}
-"""
+REPO = Path(__file__).resolve().parents[2]
+
+EXAMPLE = REPO / "examples" / "api" / "tickets.yaml"
 
 
 @pytest.fixture
@@ -91,9 +47,7 @@ async def sources_file(
     monkeypatch.setenv("TRAWL_BACKOFF_BASE", "0.01")
     monkeypatch.setenv("TRAWL_BACKOFF_MAX", "0.02")
     monkeypatch.setenv("TRAWL_MAX_RETRIES", "1")
-    path = tmp_path / "sources.yaml"
-    await asyncio.to_thread(path.write_text, SOURCES)
-    return path
+    return EXAMPLE
 
 
 async def _state(db: asyncpg.Connection) -> str | None:

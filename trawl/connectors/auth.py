@@ -58,7 +58,9 @@ class Authenticator:
         delay: float | None = None,
     ) -> None:
         self._auth = auth
-        self._concurrency, self._delay = concurrency, delay  # the source's politeness, for its token requests  # the source's politeness, for its token requests
+        # The source's politeness applies to its token requests too (they often go to the same host).
+        self._concurrency = concurrency
+        self._delay = delay
         self._fetcher = fetcher
         self._source = source
         self._origins = frozenset(origins)

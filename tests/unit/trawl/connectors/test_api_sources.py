@@ -27,6 +27,8 @@ from trawl.settings import Settings
 if TYPE_CHECKING:
     from conftest import Harness  # tests/unit/trawl/connectors/conftest.py
 
+EXAMPLES = Path(__file__).resolve().parents[4] / "examples" / "api"
+
 
 @pytest.fixture
 async def saas() -> AsyncIterator[SaasApi]:
@@ -34,11 +36,15 @@ async def saas() -> AsyncIterator[SaasApi]:
         yield api
 
 
-async def api_sources(tmp_path: Path, text: str, **env: str) -> list[ApiSource]:
-    path = tmp_path / "sources.yaml"
-    await asyncio.to_thread(path.write_text, text)
+async def api_sources(path: Path, **env: str) -> list[ApiSource]:
     spec = await asyncio.to_thread(load_sources, path, env)
     return [s for s in spec.sources if isinstance(s, ApiSource)]
+
+
+async def written(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sources.yaml"
+    await asyncio.to_thread(path.write_text, text)
+    return path
 
 
 OAUTH_SOURCES = """\
@@ -64,7 +70,7 @@ sources:
 
 async def test_oauth2_token_is_renewed_before_it_expires(harness: Harness, saas: SaasApi, tmp_path: Path) -> None:
     saas.token_lifetime = 2
-    [source] = await api_sources(tmp_path, OAUTH_SOURCES, API_URL=saas.url, CLIENT_SECRET=CLIENT_SECRET)
+    [source] = await api_sources(await written(tmp_path, OAUTH_SOURCES), API_URL=saas.url, CLIENT_SECRET=CLIENT_SECRET)
     started = asyncio.get_running_loop().time()
     records = await harness.run(source)
     assert asyncio.get_running_loop().time() - started > 3  # the run outlives the first token
@@ -80,7 +86,7 @@ async def test_revoked_token_gets_one_refresh_then_fails_with_the_status(
     harness: Harness, saas: SaasApi, tmp_path: Path
 ) -> None:
     saas.revoke()  # every token is refused from now on; the token endpoint still hands them out
-    [source] = await api_sources(tmp_path, OAUTH_SOURCES, API_URL=saas.url, CLIENT_SECRET=CLIENT_SECRET)
+    [source] = await api_sources(await written(tmp_path, OAUTH_SOURCES), API_URL=saas.url, CLIENT_SECRET=CLIENT_SECRET)
     with pytest.raises(FetchError, match="pagination stopped"):
         await harness.run(source)
     assert (saas.token_requests, saas.unauthorized) == (2, 2)  # the first token, one refresh
@@ -91,7 +97,9 @@ async def test_revoked_token_gets_one_refresh_then_fails_with_the_status(
 async def test_bad_client_secret_fails_naming_the_token_endpoint(
     harness: Harness, saas: SaasApi, tmp_path: Path
 ) -> None:
-    [source] = await api_sources(tmp_path, OAUTH_SOURCES, API_URL=saas.url, CLIENT_SECRET="wrong-secret-value")
+    [source] = await api_sources(
+        await written(tmp_path, OAUTH_SOURCES), API_URL=saas.url, CLIENT_SECRET="wrong-secret-value"
+    )
     with pytest.raises(FetchError):
         await harness.run(source)
     [outcome] = harness.outcomes
@@ -101,38 +109,13 @@ async def test_bad_client_secret_fails_naming_the_token_endpoint(
     assert saas.token_requests == 1  # no refresh loop on a refused client
 
 
-GRAPHQL_SOURCES = """\
-sources:
-  - name: products
-    kind: api
-    url: ${API_URL}/graphql
-    method: POST
-    body:
-      query: "query($after: String) { products(first: 7, after: $after) { nodes { sku name } pageInfo { endCursor } } }"
-      variables: {after: null}
-    auth: {type: api_key, name: X-API-Key, api_key: "${PRODUCT_KEY}"}
-    items_path: data.products.nodes
-    pagination:
-      type: cursor
-      cursor_path: data.products.pageInfo.endCursor
-      body_path: variables.after
-    details:
-      url: /v1/products/{sku}
-      items_path: product
-      fields: [description, price]
-    key: sku
-    fields:
-      sku: {type: text, required: true}
-      name: {type: text}
-      description: {type: text}
-      price: {type: float}
-"""
+GRAPHQL = EXAMPLES / "graphql.yaml"
 
 
 async def test_graphql_cursor_in_the_body_and_one_detail_request_per_item(
     harness: Harness, saas: SaasApi, tmp_path: Path
 ) -> None:
-    [source] = await api_sources(tmp_path, GRAPHQL_SOURCES, API_URL=saas.url, PRODUCT_KEY=PRODUCT_KEY)
+    [source] = await api_sources(GRAPHQL, API_URL=saas.url, PRODUCT_KEY=PRODUCT_KEY)
     records = await harness.run(source)
     assert [b["variables"]["after"] for b in saas.bodies] == [None, "7", "14", "21"]
     assert all(b["query"].startswith("query($after: String)") for b in saas.bodies)  # braces are not templates
@@ -148,7 +131,7 @@ async def test_graphql_cursor_in_the_body_and_one_detail_request_per_item(
 async def test_failed_detail_request_fails_the_source_and_its_item_is_not_staged(
     harness: Harness, saas: SaasApi, tmp_path: Path
 ) -> None:
-    [source] = await api_sources(tmp_path, GRAPHQL_SOURCES, API_URL=saas.url, PRODUCT_KEY="not-the-key")
+    [source] = await api_sources(GRAPHQL, API_URL=saas.url, PRODUCT_KEY="not-the-key")
     with pytest.raises(FetchError, match="23 detail request"):
         await harness.run(source)
     assert harness.records == []
@@ -184,22 +167,20 @@ async def echo() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
 
 
 @pytest.mark.parametrize(
-    ("auth", "expected"),
+    ("name", "expected"),
     [
-        ({"type": "bearer", "token": "tok-123456"}, {"auth": "Bearer tok-123456"}),
-        ({"type": "http_basic", "username": "u", "password": "pw-123456"}, {"auth": "Basic dTpwdy0xMjM0NTY="}),
-        ({"type": "api_key", "name": "X-API-Key", "api_key": "key-123456"}, {"key": "key-123456"}),
-        (
-            {"type": "api_key", "name": "api_key", "api_key": "key-123456", "location": "query"},
-            {"query": {"api_key": "key-123456"}},
-        ),
+        ("with_bearer", {"auth": "Bearer tok-123456"}),
+        ("with_basic", {"auth": "Basic cmVwb3J0aW5nOnB3LTEyMzQ1Ng=="}),  # reporting:pw-123456
+        ("with_key_header", {"key": "key-123456"}),
+        ("with_key_query", {"query": {"api_key": "key-123456"}}),
     ],
 )
 async def test_auth_kinds(
-    harness: Harness, echo: tuple[str, list[dict[str, Any]]], auth: dict[str, Any], expected: dict[str, Any]
+    harness: Harness, echo: tuple[str, list[dict[str, Any]]], name: str, expected: dict[str, Any]
 ) -> None:
     base, seen = echo
-    source = ApiSource.model_validate({"kind": "api", "name": "a", "url": base + "/items", "auth": auth, "key": "id"})
+    env = {"API_URL": base, "API_TOKEN": "tok-123456", "API_PASSWORD": "pw-123456", "API_KEY": "key-123456"}
+    [source] = [s for s in await api_sources(EXAMPLES / "auth.yaml", **env) if s.name == name]
     await harness.run(source)
     [request] = seen
     for k, v in expected.items():
@@ -230,26 +211,11 @@ async def test_query_api_key_stays_with_its_origin(harness: Harness, echo: tuple
     ]
 
 
-SHAPES_SOURCES = """\
-sources:
-  - name: export
-    kind: api
-    url: ${API_URL}/v1/export.ndjson
-    format: jsonl
-    key: id
-    fields:
-      id: {type: int}
-      v: {type: int}
-  - name: grouped
-    kind: api
-    url: ${API_URL}/v1/groups
-    items_path: data.*.items
-    key: id
-"""
+SHAPES = EXAMPLES / "shapes.yaml"
 
 
 async def test_json_lines_and_wildcard_items_path(harness: Harness, saas: SaasApi, tmp_path: Path) -> None:
-    export, grouped = await api_sources(tmp_path, SHAPES_SOURCES, API_URL=saas.url)
+    export, grouped = await api_sources(SHAPES, API_URL=saas.url)
     records = await harness.run(export)
     assert [(r.key, r.data["v"]) for r in records] == [(str(i), i * i) for i in range(1, 6)]
     harness.records.clear()
@@ -265,7 +231,7 @@ async def test_incremental_window_in_param_path_and_body(settings: Settings, saa
         "    key: id\n",
         "    incremental: {cursor_path: updated_at, start_param: updated_since}\n    key: id\n",
     )
-    [source] = await api_sources(tmp_path, text, API_URL=saas.url, CLIENT_SECRET=CLIENT_SECRET)
+    [source] = await api_sources(await written(tmp_path, text), API_URL=saas.url, CLIENT_SECRET=CLIENT_SECRET)
     source = source.model_copy(update={"politeness": source.politeness.model_copy(update={"delay": 0})})
     outcomes: list[Outcome] = []
 

@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 from flows._common import current_flow_run_id, flow_metrics, retry_if_transient, settings_for
 from flows.params import RunId, SecretBlockName, SourceName, StagingURL, check_run_ids
 from sinks.postgres import Loader, PartLoad
+from sinks.state import advance_state
 from sinks.targets import open_stager
 from trawl.database import open_pool
 from trawl.logs import bind
@@ -71,6 +72,8 @@ async def _load_source(loader: Loader, manifests: list[Manifest], todo: set[str]
                 continue
             results.append(await load_part_task(m.source, m.kind, number, loader, m, part, fields))
         await loader.finish(m)
+        # Every part of the run is in: now (and only now) its incremental state moves (sinks/state.py).
+        await advance_state(loader.pool, loader.schema, m)
     return results
 
 

@@ -22,6 +22,7 @@ from flows.artifacts import publish_summary
 from flows.crawl import crawl
 from flows.load import load
 from flows.params import (
+    IncrementalOverride,
     Politeness,
     RunId,
     SecretBlockName,
@@ -47,6 +48,7 @@ async def pipeline(
     politeness: Politeness | None = None,
     dry_run: bool = False,
     resume_run_id: RunId | None = None,
+    incremental: IncrementalOverride | None = None,
 ) -> dict[str, Any]:
     """Crawl SOURCES_FILE into staging and load the run into PostgreSQL.
 
@@ -56,6 +58,8 @@ async def pipeline(
     Secret block fails the run at once, naming the parameter. ``dry_run`` checks
     the parameters, the sources file and the database and stops there.
     ``resume_run_id`` continues a run that died (see the crawl flow) and loads it.
+    ``incremental`` overrides the incremental window (see the crawl flow); the load
+    moves a source's stored state only when its run is complete and its load committed.
     """
     check_run_ids(resume_run_id=resume_run_id)
     selected = await asyncio.to_thread(check_sources, sources_file, sources)  # reads the sources file
@@ -65,7 +69,7 @@ async def pipeline(
         await pool.close()
     async with flow_metrics("pipeline", settings, "+".join(sorted(s.name for s in selected))) as measured:
         result = await _crawl_and_load(
-            sources_file, sources, staging, database_secret, politeness, dry_run, resume_run_id
+            sources_file, sources, staging, database_secret, politeness, dry_run, resume_run_id, incremental
         )
         measured.failed = any(c["status"] == "failed" for c in result["crawl"])
     return result
@@ -79,6 +83,7 @@ async def _crawl_and_load(
     politeness: Politeness | None,
     dry_run: bool,
     resume_run_id: str | None = None,
+    incremental: IncrementalOverride | None = None,
 ) -> dict[str, Any]:
     crawled = await crawl(
         sources_file,
@@ -89,6 +94,7 @@ async def _crawl_and_load(
         publish=False,
         resume_run_id=resume_run_id,
         database_secret=database_secret,
+        incremental=incremental,
     )
     if dry_run:
         return {

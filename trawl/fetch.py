@@ -500,9 +500,17 @@ class HostTurn:
 
 class _Transport(Protocol):
     async def get(
-        self, url: str, headers: Mapping[str, str], max_bytes: int, *, truncate: bool = False
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        max_bytes: int,
+        *,
+        truncate: bool = False,
+        method: str = "GET",
+        body: bytes | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
-        """One request; a body over ``max_bytes`` fails, or with ``truncate`` is cut there (robots.txt)."""
+        """One request (a GET unless ``method`` says otherwise, with ``body``); a response body over ``max_bytes``
+        fails, or with ``truncate`` is cut there (robots.txt)."""
         ...
 
     async def close(self) -> None: ...
@@ -522,10 +530,19 @@ class _AiohttpTransport:
         )
 
     async def get(
-        self, url: str, headers: Mapping[str, str], max_bytes: int, *, truncate: bool = False
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        max_bytes: int,
+        *,
+        truncate: bool = False,
+        method: str = "GET",
+        body: bytes | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
         try:
-            async with self._session.get(url, headers=headers or None, allow_redirects=False) as resp:
+            async with self._session.request(
+                method, url, headers=headers or None, data=body, allow_redirects=False
+            ) as resp:
                 declared = resp.content_length
                 hdrs = {k.lower(): v for k, v in resp.headers.items()}
                 if declared is not None and declared > max_bytes and resp.status < 300 and not truncate:
@@ -601,10 +618,17 @@ class _HttpxTransport:
         )
 
     async def get(
-        self, url: str, headers: Mapping[str, str], max_bytes: int, *, truncate: bool = False
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        max_bytes: int,
+        *,
+        truncate: bool = False,
+        method: str = "GET",
+        body: bytes | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
         try:
-            async with self._client.stream("GET", url, headers=dict(headers)) as resp:
+            async with self._client.stream(method, url, headers=dict(headers), content=body) as resp:
                 hdrs = {k.lower(): v for k, v in resp.headers.items()}
                 decoder = BodyDecoder(hdrs.get("content-encoding"), max_bytes, url, truncate=truncate)
                 # Raw bytes: httpx would inflate each chunk whole before any cap of ours applied.
@@ -820,8 +844,14 @@ class Fetcher:
         park: bool = False,
         attempts: int = 0,
         started: float | None = None,
+        method: str = "GET",
+        body: bytes | None = None,
     ) -> Response:
         """GET a URL through robots.txt, politeness, the breaker, retries, redirects and limits.
+
+        ``method`` and ``body`` send something else (an API's POST with a JSON body): the same
+        path, retries included. A 303 (and a 301/302 after a POST) continues as a GET without the
+        body, as browsers do; a 307/308 resends it, but never to an origin outside ``origins``.
 
         ``headers`` (a source's credentials among them) go only to ``origins``
         (:func:`trawl.urls.origin_of` spellings; default: the origin of ``url``):
@@ -854,7 +884,7 @@ class Fetcher:
                 raise
 
         async def once(attempt: int) -> Response:
-            final_url, status, hdrs, body = await self._attempt(
+            final_url, status, hdrs, content = await self._attempt(
                 url,
                 transport,
                 headers or {},
@@ -867,9 +897,11 @@ class Fetcher:
                 truncate=truncate,
                 adaptive=adaptive,
                 park=park,
+                method=method,
+                body=body,
             )
             if 200 <= status < 300 or status == 304:
-                return Response(final_url, status, hdrs, body, attempt, int((time.monotonic() - started) * 1000))
+                return Response(final_url, status, hdrs, content, attempt, int((time.monotonic() - started) * 1000))
             raise status_error(status, final_url, retry_after(hdrs))
 
         return await self.retrying(once, url=url, source=source, started=started, attempts=attempts)
@@ -935,6 +967,8 @@ class Fetcher:
         truncate: bool = False,
         adaptive: bool = True,
         park: bool = False,
+        method: str = "GET",
+        body: bytes | None = None,
     ) -> tuple[str, int, dict[str, str], bytes]:
         client = self._transport(transport)
         s = self._settings
@@ -956,7 +990,9 @@ class Fetcher:
                 try:
                     async with asyncio.timeout(s.total_timeout):
                         sent = headers if origin_of(current) in origins else {}  # credentials stay at home
-                        status, hdrs, body = await client.get(current, sent, max_bytes, truncate=truncate)
+                        status, hdrs, content = await client.get(
+                            current, sent, max_bytes, truncate=truncate, method=method, body=body
+                        )
                 except TimeoutError:
                     raise TransientFetchError(f"timed out after {s.total_timeout}s", url=current) from None
                 except FetchError:
@@ -966,8 +1002,14 @@ class Fetcher:
                 turn.answered(status, hdrs)
             if status in _REDIRECT_STATUS and "location" in hdrs:
                 current = _redirect_target(current, hdrs["location"])
+                if status == 303 or (status in (301, 302) and method == "POST"):
+                    method, body = "GET", None  # as browsers and requests do
+                elif body is not None and origin_of(current) not in origins:
+                    raise PermanentFetchError(
+                        f"{status} redirect to {current}: the request body is not resent to another origin", url=url
+                    )
                 continue
-            return current, status, hdrs, body
+            return current, status, hdrs, content
         raise PermanentFetchError(f"more than {s.max_redirects} redirects", url=url)
 
 

@@ -129,11 +129,10 @@ async def test_source_table_has_one_typed_column_per_declared_field(
         ("_extra", "jsonb"),
         ("_url", "text"),
         ("_content_hash", "text"),
-        ("_run_id", "text"),
         ("_fetched_at", "timestamp with time zone"),
         ("_first_seen_at", "timestamp with time zone"),
-        ("_last_seen_at", "timestamp with time zone"),
-        ("_staged_object", "text"),
+        ("_changed_at", "timestamp with time zone"),
+        ("_load_id", "bigint"),
     ]
     pk = await db.fetchval(
         "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid"
@@ -403,7 +402,7 @@ async def test_a_field_declared_later_adds_a_column(
         )
     )
     assert (types["rating"], types["seller_name"]) == ("double precision", "text")
-    assert len(types) == 18
+    assert len(types) == 17  # 9 declared, 8 bookkeeping
     got = await table_rows(db)
     assert (got["1"]["rating"], got["1"]["seller_name"], got["1"]["_extra"]) == (4.5, None, None)
     assert (got["2"]["rating"], got["2"]["seller_name"]) == (3.0, "Ann")

@@ -254,7 +254,10 @@ async def test_latest_fetched_at_wins_across_parts_of_a_run(
     assert [(r.inserted, r.updated, r.unchanged) for r in results] == [(4, 0, 0), (0, 0, 1)]
     row = (await table_rows(db))["1"]
     assert (row["name"], row["_fetched_at"], row["_staged_object"]) == ("late", late, raw.parts[0].uri)
-    changes = await db.fetch("SELECT change, staged_object FROM trawl._lineage WHERE key = '1' ORDER BY fetched_at")
+    changes = await db.fetch(
+        "SELECT l.change, d.staged_object FROM trawl._lineage l JOIN trawl._loads d ON d.load_id = l.load_id"
+        " WHERE l.key = '1' ORDER BY d.seen_at"
+    )
     assert [tuple(c) for c in changes] == [("older", raw.parts[1].uri), ("inserted", raw.parts[0].uri)]
 
 
@@ -430,8 +433,8 @@ async def test_the_view_shows_only_declared_columns(
             )
         ]
 
-    assert await view_columns() == ["_key", "id", "name", "colour", "size"]
-    assert tuple(await db.fetchrow("SELECT * FROM trawl_views.items")) == ("1", 1, None, "red", 2)
+    assert await view_columns() == ["_key", "id", "name", "colour", "size", "_last_seen_at"]
+    assert tuple(await db.fetchrow("SELECT * FROM trawl_views.items")) == ("1", 1, None, "red", 2, T0)
     t2 = T0 + timedelta(days=1)
     decl2 = schema(size={"type": "int"}, weight={"type": "float"})  # colour no longer declared
     await loader.load_manifest(
@@ -440,7 +443,7 @@ async def test_the_view_shows_only_declared_columns(
         )
     )
 
-    assert await view_columns() == ["_key", "id", "name", "size", "weight"]
+    assert await view_columns() == ["_key", "id", "name", "size", "weight", "_last_seen_at"]
     got = await table_rows(db)
     assert got["1"]["colour"] == "red"  # the column stays in the table
     assert orjson.loads(got["2"]["_extra"]) == {"colour": "blue"}  # undeclared now: kept in _extra
@@ -482,11 +485,15 @@ async def _snapshot(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
     conn = await asyncpg.connect(dsn)
     try:
         queries = {
-            "items": "SELECT * FROM trawl.items",
+            # The rows, with the load that wrote them named by its staged object (load ids are a sequence's:
+            # a killed transaction leaves a gap) and without the wall-clock _changed_at.
+            "items": "SELECT (to_jsonb(t) - '_changed_at' - '_load_id')::text, d.staged_object FROM trawl.items t"
+            " JOIN trawl._loads d ON d.load_id = t._load_id",
             "loads": "SELECT staged_object, sha256, run_id, source, kind, rows, inserted, updated, unchanged,"
             " rejected FROM trawl._loads",
             "rejects": "SELECT run_id, source, key, url, reasons, record, staged_object, line FROM trawl._rejects",
-            "lineage": "SELECT * FROM trawl._lineage",
+            "lineage": "SELECT d.staged_object, l.key, l.line, l.change FROM trawl._lineage l"
+            " JOIN trawl._loads d ON d.load_id = l.load_id",
             "outcomes": "SELECT * FROM trawl._outcomes",
             "runs": "SELECT run_id, status, sources FROM trawl._runs",
             "schemas": "SELECT source, version, declared, changes, run_id FROM trawl._schemas",
@@ -596,7 +603,8 @@ async def test_kill_9_mid_part_then_rerun_gives_the_same_tables(
     loaded = {r[0] for r in await db.fetch("SELECT staged_object FROM trawl._loads")}
     assert target not in loaded
     assert {p.uri for p in manifests[0].parts} | {manifests[1].parts[0].uri, manifests[1].parts[1].uri} <= loaded
-    assert await db.fetchval("SELECT count(*) FROM trawl._lineage WHERE staged_object = $1", target) == 0
+    orphans = "SELECT count(*) FROM trawl._lineage l WHERE NOT EXISTS (SELECT 1 FROM trawl._loads d WHERE d.load_id = l.load_id)"
+    assert await db.fetchval(orphans) == 0
 
     rerun = await asyncio.to_thread(_child, database_url, stager.root)
     out, err = await asyncio.to_thread(rerun.communicate, timeout=120)

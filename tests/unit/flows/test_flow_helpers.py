@@ -172,3 +172,18 @@ async def test_the_flows_refuse_a_bad_run_id_before_anything_runs(flow: str, tmp
     }
     with pytest.raises(ParameterError, match="run_id"):
         await calls[flow]()
+
+
+def test_flow_forms_expose_the_incremental_overrides() -> None:
+    """The crawl and pipeline flows' parameter schema (the Prefect UI's form) has the incremental window."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.crawl import crawl
+    from flows.pipeline import pipeline
+
+    for flow_ in (crawl, pipeline):
+        schema = parameter_schema(flow_.fn).model_dump_for_openapi()
+        assert "incremental" in schema["properties"], flow_.name
+        override = schema["definitions"]["IncrementalOverride"]
+        assert set(override["properties"]) == {"initial_value", "end_value"}
+        assert "back-fill" in override["properties"]["end_value"]["description"]

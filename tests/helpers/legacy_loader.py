@@ -1,4 +1,7 @@
-"""The PostgreSQL loader: committed staged parts into typed, deduplicated tables, each part exactly once.
+"""The loader as it was before layout 2 (sinks/postgres.py at d7c9497), frozen: it writes layout 1 for the test
+that upgrades an old schema in place. Not used by trawl itself; do not change it.
+
+The PostgreSQL loader: committed staged parts into typed, deduplicated tables, each part exactly once.
 
 Per source and manifest, first the table is created or evolved to the declared
 fields (``ensure_table``: new columns back-filled from ``_extra``, lossless type
@@ -27,7 +30,7 @@ import asyncpg
 import orjson
 import structlog
 
-from sinks.validate import RecordValidator, check_manifest, coerce, jsonb, no_nul
+from sinks.validate import RecordValidator, coerce, jsonb, no_nul
 from trawl.errors import LoadError, StagingError, TooManyRejects
 from trawl.staging import Manifest, StagedPart, Stager
 
@@ -422,8 +425,6 @@ class Loader:
 
     async def prepare(self, manifest: Manifest) -> dict[str, str]:
         """Before a manifest's parts load: its table evolved to the declaration; returns field → type to load with."""
-        # First of all, before any DDL or check runs: the declaration re-validated, every check name resolved.
-        await asyncio.to_thread(check_manifest, manifest)
         if manifest.kind != "raw":
             return {}
         types = await self.ensure_table(manifest)

@@ -17,7 +17,7 @@ import orjson
 import structlog
 from prefect import flow
 
-from flows._common import current_flow_run_id, flow_metrics, settings_for
+from flows._common import current_flow_run_id, failed_sources, flow_metrics, flow_result, run_state, settings_for
 from flows.artifacts import publish_summary
 from flows.crawl import crawl
 from flows.load import load
@@ -38,7 +38,7 @@ async def pipeline(
     politeness: Politeness | None = None,
     dry_run: bool = False,
     resume_run_id: str | None = None,
-) -> dict[str, Any]:
+) -> Any:
     """Crawl SOURCES_FILE into staging and load the run into PostgreSQL.
 
     Sources that failed are still loaded as far as they got (with their outcomes),
@@ -47,18 +47,26 @@ async def pipeline(
     Secret block fails the run at once, naming the parameter. ``dry_run`` checks
     the parameters, the sources file and the database and stops there.
     ``resume_run_id`` continues a run that died (see the crawl flow) and loads it.
+
+    The run ends ``Failed`` when every source failed (its crawl or its load),
+    ``Degraded`` (a named ``Completed``) when some did, its message listing them.
     """
     selected = await asyncio.to_thread(check_sources, sources_file, sources)  # reads the sources file
     settings = await settings_for(staging, politeness, database_secret)
     if dry_run:
         pool = await open_pool(settings, max_size=1)
         await pool.close()
-    async with flow_metrics("pipeline", settings, "+".join(sorted(s.name for s in selected))) as measured:
+    async with flow_metrics("pipeline", settings) as measured:
         result = await _crawl_and_load(
             sources_file, sources, staging, database_secret, politeness, dry_run, resume_run_id
         )
-        measured.failed = any(c["status"] == "failed" for c in result["crawl"])
-    return result
+        failed = failed_sources(result["crawl"]) if not dry_run else {}
+        for name, loaded in result["load"].items():
+            if loaded.get("error"):
+                failed.setdefault(name, f"load failed: {loaded['error']}")
+        measured.failed_sources = len(failed)
+        measured.failed = bool(selected) and len(failed) >= len(selected)
+    return run_state(result, len(selected), failed)
 
 
 async def _crawl_and_load(
@@ -70,15 +78,18 @@ async def _crawl_and_load(
     dry_run: bool,
     resume_run_id: str | None = None,
 ) -> dict[str, Any]:
-    crawled = await crawl(
-        sources_file,
-        sources,
-        staging,
-        politeness,
-        dry_run,
-        publish=False,
-        resume_run_id=resume_run_id,
-        database_secret=database_secret,
+    crawled = await flow_result(
+        await crawl(
+            sources_file,
+            sources,
+            staging,
+            politeness,
+            dry_run,
+            publish=False,
+            resume_run_id=resume_run_id,
+            database_secret=database_secret,
+            return_state=True,
+        )
     )
     if dry_run:
         return {
@@ -88,7 +99,7 @@ async def _crawl_and_load(
             "crawl": crawled["sources"],
             "load": {},
         }
-    loaded = await load(staging, [crawled["run_id"]], None, database_secret)
+    loaded = await flow_result(await load(staging, [crawled["run_id"]], None, database_secret, return_state=True))
     await publish_summary(crawled["run_id"], crawled["sources"], loaded["sources"])
     return {
         "run_id": crawled["run_id"],
@@ -115,7 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = Settings()
     configure_logging(settings.log_format, settings.log_level)
-    result = asyncio.run(pipeline(args.sources_file, args.sources, args.staging, dry_run=args.dry_run))
+    result = asyncio.run(
+        flow_result(pipeline(args.sources_file, args.sources, args.staging, dry_run=args.dry_run, return_state=True))
+    )
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 1 if any(s.get("status") == "failed" for s in result["crawl"]) else 0
 

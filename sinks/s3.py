@@ -57,7 +57,7 @@ from trawl.staging import (
     summarize_runs,
 )
 
-__all__ = ["ResumeResult", "S3Stager"]
+__all__ = ["ResumeResult", "S3Stager", "spooled_parts"]
 
 log = structlog.get_logger("sinks.s3")
 
@@ -67,6 +67,11 @@ _READ_CHUNK = 1024 * 1024
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def spooled_parts(spool_root: Path) -> int:
+    """Parts waiting in a spool on disk (every run's), whoever left them there; blocking, run it in a thread."""
+    return sum(1 for _ in spool_root.rglob("part-*.jsonl.gz")) if spool_root.is_dir() else 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -190,6 +190,9 @@ class _AiohttpTransport:
             ),
             headers={"User-Agent": settings.user_agent},
         )
+        # aiohttp resends an idempotent request once on a fresh connection when the server drops one (RFC 9112
+        # 9.3.1): a second attempt that trawl's retry loop, breaker and metrics never see. trawl retries itself.
+        self._session._retry_connection = False
 
     async def get(self, url: str, headers: Mapping[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]:
         try:

@@ -218,9 +218,7 @@ async def _finish(
     summary["parts"] = len(raw.parts)
     summary["staged_bytes"] = sum(p.bytes for m in (outcomes, raw) for p in m.parts)
     result = SourceResult(source.name, status, time.monotonic() - started, summary, error, raw.uri)
-    log.info(
-        "source finished", status=status, error=error, seconds=round(result.seconds, 3), parts=len(raw.parts), **summary
-    )
+    log.info("source finished", status=status, error=error, seconds=round(result.seconds, 3), **summary)
     if error:
         raise SourceFailed(result)
     return result

@@ -212,9 +212,6 @@ async def _finish(
         raise failed(redact(str(exc))) from None
     if not broke:  # it ran to its end (a verdict of failure included): nothing left to resume
         await frontier.finish()
-    for m in (outcomes, raw):
-        METRICS.parts_uploaded.labels(source.name, m.kind).inc(len(m.parts))
-        METRICS.bytes_staged.labels(source.name).inc(sum(p.bytes for p in m.parts))
     summary["parts"] = len(raw.parts)
     summary["staged_bytes"] = sum(p.bytes for m in (outcomes, raw) for p in m.parts)
     result = SourceResult(source.name, status, time.monotonic() - started, summary, error, raw.uri)

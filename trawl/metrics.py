@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Final
 from urllib.error import HTTPError
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, pushadd_to_gateway, start_http_server
-from prometheus_client import metrics as _client_metrics
+from prometheus_client.metrics_core import Metric
 
 __all__ = [
     "BATCH_SERIES",
@@ -65,11 +65,24 @@ def status_class(status: int | None) -> str:
     return f"{status // 100}xx" if status else "error"
 
 
+class _Registry(CollectorRegistry):
+    """A registry that leaves out the ``*_created`` series of counters and histograms unless asked for (in this
+    registry only: the process's other registries keep prometheus_client's default)."""
+
+    created_series = False
+
+    def collect(self) -> Iterator[Metric]:
+        for family in super().collect():
+            if not self.created_series:
+                family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
+
+
 class Metrics:
     """trawl's metrics in their own registry (so tests and embedders can read or replace them)."""
 
     def __init__(self, max_hosts: int = 100) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = _Registry(auto_describe=True)
         self.max_hosts = max_hosts
         self._hosts: set[str] = set()
         self._lock = threading.Lock()
@@ -111,18 +124,6 @@ class Metrics:
         )
         self.records_staged = Counter(
             "trawl_records_staged_total", "Records written to staging.", ["source"], registry=r
-        )
-        self.bytes_staged = Counter(
-            "trawl_staged_bytes_total",
-            "Compressed bytes of staged parts (records and outcomes).",
-            ["source"],
-            registry=r,
-        )
-        self.parts_uploaded = Counter(
-            "trawl_parts_uploaded_total",
-            "Staged parts committed to the staging target.",
-            ["source", "kind"],
-            registry=r,
         )
         self.s3_uploaded_bytes = Counter(
             "trawl_s3_uploaded_bytes_total", "Bytes of staged parts uploaded to S3.", ["source"], registry=r
@@ -178,10 +179,7 @@ class Metrics:
     def configure(self, max_hosts: int, created_series: bool) -> None:
         """Apply the settings of the flow about to run (host cap, ``*_created`` series)."""
         self.max_hosts = max_hosts
-        if created_series:
-            _client_metrics.enable_created_metrics()  # type: ignore[no-untyped-call]
-        else:
-            _client_metrics.disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry.created_series = created_series
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Expose ``/metrics`` on ``addr:port`` for the rest of the process (idempotent); returns the port."""

@@ -35,7 +35,6 @@ async def test_retry_condition_sees_the_exception_inside_the_event_loop(exc: Bas
     assert retry_if_transient(None, _Run(), state) is retry  # type: ignore[arg-type]
 
 
-
 # Defined at import: Prefect reads a flow's source when it is made, a blocking call inside a test's event loop.
 _ATTEMPTS: dict[str, int] = {}
 

@@ -169,6 +169,8 @@ class S3Stager:
         self.settings = settings
         self.part_size = settings.s3_part_size
         self.spool_root = Path(settings.s3_spool_dir).resolve() / bucket
+        for kind in ("transient", "permanent"):  # from 0, so rate() sees the first failures of a short run
+            METRICS.s3_upload_failures.labels(kind)
         self._max_rows = part_max_records
         self._max_bytes = part_max_bytes
         self._client: Any = None

@@ -153,6 +153,8 @@ async def crawl_source(
             error: str | None = None
             try:
                 staged = METRICS.records_staged.labels(source.name)
+                for kind in OutcomeKind:  # from 0: increase() sees a short crawl's outcomes too
+                    METRICS.outcomes.labels(source.name, kind.value)
                 async for item in connector_for(source, ctx, frontier).fetch():
                     if isinstance(item, Settled):
                         await frontier.settled(item)

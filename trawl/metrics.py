@@ -163,8 +163,11 @@ class Metrics:
             self._breaker_of[host] = "closed"
         label = self.host(host)
         self.breakers.labels(label, "closed").inc()
-        for state in BREAKER_STATES[1:]:
-            self.breakers.labels(label, state).inc(0)  # every state's series exists, so a query sees 0, not nothing
+        # Every state's series exists from 0, so a query sees 0 rather than nothing, and increase() sees the
+        # first transition (a counter born at 1 shows no increase).
+        for state in BREAKER_STATES:
+            self.breakers.labels(label, state).inc(0)
+            self.breaker_transitions.labels(label, state).inc(0)
 
     def breaker_changed(self, host: str, state: str) -> None:
         """Record a breaker's new state (pybreaker's names: closed, open, half-open)."""

@@ -193,3 +193,38 @@ def test_dashboard_and_alerts_only_use_metrics_that_exist() -> None:
     assert _names_in(alerts) <= exposed, f"alert rules use unknown metrics: {sorted(_names_in(alerts) - exposed)}"
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids)) and dashboard["uid"] == "trawl"
+
+
+@pytest.mark.parametrize("behaviour", ["reset", "error500"])
+async def test_requests_counted_are_the_requests_the_server_saw(
+    behaviour: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One request counted per attempt the host sees, retries and robots.txt included (aiohttp resends none)."""
+    monkeypatch.setattr(METRICS, "max_hosts", len(METRICS._hosts) + 10)
+    settings = Settings(**EXPECTED_SETTINGS)
+    async with ChaosFleet([behaviour]) as fleet:
+        host = fleet.url(behaviour).split("//", 1)[1].rstrip("/")
+        before = METRICS.registry.get_sample_value
+        counted_before = sum(
+            before("trawl_requests_total", {"source": s, "host": host, "status_class": c}) or 0
+            for s in ("-", "counted")
+            for c in ("5xx", "error")
+        )
+        source = HtmlSource.model_validate(fleet.source("counted"))
+        async with Fetcher(settings) as fetcher:
+            stager = await asyncio.to_thread(LocalStager, tmp_path / "staging")  # resolves the path
+            with contextlib.suppress(SourceFailed):  # the host fails every request: the source fails
+                await crawl_source(source, run_id=new_run_id(), settings=settings, fetcher=fetcher, stager=stager)
+        seen = fleet.totals[behaviour]
+        expected = sum(fleet.expected[behaviour].requests.values())
+    counted = (
+        sum(
+            METRICS.registry.get_sample_value("trawl_requests_total", {"source": s, "host": host, "status_class": c})
+            or 0
+            for s in ("-", "counted")
+            for c in ("5xx", "error")
+        )
+        - counted_before
+    )
+    assert seen == expected
+    assert counted == seen

@@ -15,7 +15,7 @@ from prefect.client.schemas.objects import State, TaskRun
 from prefect.runtime import flow_run
 
 from flows.params import Politeness
-from trawl.errors import ParameterError, SourceBusy
+from trawl.errors import ParameterError, RunFailed, SourceBusy
 from trawl.masking import register_secret
 from trawl.metrics import METRICS, push_flow, push_source
 from trawl.retry import is_transient
@@ -215,7 +215,8 @@ def run_state(data: dict[str, Any], total: int, failed: Mapping[str, str]) -> St
     """A flow run's final state, from its sources' one status each: ``Completed`` when none failed,
     ``Failed`` when every one did, else ``Completed`` named ``Degraded`` whose message lists the failed ones.
 
-    The run's result (``data``) is the same in all three.
+    The run's result (``data``) is the same in all three; a Failed run holds it in a :class:`RunFailed`, which a
+    direct call of the flow raises (:func:`flow_result` returns the result from any of them).
     """
     from prefect.states import Completed, Failed
 
@@ -223,7 +224,9 @@ def run_state(data: dict[str, Any], total: int, failed: Mapping[str, str]) -> St
         return Completed(data=data, message=f"{total} source(s) complete")
     listed = "; ".join(f"{name}: {_short(error)}" for name, error in sorted(failed.items()))
     if len(failed) >= total:
-        return Failed(data=data, message=f"every source failed ({listed})")
+        message = f"every source failed ({listed})"
+        # An exception as the data: a direct caller (`await crawl(...)`) gets RunFailed, the result on it.
+        return Failed(data=RunFailed(message, data), message=message)
     return Completed(name="Degraded", data=data, message=f"{len(failed)} of {total} sources failed ({listed})")
 
 
@@ -236,6 +239,8 @@ async def flow_result(run: Awaitable[State[Any]] | State[Any]) -> dict[str, Any]
     ended Completed, Degraded or Failed with a result; the exception it raised, if it raised one."""
     state = run if isinstance(run, State) else await run
     value = await state.aresult(raise_on_failure=False)
+    if isinstance(value, RunFailed):
+        return value.result
     if isinstance(value, BaseException):
         raise value
     if not isinstance(value, dict):

@@ -26,12 +26,11 @@ from typing import Any
 
 import pytest
 import yaml
-from aiohttp import web
 
 from tests.conftest import TcpProxy
+from tests.helpers.misbehaving import MisbehavingSite
 from tests.helpers.net import free_port
 from tests.helpers.prometheus import get, start, tool
-from trawl.demo.site import ServerThread
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -40,58 +39,9 @@ TRAWL = str(Path(sys.executable).parent / "trawl")
 SLOW_PAGES = 6  # 6-8 s each, two at a time: ~20 s of crawling
 
 
-class _Misbehaving:
-    """Three hosts: ``ok`` (pages with an h1), ``err`` (every path 500), ``slow`` (pages after 6-8 s)."""
-
-    def __init__(self) -> None:
-        self.urls: dict[str, str] = {}
-        self._runners: list[web.AppRunner] = []
-
-    async def __aenter__(self) -> _Misbehaving:
-        async def ok(request: web.Request) -> web.Response:
-            return web.Response(text=f"<h1>page {request.match_info['n']}</h1>", content_type="text/html")
-
-        async def err(request: web.Request) -> web.Response:
-            return web.Response(status=500, text="boom")
-
-        async def slow(request: web.Request) -> web.Response:
-            n = int(request.match_info["n"])
-            await asyncio.sleep(6 + n % 3)
-            return web.Response(text=f"<h1>slow {n}</h1>", content_type="text/html")
-
-        for name, host, route, handler in (
-            ("ok", "127.0.0.21", "/ok/{n}", ok),
-            ("err", "127.0.0.22", "/{tail:.*}", err),
-            ("slow", "127.0.0.23", "/slow/{n}", slow),
-        ):
-            app = web.Application()
-            app.router.add_get(route, handler)
-            runner = web.AppRunner(app, shutdown_timeout=0.1)
-            await runner.setup()
-            port = free_port(host)
-            await web.TCPSite(runner, host, port).start()
-            self._runners.append(runner)
-            self.urls[name] = f"http://{host}:{port}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        for runner in self._runners:
-            await runner.cleanup()
-
-
-class _Site(ServerThread[_Misbehaving]):
-    what = "misbehaving site"
-
-    def __init__(self) -> None:
-        super().__init__(_Misbehaving())
-
-    def url(self, name: str) -> str:
-        return self.server.urls[name]
-
-
 @pytest.fixture
-def site() -> Iterator[_Site]:
-    with _Site() as s:
+def site() -> Iterator[MisbehavingSite]:
+    with MisbehavingSite() as s:
         yield s
 
 
@@ -162,7 +112,7 @@ def prometheus(tmp_path: Path, pushgateway: str) -> Iterator[tuple[Prometheus, i
         proc.wait(10)
 
 
-def _sources(path: Path, site: _Site, *, dead_fixed: bool = False) -> Path:
+def _sources(path: Path, site: MisbehavingSite, *, dead_fixed: bool = False) -> Path:
     ok, err, slow = site.url("ok"), site.url("err"), site.url("slow")
     dead = f"{ok}/ok/dead" if dead_fixed else f"http://127.0.0.24:{free_port('127.0.0.24')}/page"
     title = {"title": {"selector": "h1"}}
@@ -263,7 +213,7 @@ def env(
 
 
 async def test_alerts_fire_during_the_run_resolve_after_it_and_every_panel_shows_numbers(
-    site: _Site,
+    site: MisbehavingSite,
     prometheus: tuple[Prometheus, int],
     env: dict[str, str],
     s3_bucket: str,

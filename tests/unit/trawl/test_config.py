@@ -458,3 +458,21 @@ def test_frontier_and_shards_are_html_options_with_bounds(tmp_path: Path) -> Non
         """,
     )
     assert {field for _, field in where(problems(bad))} >= {"shards", "frontier"}
+
+
+def test_max_failed_ratio_out_of_range_names_entry_and_field(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        sources:
+          - name: shop
+            kind: html
+            urls: ["https://shop.example.com/"]
+            max_failed_ratio: 1.5
+            fields:
+              title: {selector: h1}
+        """,
+    )
+    (issue,) = problems(path)
+    assert (issue.entry, issue.field) == ("sources[0] (shop)", "max_failed_ratio")
+    assert "1" in issue.message

@@ -130,7 +130,8 @@ async def crawl_source(
     resume: bool = False,
     shard: int | None = None,
 ) -> SourceResult:
-    """Crawl one source to a committed manifest; raises SourceFailed (after committing) if it broke off or failed (:func:`verdict`).
+    """Crawl one source to a committed manifest; raises SourceFailed (after committing) if it broke off or
+    failed all the same (:func:`verdict`).
 
     The one source driver of every kind. The source's frontier (:func:`trawl.frontier.open_frontier`)
     decides what a failure leaves behind: an in-memory crawl commits what it staged

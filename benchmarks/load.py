@@ -1,22 +1,25 @@
-"""trawl's full PostgreSQL load against `psql \\copy` of the same rows: `make bench-load` (part of `make bench`).
+"""trawl's full PostgreSQL load side by side with `psql \\copy` and dlt: `make bench-load` (part of `make bench`).
 
-    python -m benchmarks.load [--rows 1000000] [--database-url postgresql://postgres@127.0.0.1:5432/postgres]
+    python -m benchmarks.load [--rows 1000000] [--database-url postgresql://postgres@127.0.0.1:5432/postgres] [--no-dlt]
 
-Stages two runs of one source (10 declared fields with rules: a pattern, min/max,
+Stages three runs of one source (10 declared fields with rules: a pattern, min/max,
 choices, a ``parse: number`` price; some undeclared fields for ``_extra``):
 
-- ``r0``: ROWS distinct keys, loaded first so the table already holds ROWS rows;
+- ``r0``: ROWS distinct keys, loaded first into the empty table (trawl into an empty table);
 - ``r1``: ROWS records, 10% of them duplicate keys (a later ``fetched_at``), keys
   overlapping half of ``r0``'s (half of those unchanged, half changed), a few
-  records that fail validation.
+  records that fail validation (the benchmark load, into the ROWS-row table);
+- ``r2``: ``r0``'s records fetched again, nothing changed (the re-load: it must
+  write no tuple to the table, counted in ``pg_stat_user_tables``).
 
-Then, each in a fresh subprocess so peak RSS is the loader's own, measures the
-load of ``r1`` (read parts, orjson decode, validate, dedup, COPY into a temp
-table, one upsert per part, lineage, ledger), and ``psql \\copy`` of the same
-ROWS records, flattened to CSV, into an empty unconstrained table with the same
-columns (the physical reference). Prints one JSON line per measurement and a
-summary with rows/s of both, their ratio and the loader's peak RSS. Everything
-happens in a scratch database that is dropped afterwards.
+Measured in one run, each in a fresh subprocess (fork + exec: its peak RSS is its
+own): ``psql \\copy`` of ``r1`` flattened to CSV into an empty unconstrained table
+with the same columns (the physical reference), trawl's loads of ``r0``, ``r1``,
+``r2`` (rows/s, the loader's CPU, its PostgreSQL backends' CPU, seconds by phase),
+and dlt's ``merge`` (primary key, ``dedup_sort``, CSV/COPY files, prices pre-parsed)
+of ``r1`` into a table holding ``r0`` (needs the ``bench`` extra). Prints one JSON
+line per measurement and a summary against the targets. Everything happens in a
+scratch database that is dropped afterwards.
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ import asyncio
 import csv
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -107,6 +113,12 @@ async def _stage(stager: LocalStager, rows: int) -> None:
             data["qty"] = -1  # fails `min: 0`: a reject
         await s1.records.write(Record(SOURCE, str(k), f"https://b.test/{k}", at, "r1", data).envelope())
     await s1.commit(status="complete", schema=SCHEMA, stats={"records": rows})
+    # r2: r0's records fetched again, nothing changed: the re-load that must write nothing to the table.
+    s2 = stager.open_source(SOURCE, "r2", T0 + timedelta(days=3))
+    for i in range(rows):
+        at = T0 + timedelta(days=3)
+        await s2.records.write(Record(SOURCE, str(i), f"https://b.test/{i}", at, "r2", _data(i, 0)).envelope())
+    await s2.commit(status="complete", schema=SCHEMA, stats={"records": rows})
 
 
 def _csv(stager: LocalStager, path: Path) -> int:
@@ -137,23 +149,38 @@ def _csv(stager: LocalStager, path: Path) -> int:
 
 
 async def _child_load(dsn: str, staging: str, run_id: str) -> None:
-    """In a subprocess: load one run and print its figures (RSS measured by the parent)."""
+    """In a subprocess: load one run and print its figures (its own peak RSS, its backends' CPU, phases)."""
     from sinks.postgres import Loader
     from trawl.database import connect_pool
     from trawl.logs import configure_logging
 
     configure_logging("json", "WARNING")
     stager = LocalStager(Path(staging))
-    pool = await connect_pool(dsn, max_size=2)
+    pool = await connect_pool(dsn, min_size=2, max_size=2)
     try:
+        async with pool.acquire() as conn:
+            pids = [
+                r[0] for r in await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+            ]
+            writes = await conn.fetchval(_WRITES, SOURCE)
+        pg_cpu0 = sum(_proc_cpu(p) for p in pids)
         loader = Loader(pool, stager, max_reject_rate=0.05)
         await loader.setup()
         [manifest] = [m for m in await stager.manifests("raw") if m.run_id == run_id]
         t0 = time.perf_counter()
         results = await loader.load_manifest(manifest)
         dt = time.perf_counter() - t0
+        pg_cpu = sum(_proc_cpu(p) for p in pids) - pg_cpu0
+        async with pool.acquire() as conn:
+            await conn.execute("SELECT pg_stat_force_next_flush()")
+            await asyncio.sleep(0.7)  # the cumulative statistics reach the views after a flush
+            writes = (await conn.fetchval(_WRITES, SOURCE) or 0) - (writes or 0)
     finally:
         await pool.close()
+    phases: dict[str, float] = {}
+    for r in results:
+        for k, v in r.phases.items():
+            phases[k] = phases.get(k, 0.0) + v
     print(
         orjson.dumps(
             {
@@ -163,9 +190,26 @@ async def _child_load(dsn: str, staging: str, run_id: str) -> None:
                 "updated": sum(r.updated for r in results),
                 "unchanged": sum(r.unchanged for r in results),
                 "rejected": sum(r.rejected for r in results),
+                "table_tuples_written": writes,
+                "pg_cpu_s": round(pg_cpu, 2),
+                "phases_s": {k: round(v, 2) for k, v in phases.items()},
+                "self_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             }
         ).decode()
     )
+
+
+# Rows inserted or updated in the source table so far (cumulative statistics).
+_WRITES = "SELECT n_tup_ins + n_tup_upd FROM pg_stat_user_tables WHERE schemaname = 'trawl' AND relname = $1"
+
+
+def _proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a local process (a PostgreSQL backend on this machine), 0 if unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _load_in_child(dsn: str, staging: Path, run_id: str) -> dict[str, Any]:
@@ -183,13 +227,100 @@ def _load_in_child(dsn: str, staging: Path, run_id: str) -> dict[str, Any]:
         ],
         stdout=subprocess.PIPE,
     )
-    _, status, usage = os.wait4(proc.pid, 0)
     out = proc.stdout.read() if proc.stdout else b""
+    _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         raise SystemExit(f"loader child failed with status {status}")
     figures: dict[str, Any] = orjson.loads(out.splitlines()[-1])
+    # fork + exec: the child's high-water mark is its own, not the parent's it was forked from.
     figures["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
     figures["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 2)
+    figures["rows_per_s"] = round(figures["rows"] / figures["seconds"])
+    return figures
+
+
+def _dlt_rows(stager: LocalStager, run_id: str) -> Iterator[list[dict[str, Any]]]:
+    """A run's records as dlt gets them: flat, prices pre-parsed (dlt has no parse rule), in batches."""
+    batch: list[dict[str, Any]] = []
+    for part in staged_parts(stager.root, SOURCE, run_id=run_id):
+        for env in part_lines(part):
+            d = dict(env["data"])
+            if isinstance(d.get("price"), str):
+                d["price"] = float(d["price"].replace(",", ""))
+            d.update(_key=env["key"], _url=env["url"], _content_hash=env["content_hash"], _fetched_at=env["fetched_at"])
+            batch.append(d)
+            if len(batch) == 10_000:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def _child_dlt(dsn: str, staging: str) -> None:
+    """In a subprocess: dlt `merge` (primary key, dedup_sort, CSV/COPY files) of r0, then r1 timed."""
+    import dlt
+
+    stager = LocalStager(Path(staging))
+    types = {"int": "bigint", "text": "text", "float": "double", "bool": "bool", "date": "date"}
+    columns: dict[str, Any] = {k: {"data_type": types.get(v["type"], "timestamp")} for k, v in FIELDS.items()}
+    columns["_fetched_at"] = {"data_type": "timestamp", "dedup_sort": "desc"}
+    with tempfile.TemporaryDirectory() as tmp:
+        pipeline = dlt.pipeline(
+            pipeline_name="trawl_bench",
+            destination=dlt.destinations.postgres(credentials=_dlt_credentials(dsn)),
+            dataset_name="dlt_bench",
+            pipelines_dir=tmp,
+        )
+
+        def resource(run_id: str) -> Any:
+            return dlt.resource(
+                _dlt_rows(stager, run_id),
+                name=SOURCE,
+                primary_key="_key",
+                write_disposition={"disposition": "merge", "strategy": "delete-insert"},
+                columns=columns,
+            )
+
+        pipeline.run(resource("r0"), loader_file_format="csv")
+        t0 = time.perf_counter()
+        pipeline.run(resource("r1"), loader_file_format="csv")
+        dt = time.perf_counter() - t0
+    print(orjson.dumps({"rows": sum(1 for _ in _flat(stager, "r1")), "seconds": dt}).decode())
+
+
+def _dlt_credentials(dsn: str) -> dict[str, Any]:
+    """dlt insists on a password: any will do on a trust-auth server."""
+    u = urlsplit(dsn)
+    return {
+        "database": u.path.lstrip("/"),
+        "username": u.username or "postgres",
+        "password": u.password or "trust",
+        "host": u.hostname or "127.0.0.1",
+        "port": u.port or 5432,
+    }
+
+
+def _flat(stager: LocalStager, run_id: str) -> Iterator[dict[str, Any]]:
+    for batch in _dlt_rows(stager, run_id):
+        yield from batch
+
+
+def _dlt_in_child(dsn: str, staging: Path) -> dict[str, Any] | None:
+    try:
+        import dlt  # noqa: F401
+    except ImportError:
+        return None
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.load", "--child-dlt", "--database-url", dsn, "--staging", str(staging)],
+        stdout=subprocess.PIPE,
+    )
+    out = proc.stdout.read() if proc.stdout else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"dlt child failed with status {status}")
+    figures: dict[str, Any] = orjson.loads(out.splitlines()[-1])
+    figures["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 2)
+    figures["rows_per_s"] = round(figures["rows"] / figures["seconds"])
     return figures
 
 
@@ -227,11 +358,16 @@ def main() -> None:
         default=os.environ.get("TRAWL_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
         help="a server where a scratch database may be created (default: the local test server)",
     )
+    parser.add_argument("--no-dlt", action="store_true", help="skip dlt's merge (also skipped when dlt is missing)")
     parser.add_argument("--child-load", metavar="RUN_ID", help=argparse.SUPPRESS)
+    parser.add_argument("--child-dlt", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--staging", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_load:
         asyncio.run(_child_load(args.database_url, args.staging, args.child_load))
+        return
+    if args.child_dlt:
+        _child_dlt(args.database_url, args.staging)
         return
 
     with scratch_database(args.database_url, "trawl_bench") as dsn, tempfile.TemporaryDirectory() as tmp:
@@ -239,25 +375,38 @@ def main() -> None:
         stager = LocalStager(staging)
         t0 = time.perf_counter()
         asyncio.run(_stage(stager, args.rows))
-        _line(bench="load.stage", rows=2 * args.rows, seconds=round(time.perf_counter() - t0, 2))
-        r0 = _load_in_child(dsn, staging, "r0")
-        _line(bench="load.trawl_into_empty", **r0, rows_per_s=round(r0["rows"] / r0["seconds"]))
-        r1 = _load_in_child(dsn, staging, "r1")
-        _line(bench="load.trawl", **r1, rows_per_s=round(r1["rows"] / r1["seconds"]))
+        _line(bench="load.stage", rows=3 * args.rows, seconds=round(time.perf_counter() - t0, 2))
         csv_path = Path(tmp) / "r1.csv"
         n = _csv(stager, csv_path)
         copy_s = _psql_copy(dsn, csv_path)
-        _line(bench="load.psql_copy", rows=n, seconds=round(copy_s, 2), rows_per_s=round(n / copy_s))
-        ratio = (r1["rows"] / r1["seconds"]) / (n / copy_s)
+        copy_rps = n / copy_s
+        _line(bench="load.psql_copy", rows=n, seconds=round(copy_s, 2), rows_per_s=round(copy_rps))
+        r0 = _load_in_child(dsn, staging, "r0")
+        _line(bench="load.trawl_into_empty", **r0, vs_copy=round(r0["rows_per_s"] / copy_rps, 3))
+        r2 = _load_in_child(dsn, staging, "r2")  # before r1: the table holds exactly r0's content
+        _line(bench="load.trawl_reload_unchanged", **r2, vs_copy=round(r2["rows_per_s"] / copy_rps, 3))
+        r1 = _load_in_child(dsn, staging, "r1")
+        _line(bench="load.trawl", **r1, vs_copy=round(r1["rows_per_s"] / copy_rps, 3))
+        dlt = None if args.no_dlt else _dlt_in_child(dsn, staging)
+        if dlt is not None:
+            _line(bench="load.dlt_merge", **dlt, vs_copy=round(dlt["rows_per_s"] / copy_rps, 3))
         _line(
             bench="load.summary",
-            trawl_rows_per_s=round(r1["rows"] / r1["seconds"]),
-            psql_copy_rows_per_s=round(n / copy_s),
-            ratio=round(ratio, 3),
-            target=0.5,
-            ok=ratio >= 0.5,
-            trawl_peak_rss_mb=r1["peak_rss_mb"],
-            table_rows_before=r0["inserted"],
+            psql_copy_rows_per_s=round(copy_rps),
+            into_empty_vs_copy=round(r0["rows_per_s"] / copy_rps, 3),
+            benchmark_vs_copy=round(r1["rows_per_s"] / copy_rps, 3),
+            reload_vs_copy=round(r2["rows_per_s"] / copy_rps, 3),
+            benchmark_vs_dlt=round(r1["rows_per_s"] / dlt["rows_per_s"], 1) if dlt else None,
+            reload_tuples_written=r2["table_tuples_written"],
+            peak_rss_mb=max(r["peak_rss_mb"] for r in (r0, r1, r2)),
+            ok={
+                "into_empty>=0.5": r0["rows_per_s"] >= 0.5 * copy_rps,
+                "benchmark>=0.35": r1["rows_per_s"] >= 0.35 * copy_rps,
+                "reload>=0.5": r2["rows_per_s"] >= 0.5 * copy_rps,
+                "reload_writes_nothing": r2["table_tuples_written"] == 0,
+                ">=5x_dlt": bool(dlt) and r1["rows_per_s"] >= 5 * dlt["rows_per_s"],
+                "rss<=250MB": max(r["peak_rss_mb"] for r in (r0, r1, r2)) <= 250,
+            },
         )
 
 

@@ -21,8 +21,19 @@ from flows._common import (
     source_lock,
 )
 from flows.artifacts import crawl_progress, publish_crawl, publish_summary
-from flows.params import Politeness, SecretBlockName, SourceName, SourcesPath, StagingURL, check_sources
+from flows.params import (
+    IncrementalOverride,
+    Politeness,
+    RunId,
+    SecretBlockName,
+    SourceName,
+    SourcesPath,
+    StagingURL,
+    check_run_ids,
+    check_sources,
+)
 from sinks.postgres import load_validators
+from sinks.state import start_state
 from sinks.targets import open_stager
 from trawl.config import AnySource, ApiSource, HtmlSource
 from trawl.connectors.base import SourceStats, Validators
@@ -31,6 +42,7 @@ from trawl.database import connect_pool
 from trawl.errors import DatabaseRefused, DatabaseUnavailable, ParameterError, SourceFailed
 from trawl.fetch import Fetcher
 from trawl.frontier import durable, sharded
+from trawl.incremental import CursorValue, CursorWindow, window_for
 from trawl.logs import bind, redact
 from trawl.metrics import push_spool
 from trawl.settings import Settings
@@ -61,6 +73,7 @@ async def crawl_source_task(
     stager: Stager,
     stats: SourceStats,
     resume: bool = False,
+    incremental: IncrementalOverride | None = None,
 ) -> SourceResult:
     """One source's crawl, as its own task run in the UI (failed sources show as failed tasks).
 
@@ -79,6 +92,7 @@ async def crawl_source_task(
             validators=await _validators(settings, name),
             stats=stats,
             resume=resume and durable(source, settings),
+            incremental=await _window(settings, source, run_id, incremental),
         )
 
 
@@ -208,6 +222,40 @@ async def _validators(settings: Settings, source: str) -> dict[str, Validators]:
         await pool.close()
 
 
+async def _window(
+    settings: Settings, source: AnySource, run_id: str, override: IncrementalOverride | None
+) -> CursorWindow | None:
+    """The incremental window of an api source with ``incremental``: from the state its run starts from."""
+    if not isinstance(source, ApiSource) or source.incremental is None:
+        return None
+    inc = source.incremental
+    initial = _like(override.initial_value if override else None, inc.initial_value)
+    end = _like(override.end_value if override else None, inc.initial_value)
+    stored = None
+    dsn = settings.database_dsn()
+    if dsn:
+        pool = await connect_pool(dsn, max_size=1)  # no state, no incremental run: a database error fails it
+        try:
+            stored = await start_state(pool, settings.db_schema, source.name, run_id)
+        finally:
+            await pool.close()
+    else:
+        log.warning("no database: incremental state not read, the run asks from initial_value", source=source.name)
+    window = window_for(inc, stored, initial_value=initial, end_value=end)
+    log.info("incremental window", source=source.name, stored=stored, start=window.start_value, end=window.end_value)
+    return window
+
+
+def _like(value: str | None, example: CursorValue | None) -> CursorValue | None:
+    """An override (a string from the form) as a number when the source's cursor is one."""
+    if value is None or not isinstance(example, int | float) or isinstance(example, bool):
+        return value
+    try:
+        return int(value) if isinstance(example, int) else float(value)
+    except ValueError:
+        raise ParameterError("incremental", f"{value!r} is not a number, as the cursor's initial_value is") from None
+
+
 def _plan(source: AnySource) -> dict[str, Any]:
     if isinstance(source, HtmlSource):
         seeds = source.start_urls
@@ -225,10 +273,11 @@ async def crawl(
     staging: StagingURL | None = None,
     politeness: Politeness | None = None,
     dry_run: bool = False,
-    run_id: str | None = None,
+    run_id: RunId | None = None,
     publish: bool = True,
-    resume_run_id: str | None = None,
+    resume_run_id: RunId | None = None,
     database_secret: SecretBlockName | None = None,
+    incremental: IncrementalOverride | None = None,
 ) -> Any:
     """Crawl the sources of SOURCES_FILE (all enabled ones, or those named) and stage them.
 
@@ -238,12 +287,15 @@ async def crawl(
     returns the plan without a request. ``resume_run_id`` continues a run that died:
     sources it committed are left as they are, sources with the durable frontier
     carry on where their last checkpoint left them, the others crawl again. ``publish`` adds the run summary artifact
-    (the pipeline publishes its own, with the load's rejects).
+    (the pipeline publishes its own, with the load's rejects). ``incremental`` overrides the
+    window of the sources with ``incremental``: start from ``initial_value`` instead of the
+    stored state, and/or stop at ``end_value`` (a back-fill: the state stays).
 
     The run ends ``Failed`` when every source failed and ``Degraded`` (a named
     ``Completed``) when some did, its message listing them; the result is the
     same dict either way (``flows._common.flow_result`` reads it from the state).
     """
+    check_run_ids(run_id=run_id, resume_run_id=resume_run_id)
     selected = await asyncio.to_thread(check_sources, sources_file, sources)  # reads the sources file
     settings = await settings_for(staging, politeness, database_secret)
     stager = await asyncio.to_thread(open_stager, settings.staging, settings=settings)  # resolves a local path
@@ -270,7 +322,9 @@ async def crawl(
     async with flow_metrics("crawl", settings) as measured:
         async with stager:
             await _resume_spooled(stager)
-            results = await _crawl_all(selected, run_id, settings, stager, resume=bool(resume_run_id))
+            results = await _crawl_all(
+                selected, run_id, settings, stager, resume=bool(resume_run_id), incremental=incremental
+            )
         failed = failed_sources(results)
         measured.failed_sources = len(failed)
         measured.failed = bool(results) and len(failed) == len(results)
@@ -331,7 +385,13 @@ async def _check_resumable(selected: list[AnySource], run_id: str, settings: Set
 
 
 async def _crawl_all(
-    selected: list[AnySource], run_id: str, settings: Settings, stager: Stager, *, resume: bool = False
+    selected: list[AnySource],
+    run_id: str,
+    settings: Settings,
+    stager: Stager,
+    *,
+    resume: bool = False,
+    incremental: IncrementalOverride | None = None,
 ) -> list[dict[str, Any]]:
     """Every source as its own task, all at once in this loop, sharing one Fetcher; their results in order."""
     if resume:
@@ -343,13 +403,19 @@ async def _crawl_all(
     for s in todo:
         if resume and not durable(s, settings):
             log.warning("resumed run: source has no durable frontier, crawled again from the start", source=s.name)
-    results = await _crawl_sources(todo, run_id, settings, stager, resume=resume)
+    results = await _crawl_sources(todo, run_id, settings, stager, resume=resume, incremental=incremental)
     by_name = {r["source"]: r for r in results} | done
     return [by_name[s.name] for s in selected]
 
 
 async def _crawl_sources(
-    selected: list[AnySource], run_id: str, settings: Settings, stager: Stager, *, resume: bool
+    selected: list[AnySource],
+    run_id: str,
+    settings: Settings,
+    stager: Stager,
+    *,
+    resume: bool,
+    incremental: IncrementalOverride | None = None,
 ) -> list[dict[str, Any]]:
     log.info("crawl started", sources=[s.name for s in selected], staging=stager.uri)
     stats = [SourceStats() for _ in selected]
@@ -357,7 +423,9 @@ async def _crawl_sources(
         # With return_state=True Prefect returns awaitable states; its overloads type them as plain States.
         states = await asyncio.gather(
             *(
-                crawl_source_task(s.name, s, run_id, settings, fetcher, stager, st, resume, return_state=True)  # type: ignore[call-overload]
+                crawl_source_task(  # type: ignore[call-overload]
+                    s.name, s, run_id, settings, fetcher, stager, st, resume, incremental, return_state=True
+                )
                 for s, st in zip(selected, stats, strict=True)
             )
         )

@@ -14,8 +14,9 @@ from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
 from flows._common import current_flow_run_id, flow_metrics, push_sources, retry_if_transient, run_state, settings_for
-from flows.params import SecretBlockName, SourceName, StagingURL
+from flows.params import RunId, SecretBlockName, SourceName, StagingURL, check_run_ids
 from sinks.postgres import Loader, PartLoad
+from sinks.state import advance_state
 from sinks.targets import open_stager
 from trawl.database import open_pool
 from trawl.logs import bind
@@ -75,6 +76,8 @@ async def _load_source(loader: Loader, manifests: list[Manifest], todo: set[str]
                     METRICS.rows_loaded.labels(m.source, result).inc(getattr(loaded, result))
             results.append(loaded)
         await loader.finish(m)
+        # Every part of the run is in: now (and only now) its incremental state moves (sinks/state.py).
+        await advance_state(loader.pool, loader.schema, m)
     return results
 
 
@@ -94,7 +97,7 @@ def _totals(loads: list[PartLoad]) -> dict[str, int]:
 @flow(name="load")
 async def load(
     staging: StagingURL | None = None,
-    run_ids: list[str] | None = None,
+    run_ids: list[RunId] | None = None,
     sources: list[SourceName] | None = None,
     database_secret: SecretBlockName | None = None,
     dry_run: bool = False,
@@ -109,6 +112,7 @@ async def load(
     The run ends ``Failed`` when every source's load failed, ``Degraded`` (a
     named ``Completed``) when some did; its result is the per-source totals.
     """
+    check_run_ids(run_ids=run_ids)
     settings = await settings_for(staging, database_secret=database_secret)
     bind(flow_run_id=current_flow_run_id())
     async with await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager:

@@ -10,21 +10,26 @@ and the flow validates them again when it starts. What a schema cannot say
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from trawl.config import Source, load_sources, select_sources
-from trawl.errors import ConfigError, ParameterError
+from trawl.errors import ConfigError, ParameterError, StagingError
+from trawl.staging import RUN_ID_PATTERN, check_run_id
 
 __all__ = [
     "STAGING_PATTERN",
+    "IncrementalOverride",
     "Politeness",
+    "RunId",
     "SecretBlockName",
     "SourceName",
     "SourcesPath",
     "StagingURL",
+    "check_run_ids",
     "check_sources",
+    "secret_block",
 ]
 
 # file://DIR, s3://BUCKET[/PREFIX] or a plain relative/absolute path; what open_stager accepts.
@@ -54,6 +59,14 @@ StagingURL = Annotated[
     ),
     AfterValidator(_check_staging),
 ]
+RunId = Annotated[
+    str,
+    Field(
+        pattern=f"^{RUN_ID_PATTERN}$",
+        description="A run id (letters, digits, `_`, `.`, `-`; it names staging paths).",
+        examples=["20261128T121501Z-3f9a1c"],
+    ),
+]
 SecretBlockName = Annotated[
     str,
     Field(
@@ -78,10 +91,65 @@ class Politeness(BaseModel):
         return self.model_dump(exclude_none=True)
 
 
-def check_sources(sources_file: str, names: list[str] | None) -> list[Source]:
-    """The sources to run; a missing file, a bad file or an unknown name is a ParameterError."""
+class IncrementalOverride(BaseModel):
+    """Per-run overrides of the incremental window of the sources with `incremental` (empty: the stored state)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    initial_value: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Start from this value instead of the stored state (e.g. 2024-01-01T00:00:00Z).",
+        examples=["2024-01-01T00:00:00Z"],
+    )
+    end_value: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Up to this value: a back-fill, which leaves the stored state where it is.",
+        examples=["2024-02-01T00:00:00Z"],
+    )
+
+
+def check_run_ids(**run_ids: str | list[str] | None) -> None:
+    """ParameterError naming the parameter whose run id could not be a staging path (``../``, a newline, ...).
+
+    Prefect checks the ``RunId`` annotation when it validates parameters; this holds for direct calls too.
+    """
+    for parameter, value in run_ids.items():
+        for run_id in [value] if isinstance(value, str) else value or []:
+            try:
+                check_run_id(run_id)
+            except StagingError as exc:
+                raise ParameterError(parameter, str(exc)) from None
+
+
+def secret_block(name: str) -> str:
+    """The string a Prefect Secret block holds (``${secret:NAME}`` in a sources file); ConfigError if none.
+
+    Synchronous: called by :func:`check_sources` in a worker thread, where Prefect's
+    ``Secret.load`` runs without an event loop.
+    """
+    from prefect.blocks.system import Secret
+    from prefect.exceptions import ObjectNotFound
+
     try:
-        spec = load_sources(sources_file)
+        # _sync: this thread inherited the flow run's context, which Prefect would take for an async caller.
+        block: Secret[Any] = Secret.load(name, _sync=True)  # type: ignore[call-arg,assignment]
+    except (ValueError, ObjectNotFound) as exc:
+        raise ConfigError(f"no Prefect Secret block named {name!r}: {exc}") from None
+    value = block.get()
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"Prefect Secret block {name!r} does not hold a string")
+    return value
+
+
+def check_sources(sources_file: str, names: list[str] | None) -> list[Source]:
+    """The sources to run; a missing file, a bad file or an unknown name is a ParameterError.
+
+    ``${secret:NAME}`` references are resolved from Prefect Secret blocks here, in the run.
+    """
+    try:
+        spec = load_sources(sources_file, secret_blocks=secret_block)
     except ConfigError as exc:
         raise ParameterError("sources_file", "; ".join(exc.lines())) from None
     try:

@@ -21,7 +21,17 @@ from flows._common import current_flow_run_id, failed_sources, flow_metrics, flo
 from flows.artifacts import publish_summary
 from flows.crawl import crawl
 from flows.load import load
-from flows.params import Politeness, SecretBlockName, SourceName, SourcesPath, StagingURL, check_sources
+from flows.params import (
+    IncrementalOverride,
+    Politeness,
+    RunId,
+    SecretBlockName,
+    SourceName,
+    SourcesPath,
+    StagingURL,
+    check_run_ids,
+    check_sources,
+)
 from trawl.database import open_pool
 
 __all__ = ["main", "pipeline"]
@@ -37,7 +47,8 @@ async def pipeline(
     database_secret: SecretBlockName | None = None,
     politeness: Politeness | None = None,
     dry_run: bool = False,
-    resume_run_id: str | None = None,
+    resume_run_id: RunId | None = None,
+    incremental: IncrementalOverride | None = None,
 ) -> Any:
     """Crawl SOURCES_FILE into staging and load the run into PostgreSQL.
 
@@ -47,10 +58,13 @@ async def pipeline(
     Secret block fails the run at once, naming the parameter. ``dry_run`` checks
     the parameters, the sources file and the database and stops there.
     ``resume_run_id`` continues a run that died (see the crawl flow) and loads it.
+    ``incremental`` overrides the incremental window (see the crawl flow); the load
+    moves a source's stored state only when its run is complete and its load committed.
 
     The run ends ``Failed`` when every source failed (its crawl or its load),
     ``Degraded`` (a named ``Completed``) when some did, its message listing them.
     """
+    check_run_ids(resume_run_id=resume_run_id)
     selected = await asyncio.to_thread(check_sources, sources_file, sources)  # reads the sources file
     settings = await settings_for(staging, politeness, database_secret)
     if dry_run:
@@ -58,7 +72,7 @@ async def pipeline(
         await pool.close()
     async with flow_metrics("pipeline", settings) as measured:
         result = await _crawl_and_load(
-            sources_file, sources, staging, database_secret, politeness, dry_run, resume_run_id
+            sources_file, sources, staging, database_secret, politeness, dry_run, resume_run_id, incremental
         )
         failed = failed_sources(result["crawl"]) if not dry_run else {}
         for name, loaded in result["load"].items():
@@ -77,6 +91,7 @@ async def _crawl_and_load(
     politeness: Politeness | None,
     dry_run: bool,
     resume_run_id: str | None = None,
+    incremental: IncrementalOverride | None = None,
 ) -> dict[str, Any]:
     crawled = await flow_result(
         await crawl(
@@ -88,6 +103,7 @@ async def _crawl_and_load(
             publish=False,
             resume_run_id=resume_run_id,
             database_secret=database_secret,
+            incremental=incremental,
             return_state=True,
         )
     )

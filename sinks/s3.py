@@ -53,6 +53,8 @@ from trawl.staging import (
     SourceStage,
     StagedPart,
     StreamKind,
+    check_run_id,
+    check_run_path,
     run_path_parts,
     summarize_runs,
 )
@@ -61,7 +63,7 @@ __all__ = ["ResumeResult", "S3Stager", "spooled_parts"]
 
 log = structlog.get_logger("sinks.s3")
 
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")  # the whole name: fullmatch
 _READ_CHUNK = 1024 * 1024
 
 
@@ -192,7 +194,7 @@ class S3Stager:
     def check_url(url: str) -> None:
         """A ConfigError unless ``url`` is ``s3://BUCKET[/PREFIX]`` with a valid bucket name."""
         bucket = urlsplit(url).netloc
-        if not _BUCKET.match(bucket or ""):
+        if not _BUCKET.fullmatch(bucket or ""):
             raise ConfigError(f"staging {url}: {bucket!r} is not a valid S3 bucket name")
 
     @classmethod
@@ -259,6 +261,7 @@ class S3Stager:
     # -- writing ---------------------------------------------------------------------------------------------
 
     def _run_key(self, kind: StreamKind, source: str, dt: str, run_id: str) -> str:
+        check_run_path(source, run_id)  # never a key (or spool path) outside the prefix (`../`)
         return f"{self.prefix}{kind}/source={source}/dt={dt}/run={run_id}"
 
     def _object_args(self, key: str) -> dict[str, Any]:
@@ -564,6 +567,8 @@ class S3Stager:
 
     async def resume(self, run_id: str | None = None) -> list[ResumeResult]:
         """Finish staging runs left in the spool (one run, or all): upload their parts, then their manifests."""
+        if run_id is not None:
+            check_run_id(run_id)  # it becomes a glob under the spool
         results = []
         for spool in await asyncio.to_thread(self._spooled_runs, run_id):
             results.append(await self._resume_one(spool))

@@ -34,6 +34,7 @@ from trawl.staging import (
     SourceStage,
     StagedPart,
     StreamKind,
+    check_run_path,
     run_path_parts,
     summarize_runs,
 )
@@ -178,6 +179,7 @@ class LocalStager:
         return None
 
     def _run_dir(self, kind: StreamKind, source: str, dt: str, run_id: str) -> Path:
+        check_run_path(source, run_id)  # never a path outside the root (`../`)
         return self.root / kind / f"source={source}" / f"dt={dt}" / f"run={run_id}"
 
     def open_source(self, source: str, run_id: str, started: datetime) -> SourceStage:

@@ -20,13 +20,15 @@ Coercion rules (JSON value → column type):
 
 Custom checks are named Python callables ``check(value, data) -> None | bool | str``:
 ``None``/``True`` pass, ``False`` fails, a string fails with that reason, and a
-``ValueError`` fails with its message. Register one with :func:`register_check`
-(in a module your sources file's checks import) or name it as ``module:function``.
+``ValueError`` fails with its message. They are looked up by registered name only
+(:mod:`trawl.checks`: registered in code or installed as a ``trawl.checks`` entry
+point), never imported from a path a manifest names. :func:`check_manifest`
+re-validates a manifest's declaration and resolves its checks before the loader
+touches the database or runs any check.
 """
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime
@@ -34,11 +36,16 @@ from typing import Any
 
 import orjson
 
-from trawl.errors import LoadError
+from trawl import checks
+from trawl.checks import Check
+from trawl.config import manifest_schema
+from trawl.errors import ConfigError, LoadError
+from trawl.staging import Manifest
 
 __all__ = [
     "Check",
     "RecordValidator",
+    "check_manifest",
     "coerce",
     "jsonb",
     "no_nul",
@@ -47,7 +54,9 @@ __all__ = [
     "resolve_check",
 ]
 
-Check = Callable[[Any, Mapping[str, Any]], "bool | str | None"]
+register_check = checks.register
+"""``trawl.checks.register``, kept under the name the loader has always offered."""
+resolve_check = checks.resolve
 
 _INT = re.compile(r"^[+-]?\d+$")
 _TRUE = {"true", "t", "yes", "y", "1", "on"}
@@ -190,49 +199,25 @@ def coerce(value: Any, kind: str, *, parse: str | None = None) -> Any:
     raise ValueError(f"unknown type {kind!r}")
 
 
-_CHECKS: dict[str, Check] = {}
+def check_manifest(manifest: Manifest) -> None:
+    """Refuse a manifest whose declaration the sources file's models reject or that names an unknown check.
 
-
-def register_check(name: str) -> Callable[[Check], Check]:
-    """Register a custom check under ``name`` so fields can list it in ``checks:``."""
-
-    def add(fn: Check) -> Check:
-        _CHECKS[name] = fn
-        return fn
-
-    return add
-
-
-def resolve_check(name: str) -> Check:
-    """A registered check, or ``module:function`` imported; ValueError saying which is missing."""
-    if name in _CHECKS:
-        return _CHECKS[name]
-    module, _, attr = name.partition(":")
-    if not attr:
-        known = ", ".join(sorted(_CHECKS)) or "none"
-        raise ValueError(f"no check registered as {name!r} (registered: {known}; or name it as module:function)")
+    The loader calls it (off the event loop: the first lookup reads the installed
+    entry points) before anything of the manifest is loaded, so a manifest someone
+    wrote into staging by hand runs nothing. LoadError names the manifest.
+    """
+    where = manifest.uri
     try:
-        fn = getattr(importlib.import_module(module), attr)
-    except ImportError as exc:
-        raise ValueError(f"check {name!r}: cannot import {module}: {exc}") from None
-    except AttributeError:
-        raise ValueError(f"check {name!r}: {module} has no {attr}") from None
-    if not callable(fn):
-        raise ValueError(f"check {name!r} is not callable")
-    checked: Check = fn
-    return checked
-
-
-@register_check("not_blank")
-def _not_blank(value: Any, data: Mapping[str, Any]) -> str | None:
-    return "is blank" if isinstance(value, str) and not value.strip() else None
-
-
-@register_check("http_url")
-def _http_url(value: Any, data: Mapping[str, Any]) -> str | None:
-    if value is None or (isinstance(value, str) and re.match(r"^https?://[^/\s]+", value)):
-        return None
-    return f"not an http(s) URL: {value!r}"
+        declared = manifest_schema(manifest.source, manifest.schema, where)
+    except ConfigError as exc:
+        problems = "; ".join(": ".join(filter(None, (i.entry, i.field, i.message))) for i in exc.issues)
+        raise LoadError(f"manifest {where}: {problems or exc}", staged_object=where) from None
+    for name, spec in declared.fields.items():
+        for check in spec.checks:
+            try:
+                checks.resolve(check)
+            except checks.UnknownCheck as exc:
+                raise LoadError(f"manifest {where}: field {name!r}: {exc}", staged_object=where) from None
 
 
 def _fmt(n: float) -> str:

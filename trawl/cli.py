@@ -1,4 +1,4 @@
-"""``trawl run|crawl|load|check|lineage|demo|runs ls|stage resume``: the command line, a thin shell around the Prefect flows.
+"""``trawl run|crawl|load|check|lineage|state|demo|runs ls|stage resume``: the command line, a thin shell around the Prefect flows.
 
 Exit codes: 0 every source done; 1 some sources (or loads) failed, the rest
 still staged and loaded; 2 bad usage or config, or nothing could start
@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Sequence
 from importlib.resources import as_file
@@ -78,6 +79,18 @@ def _parser() -> argparse.ArgumentParser:
     lineage.add_argument("source", metavar="SOURCE", help="source name (its table)")
     lineage.add_argument("key", metavar="KEY", help="the row's _key")
     common(lineage, stages=False, file=False)
+    state = sub.add_parser("state", help="incremental state of api sources: show it, or reset it").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    state_ls = state.add_parser("ls", help="each source's stored cursor value (the largest of its last loaded run)")
+    state_ls.add_argument("source", metavar="SOURCE", nargs="?", help="only this source")
+    state_reset = state.add_parser(
+        "reset", help="forget a source's state (its next run starts from initial_value), or set it with --to"
+    )
+    state_reset.add_argument("source", metavar="SOURCE", help="the source")
+    state_reset.add_argument("--to", metavar="VALUE", help="store this value instead (a number if it parses as one)")
+    for sp in (state_ls, state_reset):
+        common(sp, stages=False, file=False)
     demo = sub.add_parser("demo", help="serve the bundled demo site and run the pipeline against it")
     common(demo, file=False)
     runs = sub.add_parser("runs", help="staged runs").add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -176,9 +189,18 @@ def _lineage(args: argparse.Namespace) -> int:
     dsn = _check_database(settings)
 
     async def query() -> list[Any]:
+        # Local parts are read where they are; S3 parts through the configured staging target.
+        s3 = None
+        if settings.staging.startswith("s3://"):
+            from sinks.targets import open_stager
+
+            s3 = open_stager(settings.staging, settings=settings)
         pool = await connect_pool(dsn, max_size=1)
         try:
-            return await lineage(pool, settings.db_schema, args.source, args.key)
+            if s3 is None:
+                return await lineage(pool, settings.db_schema, args.source, args.key)
+            async with s3 as stager:
+                return await lineage(pool, settings.db_schema, args.source, args.key, stager=stager)
         finally:
             await pool.close()
 
@@ -208,6 +230,70 @@ def _lineage(args: argparse.Namespace) -> int:
         )
     )
     return EXIT_OK
+
+
+def _state(args: argparse.Namespace) -> int:
+    """``trawl state ls [SOURCE]`` and ``trawl state reset SOURCE [--to VALUE]``: no Prefect, one query."""
+    import orjson
+
+    from sinks.state import reset_state, states
+    from trawl.database import connect_pool
+    from trawl.settings import Settings
+
+    if args.database_url:
+        os.environ["TRAWL_DATABASE_URL"] = args.database_url
+    settings = Settings()
+    dsn = _check_database(settings)
+    if args.action == "reset" and not re.fullmatch(r"[a-z][a-z0-9_]{0,62}", args.source):
+        raise ConfigError(f"source name {args.source!r} must match [a-z][a-z0-9_]{{0,62}}")
+
+    def parsed(value: str) -> Any:
+        try:
+            number = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return value
+        return number if isinstance(number, int | float) and not isinstance(number, bool) else value
+
+    async def run() -> int:
+        pool = await connect_pool(dsn, max_size=1)
+        try:
+            if args.action == "reset":
+                value = parsed(args.to) if args.to is not None else None
+                had = await reset_state(pool, settings.db_schema, args.source, value)
+                if value is None:
+                    print(
+                        f"{args.source}: state " + ("reset" if had else "was not set") + "; next run starts from "
+                        "initial_value"
+                    )
+                else:
+                    print(f"{args.source}: state set to {orjson.dumps(value).decode()}")
+                return EXIT_OK
+            rows = await states(pool, settings.db_schema, args.source)
+        finally:
+            await pool.close()
+        if not rows:
+            print(
+                f"no incremental state in schema {settings.db_schema}" + (f" for {args.source}" if args.source else "")
+            )
+            return EXIT_OK
+        print(
+            _render(
+                ("source", "cursor_path", "value", "run_id", "updated_at"),
+                [
+                    (
+                        r["source"],
+                        r["cursor_path"],
+                        orjson.dumps(r["value"]).decode(),
+                        r["run_id"],
+                        r["updated_at"].isoformat(timespec="seconds"),
+                    )
+                    for r in rows
+                ],
+            )
+        )
+        return EXIT_OK
+
+    return asyncio.run(run())
 
 
 def _staging(args: argparse.Namespace) -> int:
@@ -274,6 +360,8 @@ def _execute(args: argparse.Namespace) -> int:
 
     if args.command == "lineage":
         return _lineage(args)
+    if args.command == "state":
+        return _state(args)
     if args.command in ("runs", "stage"):
         return _staging(args)
 
@@ -283,6 +371,9 @@ def _execute(args: argparse.Namespace) -> int:
             f"{args.sources_file}: OK, {len(spec.sources)} source(s): "
             + ", ".join(f"{s.name} ({s.kind})" for s in spec.sources)
         )
+        with open(args.sources_file, encoding="utf-8", errors="replace") as f:
+            if "${secret:" in f.read():
+                print("(${secret:NAME} references are read from Prefect Secret blocks when a flow runs)")
         return EXIT_OK
 
     for flag, env in (

@@ -9,13 +9,16 @@ wherever trawl writes), except an address: a value that is a plain http(s) URL
 (no ``user:password@``, query or fragment), or one that lands only in the
 scheme, host, port or path of a URL field (``url``, ``urls``, ``start_urls``).
 A default written in the file is not a secret.
+
+A sources file is at most :data:`MAX_SOURCES_BYTES` and has no YAML aliases
+(``*name``): a few hundred bytes of nested aliases expand to gigabytes.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,39 +26,69 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from trawl.checks import NAME_PATTERN as _CHECK_NAME
 from trawl.errors import ConfigError, ConfigIssue
 from trawl.masking import register_secret
 from trawl.urls import origin_of
 
 __all__ = [
+    "MAX_SOURCES_BYTES",
     "AnySource",
     "ApiField",
+    "ApiKeyAuth",
     "ApiSource",
+    "Auth",
+    "BasicAuth",
+    "BearerAuth",
     "BrowserSource",
+    "Details",
     "FieldRules",
     "FieldType",
     "FollowRules",
     "HtmlField",
     "HtmlSource",
+    "Incremental",
+    "ManifestSchema",
+    "OAuth2ClientCredentials",
     "Pagination",
     "Politeness",
+    "SecretResolver",
     "Source",
     "SourcesFile",
     "SpiderSource",
     "WaitFor",
     "load_sources",
+    "manifest_schema",
     "select_sources",
 ]
 
+MAX_SOURCES_BYTES = 1024 * 1024
+"""The largest sources file read (a file of thousands of sources is a few hundred KiB)."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: a reference to an anchor is refused where it stands."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML aliases (*{event.anchor}) are not allowed in a sources file", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+SecretResolver = Callable[[str], str]
+"""Resolves ``${secret:BLOCK}``: the Secret block's value, or ConfigError saying why not."""
+
 FieldType = Literal["text", "int", "float", "bool", "date", "timestamp", "json"]
-_NAME = r"^[a-z][a-z0-9_]{0,62}$"
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_NAME = r"[a-z][a-z0-9_]{0,62}"  # the whole name (re.fullmatch: `$` would let a trailing newline through)
+_ENV_REF = re.compile(r"\$\{(?:secret:([^}]*)|([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?)\}")
+_BLOCK_NAME = r"[a-z0-9][a-z0-9-]*"  # Prefect's block name spelling
 # Error type of the checks spanning fields or entries: `load_sources` runs them on the raw data
 # instead, because pydantic skips them once any field of the model fails, and cannot name a field.
 _CROSS = "cross_check"
 _NO_URLS = "needs `urls` (a fixed list) or `start_urls` (a crawl)"
-# A registered check's name, or `package.module:function`.
-_CHECK_NAME = r"^[A-Za-z_][A-Za-z0-9_.]*(:[A-Za-z_][A-Za-z0-9_]*)?$"
 
 
 def _check_regex(value: str | None) -> str | None:
@@ -69,7 +102,7 @@ def _check_regex(value: str | None) -> str | None:
 
 def _check_field_names(value: dict[str, Any]) -> dict[str, Any]:
     # Field names become column names: keep them plain identifiers that cannot clash with `_key`, `_extra`, ...
-    bad = [name for name in value if not re.match(_NAME, name)]
+    bad = [name for name in value if not re.fullmatch(_NAME, name)]
     if bad:
         raise ValueError(f"field name(s) {', '.join(map(repr, bad))} must match {_NAME} (they become column names)")
     return value
@@ -119,6 +152,15 @@ def _origins(urls: list[str], extra: list[str]) -> frozenset[str]:
     return frozenset(o for o in (*map(origin_of, urls), *extra) if o)
 
 
+def _check_name(value: str) -> str:
+    if not re.fullmatch(_NAME, value):
+        raise ValueError(f"name {value!r} must match {_NAME} (it names a table and staging paths)")
+    return value
+
+
+_Name = Annotated[str, AfterValidator(_check_name)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -150,12 +192,26 @@ class FieldRules(_Model):
         default=None, min_length=1, description="The only values allowed."
     )
     max_length: int | None = Field(default=None, ge=1, description="Longest allowed text, in characters.")
-    checks: list[Annotated[str, Field(pattern=_CHECK_NAME)]] = Field(
+    checks: list[str] = Field(
         default_factory=list,
-        description="Custom checks: names registered with `sinks.validate.register_check`, or `module:function`.",
+        description="Custom checks by registered name (`trawl.checks.register` or the `trawl.checks` entry point "
+        "group); the loader refuses names nothing registered.",
     )
 
     _pattern = field_validator("pattern")(_check_regex)
+
+    @field_validator("checks")
+    @classmethod
+    def _check_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if ":" in name:
+                raise ValueError(
+                    f"check {name!r}: `module:function` paths are not accepted; register the function "
+                    "(trawl.checks.register or the `trawl.checks` entry point group) and give its name"
+                )
+            if not re.fullmatch(_CHECK_NAME, name):
+                raise ValueError(f"check name {name!r} must match {_CHECK_NAME}")
+        return value
 
     @model_validator(mode="after")
     def _rules_fit_the_type(self) -> FieldRules:
@@ -213,7 +269,7 @@ class HtmlSource(_Model):
     """Static HTML: a fixed URL list, or a crawl from start URLs."""
 
     kind: Literal["html"]
-    name: str = Field(pattern=_NAME)
+    name: _Name
     urls: list[_HttpUrl] = Field(default_factory=list)
     start_urls: list[_HttpUrl] = Field(default_factory=list)
     follow: FollowRules = Field(default_factory=FollowRules)
@@ -275,17 +331,40 @@ class HtmlSource(_Model):
         return _origins([*self.urls, *self.start_urls], self.credentials_origins)
 
 
+_DOTTED = r"[^.\s]+(\.[^.\s]+)*"  # a dotted path into JSON: `data.after`, `variables.page`
+
+
+def _check_dotted(value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(_DOTTED, value):
+        raise ValueError(f"{value!r} is not a dotted path (`a.b.c`, no empty steps or spaces)")
+    return value
+
+
 class Pagination(_Model):
-    """How an API's pages are walked."""
+    """How an API's pages are walked.
+
+    The page number, offset or cursor goes in the query parameter ``param``, or
+    with ``body_path`` into the JSON request body (``method: POST``) at that
+    dotted path, as GraphQL and search APIs take it (dlt's ``*_body_path``).
+    """
 
     type: Literal["none", "page", "offset", "cursor", "next_url", "link_header"] = "none"
     param: str | None = Field(default=None, description="Query parameter carrying the page, offset or cursor.")
+    body_path: str | None = Field(
+        default=None,
+        description="Dotted path in the JSON request body carrying the page, offset or cursor (instead of `param`).",
+    )
     start: int | None = Field(default=None, ge=0, description="First page number (1) or offset (0).")
     size_param: str | None = Field(default=None, description="Query parameter carrying the page size.")
+    size_body_path: str | None = Field(
+        default=None, description="Dotted path in the JSON request body carrying the page size."
+    )
     size: int | None = Field(default=None, ge=1)
     cursor_path: str | None = Field(default=None, description="Dotted path of the next cursor in the body.")
     next_path: str | None = Field(default=None, description="Dotted path of the next page's URL in the body.")
     max_pages: int = Field(default=100_000, ge=1)
+
+    _paths = field_validator("body_path", "size_body_path", "cursor_path", "next_path")(_check_dotted)
 
     @model_validator(mode="after")
     def _shape(self) -> Pagination:
@@ -295,20 +374,161 @@ class Pagination(_Model):
             raise ValueError("next_url pagination needs `next_path`")
         if self.type == "offset" and not self.size:
             raise ValueError("offset pagination needs `size`")
+        if self.param and self.body_path:
+            raise ValueError("give `param` (query) or `body_path` (JSON body), not both")
+        if self.body_path and self.type not in ("page", "offset", "cursor"):
+            raise ValueError(f"`body_path` applies to page, offset and cursor pagination, not {self.type}")
         return self
+
+
+class BearerAuth(_Model):
+    """``Authorization: Bearer TOKEN``."""
+
+    type: Literal["bearer"]
+    token: str = Field(min_length=1, description="The token; `${VAR}` or `${secret:BLOCK}`.")
+
+
+class BasicAuth(_Model):
+    """HTTP basic authentication (RFC 7617)."""
+
+    type: Literal["http_basic"]
+    username: str = Field(min_length=1)
+    password: str = Field(description="`${VAR}` or `${secret:BLOCK}`.")
+
+
+class ApiKeyAuth(_Model):
+    """An API key in a header (``X-API-Key: KEY``) or a query parameter (``?api_key=KEY``)."""
+
+    type: Literal["api_key"]
+    name: str = Field(default="Authorization", min_length=1, description="The header or query parameter name.")
+    api_key: str = Field(min_length=1, description="The key; `${VAR}` or `${secret:BLOCK}`.")
+    location: Literal["header", "query"] = "header"
+
+
+class OAuth2ClientCredentials(_Model):
+    """OAuth2 client credentials (RFC 6749 4.4): a token from ``access_token_url``, cached and refreshed.
+
+    The token is refreshed shortly before it expires (``expires_in``, else
+    ``default_token_expiration``) and once when a request meets a 401.
+    """
+
+    type: Literal["oauth2_client_credentials"]
+    access_token_url: _HttpUrl
+    client_id: str = Field(min_length=1)
+    client_secret: str = Field(min_length=1, description="`${VAR}` or `${secret:BLOCK}`.")
+    scopes: list[str] = Field(default_factory=list, description="Sent space-separated as `scope`.")
+    client_auth: Literal["basic", "body"] = Field(
+        default="basic",
+        description="How the client authenticates at the token endpoint: HTTP basic (RFC 6749 2.3.1), or "
+        "`client_id`/`client_secret` in the form body.",
+    )
+    access_token_request_data: dict[str, str] = Field(
+        default_factory=dict, description="Extra form fields for the token request (e.g. `audience`)."
+    )
+    default_token_expiration: int = Field(
+        default=3600, ge=1, description="Token lifetime in seconds when the response has no `expires_in`."
+    )
+
+
+Auth = Annotated[BearerAuth | BasicAuth | ApiKeyAuth | OAuth2ClientCredentials, Field(discriminator="type")]
+_Scalar = str | int | float
+
+
+class Incremental(_Model):
+    """Incremental extraction: send the largest ``cursor_path`` value of the last loaded run, get only what changed.
+
+    The value goes in the query parameter ``start_param``, and/or wherever the URL,
+    ``params`` or ``body`` say ``{incremental.start_value}`` (``{incremental.end_value}``
+    for ``end_value``). The state moves only when a run's load commits; a run with
+    an ``end_value`` (a back-fill) never moves it.
+    """
+
+    cursor_path: str = Field(description="Dotted path of the value in each item (e.g. `updated_at`).")
+    start_param: str | None = Field(default=None, description="Query parameter the start value is sent in.")
+    end_param: str | None = Field(default=None, description="Query parameter the end value is sent in.")
+    initial_value: _Scalar | None = Field(
+        default=None, description="Sent when there is no state yet (none: the first run asks for everything)."
+    )
+    end_value: _Scalar | None = Field(default=None, description="Upper bound, for back-fills; the state stays put.")
+    lag: float = Field(
+        default=0,
+        ge=0,
+        description="Subtracted from the stored value before it is sent (seconds for timestamps), for late writes.",
+    )
+
+    _path = field_validator("cursor_path")(_check_dotted)
+
+
+class Details(_Model):
+    """One more request per listed item: its detail resource, merged into the item (or emitted instead of it)."""
+
+    url: str = Field(
+        min_length=1,
+        description="URL template, relative to the source's `url`: `{name}` is the item's value at that dotted "
+        "path, URL-encoded (e.g. `/items/{id}`).",
+    )
+    items_path: str | None = Field(default=None, description="Dotted path to the object in the detail body.")
+    fields: list[str] | None = Field(
+        default=None, min_length=1, description="Only these keys of the detail object (default: all of them)."
+    )
+    merge: bool = Field(default=True, description="Merge into the item (false: the detail object is the record).")
+
+    _path = field_validator("items_path")(_check_dotted)
+
+    @field_validator("url")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        names = _template_names(value)
+        if not names:
+            raise ValueError(f"{value!r} names no item field (`{{id}}`): every item would get the same URL")
+        for name in names:
+            _check_dotted(name)
+        return value
+
+
+_TEMPLATE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)\}")
+
+
+def _strings(node: Any) -> list[str]:
+    """Every string in a JSON value (the templates a body or params may hold)."""
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, Mapping):
+        node = list(node.values())
+    return [s for v in node for s in _strings(v)] if isinstance(node, list) else []
+
+
+def _template_names(value: str) -> list[str]:
+    return [m.group(1) for m in _TEMPLATE.finditer(value)]
 
 
 class ApiSource(_Model):
     """A JSON HTTP API, walked page by page."""
 
     kind: Literal["api"]
-    name: str = Field(pattern=_NAME)
+    name: _Name
     url: str
+    method: Literal["GET", "POST"] = "GET"
     params: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    body: dict[str, Any] | list[Any] | None = Field(
+        default=None,
+        description="JSON request body (with `method: POST`); strings may hold `{incremental.start_value}`.",
+    )
     headers: dict[str, str] = Field(default_factory=dict, description=_HEADERS)
+    auth: Auth | None = Field(default=None, description="How requests authenticate (sent only where `headers` go).")
     credentials_origins: list[_Origin] = Field(default_factory=list, description=_CREDENTIALS_ORIGINS)
-    items_path: str | None = Field(default=None, description="Dotted path to the list of items (default: the body).")
+    items_path: str | None = Field(
+        default=None,
+        description="Dotted path to the list of items (default: the body); `*` steps over every element of a "
+        "list (or value of an object), so `data.*.items` is every group's items, flattened.",
+    )
+    format: Literal["auto", "json", "jsonl"] = Field(
+        default="auto",
+        description="`jsonl`: one JSON document per line (NDJSON); `auto` decides by the Content-Type.",
+    )
     pagination: Pagination = Field(default_factory=Pagination)
+    incremental: Incremental | None = None
+    details: Details | None = None
     key: str | list[str] = "url"
     fields: dict[str, ApiField] = Field(default_factory=dict)
     politeness: Politeness = Field(default_factory=Politeness)
@@ -318,6 +538,27 @@ class ApiSource(_Model):
 
     _url = field_validator("url")(_check_http_url)
     _fields = field_validator("fields")(_check_field_names)
+    _items_path = field_validator("items_path")(_check_dotted)
+
+    @model_validator(mode="after")
+    def _requests(self) -> ApiSource:
+        if self.body is not None and self.method == "GET":
+            raise ValueError("`body` needs `method: POST`")
+        if (self.pagination.body_path or self.pagination.size_body_path) and not isinstance(self.body, dict):
+            raise ValueError("`pagination.body_path` needs a JSON object `body` (and `method: POST`)")
+        # Only {incremental.*} in a body: GraphQL queries are full of braces of their own.
+        in_body = [n for v in _strings(self.body) for n in _template_names(v) if n.startswith("incremental.")]
+        templates = [*_template_names(self.url), *(n for v in _strings(self.params) for n in _template_names(v))]
+        templates += in_body
+        for name in templates:
+            if name not in ("incremental.start_value", "incremental.end_value"):
+                raise ValueError(
+                    f"unknown template {{{name}}}: the URL, params and body take {{incremental.start_value}} and "
+                    "{incremental.end_value}"
+                )
+        if templates and self.incremental is None:
+            raise ValueError("`{incremental.*}` templates need `incremental`")
+        return self
 
     @property
     def key_fields(self) -> list[str]:
@@ -377,7 +618,7 @@ class SpiderSource(_Model):
     """
 
     kind: Literal["spider"]
-    name: str = Field(pattern=_NAME)
+    name: _Name
     spider: str = Field(
         pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$",
         description="The spider class as `package.module:Class` (e.g. `spiders.books:BooksSpider`).",
@@ -456,6 +697,37 @@ class SourcesFile(_Model):
 _URL_FIELDS = frozenset({"url", "urls", "start_urls", "credentials_origins"})
 
 
+class ManifestSchema(_Model):
+    """The declaration a manifest carries (``trawl.crawler.source_schema``): a source's key and field rules.
+
+    The loader re-validates every manifest's declaration with it, the same
+    :class:`FieldRules` a sources file is checked with: staging is data, and a
+    manifest written there by hand gets no more trust than a sources file.
+    """
+
+    key: list[_Name] = Field(default_factory=lambda: ["url"])
+    fields: dict[str, FieldRules] = Field(default_factory=dict)
+
+    _fields = field_validator("fields")(_check_field_names)
+
+
+def manifest_schema(source: Any, schema: Any, where: str) -> ManifestSchema:
+    """A manifest's source name and declaration, validated; ConfigError naming ``where`` (the manifest) if not."""
+    issues = []
+    if not isinstance(source, str) or not re.fullmatch(_NAME, source):
+        issues.append(ConfigIssue(where, "source", "", f"source name {source!r} must match {_NAME}"))
+    try:
+        parsed = ManifestSchema.model_validate(schema if isinstance(schema, Mapping) else {"key": schema})
+    except ValidationError as exc:
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            issues.append(ConfigIssue(where, "schema", ".".join(str(p) for p in err["loc"]), msg))
+        parsed = None
+    if issues or parsed is None:
+        raise ConfigError(f"{where}: {len(issues)} problem(s) in the manifest's declaration", issues)
+    return parsed
+
+
 # A whole value that is a plain address (a base URL: no user:password@, query or fragment) is no secret anywhere.
 _PLAIN_URL = re.compile(r"^https?://[^/?#@\s]+(/[^?#@\s]*)?$", re.IGNORECASE)
 
@@ -479,8 +751,10 @@ def _interpolate(
     path: tuple[Any, ...],
     missing: list[tuple[tuple[Any, ...], str]],
     secrets: list[str],
+    blocks: SecretResolver | None = None,
 ) -> Any:
-    """``${VAR}`` replaced from ``env``; the values that came from it go into ``secrets`` (addresses do not)."""
+    """``${VAR}`` replaced from ``env``, ``${secret:BLOCK}`` by ``blocks``; the values that came from them go into
+    ``secrets`` (addresses from the environment do not; a Secret block's value always does)."""
     if isinstance(node, str):
         spans: list[tuple[int, int, str]] = []
         out: list[str] = []
@@ -490,8 +764,19 @@ def _interpolate(
             out.append(node[last : m.start()])
             size += m.start() - last
             last = m.end()
-            name, default = m.group(1), m.group(2)
-            if name in env:
+            block, name, default = m.group(1), m.group(2), m.group(3)
+            if block is not None:
+                value = m.group(0)  # unresolved (`trawl check`): kept as written
+                if not re.fullmatch(_BLOCK_NAME, block):
+                    missing.append((path, f"!Secret block name {block!r} must match {_BLOCK_NAME}"))
+                elif blocks is not None:
+                    try:
+                        value = blocks(block)
+                    except ConfigError as exc:
+                        missing.append((path, f"!{exc}"))
+                    else:
+                        secrets.append(value)  # masked wherever it lands, even in a URL's host
+            elif name in env:
                 value = env[name]
                 spans.append((size, size + len(value), value))
             elif default is not None:
@@ -509,9 +794,9 @@ def _interpolate(
                 secrets.append(value)
         return text
     if isinstance(node, list):
-        return [_interpolate(v, env, (*path, i), missing, secrets) for i, v in enumerate(node)]
+        return [_interpolate(v, env, (*path, i), missing, secrets, blocks) for i, v in enumerate(node)]
     if isinstance(node, dict):
-        return {k: _interpolate(v, env, (*path, k), missing, secrets) for k, v in node.items()}
+        return {k: _interpolate(v, env, (*path, k), missing, secrets, blocks) for k, v in node.items()}
     return node
 
 
@@ -556,16 +841,31 @@ def _locate(raw: Any, loc: tuple[Any, ...]) -> tuple[str, str]:
     return "(file)", ".".join(str(p) for p in loc)
 
 
-def load_sources(path: str | Path, env: Mapping[str, str] | None = None) -> SourcesFile:
-    """Read and validate a sources file; raises ConfigError listing every problem."""
+def load_sources(
+    path: str | Path, env: Mapping[str, str] | None = None, secret_blocks: SecretResolver | None = None
+) -> SourcesFile:
+    """Read and validate a sources file; raises ConfigError listing every problem.
+
+    ``secret_blocks`` resolves ``${secret:BLOCK}`` (the flows pass one that reads Prefect
+    Secret blocks); without it the references stay as written (``trawl check``).
+    """
     file = str(path)
     env = os.environ if env is None else env
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as f:
+            data = f.read(MAX_SOURCES_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read sources file: {exc.strerror or exc}") from None
+    if len(data) > MAX_SOURCES_BYTES:
+        issue = ConfigIssue(file, "(file)", "", f"larger than {MAX_SOURCES_BYTES} bytes: not read")
+        raise ConfigError(str(issue), [issue])
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        issue = ConfigIssue(file, "(file)", "", f"not UTF-8: {exc.reason} at byte {exc.start}")
+        raise ConfigError(str(issue), [issue]) from None
+    try:
+        raw = yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader without aliases
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
@@ -577,13 +877,14 @@ def load_sources(path: str | Path, env: Mapping[str, str] | None = None) -> Sour
         raise ConfigError(str(issue), [issue])
     missing: list[tuple[tuple[Any, ...], str]] = []
     secrets: list[str] = []
-    data = _interpolate(raw, env, (), missing, secrets)
+    data = _interpolate(raw, env, (), missing, secrets, secret_blocks)
     for value in secrets:  # masked from here on, wherever trawl writes (trawl.masking)
         register_secret(value)
     issues = []
     for loc, name in missing:
         entry, fld = _locate(raw, loc)
-        issues.append(ConfigIssue(file, entry, fld, f"environment variable {name} is not set"))
+        message = name[1:] if name.startswith("!") else f"environment variable {name} is not set"
+        issues.append(ConfigIssue(file, entry, fld, message))
     unset = {_locate(raw, loc) for loc, _ in missing}
     for loc, message in _cross_checks(data):
         issues.append(ConfigIssue(file, *_locate(raw, loc), message))

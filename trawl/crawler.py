@@ -22,6 +22,7 @@ from trawl.connectors.base import SourceStats, Validators
 from trawl.errors import ConfigError, SourceFailed, StagingError, TrawlError
 from trawl.fetch import Fetcher
 from trawl.frontier import Frontier, Idle, PgFrontier, Settled, open_frontier, open_store
+from trawl.incremental import CursorWindow
 from trawl.logs import bind, redact, unbind
 from trawl.metrics import METRICS
 from trawl.records import Outcome, OutcomeKind, utcnow
@@ -129,6 +130,7 @@ async def crawl_source(
     stats: SourceStats | None = None,
     resume: bool = False,
     shard: int | None = None,
+    incremental: CursorWindow | None = None,
 ) -> SourceResult:
     """Crawl one source to a committed manifest; raises SourceFailed (after committing) if it broke off or
     failed all the same (:func:`verdict`).
@@ -138,6 +140,8 @@ async def crawl_source(
     with ``status: failed``; a durable one (PostgreSQL) checkpoints instead and is
     continued with ``resume``. ``shard`` crawls one shard of a sharded run (no
     manifest: the parent writes it once every shard is done).
+    ``incremental``: the window an ``api`` source with ``incremental`` asks for (from
+    the stored state); its largest value seen goes into the manifest's stats.
     """
     started = time.monotonic()
     stats = stats or SourceStats()
@@ -149,7 +153,9 @@ async def crawl_source(
             async def emit(outcome: Outcome) -> None:
                 await stage.outcomes.write(outcome.envelope())
 
-            ctx = SourceContext(run_id, settings, fetcher, emit, stats=stats, validators=validators or {})
+            ctx = SourceContext(
+                run_id, settings, fetcher, emit, stats=stats, validators=validators or {}, incremental=incremental
+            )
             log.info("source started", kind=source.kind, frontier=frontier.name, resume=resume)
             error: str | None = None
             try:

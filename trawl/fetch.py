@@ -21,11 +21,13 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import aiohttp.abc
+import httpcore
 import httpx
 import orjson
 import structlog
 
 from trawl.breakers import BreakerRegistry, HostBreaker
+from trawl.decode import ACCEPT_ENCODING, BodyDecoder, body_too_large
 from trawl.errors import (
     BlockedNetworkError,
     BreakerOpen,
@@ -35,7 +37,7 @@ from trawl.errors import (
     TransientFetchError,
 )
 from trawl.metrics import METRICS, status_class
-from trawl.netguard import GuardedResolver, NetworkGuard, RefusedAddress, Resolve
+from trawl.netguard import GuardedBackend, GuardedResolver, NetworkGuard, RefusedAddress, Resolve, UnresolvedHost
 from trawl.records import utcnow
 from trawl.retry import full_jitter, is_transient_status, status_error
 from trawl.robots import ROBOTS_MAX_BYTES, RobotsCache
@@ -170,13 +172,21 @@ class HostTurn:
 
 
 class _Transport(Protocol):
-    async def get(self, url: str, headers: Mapping[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]: ...
+    async def get(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        max_bytes: int,
+        *,
+        truncate: bool = False,
+        method: str = "GET",
+        body: bytes | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One request (a GET unless ``method`` says otherwise, with ``body``); a response body over ``max_bytes``
+        fails, or with ``truncate`` is cut there (robots.txt)."""
+        ...
 
     async def close(self) -> None: ...
-
-
-def _too_large(url: str, limit: int) -> PermanentFetchError:
-    return PermanentFetchError(f"body larger than {limit} bytes", url=url)
 
 
 class _AiohttpTransport:
@@ -188,29 +198,41 @@ class _AiohttpTransport:
             connector=aiohttp.TCPConnector(
                 limit=settings.total_concurrency, ttl_dns_cache=300, resolver=GuardedResolver(guard)
             ),
-            headers={"User-Agent": settings.user_agent},
+            headers={"User-Agent": settings.user_agent, "Accept-Encoding": ACCEPT_ENCODING},
+            auto_decompress=False,  # bodies are inflated by trawl's bounded decoder (trawl.decode)
         )
         # aiohttp resends an idempotent request once on a fresh connection when the server drops one (RFC 9112
         # 9.3.1): a second attempt that trawl's retry loop, breaker and metrics never see. trawl retries itself.
         self._session._retry_connection = False
 
-    async def get(self, url: str, headers: Mapping[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]:
+    async def get(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        max_bytes: int,
+        *,
+        truncate: bool = False,
+        method: str = "GET",
+        body: bytes | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
         try:
-            async with self._session.get(url, headers=headers or None, allow_redirects=False) as resp:
+            async with self._session.request(
+                method, url, headers=headers or None, data=body, allow_redirects=False
+            ) as resp:
                 declared = resp.content_length
                 hdrs = {k.lower(): v for k, v in resp.headers.items()}
-                if declared is not None and declared > max_bytes and resp.status < 300:
-                    raise _too_large(url, max_bytes)
-                if declared is not None and declared <= max_bytes and "content-encoding" not in hdrs:
+                if declared is not None and declared > max_bytes and resp.status < 300 and not truncate:
+                    raise body_too_large(url, max_bytes)
+                decoder = BodyDecoder(hdrs.get("content-encoding"), max_bytes, url, truncate=truncate)
+                if declared is not None and declared <= max_bytes and decoder.identity:
                     # The size is known and within the cap: one read, no chunk loop.
                     return resp.status, hdrs, await resp.read()
                 chunks = []
-                size = 0
                 async for chunk in resp.content.iter_chunked(_CHUNK):
-                    size += len(chunk)  # after decompression: a gzip bomb is cut off here
-                    if size > max_bytes:
-                        raise _too_large(url, max_bytes)
-                    chunks.append(chunk)
+                    chunks.append(decoder.decode(chunk))
+                    if decoder.full:
+                        break
+                chunks.append(decoder.flush())
                 return resp.status, hdrs, b"".join(chunks)
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, RefusedAddress):
@@ -225,30 +247,81 @@ class _AiohttpTransport:
         await self._session.close()
 
 
-class _HttpxTransport:
-    def __init__(self, settings: Settings) -> None:
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
-            limits=httpx.Limits(max_connections=settings.total_concurrency),
-            headers={"User-Agent": settings.user_agent},
-            follow_redirects=False,
+class _GuardedHttpxTransport(httpx.AsyncHTTPTransport):
+    """httpx's own transport whose connection pool connects through :class:`GuardedBackend`.
+
+    httpx 0.28 takes no ``network_backend`` (encode/httpx#3749 adds it), so the pool
+    the base class built is replaced by the same httpcore pool with the guarded
+    backend: httpx keeps mapping httpcore's errors and wrapping the body stream.
+    """
+
+    def __init__(self, guard: NetworkGuard, limits: httpx.Limits) -> None:
+        super().__init__(limits=limits)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=GuardedBackend(guard),
         )
 
-    async def get(self, url: str, headers: Mapping[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]:
+
+async def _check_location(response: httpx.Response) -> None:
+    """A redirect's Location that cannot be followed fails the URL as trawl's own redirect handling words it
+    (httpx parses it for ``next_request`` even when it follows nothing, and calls the failure a protocol error)."""
+    location = response.headers.get("location")
+    if location is None or not response.is_redirect:
+        return
+    url = str(response.request.url)
+    try:
+        response.request.url.join(location)
+    except httpx.InvalidURL as exc:
+        raise PermanentFetchError(f"redirect to a bad Location {location!r}: {exc}", url=url) from None
+    _redirect_target(url, location)
+
+
+class _HttpxTransport:
+    def __init__(self, settings: Settings, guard: NetworkGuard) -> None:
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
+            transport=_GuardedHttpxTransport(guard, httpx.Limits(max_connections=settings.total_concurrency)),
+            headers={"User-Agent": settings.user_agent, "Accept-Encoding": ACCEPT_ENCODING},
+            follow_redirects=False,
+            event_hooks={"response": [_check_location]},
+            # No proxy from HTTP(S)_PROXY/ALL_PROXY (it would connect to the target, past the guard) and no
+            # credentials from ~/.netrc (they would go to whatever host a redirect names).
+            trust_env=False,
+        )
+
+    async def get(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        max_bytes: int,
+        *,
+        truncate: bool = False,
+        method: str = "GET",
+        body: bytes | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
         try:
-            async with self._client.stream("GET", url, headers=dict(headers)) as resp:
-                chunks = []
-                size = 0
-                async for chunk in resp.aiter_bytes(_CHUNK):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise _too_large(url, max_bytes)
-                    chunks.append(chunk)
+            async with self._client.stream(method, url, headers=dict(headers), content=body) as resp:
                 hdrs = {k.lower(): v for k, v in resp.headers.items()}
+                decoder = BodyDecoder(hdrs.get("content-encoding"), max_bytes, url, truncate=truncate)
+                # Raw bytes: httpx would inflate each chunk whole before any cap of ours applied.
+                chunks = []
+                async for chunk in resp.aiter_raw(_CHUNK):
+                    chunks.append(decoder.decode(chunk))
+                    if decoder.full:
+                        break
+                chunks.append(decoder.flush())
                 return resp.status_code, hdrs, b"".join(chunks)
+        except RefusedAddress as exc:  # from GuardedBackend, where the connection is made
+            raise BlockedNetworkError(str(exc), url=url) from None
+        except UnresolvedHost as exc:
+            raise TransientFetchError(str(exc), url=url) from None
         except httpx.TransportError as exc:  # connect/read errors, timeouts, truncated bodies
             raise TransientFetchError(f"{type(exc).__name__}: {exc}", url=url) from exc
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise PermanentFetchError(f"{type(exc).__name__}: {exc}", url=url) from exc
 
     async def close(self) -> None:
@@ -285,7 +358,11 @@ class Fetcher:
         self._gates: dict[str, _HostGate] = {}
         self._transports: dict[str, _Transport] = {}
         self.breakers = breakers or BreakerRegistry(settings.breaker_fail_max, settings.breaker_reset_timeout)
-        self.robots = RobotsCache(_agent_token(settings.user_agent), unavailable=settings.robots_unavailable)
+        self.robots = RobotsCache(
+            _agent_token(settings.user_agent),
+            unavailable=settings.robots_unavailable,
+            failure_ttl=settings.robots_failure_ttl,
+        )
         self.resources: dict[str, Any] = {}
         """Things other request paths share through this Fetcher (the browser pool), closed with it."""
         self._closers: list[Callable[[], Awaitable[None]]] = []
@@ -303,19 +380,6 @@ class Fetcher:
         """Run ``closer`` when the Fetcher closes (last registered, first run)."""
         self._closers.append(closer)
 
-    async def allowed(self, url: str) -> bool:
-        """Whether the network guard lets a request to this URL out (for requests made by others, e.g. a page)."""
-        parts = urlsplit(url)
-        if parts.scheme in ("data", "blob", "about"):
-            return True
-        if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
-            return False
-        try:
-            await self._guard.check(url, parts.hostname)
-        except BlockedNetworkError:
-            return False
-        return True
-
     @contextlib.asynccontextmanager
     async def slot(
         self,
@@ -332,10 +396,7 @@ class Fetcher:
         for :meth:`get`: the block runs when the request may go. It may set the turn's
         ``status``; when it ends normally the request counts as a success.
         """
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise PermanentFetchError(f"not an http(s) URL: {url}", url=url)
-        await self._guard.check(url, parts.hostname)
+        await self._guard.check(url, _http_host(url))
         if robots:
             await self._obey_robots(url, concurrency, delay)
         async with self.turn(host_of(url), url, concurrency=concurrency, delay=delay, source=source) as turn:
@@ -366,7 +427,9 @@ class Fetcher:
     def _transport(self, name: TransportName) -> _Transport:
         if name not in self._transports:
             self._transports[name] = (
-                _AiohttpTransport(self._settings, self._guard) if name == "aiohttp" else _HttpxTransport(self._settings)
+                _AiohttpTransport(self._settings, self._guard)
+                if name == "aiohttp"
+                else _HttpxTransport(self._settings, self._guard)
             )
         return self._transports[name]
 
@@ -390,13 +453,32 @@ class Fetcher:
     async def _obey_robots(self, url: str, concurrency: int | None, delay: float | None) -> None:
         async def fetch(robots_url: str) -> tuple[int, bytes]:
             # With the asking source's limits: this may be the first request to the host, which sets up its gate.
+            # Cut at 500 KiB rather than refused: a longer file's first 500 KiB are its rules (RFC 9309 2.5).
             resp = await self.get(
-                robots_url, robots=False, max_bytes=ROBOTS_MAX_BYTES, concurrency=concurrency, delay=delay
+                robots_url,
+                robots=False,
+                max_bytes=ROBOTS_MAX_BYTES,
+                truncate=True,
+                concurrency=concurrency,
+                delay=delay,
             )
             return resp.status, resp.body
 
         rules = await self.robots.rules(url, fetch)
+        if rules.throttled:
+            raise TransientFetchError(
+                f"robots.txt throttled ({rules.unavailable}), asked again later", url=url, status=429
+            )
         if not rules.allows(url, self.robots.agent):
+            if rules.unavailable is not None and rules.status is None:
+                # Unreachable: not requested (RFC 9309: disallow), and the outcome says why rather than `robots`.
+                raise TransientFetchError(
+                    f"robots.txt unreachable ({rules.unavailable}): not requested (robots_unavailable)", url=url
+                )
+            if rules.unavailable is not None:
+                raise RobotsDisallowed(
+                    f"robots.txt unavailable ({rules.unavailable}): disallow all (robots_unavailable)", url=url
+                )
             raise RobotsDisallowed("disallowed by robots.txt", url=url)
         crawl_delay = rules.crawl_delay(self.robots.agent)
         if crawl_delay:
@@ -413,15 +495,24 @@ class Fetcher:
         delay: float | None = None,
         robots: bool = True,
         max_bytes: int | None = None,
+        truncate: bool = False,
         source: str = "-",
         origins: Collection[str] | None = None,
+        method: str = "GET",
+        body: bytes | None = None,
     ) -> Response:
         """GET a URL through robots.txt, politeness, the breaker, retries, redirects and limits.
+
+        ``method`` and ``body`` send something else (an API's POST with a JSON body): the same
+        path, retries included. A 303 (and a 301/302 after a POST) continues as a GET without the
+        body, as browsers do; a 307/308 resends it, but never to an origin outside ``origins``.
 
         ``headers`` (a source's credentials among them) go only to ``origins``
         (:func:`trawl.urls.origin_of` spellings; default: the origin of ``url``):
         a request or redirect hop to any other origin is sent without them, as
         browsers and ``requests`` do.
+
+        ``truncate``: a body over ``max_bytes`` is cut there instead of failing (robots.txt).
 
         Raises FetchError (with ``attempts`` and ``elapsed_ms`` set) when the URL
         finally fails; a final status other than 2xx or 304 is an error too.
@@ -431,13 +522,20 @@ class Fetcher:
         scope = frozenset(origins) if origins is not None else frozenset({origin_of(url)})
         if robots:
             try:
+                _http_host(url)
+            except PermanentFetchError:
+                robots = False  # not a URL trawl can request: it fails on its first attempt, no robots.txt asked
+        if robots:
+            try:
                 await self._obey_robots(url, concurrency, delay)
+            except BlockedNetworkError:
+                pass  # robots.txt's host is forbidden: the URL's own attempt meets the guard and says so
             except FetchError as exc:
                 exc.attempts, exc.elapsed_ms = 0, int((time.monotonic() - started) * 1000)
                 raise
 
         async def once(attempt: int) -> Response:
-            final_url, status, hdrs, body = await self._attempt(
+            final_url, status, hdrs, content = await self._attempt(
                 url,
                 transport,
                 headers or {},
@@ -447,9 +545,12 @@ class Fetcher:
                 robots,
                 source,
                 scope,
+                truncate=truncate,
+                method=method,
+                body=body,
             )
             if 200 <= status < 300 or status == 304:
-                return Response(final_url, status, hdrs, body, attempt, int((time.monotonic() - started) * 1000))
+                return Response(final_url, status, hdrs, content, attempt, int((time.monotonic() - started) * 1000))
             error = status_error(status, final_url)
             error.retry_after = _retry_after(hdrs)
             raise error
@@ -501,15 +602,17 @@ class Fetcher:
         robots: bool,
         source: str = "-",
         origins: frozenset[str] = frozenset(),
+        *,
+        truncate: bool = False,
+        method: str = "GET",
+        body: bytes | None = None,
     ) -> tuple[str, int, dict[str, str], bytes]:
         client = self._transport(transport)
         s = self._settings
         current = url
         for hop in range(s.max_redirects + 1):
-            parts = urlsplit(current)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise PermanentFetchError(f"not an http(s) URL: {current}", url=current)
-            await self._guard.check(current, parts.hostname)
+            hostname = _http_host(current)
+            await self._guard.check(current, hostname)
             if hop and robots:  # a redirect target answers to its own robots.txt (as in Scrapy)
                 await self._obey_robots(current, concurrency, delay)
             async with self.turn(
@@ -518,15 +621,51 @@ class Fetcher:
                 try:
                     async with asyncio.timeout(s.total_timeout):
                         sent = headers if origin_of(current) in origins else {}  # credentials stay at home
-                        status, hdrs, body = await client.get(current, sent, max_bytes)
+                        status, hdrs, content = await client.get(
+                            current, sent, max_bytes, truncate=truncate, method=method, body=body
+                        )
                 except TimeoutError:
                     raise TransientFetchError(f"timed out after {s.total_timeout}s", url=current) from None
+                except FetchError:
+                    raise
+                except Exception as exc:  # whatever else sending this hop raised ends this URL, not its source
+                    raise PermanentFetchError(f"{type(exc).__name__}: {exc}", url=current) from exc
                 turn.status, turn.ok = status, not is_transient_status(status)
             if status in _REDIRECT_STATUS and "location" in hdrs:
-                current = urljoin(current, hdrs["location"])
+                current = _redirect_target(current, hdrs["location"])
+                if status == 303 or (status in (301, 302) and method == "POST"):
+                    method, body = "GET", None  # as browsers and requests do
+                elif body is not None and origin_of(current) not in origins:
+                    raise PermanentFetchError(
+                        f"{status} redirect to {current}: the request body is not resent to another origin", url=url
+                    )
                 continue
-            return current, status, hdrs, body
+            return current, status, hdrs, content
         raise PermanentFetchError(f"more than {s.max_redirects} redirects", url=url)
+
+
+def _http_host(url: str) -> str:
+    """The host name of an http(s) URL; PermanentFetchError naming the URL when it is not one trawl can request
+    (another scheme, no host, a malformed host or port)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (validates the port: a number in 0-65535)
+    except ValueError as exc:
+        raise PermanentFetchError(f"malformed URL {url!r}: {exc}", url=url) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PermanentFetchError(f"not an http(s) URL: {url}", url=url)
+    return parts.hostname
+
+
+def _redirect_target(url: str, location: str) -> str:
+    """Where a redirect from ``url`` leads; PermanentFetchError naming both when its Location cannot be followed."""
+    try:
+        target = urljoin(url, location.strip())
+        _http_host(target)
+    except (ValueError, PermanentFetchError) as exc:
+        error = exc.args[0] if isinstance(exc, PermanentFetchError) else str(exc)
+        raise PermanentFetchError(f"redirect to a bad Location {location!r}: {error}", url=url) from None
+    return target
 
 
 def _agent_token(user_agent: str) -> str:

@@ -18,16 +18,26 @@ import asyncio
 import ipaddress
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import aiohttp.abc
+import httpcore
+from httpcore import SOCKET_OPTION
 
 from trawl.errors import BlockedNetworkError, TransientFetchError
 
-__all__ = ["GuardedResolver", "NetworkGuard", "RefusedAddress", "Resolve", "UnresolvedHost", "resolve"]
+__all__ = [
+    "GuardedBackend",
+    "GuardedResolver",
+    "NetworkGuard",
+    "RefusedAddress",
+    "Resolve",
+    "UnresolvedHost",
+    "resolve",
+]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolve = Callable[[str, int], Awaitable[list[str]]]
@@ -163,3 +173,50 @@ class GuardedResolver(aiohttp.abc.AbstractResolver):
 
     async def close(self) -> None:
         return None
+
+
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore network backend (httpx's connections) that connects only to addresses the guard allows.
+
+    ``connect_tcp(host, port)`` resolves through :meth:`NetworkGuard.addresses` and
+    connects to the returned IPs in turn, so the address checked is the address
+    connected to; TLS still verifies and sends SNI for the host name (httpcore calls
+    ``start_tls(server_hostname=host)`` on the stream this returns). Raises
+    RefusedAddress or UnresolvedHost, which reach the caller of the httpx request
+    unchanged.
+    """
+
+    def __init__(self, guard: NetworkGuard, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+        self._guard = guard
+        self._inner = inner or httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's signature)
+        local_address: str | None = None,
+        socket_options: Iterable[SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        ips = await self._guard.addresses(host, port)
+        error: Exception | None = None
+        for ip in ips:
+            try:
+                return await self._inner.connect_tcp(
+                    ip, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:  # the next address, as getaddrinfo users do
+                error = exc
+        assert error is not None  # addresses() returns at least one address
+        raise error
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's signature)
+        socket_options: Iterable[SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise RefusedAddress(f"unix socket {path}: only TCP connections to checked addresses are made")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)

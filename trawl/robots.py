@@ -1,14 +1,21 @@
-"""robots.txt: fetched once per origin (through the same request path as everything else), parsed with protego.
+"""robots.txt: fetched per origin (through the same request path as everything else), parsed with protego.
 
-A 2xx is parsed; a 4xx means no rules (allow all); a 5xx or an unreachable
-host means what ``robots_unavailable`` says (``allow`` like Scrapy, or
-``disallow`` like RFC 9309). ``Crawl-delay`` is returned so the caller can
-space requests to the host, capped by ``max_crawl_delay``.
+As RFC 9309 and Google do: a 2xx is parsed, its first 500 KiB only (a longer
+file is read that far and cut, never refused), a UTF-8 byte order mark
+ignored; a 4xx means no rules (allow all); a 5xx or an unreachable host means
+what ``robots_unavailable`` says (``disallow`` all by default, or ``allow``
+all as Scrapy does); a 429 (after the fetch's own retries) is neither: the
+asking URL fails as throttled and the file is asked for again later. A verdict
+from a failed fetch expires after ``failure_ttl`` seconds, so a host whose
+robots.txt was briefly down is not judged by that for the rest of the run.
+``Crawl-delay`` is returned so the caller can space requests to the host,
+capped by ``max_crawl_delay``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -16,16 +23,18 @@ from urllib.parse import urlsplit
 import structlog
 from protego import Protego
 
-from trawl.errors import BreakerOpen, FetchError, PermanentFetchError
+from trawl.errors import BlockedNetworkError, BreakerOpen, FetchError, PermanentFetchError
 from trawl.urls import host_of
 
-__all__ = ["RobotsCache", "RobotsRules", "origin_of"]
+__all__ = ["ROBOTS_MAX_BYTES", "RobotsCache", "RobotsRules", "origin_of"]
 
 log = structlog.get_logger("trawl.robots")
 
-# (status, body) of GET {origin}/robots.txt, or a FetchError.
+# (status, body) of GET {origin}/robots.txt (the body cut at ROBOTS_MAX_BYTES), or a FetchError.
 RobotsFetch = Callable[[str], Awaitable[tuple[int, bytes]]]
-ROBOTS_MAX_BYTES = 512 * 1024  # Google reads the first 500 KiB
+ROBOTS_MAX_BYTES = 500 * 1024
+"""The part of a robots.txt that is read and parsed (RFC 9309 2.5: at least 500 KiB; Google: the first 500 KiB)."""
+_BOM = b"\xef\xbb\xbf"
 
 
 def origin_of(url: str) -> str:
@@ -35,13 +44,23 @@ def origin_of(url: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RobotsRules:
-    """What one origin's robots.txt says for our user agent."""
+    """What one origin's robots.txt says for our user agent.
+
+    ``unavailable`` says why the file could not be read (None: it was, or it is
+    absent) and ``status`` the HTTP status it got (None: the host could not be
+    reached); ``throttled`` that the host answered 429; ``expires`` (monotonic
+    time) when a verdict from a failed fetch is to be fetched again.
+    """
 
     parser: Protego | None  # None: no rules (allow all) unless ``deny_all``
     deny_all: bool = False
+    unavailable: str | None = None
+    status: int | None = None
+    throttled: bool = False
+    expires: float | None = None
 
     def allows(self, url: str, agent: str) -> bool:
-        if self.deny_all:
+        if self.deny_all or self.throttled:
             return False
         return self.parser is None or bool(self.parser.can_fetch(url, agent))
 
@@ -52,12 +71,25 @@ class RobotsRules:
         return float(delay) if delay is not None else None
 
 
-class RobotsCache:
-    """Per-origin rules, each robots.txt fetched at most once per process (concurrent askers wait for it)."""
+def parse_robots(body: bytes) -> Protego:
+    """The rules of a robots.txt body: its first :data:`ROBOTS_MAX_BYTES`, a leading UTF-8 BOM dropped."""
+    head = body[:ROBOTS_MAX_BYTES]
+    if head.startswith(_BOM):
+        head = head[len(_BOM) :]
+    return Protego.parse(head.decode("utf-8", errors="replace"))
 
-    def __init__(self, agent: str, *, unavailable: str = "allow") -> None:
+
+class RobotsCache:
+    """Per-origin rules, each robots.txt fetched once per process (concurrent askers wait for it).
+
+    A verdict that came from a failed fetch (5xx, unreachable, 429) is kept for
+    ``failure_ttl`` seconds only; then the next asker fetches the file again.
+    """
+
+    def __init__(self, agent: str, *, unavailable: str = "disallow", failure_ttl: float = 300.0) -> None:
         self.agent = agent
         self._unavailable_denies = unavailable == "disallow"
+        self._failure_ttl = failure_ttl
         self._rules: dict[str, asyncio.Task[RobotsRules]] = {}
 
     async def rules(self, url: str, fetch: RobotsFetch) -> RobotsRules:
@@ -65,13 +97,17 @@ class RobotsCache:
         origin = origin_of(url)
         task = self._rules.get(origin)
         if task is not None and task.done() and not task.cancelled() and task.exception() is None:
-            return task.result()  # the common case: known rules, no await, no shield
+            rules = task.result()
+            if rules.expires is None or time.monotonic() < rules.expires:
+                return rules  # the common case: known rules, no await, no shield
+            task = None  # a failure verdict that has expired: fetch the file again
         if task is None:
             task = self._rules[origin] = asyncio.ensure_future(self._load(origin, fetch))
         try:
             return await asyncio.shield(task)
-        except BreakerOpen:
-            # Not an answer about robots.txt: ask again once the host's breaker lets requests through.
+        except (BreakerOpen, BlockedNetworkError):
+            # Not an answer about robots.txt: ask again once the host's breaker lets requests through (a blocked
+            # host ends `blocked_network` on its own request, not `skipped_robots`).
             if self._rules.get(origin) is task:
                 del self._rules[origin]
             raise
@@ -79,20 +115,29 @@ class RobotsCache:
     async def _load(self, origin: str, fetch: RobotsFetch) -> RobotsRules:
         try:
             status, body = await fetch(f"{origin}/robots.txt")
-        except BreakerOpen:
+        except (BreakerOpen, BlockedNetworkError):
             raise
-        except PermanentFetchError as exc:
-            if exc.status is not None and 400 <= exc.status < 500:
+        except FetchError as exc:
+            if exc.status == 429:
+                log.warning("robots.txt throttled (429), asking again later", origin=origin, error=str(exc))
+                return RobotsRules(None, unavailable=str(exc), status=429, throttled=True, expires=self._expiry(exc))
+            if isinstance(exc, PermanentFetchError) and exc.status is not None and 400 <= exc.status < 500:
                 return RobotsRules(None)
             log.warning("robots.txt unavailable", origin=origin, error=str(exc), treat_as=self._treat())
-            return RobotsRules(None, deny_all=self._unavailable_denies)
-        except FetchError as exc:
-            log.warning("robots.txt unavailable", origin=origin, error=str(exc), treat_as=self._treat())
-            return RobotsRules(None, deny_all=self._unavailable_denies)
+            return RobotsRules(
+                None,
+                deny_all=self._unavailable_denies,
+                unavailable=str(exc),
+                status=exc.status,
+                expires=self._expiry(exc),
+            )
         if not 200 <= status < 300:
             return RobotsRules(None)
-        text = body[:ROBOTS_MAX_BYTES].decode("utf-8", errors="replace")
-        return RobotsRules(Protego.parse(text))
+        return RobotsRules(parse_robots(body))
+
+    def _expiry(self, exc: FetchError) -> float:
+        wait = self._failure_ttl if exc.retry_after is None else min(self._failure_ttl, exc.retry_after)
+        return time.monotonic() + wait
 
     def _treat(self) -> str:
         return "disallow all" if self._unavailable_denies else "allow all"

@@ -110,9 +110,16 @@ class Settings(BaseSettings):
         default=10.0, ge=0, description="Cap on a robots.txt `Crawl-delay` (seconds between request starts to a host)."
     )
     robots_unavailable: Literal["allow", "disallow"] = Field(
-        default="allow",
-        description="What a robots.txt that cannot be fetched (5xx, connection errors) means: `allow` everything, as "
-        "Scrapy does, or `disallow` everything, as RFC 9309 asks. A 4xx always means allow.",
+        default="disallow",
+        description="What a robots.txt that cannot be fetched (5xx, connection errors) means: `disallow` everything, "
+        "as RFC 9309 asks, or `allow` everything, as Scrapy does. A 4xx always means allow; a 429 fails the asking "
+        "URL as throttled and the file is asked for again later.",
+    )
+    robots_failure_ttl: float = Field(
+        default=300.0,
+        ge=0,
+        description="Seconds a verdict from a robots.txt fetch that failed (5xx, unreachable, 429) is kept before the "
+        "file is fetched again (a Retry-After shortens it); a file that was read is kept for the run.",
     )
     user_agent: str = Field(
         default="trawl/0.1 (+https://github.com/trawl/trawl)", description="User-Agent header sent with every request."
@@ -267,12 +274,31 @@ class Settings(BaseSettings):
         description="Chromium executable for `browser` sources. Unset: Playwright's own Chromium if installed, "
         "else the system's (`/usr/lib/chromium/chromium`, `chromium`, `chromium-browser`, `google-chrome`).",
     )
+    browser_sandbox: bool = Field(
+        default=False,
+        description="Run Chromium's renderers in its sandbox. Needs a non-root user (and user namespaces); as root "
+        "Chromium runs unsandboxed (`--no-sandbox`): see the README's browser section.",
+    )
     browser_pages: int = Field(default=4, ge=1, le=64, description="Pages rendering at once (the browser pool's size).")
     browser_navigation_timeout: float = Field(
         default=30.0, gt=0, description="Seconds a page may take to load in the browser (one attempt)."
     )
     browser_wait_timeout: float = Field(
         default=10.0, gt=0, description="Seconds a rendered page may take to show its `wait_for` selector."
+    )
+    browser_page_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds one page may take in the browser in all (navigation, waits, scrolling, reading the "
+        "rendered HTML); past it the page is closed and its URL `failed`, not retried.",
+    )
+    browser_contexts: int = Field(
+        default=16,
+        ge=1,
+        description="Browser contexts (one per host) kept open; past it the least recently used idle one is closed.",
+    )
+    browser_context_idle: float = Field(
+        default=120.0, gt=0, description="Seconds an idle browser context (one per host) is kept before it is closed."
     )
     browser_block_resources: list[str] = Field(
         default_factory=lambda: ["image", "media", "font"],

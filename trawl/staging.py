@@ -14,6 +14,7 @@ run directory without a manifest is not loadable; one with a manifest is complet
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,6 +28,7 @@ from trawl.records import utcnow
 
 __all__ = [
     "MANIFEST",
+    "RUN_ID_PATTERN",
     "Manifest",
     "PartSink",
     "RunInfo",
@@ -34,6 +36,8 @@ __all__ = [
     "StagedPart",
     "Stager",
     "StreamKind",
+    "check_run_id",
+    "check_run_path",
     "manifest_body",
     "run_path_parts",
     "summarize_runs",
@@ -41,6 +45,23 @@ __all__ = [
 
 StreamKind = Literal["raw", "outcomes"]
 MANIFEST = "_manifest.json"
+RUN_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}"
+"""A run id, whole (``re.fullmatch``): it becomes a path segment, so no ``/``, ``\\`` or leading dot."""
+_SOURCE_SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,99}"
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` if it is safe as a staging path segment; StagingError naming it otherwise."""
+    if not isinstance(run_id, str) or not re.fullmatch(RUN_ID_PATTERN, run_id):
+        raise StagingError(f"run id {run_id!r} must match {RUN_ID_PATTERN} (it becomes a staging path)")
+    return run_id
+
+
+def check_run_path(source: str, run_id: str) -> None:
+    """StagingError unless ``source`` and ``run_id`` are safe as staging path segments (never ``../``)."""
+    check_run_id(run_id)
+    if not isinstance(source, str) or not re.fullmatch(_SOURCE_SEGMENT, source):
+        raise StagingError(f"source name {source!r} cannot be a staging path segment")
 
 
 @dataclass(frozen=True, slots=True)

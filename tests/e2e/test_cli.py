@@ -75,7 +75,8 @@ async def test_run_load_and_rerun_demo(
     objects = [
         r[0]
         for r in await db.fetch(
-            "SELECT DISTINCT _staged_object FROM trawl.products UNION SELECT DISTINCT _staged_object FROM trawl.items"
+            "SELECT DISTINCT d.staged_object FROM trawl._loads d WHERE d.load_id IN"
+            " (SELECT _load_id FROM trawl.products UNION SELECT _load_id FROM trawl.items)"
         )
     ]
     assert objects
@@ -92,10 +93,10 @@ async def test_run_load_and_rerun_demo(
     assert max(n for path, n in site.requests.items() if path.startswith("/products/")) == 1
 
     # `trawl load` again: the ledger has every part, nothing changes.
-    before = await db.fetch("SELECT _key, _last_seen_at FROM trawl.items ORDER BY _key")
+    before = await db.fetch("SELECT _key, _last_seen_at FROM trawl_views.items ORDER BY _key")
     again = await asyncio.to_thread(trawl, "load", "--database-url", database_url, env=env)
     assert again.returncode == 0, again.stderr
-    assert await db.fetch("SELECT _key, _last_seen_at FROM trawl.items ORDER BY _key") == before
+    assert await db.fetch("SELECT _key, _last_seen_at FROM trawl_views.items ORDER BY _key") == before
     assert await db.fetchval("SELECT count(*) FROM trawl._loads") == 8  # records and outcomes of 4 sources
     assert await db.fetchval("SELECT sum(inserted + updated) FROM trawl._loads WHERE kind = 'raw'") == (
         PRODUCT_COUNT + ITEM_COUNT + JS_DEMO_COUNT + ORDER_COUNT
@@ -103,7 +104,11 @@ async def test_run_load_and_rerun_demo(
 
     # A second run: same content, so only _last_seen_at moves. Product pages are asked for conditionally
     # (their ETags from the first run) and answer 304; the API items are fetched and found unchanged.
-    snapshot = "SELECT _key, name, price, _content_hash, _run_id, _first_seen_at, _last_seen_at FROM trawl.products"
+    snapshot = (
+        "SELECT t._key, t.name, t.price, t._content_hash, d.run_id AS _run_id, t._first_seen_at, v._last_seen_at"
+        " FROM trawl.products t JOIN trawl._loads d ON d.load_id = t._load_id"
+        " JOIN trawl_views.products v ON v._key = t._key"
+    )
     old = {r["_key"]: r for r in await db.fetch(snapshot)}
     first_run = old[next(iter(old))]["_run_id"]
     second = await asyncio.to_thread(trawl, "run", "examples/demo.yaml", "--database-url", database_url, env=env)

@@ -48,5 +48,13 @@ def part_totals(results: Sequence[PartLoad]) -> tuple[int, int, int, int]:
 
 
 async def table_rows(db: asyncpg.Connection, table: str = "items") -> dict[str, asyncpg.Record]:
-    """Every row of ``trawl.<table>`` by its ``_key``."""
-    return {r["_key"]: r for r in await db.fetch(f'SELECT * FROM trawl."{table}" ORDER BY _key')}
+    """Every row of ``trawl.<table>`` by its ``_key``, with what is one join away: the run and staged object of
+    the load that wrote its content (``_run_id``, ``_staged_object``) and ``_last_seen_at`` from its view."""
+    return {
+        r["_key"]: r
+        for r in await db.fetch(
+            f'SELECT t.*, d.run_id AS _run_id, d.staged_object AS _staged_object, v._last_seen_at FROM trawl."{table}" t'
+            f' JOIN trawl._loads d ON d.load_id = t._load_id JOIN trawl_views."{table}" v ON v._key = t._key'
+            " ORDER BY t._key"
+        )
+    }

@@ -157,7 +157,10 @@ async def test_crawl_then_load_skips_what_the_ledger_has(flow_env: Path, db: asy
     assert again["sources"]["items"]["parts_loaded"] == 0
     assert again["sources"]["items"]["parts_skipped"] == 4
     assert await db.fetchval("SELECT count(*) FROM trawl._loads") == 4
-    row = await db.fetchrow("SELECT _run_id, _first_seen_at < _last_seen_at AS moved FROM trawl.items WHERE _key = '1'")
+    row = await db.fetchrow(
+        "SELECT d.run_id AS _run_id, t._first_seen_at < v._last_seen_at AS moved FROM trawl.items t"
+        " JOIN trawl._loads d ON d.load_id = t._load_id JOIN trawl_views.items v ON v._key = t._key WHERE t._key = '1'"
+    )
     assert row is not None and row["_run_id"] == first["run_id"] and row["moved"]
 
 

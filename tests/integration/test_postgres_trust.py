@@ -75,8 +75,9 @@ def _even(value: Any, data: Any) -> bool:
     return bool(value % 2 == 0)
 
 
+@register_check("sku_starts_with_id")
 def sku_check(value: Any, data: Any) -> str | None:
-    """A check named as module:function in the declaration."""
+    """A check that reads another field of the record."""
     if not value.startswith(str(data.get("id"))):
         return f"sku {value!r} does not start with the id"
     return None
@@ -93,7 +94,7 @@ async def test_every_rule_is_enforced_and_every_reason_kept(
             "type": "text",
             "pattern": r"^\d+-[A-Z]+$",
             "max_length": 8,
-            "checks": [f"{__name__}:sku_check", "not_blank"],
+            "checks": ["sku_starts_with_id", "not_blank"],
         },
         colour={"type": "text", "choices": ["red", "blue"]},
         size={"type": "int", "choices": [1, 2, 3]},
@@ -124,7 +125,7 @@ async def test_every_rule_is_enforced_and_every_reason_kept(
         "plain: expected float, got '1,5'",  # no `parse: number`: a comma is not a decimal mark
         "sku: '9-toolong' does not match '^\\\\d+-[A-Z]+$'",
         "sku: 9 characters, more than max_length 8",
-        f"sku: sku '9-toolong' does not start with the id (check {__name__}:sku_check)",
+        "sku: sku '9-toolong' does not start with the id (check sku_starts_with_id)",
         "colour: 'green' is not one of ['red', 'blue']",
         "size: 7 is not one of [1, 2, 3]",
     ]
@@ -139,20 +140,49 @@ async def test_every_rule_is_enforced_and_every_reason_kept(
     assert (r3["staged_object"], r3["line"], r3["url"], r3["run_id"]) == (raw.parts[0].uri, 3, records[2].url, "r1")
 
 
-async def test_an_unknown_check_fails_the_load_naming_field_and_check(
+RAN: list[Any] = []
+"""What ran that must not have: a check a manifest named by import path, or code it had exec'd."""
+
+
+def side_effect(value: Any, data: Any) -> None:
+    """Looks like a check, is importable, and is registered under no name: a manifest must not reach it."""
+    RAN.append(value)
+
+
+@pytest.mark.parametrize("check", ["builtins:exec", f"{__name__}:side_effect", "nope", "not_blank\n"])
+async def test_a_manifest_naming_an_unregistered_check_fails_naming_the_manifest_and_runs_nothing(
+    loader: Loader, stager: LocalStager, db: asyncpg.Connection, check: str
+) -> None:
+    RAN.clear()
+    # What `builtins:exec` would run on each value, were the name imported and called.
+    code = f"__import__({__name__!r}, fromlist=['RAN']).RAN.append('exec')"
+    records = [rec("1", {"id": 1, "name": code}, run_id="r1", at=T0)]
+    raw = await stage(stager, "r1", records, schema(name={"type": "text", "checks": [check]}))
+    with pytest.raises(LoadError) as info:
+        await loader.load_manifest(raw)
+    assert info.value.staged_object == raw.uri
+    assert f"manifest {raw.uri}" in str(info.value)
+    assert "field 'name'" in str(info.value) or "schema" in str(info.value)
+    assert RAN == []
+    # Refused before anything: no table created, nothing in the ledger.
+    assert await db.fetchval("SELECT to_regclass('trawl.items')") is None
+    assert await db.fetchval("SELECT count(*) FROM trawl._loads") == 0
+
+
+async def test_a_manifest_whose_declaration_the_sources_models_refuse_is_not_loaded(
     loader: Loader, stager: LocalStager, db: asyncpg.Connection
 ) -> None:
-    raw = await stage(
-        stager, "r1", [rec("1", {"id": 1}, run_id="r1", at=T0)], schema(name={"type": "text", "checks": ["nope"]})
-    )
-    with pytest.raises(LoadError, match=r"source 'items': field 'name': no check registered as 'nope'"):
-        await loader.load_manifest(raw)
-    bad_import = schema(name={"type": "text", "checks": ["no_such_module_xyz:f"]})
-    raw2 = await stage(stager, "r2", [rec("1", {"id": 1}, run_id="r2", at=T0)], bad_import)
-    with pytest.raises(LoadError, match=r"field 'name': check 'no_such_module_xyz:f': cannot import"):
-        await loader.load_manifest(raw2)
-    assert await db.fetchval("SELECT count(*) FROM trawl.items") == 0
-    assert await db.fetchval("SELECT count(*) FROM trawl._loads") == 0
+    for run_id, bad, problem in [
+        ("r1", {"key": ["id"], "fields": {"id": {"type": "money"}}}, "schema: fields.id.type: Input should be"),
+        ("r2", {"key": ["id"], "fields": {"id": {"type": "int"}, "bad\n": {}}}, "field name(s) 'bad\\n' must match"),
+        ("r3", {"key": ["id"], "fields": {"id": {"type": "int", "eval": "1"}}}, "Extra inputs are not permitted"),
+    ]:
+        raw = await stage(stager, run_id, [rec("1", {"id": 1}, run_id=run_id, at=T0)], bad)
+        with pytest.raises(LoadError) as info:
+            await loader.load_manifest(raw)
+        assert str(info.value).startswith(f"manifest {raw.uri}: ")
+        assert problem in str(info.value)
+    assert await db.fetchval("SELECT to_regclass('trawl.items')") is None
 
 
 # -- reject threshold -------------------------------------------------------------------------------------
@@ -224,7 +254,10 @@ async def test_latest_fetched_at_wins_across_parts_of_a_run(
     assert [(r.inserted, r.updated, r.unchanged) for r in results] == [(4, 0, 0), (0, 0, 1)]
     row = (await table_rows(db))["1"]
     assert (row["name"], row["_fetched_at"], row["_staged_object"]) == ("late", late, raw.parts[0].uri)
-    changes = await db.fetch("SELECT change, staged_object FROM trawl._lineage WHERE key = '1' ORDER BY fetched_at")
+    changes = await db.fetch(
+        "SELECT l.change, d.staged_object FROM trawl._lineage l JOIN trawl._loads d ON d.load_id = l.load_id"
+        " WHERE l.key = '1' ORDER BY d.seen_at"
+    )
     assert [tuple(c) for c in changes] == [("older", raw.parts[1].uri), ("inserted", raw.parts[0].uri)]
 
 
@@ -400,8 +433,8 @@ async def test_the_view_shows_only_declared_columns(
             )
         ]
 
-    assert await view_columns() == ["_key", "id", "name", "colour", "size"]
-    assert tuple(await db.fetchrow("SELECT * FROM trawl_views.items")) == ("1", 1, None, "red", 2)
+    assert await view_columns() == ["_key", "id", "name", "colour", "size", "_last_seen_at"]
+    assert tuple(await db.fetchrow("SELECT * FROM trawl_views.items")) == ("1", 1, None, "red", 2, T0)
     t2 = T0 + timedelta(days=1)
     decl2 = schema(size={"type": "int"}, weight={"type": "float"})  # colour no longer declared
     await loader.load_manifest(
@@ -410,7 +443,7 @@ async def test_the_view_shows_only_declared_columns(
         )
     )
 
-    assert await view_columns() == ["_key", "id", "name", "size", "weight"]
+    assert await view_columns() == ["_key", "id", "name", "size", "weight", "_last_seen_at"]
     got = await table_rows(db)
     assert got["1"]["colour"] == "red"  # the column stays in the table
     assert orjson.loads(got["2"]["_extra"]) == {"colour": "blue"}  # undeclared now: kept in _extra
@@ -452,11 +485,15 @@ async def _snapshot(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
     conn = await asyncpg.connect(dsn)
     try:
         queries = {
-            "items": "SELECT * FROM trawl.items",
+            # The rows, with the load that wrote them named by its staged object (load ids are a sequence's:
+            # a killed transaction leaves a gap) and without the wall-clock _changed_at.
+            "items": "SELECT (to_jsonb(t) - '_changed_at' - '_load_id')::text, d.staged_object FROM trawl.items t"
+            " JOIN trawl._loads d ON d.load_id = t._load_id",
             "loads": "SELECT staged_object, sha256, run_id, source, kind, rows, inserted, updated, unchanged,"
             " rejected FROM trawl._loads",
             "rejects": "SELECT run_id, source, key, url, reasons, record, staged_object, line FROM trawl._rejects",
-            "lineage": "SELECT * FROM trawl._lineage",
+            "lineage": "SELECT d.staged_object, l.key, l.line, l.change FROM trawl._lineage l"
+            " JOIN trawl._loads d ON d.load_id = l.load_id",
             "outcomes": "SELECT * FROM trawl._outcomes",
             "runs": "SELECT run_id, status, sources FROM trawl._runs",
             "schemas": "SELECT source, version, declared, changes, run_id FROM trawl._schemas",
@@ -566,7 +603,8 @@ async def test_kill_9_mid_part_then_rerun_gives_the_same_tables(
     loaded = {r[0] for r in await db.fetch("SELECT staged_object FROM trawl._loads")}
     assert target not in loaded
     assert {p.uri for p in manifests[0].parts} | {manifests[1].parts[0].uri, manifests[1].parts[1].uri} <= loaded
-    assert await db.fetchval("SELECT count(*) FROM trawl._lineage WHERE staged_object = $1", target) == 0
+    orphans = "SELECT count(*) FROM trawl._lineage l WHERE NOT EXISTS (SELECT 1 FROM trawl._loads d WHERE d.load_id = l.load_id)"
+    assert await db.fetchval(orphans) == 0
 
     rerun = await asyncio.to_thread(_child, database_url, stager.root)
     out, err = await asyncio.to_thread(rerun.communicate, timeout=120)

@@ -16,12 +16,14 @@ import scrapy
 from aiohttp import web
 
 from sinks.stage import LocalStager
+from tests.helpers.hostile import FORBIDDEN_IP, Hostile
 from trawl.config import ApiSource, SpiderSource
 from trawl.connectors import SourceContext, SourceStats
 from trawl.connectors.spider import SpiderConnector
 from trawl.crawler import crawl_source
 from trawl.demo.account import ORDER_COUNT, order
 from trawl.demo.site import PAGE_COUNT, PRODUCT_COUNT, DemoSite, DemoSiteThread, product
+from trawl.errors import ConfigError
 from trawl.fetch import Fetcher
 from trawl.logs import bind, configure_logging
 from trawl.metrics import METRICS
@@ -422,3 +424,50 @@ async def test_an_address_that_changes_after_the_check_is_refused_at_connect(tmp
     assert [(o.outcome.value, o.url) for o in run.outcomes] == [("blocked_network", f"http://localhost:{port}/x")]
     assert "a network the settings do not allow" in (run.outcomes[0].error or "")
     assert local.seen["/x"] == 0
+
+
+GATE = "trawl.connectors.spider.GateMiddleware"
+
+
+class UngatedSpider(PathsSpider):
+    """A spider whose own ``custom_settings`` take trawl's gate (and with it the guard) out."""
+
+    name = "ungated"
+    custom_settings = {"DOWNLOADER_MIDDLEWARES": {GATE: None}}  # Scrapy's own shape
+
+
+@pytest.mark.parametrize(
+    ("how", "match"),
+    [
+        ("source removes the gate", "DOWNLOADER_MIDDLEWARES sets trawl.connectors.spider.GateMiddleware to None"),
+        ("source moves the gate", "DOWNLOADER_MIDDLEWARES sets trawl.connectors.spider.GateMiddleware to 5"),
+        ("source swaps the handlers", "DOWNLOAD_HANDLERS_BASE cannot be set"),
+        ("spider's custom_settings", r"UngatedSpider \(custom_settings\): DOWNLOADER_MIDDLEWARES sets"),
+    ],
+)
+async def test_a_source_cannot_take_trawls_gate_middleware_out(hostile: Hostile, how: str, match: str) -> None:
+    settings = Settings(allowed_networks=hostile.allowed, max_retries=0, connect_timeout=2, total_timeout=5)
+    base = f"http://{FORBIDDEN_IP}:{hostile.forbidden.port}"
+    scrapy_settings = {
+        "source removes the gate": {"DOWNLOADER_MIDDLEWARES": {GATE: None}},
+        "source moves the gate": {"DOWNLOADER_MIDDLEWARES": {GATE: 5}},
+        "source swaps the handlers": {
+            "DOWNLOAD_HANDLERS_BASE": {"http": "scrapy.core.downloader.handlers.http11.HTTP11DownloadHandler"}
+        },
+    }.get(how, {})
+    spider = f"{HERE}:UngatedSpider" if how == "spider's custom_settings" else f"{HERE}:PathsSpider"
+    source = SpiderSource.model_validate(
+        {
+            "kind": "spider",
+            "name": "spidered",
+            "spider": spider,
+            "args": {"base": base, "paths": "/x"},
+            "settings": scrapy_settings,
+            "robots": False,
+        }
+    )
+    run = Run(settings)
+    with pytest.raises(ConfigError, match=match):
+        await run.spider(source)
+    assert run.records == []
+    assert hostile.forbidden.hits == 0

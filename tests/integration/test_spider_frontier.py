@@ -20,10 +20,12 @@ from scrapy.utils.test import get_crawler
 from trawl.config import SpiderSource
 from trawl.connectors import SourceContext, SourceStats
 from trawl.connectors.spider import SpiderConnector, scrapy_settings
+from trawl.demo.account import ORDER_COUNT, order
 from trawl.demo.site import PAGE_COUNT, PRODUCT_COUNT, DemoSite
 from trawl.fetch import Fetcher
 from trawl.frontier import PgFrontier
-from trawl.frontier.scheduler import PgScheduler
+from trawl.frontier.postgres import QueuedRequest
+from trawl.frontier.scheduler import PgScheduler, encode_request, request_key
 from trawl.records import Outcome, Record, utcnow
 from trawl.settings import Settings
 
@@ -127,7 +129,7 @@ async def test_books_through_the_frontier_match_the_memory_scheduler_and_end_don
     twice = [url for url, n in Counter(r["url"] for r in rows).items() if n > 1]
     start = f"{demo_site.url}/catalogue/page/1"
     assert twice == [start]  # the start request is dont_filter (Scrapy fetches it again when linked); no other
-    forced = [pickle.loads(r["payload"])["dont_filter"] for r in rows if r["url"] == start]
+    forced = [orjson.loads(r["payload"])["dont_filter"] for r in rows if r["url"] == start]
     assert sorted(forced) == [False, True]
     assert await db.fetchval("SELECT status FROM trawl._frontier_runs WHERE run_id = $1", RUN_ID) == "complete"
 
@@ -242,3 +244,142 @@ async def test_a_spider_crawl_that_died_midway_resumes_from_its_checkpoint(
     assert sum(again.values()) <= PRODUCT_COUNT + PAGE_COUNT + 2 - len(done_at_death)
     rows = await db.fetch("SELECT state FROM trawl._frontier WHERE run_id = $1", run_id)
     assert {r["state"] for r in rows} == {"done"}
+
+
+# -- what the frontier holds: JSON trawl wrote, never credentials ------------------------------------------
+
+RAN: list[str] = []
+"""What a forged frontier row made run: must stay empty."""
+
+
+class _Boom:
+    """A pickle that runs code when it is loaded."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RAN.append, ("unpickled",))
+
+
+class FrontierSpider(scrapy.Spider):
+    name = "frontier"
+
+    def parse(self, response: Any, **kwargs: Any) -> Iterator[Any]:
+        yield from ()
+
+    def drop_tables(self, response: Any) -> None:  # a method; a forged row may name it, but only as a callback
+        RAN.append("callback")
+
+
+def _forged(url: str, payload: bytes) -> QueuedRequest:
+    return QueuedRequest(request_key(url.encode()), url, "evil.test", 0, 0, payload)
+
+
+async def _scheduler(pool: asyncpg.Pool, run_id: str) -> tuple[PgScheduler, FrontierSpider]:
+    frontier = PgFrontier(pool, "trawl", run_id, "spidered", lease_seconds=60)
+    await frontier.setup()
+    await frontier.begin(utcnow(), ())
+    crawler = get_crawler(FrontierSpider, {"TWISTED_REACTOR_ENABLED": False})
+    spider = FrontierSpider()
+    scheduler = PgScheduler(frontier, crawler, batch=16, poll=0.02)
+    return scheduler, spider
+
+
+async def _drain(scheduler: PgScheduler, want: int) -> list[scrapy.Request]:
+    got: list[scrapy.Request] = []
+    async with asyncio.timeout(10):
+        while len(got) < want:
+            while (request := scheduler.next_request()) is not None:
+                got.append(request)
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # a few more rounds: nothing else may come out
+    while (request := scheduler.next_request()) is not None:
+        got.append(request)
+    return got
+
+
+async def test_a_frontier_row_that_is_not_the_json_trawl_wrote_is_refused_counted_and_never_run(
+    database_url: str,
+) -> None:
+    RAN.clear()
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    try:
+        scheduler, spider = await _scheduler(pool, "r-forged")
+        good = encode_request(scrapy.Request("http://ok.test/1", callback=spider.parse), spider)
+        template = orjson.loads(good)
+        forged = [
+            _forged("http://evil.test/pickle", pickle.dumps(_Boom())),
+            _forged("http://evil.test/scrapy-dict", orjson.dumps({"url": "http://evil.test/", "_class": "os.system"})),
+            _forged("http://evil.test/class", orjson.dumps({**template, "class": "subprocess.Popen"})),
+            _forged("http://evil.test/dunder", orjson.dumps({**template, "callback": "__init__"})),
+            _forged("http://evil.test/attr", orjson.dumps({**template, "callback": "crawler"})),
+            _forged("http://evil.test/extra", orjson.dumps({**template, "exec": "print(1)"})),
+            _forged("http://evil.test/base64", orjson.dumps({**template, "body": "not base64!"})),
+            _forged(
+                "http://evil.test/cookie", orjson.dumps({**template, "headers": [["Q29va2ll", ["c2lkPTE="]]]})
+            ),  # "Cookie: sid=1": trawl never writes one, so it never reads one
+        ]
+        await scheduler.frontier.push_requests([*forged, _forged("http://ok.test/1", good)])
+        scheduler.open(spider)
+        got = await _drain(scheduler, 1)
+        assert [(r.url, r.callback) for r in got] == [("http://ok.test/1", spider.parse)]
+        assert RAN == []
+        assert scheduler.counts["refused"] == len(forged)
+        assert scheduler.crawler.stats.get_value("scheduler/refused") == len(forged)
+        await maybe_deferred_to_future(scheduler.close("finished"))
+        states = dict(await pool.fetch("SELECT url, state FROM trawl._frontier WHERE run_id = 'r-forged'"))
+        assert all(states[f.url] == "done" for f in forged)  # refused once, not claimed again
+    finally:
+        await pool.close()
+
+
+async def test_requests_carrying_credentials_stay_in_memory_and_never_reach_the_table(database_url: str) -> None:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    try:
+        scheduler, spider = await _scheduler(pool, "r-creds")
+        scheduler.open(spider)
+        secret = "s3cret-" + "x" * 8
+        secretive = [
+            scrapy.Request("http://h.test/auth", headers={"Authorization": f"Bearer {secret}"}),
+            scrapy.Request("http://h.test/cookie", headers={"Cookie": f"sid={secret}"}),
+            scrapy.Request("http://h.test/proxy", headers={"Proxy-Authorization": f"Basic {secret}"}),
+            scrapy.Request("http://h.test/jar", cookies={"sid": secret}),
+            scrapy.FormRequest("http://h.test/login", formdata={"user": "u", "password": secret}),
+            scrapy.Request("http://h.test/marked", meta={"trawl_credentials": True, "token": secret}),
+        ]
+        plain = [
+            scrapy.Request("http://h.test/plain", meta={"depth": 1, "list": [1, "a", None]}, cb_kwargs={"n": 2}),
+            scrapy.Request("http://h.test/open-body", method="POST", body=b"q=1", meta={"trawl_credentials": False}),
+        ]
+        for request in [*secretive, *plain]:
+            assert scheduler.enqueue_request(request)
+        got = await _drain(scheduler, len(secretive) + len(plain))
+        assert sorted(r.url for r in got) == sorted(r.url for r in [*secretive, *plain])
+        assert scheduler.crawler.stats.get_value("scheduler/enqueued/memory") == len(secretive)
+        by_url = {r.url: r for r in got}
+        assert by_url["http://h.test/plain"].cb_kwargs == {"n": 2}
+        assert by_url["http://h.test/plain"].meta["list"] == [1, "a", None]
+        assert by_url["http://h.test/open-body"].body == b"q=1"
+        await maybe_deferred_to_future(scheduler.close("finished"))
+        rows = await pool.fetch("SELECT url, payload FROM trawl._frontier WHERE run_id = 'r-creds'")
+        assert sorted(r["url"] for r in rows) == sorted(r.url for r in plain)
+        for row in rows:
+            assert orjson.loads(row["payload"])["format"].startswith("trawl/")  # JSON, not a pickle
+            assert secret.encode() not in row["payload"]
+    finally:
+        await pool.close()
+
+
+async def test_the_demo_login_spider_works_through_the_frontier_and_its_password_stays_out(
+    pg_settings: Settings, demo_site: DemoSite, db: asyncpg.Connection
+) -> None:
+    run = Run(pg_settings)
+    source = spider_source("spiders.orders:OrdersSpider", "postgres", base_url=demo_site.url, password="trawl-demo")
+    records = await run.spider(source)
+    assert sorted(r.data["number"] for r in records) == [order(i).number for i in range(1, ORDER_COUNT + 1)]
+    rows = await _rows(db)
+    assert rows, "the order pages went through the frontier"
+    assert {r["state"] for r in rows} == {"done"}
+    for row in rows:
+        payload = row["payload"] or b""
+        assert b"trawl-demo" not in payload and b"password" not in payload
+        assert b"Q29va2ll" not in payload  # no Cookie header (base64 of "Cookie")
+    assert run.stats.scrapy["scheduler/enqueued/memory"] >= 1  # the login POST

@@ -15,6 +15,7 @@ from trawl.errors import BlockedNetworkError, BreakerOpen, FetchError, RobotsDis
 from trawl.extract import get_path
 from trawl.fetch import Fetcher, Response, TransportName
 from trawl.frontier.base import Idle, Settled
+from trawl.incremental import CursorWindow
 from trawl.logs import redact
 from trawl.metrics import METRICS
 from trawl.records import Outcome, OutcomeKind, Record
@@ -67,6 +68,8 @@ class SourceStats:
     """`browser` sources: pages per path (``http``, ``browser``, ``http+browser``)."""
     scrapy: dict[str, Any] = field(default_factory=dict)
     """`spider` sources: Scrapy's own stats at the end of the crawl."""
+    incremental: dict[str, Any] | None = None
+    """`api` sources with `incremental`: the run's window and the largest value seen (the load moves the state)."""
 
     @property
     def failures(self) -> int:
@@ -115,6 +118,7 @@ class SourceStats:
             "top_errors": self.top_errors(),
             **({"render": dict(self.render)} if self.render else {}),
             **({"scrapy": self.scrapy} if self.scrapy else {}),
+            **({"incremental": self.incremental} if self.incremental is not None else {}),
         }
 
 
@@ -129,6 +133,8 @@ class SourceContext:
     stats: SourceStats = field(default_factory=SourceStats)
     validators: Mapping[str, Validators] = field(default_factory=dict)
     """ETag / Last-Modified per URL from earlier runs (conditional requests)."""
+    incremental: CursorWindow | None = None
+    """`api` sources with `incremental`: the window this run asks for (from the stored state)."""
 
     def conditional_headers(self, url: str, headers: Mapping[str, str] | None = None) -> dict[str, str]:
         """``headers`` plus If-None-Match / If-Modified-Since for a URL fetched in an earlier run."""
@@ -152,32 +158,52 @@ class SourceContext:
         robots: bool = True,
         park: bool = False,
         origins: Collection[str] | None = None,
+        method: str = "GET",
+        body: bytes | None = None,
+        reauth: Callable[[Mapping[str, str]], Awaitable[Mapping[str, str] | None]] | None = None,
     ) -> Response | None:
         """Fetch a URL and record exactly one outcome for it when it failed; None when it failed.
 
         ``headers`` go only to ``origins`` (the source's :attr:`header_origins`), on every hop.
         With ``park`` a BreakerOpen is raised instead of recorded, so the caller can
         put the URL back until the breaker closes (and record ``skipped_breaker`` later).
+        ``reauth``: when the URL finally fails with a 401, called once with the headers
+        sent; the headers it returns (a renewed token) are tried once more.
         """
-        try:
-            resp = await self.fetcher.get(
-                url,
-                transport=transport,
-                headers=headers,
-                concurrency=concurrency,
-                delay=delay,
-                robots=robots,
-                source=source,
-                origins=origins,
-            )
-        except BreakerOpen:
-            if park:
-                raise
-            await self.skipped_breaker(source, url)
-            return None
-        except FetchError as exc:
-            await self.failed(source, url, exc)
-            return None
+        sent = headers or {}
+        for last in (False, True):
+            try:
+                resp = await self.fetcher.get(
+                    url,
+                    transport=transport,
+                    headers=sent,
+                    concurrency=concurrency,
+                    delay=delay,
+                    robots=robots,
+                    source=source,
+                    origins=origins,
+                    method=method,
+                    body=body,
+                )
+                break
+            except BreakerOpen:
+                if park:
+                    raise
+                await self.skipped_breaker(source, url)
+                return None
+            except FetchError as exc:
+                renewed = None
+                if not last and reauth is not None and exc.status == 401:
+                    try:
+                        renewed = await reauth(sent)
+                    except FetchError as auth_exc:
+                        exc = auth_exc
+                if renewed is None:
+                    await self.failed(source, url, exc)
+                    return None
+                sent = {**sent, **renewed}
+        else:
+            raise AssertionError("unreachable: the last try returns or breaks")
         self.stats.pages += 1
         self.stats.bytes += len(resp.body)
         return resp

@@ -2,11 +2,22 @@
 
 One browser per Fetcher (so per crawl run and process), started on first use and
 closed with the Fetcher; a bounded number of pages render at once; a browser
-context per host (cookies stay with their host), its pages reused. Every
-navigation goes through :meth:`trawl.fetch.Fetcher.slot` (network guard,
-robots.txt, per-host concurrency and delay, the host's breaker), and every
-request the page itself makes is checked by the network guard in a route
-handler (blocked resource types are not loaded at all).
+context per host (cookies stay with their host), its pages reused, idle contexts
+closed (least recently used past ``browser_contexts``, or idle past
+``browser_context_idle``). Every navigation goes through
+:meth:`trawl.fetch.Fetcher.slot` (network guard, robots.txt, per-host concurrency
+and delay, the host's breaker), and every connection the browser makes (the
+document, each redirect hop, subresources, ``fetch()``, WebSockets) goes through
+:class:`~trawl.connectors.proxy.GuardedProxy`, which connects only to addresses
+the network guard returned. Chromium resolves no name itself and sends no
+WebRTC/STUN traffic outside the proxy. A document or redirect hop the proxy
+refused makes the URL ``blocked_network``; blocked resource types are not
+loaded at all (a route handler).
+
+Each page has one deadline for everything (``browser_page_timeout``: navigation,
+waits, scrolling, reading the DOM): past it the page is closed and the URL
+``failed``. The rendered HTML is capped by ``max_body_bytes``, measured in the
+page before it is sent over.
 
 ``render: auto`` fetches over plain HTTP first and renders only when the
 declared required fields are missing; it then remembers that host and URL
@@ -27,8 +38,9 @@ import os
 import re
 import shutil
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -38,7 +50,15 @@ import structlog
 from trawl.config import BrowserSource
 from trawl.connectors.base import SourceContext, make_record, url_hash
 from trawl.connectors.html import HtmlConnector
-from trawl.errors import BreakerOpen, FetchError, PermanentFetchError, TransientFetchError
+from trawl.connectors.proxy import GuardedProxy
+from trawl.errors import (
+    BlockedNetworkError,
+    BreakerOpen,
+    ConfigError,
+    FetchError,
+    PermanentFetchError,
+    TransientFetchError,
+)
 from trawl.extract import extract_items, extract_links, parse_html
 from trawl.fetch import Fetcher, Response
 from trawl.frontier.base import Frontier
@@ -48,16 +68,15 @@ from trawl.settings import Settings
 from trawl.urls import host_of
 
 if TYPE_CHECKING:
-    from playwright.async_api import Browser, BrowserContext, Page, Playwright, Route
+    from playwright.async_api import Browser, BrowserContext, Page, Playwright, Request, Route
 
 __all__ = ["BrowserConnector", "BrowserPool", "find_chromium"]
 
 log = structlog.get_logger("trawl.connectors.browser")
 
 _SYSTEM_CHROMIUM = ("/usr/lib/chromium/chromium", "chromium", "chromium-browser", "google-chrome")
-# Root in a container, no network beyond the targets: no sandbox, nothing phoning home.
+# Nothing phoning home. `--no-sandbox` comes from Playwright unless `browser_sandbox` is on (see the README).
 _LAUNCH_ARGS = [
-    "--no-sandbox",
     "--disable-dev-shm-usage",
     "--disable-gpu",
     "--disable-background-networking",
@@ -66,7 +85,31 @@ _LAUNCH_ARGS = [
     "--disable-sync",
     "--no-first-run",
     "--metrics-recording-only",
+    # No QUIC (UDP) and no WebRTC UDP outside the proxy: every byte out is a TCP connection the proxy guards.
+    "--disable-quic",
+    "--force-webrtc-ip-handling-policy=disable_non_proxied_udp",
+    "--webrtc-ip-handling-policy=disable_non_proxied_udp",
 ]
+
+
+def _proxy_args(proxy_host: str, proxy_url: str) -> list[str]:
+    """Everything through the guarded proxy, loopback included (Chromium bypasses proxies for loopback unless
+    told not to), and no name resolved by Chromium itself (the proxy resolves, through the guard)."""
+    return [
+        f"--proxy-server={proxy_url}",
+        "--proxy-bypass-list=<-loopback>",
+        f"--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE {proxy_host}",
+    ]
+
+
+# The DOM as page.content() serializes it, or only its length when that alone passes the cap
+# (UTF-16 units; each is at least one UTF-8 byte), so an oversize DOM never crosses over.
+_SERIALIZE = """(limit) => {
+  let html = document.doctype ? new XMLSerializer().serializeToString(document.doctype) : "";
+  if (document.documentElement) html += document.documentElement.outerHTML;
+  return html.length > limit ? html.length : html;
+}"""
+_CLOSE_TIMEOUT = 5.0
 _DIGITS = re.compile(r"\d+")
 _RENDER_KEY = "browser-pool"
 
@@ -98,8 +141,22 @@ def url_pattern(url: str) -> tuple[str, str]:
     return host_of(url), _DIGITS.sub("{n}", urlsplit(url).path)
 
 
+_ContextKey = tuple[str, bool, tuple[str, ...]]
+
+
+@dataclass(slots=True)
+class _Context:
+    """A host's browser context, its idle pages, how many pages are out and when the last came back."""
+
+    context: BrowserContext
+    idle: list[Page] = field(default_factory=list)
+    busy: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
 class BrowserPool:
-    """One Chromium, a context per (host, JavaScript on/off), at most ``size`` pages rendering at once."""
+    """One Chromium behind a guarded proxy, a context per (host, JavaScript on/off), at most ``size`` pages
+    rendering at once."""
 
     def __init__(self, settings: Settings, fetcher: Fetcher) -> None:
         self.settings = settings
@@ -107,16 +164,20 @@ class BrowserPool:
         self.size = settings.browser_pages
         self._slots = asyncio.Semaphore(self.size)
         self._lock = asyncio.Lock()
+        self._context_lock = asyncio.Lock()
         self._pw: Playwright | None = None
         self._browser: Browser | None = None
-        self._contexts: dict[tuple[str, bool, tuple[str, ...]], BrowserContext] = {}
-        self._idle: dict[tuple[str, bool, tuple[str, ...]], list[Page]] = {}
+        self._proxy: GuardedProxy | None = None
+        self._contexts: OrderedDict[_ContextKey, _Context] = OrderedDict()
+        """Least recently used first."""
+        self.evicted = 0
+        """Contexts closed for being idle or past ``browser_contexts``."""
         self.needs_browser: set[tuple[str, str]] = set()
         """(host, URL pattern) pairs whose pages needed rendering (adaptive mode)."""
         self.navigations: Counter[str] = Counter()
         """Navigations per URL (what the browser was asked to load)."""
         self.blocked: Counter[str] = Counter()
-        """Subresource requests refused, by reason (``network``, ``type:image``, ...)."""
+        """Page requests refused, by reason (``network``: by the guarded proxy, ``type:image``, ...)."""
         self.launches = 0
         self.generation = 0
         """Bumped at every launch: a page knows which browser it came from."""
@@ -131,6 +192,18 @@ class BrowserPool:
         assert isinstance(pool, BrowserPool)
         return pool
 
+    @property
+    def contexts(self) -> int:
+        """Browser contexts open now."""
+        return len(self._contexts)
+
+    def refusal(self, url: str, since: float) -> str | None:
+        """Why the guarded proxy refused this URL's host and port at or after ``since``, or None."""
+        return self._proxy.refusal(url, since) if self._proxy is not None else None
+
+    def _refused(self, host: str, port: int, reason: str) -> None:
+        self.blocked["network"] += 1
+
     async def _ensure_browser(self) -> Browser:
         async with self._lock:
             if self._browser is not None and self._browser.is_connected():
@@ -138,64 +211,118 @@ class BrowserPool:
             if self._browser is not None:  # died: forget its contexts and pages
                 log.warning("browser restarted", launches=self.launches)
                 self._contexts.clear()
-                self._idle.clear()
             from playwright.async_api import async_playwright
 
+            sandbox = self.settings.browser_sandbox
+            if sandbox and os.geteuid() == 0:
+                raise ConfigError(
+                    "TRAWL_BROWSER_SANDBOX=true, but trawl runs as root and Chromium's sandbox does not: run trawl "
+                    "as another user (README: Browser sources), or leave the setting off"
+                )
+            if self._proxy is None:
+                proxy = GuardedProxy(
+                    self.fetcher.guard, connect_timeout=self.settings.connect_timeout, on_refused=self._refused
+                )
+                self._proxy = await proxy.__aenter__()
             if self._pw is None:
                 self._pw = await async_playwright().start()
             path = await asyncio.to_thread(find_chromium, self.settings.browser_path)  # globs and stats the disk
             t0 = time.monotonic()
-            self._browser = await self._pw.chromium.launch(executable_path=path, headless=True, args=_LAUNCH_ARGS)
+            args = [*_LAUNCH_ARGS, *_proxy_args(self._proxy.host, self._proxy.url)]
+            self._browser = await self._pw.chromium.launch(
+                executable_path=path, headless=True, args=args, chromium_sandbox=sandbox
+            )
             self.launches += 1
             self.generation += 1
-            log.info("browser launched", executable=path or "playwright", seconds=round(time.monotonic() - t0, 3))
+            log.info(
+                "browser launched",
+                executable=path or "playwright",
+                sandbox=sandbox,
+                seconds=round(time.monotonic() - t0, 3),
+            )
             return self._browser
 
-    async def _context(self, host: str, javascript: bool, blocked: tuple[str, ...]) -> BrowserContext:
-        key = (host, javascript, blocked)
-        context = self._contexts.get(key)
-        if context is not None:
-            return context
-        browser = await self._ensure_browser()
-        context = await browser.new_context(
-            java_script_enabled=javascript, user_agent=self.settings.user_agent, service_workers="block"
-        )
-        blocked_types = frozenset(blocked)
+    async def _context(self, key: _ContextKey) -> _Context:
+        """The key's context (created on first use), marked most recently used."""
+        async with self._context_lock:  # two first pages of a host share one context
+            entry = self._contexts.get(key)
+            if entry is None:
+                browser = await self._ensure_browser()
+                _, javascript, blocked = key
+                context = await browser.new_context(
+                    java_script_enabled=javascript, user_agent=self.settings.user_agent, service_workers="block"
+                )
+                if blocked:  # the network is the proxy's business; this only skips resource types
+                    blocked_types = frozenset(blocked)
 
-        async def guard(route: Route) -> None:
-            request = route.request
-            if request.resource_type in blocked_types:
-                self.blocked[f"type:{request.resource_type}"] += 1
-                await route.abort("blockedbyclient")
-            elif not await self.fetcher.allowed(request.url):
-                self.blocked["network"] += 1
-                log.warning("page request blocked by the network guard", url=request.url, page_host=host)
-                await route.abort("blockedbyclient")
-            else:
-                await route.continue_()
+                    async def skip(route: Route) -> None:
+                        kind = route.request.resource_type
+                        if kind in blocked_types:
+                            self.blocked[f"type:{kind}"] += 1
+                            await route.abort("blockedbyclient")
+                        else:
+                            await route.continue_()
 
-        await context.route("**/*", guard)
-        self._contexts[key] = context
-        return context
+                    await context.route("**/*", skip)
+                entry = self._contexts[key] = _Context(context)
+            self._contexts.move_to_end(key)
+            return entry
+
+    async def _evict(self, keep: _ContextKey) -> None:
+        """Close contexts idle past ``browser_context_idle``, and the least recently used idle ones while more
+        than ``browser_contexts`` are open (a context with a page out is never closed)."""
+        now = time.monotonic()
+        over = len(self._contexts) - self.settings.browser_contexts
+        doomed = []
+        for key, entry in list(self._contexts.items()):  # least recently used first
+            if key == keep or entry.busy:
+                continue
+            if over > 0 or now - entry.last_used > self.settings.browser_context_idle:
+                del self._contexts[key]
+                doomed.append(entry.context)
+                over -= 1
+        for context in doomed:
+            self.evicted += 1
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(_CLOSE_TIMEOUT):
+                    await context.close()
 
     @contextlib.asynccontextmanager
     async def page(self, host: str, javascript: bool, blocked: tuple[str, ...]) -> AsyncIterator[Page]:
         """A page of the host's context for one render; reused after a clean render, closed after a failed one."""
         async with self._slots:
             key = (host, javascript, blocked)
-            context = await self._context(host, javascript, blocked)
-            idle = self._idle.setdefault(key, [])
-            page = idle.pop() if idle else await context.new_page()
+            entry = await self._context(key)
+            entry.busy += 1
+            page: Page | None = None
             ok = False
             try:
+                await self._evict(keep=key)
+                page = entry.idle.pop() if entry.idle else await entry.context.new_page()
                 yield page
                 ok = True
             finally:
-                if ok and not page.is_closed():
-                    self._idle.setdefault(key, []).append(page)
-                else:
-                    with contextlib.suppress(Exception):
-                        await page.close()
+                entry.busy -= 1
+                entry.last_used = time.monotonic()
+                if page is not None and ok and not page.is_closed():
+                    entry.idle.append(page)
+                elif page is not None:
+                    try:  # a page busy in a script loop still closes (Chromium ends its renderer)
+                        async with asyncio.timeout(_CLOSE_TIMEOUT):
+                            await page.close()
+                    except Exception as exc:
+                        await self._drop(key, entry, exc)
+
+    async def _drop(self, key: _ContextKey, entry: _Context, exc: Exception) -> None:
+        """A page that would not close: close its whole context, unless other pages are still using it."""
+        log.warning("browser page did not close", host=key[0], error=f"{type(exc).__name__}: {exc}")
+        if entry.busy or self._contexts.get(key) is not entry:
+            return
+        del self._contexts[key]
+        self.evicted += 1
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await entry.context.close()
 
     async def reset(self, generation: int) -> None:
         """Forget a dead browser (once, however many pages noticed it); the next page relaunches it."""
@@ -204,23 +331,24 @@ class BrowserPool:
                 return
             browser, self._browser = self._browser, None
             self._contexts.clear()
-            self._idle.clear()
             log.warning("browser died; relaunching on the next page", launches=self.launches)
         with contextlib.suppress(Exception):
             await browser.close()
 
     async def close(self) -> None:
-        """Close the browser and Playwright (idempotent)."""
+        """Close the browser, Playwright and the proxy (idempotent)."""
         browser, self._browser = self._browser, None
         pw, self._pw = self._pw, None
+        proxy, self._proxy = self._proxy, None
         self._contexts.clear()
-        self._idle.clear()
         if browser is not None:
             with contextlib.suppress(Exception):
                 await browser.close()
         if pw is not None:
             with contextlib.suppress(Exception):
                 await pw.stop()
+        if proxy is not None:
+            await proxy.close()
 
 
 class _BrowserDied(Exception):
@@ -347,8 +475,6 @@ class BrowserConnector(HtmlConnector):
             raise TransientFetchError(f"browser died: {exc}", url=url) from exc
 
     async def _navigate(self, url: str, host: str, attempts: int, started: float) -> Response:
-        from playwright.async_api import TimeoutError as PlaywrightTimeout
-
         src, s = self.source, self.ctx.settings
         async with self.ctx.fetcher.slot(
             url,
@@ -360,39 +486,85 @@ class BrowserConnector(HtmlConnector):
             try:
                 async with self.pool.page(host, src.javascript, self._blocked) as page:
                     self.pool.navigations[url] += 1
-                    nav = await page.goto(
-                        url,
-                        wait_until="networkidle" if src.wait_for.network_idle else "load",
-                        timeout=s.browser_navigation_timeout * 1000,
-                    )
-                    status = nav.status if nav is not None else 200
-                    if status >= 400:
-                        raise status_error(status, url)
-                    if src.wait_for.selector:
-                        try:
-                            await page.wait_for_selector(src.wait_for.selector, timeout=s.browser_wait_timeout * 1000)
-                        except PlaywrightTimeout as exc:
-                            raise PermanentFetchError(
-                                f"selector {src.wait_for.selector!r} did not appear within {s.browser_wait_timeout}s",
-                                url=url,
-                            ) from exc
-                    if src.scroll_to_bottom:
-                        await _scroll_to_bottom(page, s.browser_wait_timeout)
-                    if src.wait_for.delay:
-                        await asyncio.sleep(src.wait_for.delay)
-                    html = await page.content()
-                    final_url = page.url
-                    headers = await nav.all_headers() if nav is not None else {}
+                    deadline = asyncio.timeout(s.browser_page_timeout)
+                    try:
+                        async with deadline:
+                            final_url, status, headers, body = await self._load(page, url)
+                    except TimeoutError:
+                        if not deadline.expired():
+                            raise
+                        raise PermanentFetchError(
+                            f"page did not finish within {s.browser_page_timeout}s (browser_page_timeout)", url=url
+                        ) from None
             except FetchError:
                 raise
             except Exception as exc:
                 if _crashed(exc):
                     raise _BrowserDied(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
                 raise _browser_error(exc, url) from exc
-        body = html.encode("utf-8")
-        headers = {k.lower(): v for k, v in headers.items()}
         headers["content-type"] = "text/html; charset=utf-8"  # the rendered DOM, whatever was served
         return Response(final_url, status, headers, body, attempts, int((time.monotonic() - started) * 1000))
+
+    async def _load(self, page: Page, url: str) -> tuple[str, int, dict[str, str], bytes]:
+        """Navigate, wait, scroll and read the DOM: (final URL, status, headers, rendered HTML as UTF-8).
+
+        A document or redirect hop the guarded proxy refused raises BlockedNetworkError.
+        """
+        from playwright.async_api import Error as PlaywrightError
+        from playwright.async_api import TimeoutError as PlaywrightTimeout
+
+        src, s = self.source, self.ctx.settings
+        since = time.monotonic()
+        failed_hops: list[str] = []
+
+        def on_failed(request: Request) -> None:
+            with contextlib.suppress(PlaywrightError):  # a service worker's request has no frame
+                if request.is_navigation_request() and request.frame.parent_frame is None:
+                    failed_hops.append(request.url)
+
+        page.on("requestfailed", on_failed)
+        try:
+            try:
+                nav = await page.goto(
+                    url,
+                    wait_until="networkidle" if src.wait_for.network_idle else "load",
+                    timeout=s.browser_navigation_timeout * 1000,
+                )
+            except PlaywrightError:
+                for hop in failed_hops:  # a CONNECT (https) the proxy refused fails the navigation
+                    self._check_refused(url, hop, since)
+                raise
+        finally:
+            page.remove_listener("requestfailed", on_failed)
+        status = nav.status if nav is not None else 200
+        if nav is not None and status == 403:  # the proxy's refusal of a plain-http document or hop
+            self._check_refused(url, nav.url, since)
+        if status >= 400:
+            raise status_error(status, url)
+        if src.wait_for.selector:
+            try:
+                await page.wait_for_selector(src.wait_for.selector, timeout=s.browser_wait_timeout * 1000)
+            except PlaywrightTimeout as exc:
+                raise PermanentFetchError(
+                    f"selector {src.wait_for.selector!r} did not appear within {s.browser_wait_timeout}s", url=url
+                ) from exc
+        if src.scroll_to_bottom:
+            await _scroll_to_bottom(page, s.browser_wait_timeout)
+        if src.wait_for.delay:
+            await asyncio.sleep(src.wait_for.delay)
+        limit = s.max_body_bytes
+        html = await page.evaluate(_SERIALIZE, limit)
+        body = html.encode("utf-8") if isinstance(html, str) else b""
+        if not isinstance(html, str) or len(body) > limit:
+            raise PermanentFetchError(f"rendered HTML larger than {limit} bytes (max_body_bytes)", url=url)
+        headers = await nav.all_headers() if nav is not None else {}
+        return page.url, status, {k.lower(): v for k, v in headers.items()}, body
+
+    def _check_refused(self, url: str, hop: str, since: float) -> None:
+        """Raise BlockedNetworkError when the guarded proxy refused ``hop`` (the URL or a redirect) since ``since``."""
+        reason = self.pool.refusal(hop, since)
+        if reason is not None:
+            raise BlockedNetworkError(reason if hop == url else f"redirect to {hop}: {reason}", url=url)
 
 
 async def _scroll_to_bottom(page: Page, limit_s: float) -> None:

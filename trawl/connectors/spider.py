@@ -37,9 +37,9 @@ import contextlib
 import importlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import aiohttp
 import scrapy
@@ -50,12 +50,16 @@ from scrapy.core.downloader.handlers._aiohttp import AiohttpDownloadHandler, _Cl
 from scrapy.core.downloader.handlers._base_streaming import BaseStreamingDownloadHandler
 from scrapy.crawler import AsyncCrawlerRunner, Crawler
 from scrapy.downloadermiddlewares.cookies import CookiesMiddleware
+from scrapy.downloadermiddlewares.redirect import MetaRefreshMiddleware as _MetaRefreshMiddleware
+from scrapy.downloadermiddlewares.redirect import RedirectMiddleware as _RedirectMiddleware
 from scrapy.exceptions import CannotResolveHostError, DownloadConnectionRefusedError, IgnoreRequest
+from scrapy.http import Headers
 from scrapy.settings import Settings as ScrapySettings
 from scrapy.utils.ssl import _make_ssl_context
 
 from trawl.config import SpiderSource
 from trawl.connectors.base import OUTCOME_OF, SourceContext, make_record, url_hash
+from trawl.decode import BodyDecoder, body_too_large
 from trawl.errors import BreakerOpen, ConfigError, FetchError, PermanentFetchError, SpiderFailed, TransientFetchError
 from trawl.extract import get_path
 from trawl.frontier import DurableFrontier, Frontier, PgFrontier, Settled, durable, open_store
@@ -73,8 +77,10 @@ __all__ = [
     "CredentialsMiddleware",
     "GateMiddleware",
     "GuardedAiohttpDownloadHandler",
+    "MetaRefreshMiddleware",
     "OfflineCookiesMiddleware",
     "OutcomeMiddleware",
+    "RedirectMiddleware",
     "SpiderConnector",
     "load_spider",
     "scrapy_settings",
@@ -110,26 +116,83 @@ def load_spider(path: str) -> type[scrapy.Spider]:
     return cls
 
 
+_TRAWL_MIDDLEWARES = {
+    f"{_MW}.OutcomeMiddleware": 10,
+    f"{_MW}.MetaRefreshMiddleware": 580,  # where Scrapy's own stand
+    f"{_MW}.RedirectMiddleware": 600,
+    f"{_MW}.OfflineCookiesMiddleware": 700,
+    f"{_MW}.CredentialsMiddleware": 980,  # after every middleware that adds or copies headers
+    f"{_MW}.GateMiddleware": 990,
+}
+# Scrapy's middlewares that trawl's take the place of (a source may not put them back).
+_REPLACED = (
+    "scrapy.downloadermiddlewares.cookies.CookiesMiddleware",
+    "scrapy.downloadermiddlewares.robotstxt.RobotsTxtMiddleware",
+    "scrapy.downloadermiddlewares.redirect.RedirectMiddleware",
+    "scrapy.downloadermiddlewares.redirect.MetaRefreshMiddleware",
+)
+# Settings that decide which middlewares, handlers and add-ons run at all: trawl's own, never a source's.
+_RESERVED = ("DOWNLOADER_MIDDLEWARES_BASE", "DOWNLOAD_HANDLERS", "DOWNLOAD_HANDLERS_BASE", "DOWNLOADER", "ADDONS")
+
+
+def _component_path(component: Any) -> str:
+    return component if isinstance(component, str) else f"{component.__module__}.{component.__qualname__}"
+
+
+def _check_middlewares(middlewares: Any, where: str) -> None:
+    """A ConfigError if ``DOWNLOADER_MIDDLEWARES`` removes, disables or moves one of trawl's middlewares."""
+    if not isinstance(middlewares, Mapping):
+        return
+    for component, order in middlewares.items():
+        path = _component_path(component)
+        if path in _REPLACED and order is not None:
+            raise ConfigError(
+                f"{where}: DOWNLOADER_MIDDLEWARES enables {path}: trawl's own middleware does its job "
+                "(robots.txt, cookies and redirects pass the network guard and outcomes there)"
+            )
+        if path in _TRAWL_MIDDLEWARES and order != _TRAWL_MIDDLEWARES[path]:
+            raise ConfigError(
+                f"{where}: DOWNLOADER_MIDDLEWARES sets {path} to {order!r}: trawl's middlewares (the network "
+                "guard, robots.txt, per-host limits and outcomes) cannot be removed or moved"
+            )
+
+
+def enforce_trawl_components(crawler_settings: ScrapySettings, where: str) -> None:
+    """After a spider's ``custom_settings`` are merged: trawl's middlewares and handlers still in place, or a
+    ConfigError naming who changed them."""
+    _check_middlewares(crawler_settings.getdict("DOWNLOADER_MIDDLEWARES"), where)
+    merged = crawler_settings.getwithbase("DOWNLOADER_MIDDLEWARES")
+    for path, order in _TRAWL_MIDDLEWARES.items():
+        if merged.get(path) != order:
+            raise ConfigError(f"{where}: trawl's {path} is not in DOWNLOADER_MIDDLEWARES at {order}")
+    handlers = crawler_settings.getwithbase("DOWNLOAD_HANDLERS")
+    for scheme in ("http", "https"):
+        if _component_path(handlers.get(scheme)) != f"{_MW}.GuardedAiohttpDownloadHandler":
+            raise ConfigError(f"{where}: the {scheme} download handler is not trawl's guarded one")
+
+
 def scrapy_settings(source: SpiderSource, settings: Settings) -> ScrapySettings:
     """Scrapy settings for one spider source: its own ``settings``, then trawl's fetch rules on top.
 
     trawl's rules are set at ``cmdline`` priority, above a spider's ``custom_settings``:
     robots.txt, politeness, retries, timeouts and size limits are the fetch layer's,
     whatever the spider says. The spider's ``DOWNLOADER_MIDDLEWARES`` still merge with
-    the base list that carries trawl's two middlewares.
+    the base list that carries trawl's middlewares, but may not name them: a source
+    whose settings remove, disable or move one (or set which handlers, add-ons or
+    base middlewares run) is a ConfigError, and the connector checks again once the
+    spider's ``custom_settings`` are in (:func:`enforce_trawl_components`). Only
+    http(s) and ``data:`` URLs have a download handler.
     """
+    where = f"source {source.name!r}: settings"
+    reserved = [k for k in _RESERVED if k in source.settings]
+    if reserved:
+        raise ConfigError(f"{where}: {', '.join(reserved)} cannot be set (trawl decides what downloads)")
+    _check_middlewares(source.settings.get("DOWNLOADER_MIDDLEWARES"), where)
     concurrency = source.politeness.concurrency or settings.per_host_concurrency
     base = dict(ScrapySettings().getdict("DOWNLOADER_MIDDLEWARES_BASE"))
-    base.pop("scrapy.downloadermiddlewares.cookies.CookiesMiddleware", None)
-    base.pop("scrapy.downloadermiddlewares.robotstxt.RobotsTxtMiddleware", None)
-    base.update(
-        {
-            f"{_MW}.OutcomeMiddleware": 10,
-            f"{_MW}.OfflineCookiesMiddleware": 700,
-            f"{_MW}.CredentialsMiddleware": 980,  # after every middleware that adds or copies headers
-            f"{_MW}.GateMiddleware": 990,
-        }
-    )
+    for replaced in _REPLACED:
+        base.pop(replaced, None)
+    base.update(_TRAWL_MIDDLEWARES)
     out = ScrapySettings()
     out.setdict(source.settings, priority="project")
     out.setdict(
@@ -141,7 +204,14 @@ def scrapy_settings(source: SpiderSource, settings: Settings) -> ScrapySettings:
             "DOWNLOAD_HANDLERS": {
                 "http": f"{_MW}.GuardedAiohttpDownloadHandler",
                 "https": f"{_MW}.GuardedAiohttpDownloadHandler",
+                # No other way out: file://, s3://, ftp:// would read where the guard does not look.
+                "file": None,
+                "s3": None,
+                "ftp": None,
             },
+            # No proxy from HTTP(S)_PROXY/ALL_PROXY: a proxy connects to the target itself, past the network guard.
+            "HTTPPROXY_ENABLED": False,
+            "ADDONS": {},  # an add-on may rewrite any setting after these
             "ROBOTSTXT_OBEY": False,  # GateMiddleware obeys robots.txt through trawl's shared cache
             "USER_AGENT": settings.user_agent,
             "CONCURRENT_REQUESTS": settings.total_concurrency,
@@ -153,7 +223,8 @@ def scrapy_settings(source: SpiderSource, settings: Settings) -> ScrapySettings:
             "RETRY_HTTP_CODES": sorted(TRANSIENT_STATUS),
             "REDIRECT_MAX_TIMES": settings.max_redirects,
             "DOWNLOAD_TIMEOUT": settings.total_timeout,
-            "DOWNLOAD_MAXSIZE": settings.max_body_bytes,
+            "DOWNLOAD_MAXSIZE": settings.max_body_bytes,  # raw; inflated bodies are capped by trawl.decode
+            "DOWNLOAD_WARNSIZE": 0,  # no warning half-way: a body over the limit fails its URL, said once
             "STATS_DUMP": False,  # the stats go into the source's summary line instead
             # FIELD-NOTES: a seen-set is cheap, 100 concurrent item tasks per response are not.
             "CONCURRENT_ITEMS": 10,
@@ -215,6 +286,7 @@ class GuardedAiohttpDownloadHandler(AiohttpDownloadHandler):
             limit_per_host=self._pool_size_per_host,
             resolver=GuardedResolver(_bridge(crawler).ctx.fetcher.guard),
         )
+        self._max_bytes = _bridge(crawler).ctx.settings.max_body_bytes
         self._session = aiohttp.ClientSession(
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -233,6 +305,68 @@ class GuardedAiohttpDownloadHandler(AiohttpDownloadHandler):
             if isinstance(cause, aiohttp.ClientConnectorError) and isinstance(cause.os_error, RefusedAddress):
                 raise _Refused(OutcomeKind.BLOCKED_NETWORK, str(cause.os_error)) from None
             raise
+
+    def _extract_headers(self, response: _ClientResponse) -> Headers:  # type: ignore[override]  # a staticmethod there
+        # The body below comes out inflated: its Content-Encoding names only what is left (nothing, as a rule), so
+        # Scrapy's HttpCompressionMiddleware finds nothing to do.
+        headers = Headers(list(response.headers.items()))
+        decoder = BodyDecoder(response.headers.get("Content-Encoding"), 0, str(response.url))
+        if not decoder.identity:
+            if decoder.remaining:
+                headers["Content-Encoding"] = ", ".join(decoder.remaining)
+            else:
+                del headers["Content-Encoding"]
+        return headers
+
+    async def _iter_body_chunks(self, response: _ClientResponse) -> AsyncIterator[bytes]:  # type: ignore[override]
+        # Raw bytes through trawl's bounded decoder, with trawl's limit (not a request's download_maxsize).
+        url = str(response.url)
+        decoder = BodyDecoder(response.headers.get("Content-Encoding"), self._max_bytes, url)
+        try:
+            async for chunk in response.content.iter_any():
+                if out := decoder.decode(chunk):
+                    yield out
+            if out := decoder.flush():
+                yield out
+        except PermanentFetchError as exc:
+            raise _Refused(OutcomeKind.FAILED, str(exc)) from None
+
+    @staticmethod
+    def _cancel_maxsize(size: int, limit: int, request: Request, *, expected: bool) -> NoReturn:
+        raise _Refused(OutcomeKind.FAILED, str(body_too_large(request.url, limit)))
+
+
+class _HopFailsItsUrl:
+    """A redirect middleware whose errors fail the URL: a Location (or meta refresh) it cannot follow ends the URL
+    ``failed`` with its outcome recorded. Scrapy sends an error raised in ``process_response`` to no
+    ``process_exception`` (OutcomeMiddleware would never hear of it) and only logs it: the URL would vanish."""
+
+    connector: SpiderConnector
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Any:
+        mw = super().from_crawler(crawler)  # type: ignore[misc]
+        mw.connector = _bridge(crawler)
+        return mw
+
+    async def process_response(self, request: Request, response: Response) -> Request | Response:
+        try:
+            return super().process_response(request=request, response=response)  # type: ignore[misc,no-any-return]
+        except IgnoreRequest:
+            raise
+        except Exception as exc:
+            location = response.headers.get("Location") or b""
+            error = f"redirect to a bad Location {location.decode('latin-1')!r}: {type(exc).__name__}: {exc}"
+            await self.connector.outcome(request, OutcomeKind.FAILED, response.status, 0, error)
+            raise IgnoreRequest(error) from None
+
+
+class RedirectMiddleware(_HopFailsItsUrl, _RedirectMiddleware):  # type: ignore[misc]  # process_response: async
+    """Scrapy's RedirectMiddleware; a Location it cannot follow fails the URL."""
+
+
+class MetaRefreshMiddleware(_HopFailsItsUrl, _MetaRefreshMiddleware):  # type: ignore[misc]  # process_response: async
+    """Scrapy's MetaRefreshMiddleware; a refresh URL it cannot follow fails the URL."""
 
 
 class CredentialsMiddleware:
@@ -474,6 +608,7 @@ class SpiderConnector:
         spidercls = load_spider(self.source.spider)
         runner = AsyncCrawlerRunner(scrapy_settings(self.source, self.ctx.settings))
         crawler = runner.create_crawler(spidercls)
+        enforce_trawl_components(crawler.settings, f"spider {self.source.spider} (custom_settings)")
         crawler.trawl_connector = self  # type: ignore[attr-defined]  # found by the middlewares
         if frontier is not None:
             PgScheduler.attach(crawler, frontier, self._request_finished if frontier is self.frontier else None)

@@ -2,10 +2,23 @@
 
 With ``frontier: postgres`` a spider's requests do not wait in Scrapy's memory
 queues but in :mod:`trawl.frontier`'s table, one row per request: the request
-serialized (``Request.to_dict`` pickled, as Scrapy's own disk queues do) in
-``payload``, its fingerprint as the 64-bit key, so the table is the dupefilter
-(``dont_filter`` requests get a random key: never deduplicated), priority from
-``Request.priority`` and depth from ``meta["depth"]``.
+as JSON in ``payload`` (:func:`encode_request`), its fingerprint as the 64-bit
+key, so the table is the dupefilter (``dont_filter`` requests get a random key:
+never deduplicated), priority from ``Request.priority`` and depth from
+``meta["depth"]``.
+
+The payload is data, never code: JSON of ``Request.to_dict`` with bytes in
+base64, callbacks by the name of a spider method, ``meta`` and ``cb_kwargs``
+JSON values only, the class one of Scrapy's own (``Request``, ``FormRequest``,
+``JsonRequest``). No pickle: a row anyone with UPDATE on the table rewrote is
+read as JSON, and one that is not exactly what trawl writes is refused (logged,
+counted in the ``scheduler/refused`` stat and ``frontier/refused``, marked
+done), never run. Requests that do not fit stay in Scrapy's memory, as with
+Scrapy's own disk queues: so do requests that carry credentials (an
+``Authorization``, ``Cookie`` or ``Proxy-Authorization`` header, ``cookies=``,
+a body — a login form's password — or ``meta["trawl_credentials"]`` true; a
+request with a body and ``meta["trawl_credentials"] = False`` says its body is
+no secret), which are never written to the database.
 
 Scrapy calls its scheduler synchronously and asyncpg is async, so
 :class:`PgScheduler` keeps small local buffers and one background task in the
@@ -27,20 +40,24 @@ transaction as, or after, the requests it yielded are inserted.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hashlib
+import inspect
+import math
 import os
-import pickle
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Self
 
+import orjson
 import scrapy
 import structlog
 from scrapy.core.scheduler import BaseScheduler
+from scrapy.http import JsonRequest
 from scrapy.utils.defer import deferred_from_coro
-from scrapy.utils.request import request_from_dict
 
 from trawl.frontier.postgres import ClaimedRequest, PgFrontier, QueuedRequest
 from trawl.urls import host_of
@@ -50,7 +67,7 @@ if TYPE_CHECKING:
     from scrapy.crawler import Crawler
     from twisted.internet.defer import Deferred
 
-__all__ = ["PgScheduler", "request_key"]
+__all__ = ["CREDENTIALS_META", "NotStorable", "PgScheduler", "decode_request", "encode_request", "request_key"]
 
 log = structlog.get_logger("trawl.frontier.scheduler")
 
@@ -59,6 +76,171 @@ _ATTR = "trawl_frontier"
 _ATTR_FINISHED = "trawl_frontier_finished"
 _RETRIES = 3
 """Rounds with the database retried before the crawl is stopped (asyncpg's pool replaces a broken connection)."""
+
+CREDENTIALS_META = "trawl_credentials"
+"""``meta`` key: true keeps a request out of the frontier (in memory); false lets a request with a body in."""
+_FORMAT = "trawl/scrapy-request/1"
+_CLASSES: dict[str, type[scrapy.Request]] = {
+    "Request": scrapy.Request,
+    "FormRequest": scrapy.FormRequest,
+    "JsonRequest": JsonRequest,
+}
+_CREDENTIAL_HEADERS = frozenset({b"authorization", b"cookie", b"proxy-authorization"})
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "format": str,
+    "class": str,
+    "url": str,
+    "method": str,
+    "headers": list,
+    "body": str,
+    "meta": dict,
+    "cb_kwargs": dict,
+    "callback": (str, type(None)),
+    "errback": (str, type(None)),
+    "encoding": str,
+    "priority": int,
+    "dont_filter": bool,
+    "flags": list,
+}
+
+
+class NotStorable(ValueError):
+    """A request that is not written to the frontier (kept in memory) or a payload that is not one trawl wrote."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: Any, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise NotStorable(f"{what} is not base64 text")
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise NotStorable(f"{what} is not base64") from None
+
+
+def _json_only(value: Any, where: str) -> None:
+    """Refuse anything JSON would not give back as it was (tuples, bytes, objects, NaN, non-string keys)."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise NotStorable(f"{where} is {value}, not a JSON number")
+        return
+    if type(value) is list:
+        for i, v in enumerate(value):
+            _json_only(v, f"{where}[{i}]")
+        return
+    if type(value) is dict:
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise NotStorable(f"{where} has the key {k!r}, not a string")
+            _json_only(v, f"{where}.{k}")
+        return
+    raise NotStorable(f"{where} is a {type(value).__name__}, not a JSON value")
+
+
+def _credentials(request: scrapy.Request) -> str | None:
+    """Why a request counts as carrying credentials, or None."""
+    marked = request.meta.get(CREDENTIALS_META)
+    if marked:
+        return f"meta[{CREDENTIALS_META!r}]"
+    names = {bytes(k).lower() for k in request.headers}
+    if names & _CREDENTIAL_HEADERS:
+        return "a " + ", ".join(sorted(n.decode() for n in names & _CREDENTIAL_HEADERS)) + " header"
+    if request.cookies:
+        return "cookies"
+    if request.body and marked is not False:
+        return f"a body (set meta[{CREDENTIALS_META!r}] = False if it holds no secret)"
+    return None
+
+
+def encode_request(request: scrapy.Request, spider: Spider | None) -> bytes:
+    """The frontier payload of a request: JSON only; NotStorable if it does not fit or carries credentials."""
+    reason = _credentials(request)
+    if reason is not None:
+        raise NotStorable(f"carries credentials ({reason}): kept in memory, never written")
+    cls = next((name for name, c in _CLASSES.items() if type(request) is c), None)
+    if cls is None:
+        raise NotStorable(f"{type(request).__qualname__} is not one of Scrapy's request classes")
+    d = request.to_dict(spider=spider)  # ValueError: a callback that is no method of the spider
+    _json_only(d["meta"], "meta")
+    _json_only(d["cb_kwargs"], "cb_kwargs")
+    _json_only(d["flags"], "flags")
+    payload = {
+        "format": _FORMAT,
+        "class": cls,
+        "url": d["url"],
+        "method": d["method"],
+        "headers": [[_b64(bytes(k)), [_b64(bytes(v)) for v in vs]] for k, vs in d["headers"].items()],
+        "body": _b64(d["body"]),
+        "meta": d["meta"],
+        "cb_kwargs": d["cb_kwargs"],
+        "callback": d["callback"],
+        "errback": d["errback"],
+        "encoding": d["encoding"],
+        "priority": d["priority"],
+        "dont_filter": d["dont_filter"],
+        "flags": d["flags"],
+    }
+    return orjson.dumps(payload)
+
+
+def _spider_method(spider: Spider | None, name: str | None, what: str) -> Callable[..., Any] | None:
+    if name is None:
+        return None
+    if spider is None or not name.isidentifier() or name.startswith("__"):
+        raise NotStorable(f"{what} {name!r} is not a method of the spider")
+    method = getattr(spider, name, None)
+    if not inspect.ismethod(method) or method.__self__ is not spider:
+        raise NotStorable(f"{what} {name!r} is not a method of the spider")
+    return method
+
+
+def decode_request(payload: bytes, spider: Spider | None) -> scrapy.Request:
+    """A request from a payload :func:`encode_request` wrote; NotStorable for anything else (never run)."""
+    try:
+        d = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise NotStorable("the payload is not JSON") from None
+    if not isinstance(d, dict) or d.get("format") != _FORMAT:
+        raise NotStorable("the payload is not a request trawl wrote")
+    if set(d) != set(_FIELDS):
+        raise NotStorable(f"the payload's keys are not a request's: {sorted(set(d) ^ set(_FIELDS))}")
+    for key, kind in _FIELDS.items():
+        if not isinstance(d[key], kind) or (kind is int and isinstance(d[key], bool)):
+            raise NotStorable(f"the payload's {key} is a {type(d[key]).__name__}")
+    cls = _CLASSES.get(d["class"])
+    if cls is None:
+        raise NotStorable(f"the payload's class {d['class']!r} is not one of Scrapy's request classes")
+    headers: dict[bytes, list[bytes]] = {}
+    for item in d["headers"]:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], list)):
+            raise NotStorable("the payload's headers are malformed")
+        headers[_unb64(item[0], "a header name")] = [_unb64(v, "a header value") for v in item[1]]
+    if {k.lower() for k in headers} & _CREDENTIAL_HEADERS:
+        raise NotStorable("the payload carries a credentials header, which trawl never writes")
+    for key in ("meta", "cb_kwargs", "flags"):
+        _json_only(d[key], key)
+    try:
+        return cls(
+            url=d["url"],
+            method=d["method"],
+            headers=headers,
+            body=_unb64(d["body"], "the body"),
+            meta=d["meta"],
+            cb_kwargs=d["cb_kwargs"],
+            callback=_spider_method(spider, d["callback"], "callback"),
+            errback=_spider_method(spider, d["errback"], "errback"),
+            encoding=d["encoding"],
+            priority=d["priority"],
+            dont_filter=d["dont_filter"],
+            flags=d["flags"],
+        )
+    except (TypeError, ValueError, LookupError) as exc:  # a bad URL, encoding, ...
+        raise NotStorable(f"the payload is not a valid request: {exc}") from None
 
 
 def request_key(fingerprint: bytes) -> int:
@@ -126,7 +308,15 @@ class PgScheduler(BaseScheduler):
         self._renewed = time.monotonic()
         self._logged_unserializable = False
         self.on_finished: Callable[[int], None] | None = None
-        self.counts = {"enqueued": 0, "inserted": 0, "claimed": 0, "done": 0, "done_at_close": 0, "given_back": 0}
+        self.counts = {
+            "enqueued": 0,
+            "inserted": 0,
+            "claimed": 0,
+            "done": 0,
+            "done_at_close": 0,
+            "given_back": 0,
+            "refused": 0,
+        }
 
     # ---- wiring ----------------------------------------------------------------------------------------------
 
@@ -178,8 +368,8 @@ class PgScheduler(BaseScheduler):
             else request_key(self.crawler.request_fingerprinter.fingerprint(request))
         )
         try:
-            payload = pickle.dumps(request.to_dict(spider=self.spider), protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:  # a callback that is no spider method, a meta value pickle refuses, ...
+            payload = encode_request(request, self.spider)
+        except Exception as exc:  # credentials, a callback that is no spider method, a meta value JSON cannot hold
             return self._enqueue_in_memory(request, key, exc)
         if key in self._new_keys:  # the same request twice before the batch went in
             stats.inc_value("dupefilter/filtered")
@@ -234,7 +424,9 @@ class PgScheduler(BaseScheduler):
         if not self._logged_unserializable:  # like Scrapy's SCHEDULER_DEBUG: once, then only counted
             self._logged_unserializable = True
             log.warning(
-                "request not serializable, kept in memory", url=request.url, error=f"{type(exc).__name__}: {exc}"
+                "request not written to the frontier, kept in memory",
+                url=request.url,
+                error=f"{type(exc).__name__}: {exc}",
             )
         stats.inc_value("scheduler/unserializable")
         stats.inc_value("scheduler/enqueued/memory")
@@ -334,8 +526,14 @@ class PgScheduler(BaseScheduler):
                 if c.payload is None:  # a bare URL queued by ``begin``
                     request = scrapy.Request(c.url, meta={"depth": c.depth})
                 else:
-                    request = request_from_dict(pickle.loads(c.payload), spider=self.spider)
-            except Exception as exc:  # e.g. its callback is no longer a method of the spider: it cannot run
+                    request = decode_request(c.payload, self.spider)
+            except NotStorable as exc:  # not what trawl wrote (or its callback is gone): refused, never run
+                log.error("frontier row refused", url=c.url, key=c.key, error=str(exc))
+                self.crawler.stats.inc_value("scheduler/refused")
+                self._count(refused=1)
+                self._done.append(c.key)
+                continue
+            except Exception as exc:
                 log.error("request in the frontier cannot be loaded", url=c.url, error=f"{type(exc).__name__}: {exc}")
                 self.crawler.stats.inc_value("scheduler/unloadable")
                 self._done.append(c.key)

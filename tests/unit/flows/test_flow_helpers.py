@@ -12,7 +12,7 @@ from pydantic import TypeAdapter, ValidationError
 from flows._common import retry_if_transient
 from flows.artifacts import summary_markdown, top_errors
 from flows.load import _part_cache_key
-from flows.params import Politeness, StagingURL, check_sources
+from flows.params import Politeness, RunId, StagingURL, check_run_ids, check_sources
 from trawl.errors import (
     ConfigError,
     DatabaseUnavailable,
@@ -142,3 +142,48 @@ def test_summary_and_top_errors() -> None:
     assert "failed (boom)" in rows[1] and "not loaded" in rows[1]
     errors = top_errors(crawl)
     assert [(e["rank"], e["outcome"], e["count"]) for e in errors] == [(1, "skipped_breaker", 4), (2, "failed", 2)]
+
+
+BAD_RUN_IDS = ["../../etc", "x/../../../escape", "a\\b", ".hidden", "run\n", "", "a b"]
+
+
+@pytest.mark.parametrize("run_id", BAD_RUN_IDS)
+def test_run_id_parameters_refuse_anything_that_is_not_one_path_segment(run_id: str) -> None:
+    with pytest.raises(ValidationError):
+        TypeAdapter(RunId).validate_python(run_id)
+    with pytest.raises(ParameterError, match="parameter 'resume_run_id': run id"):
+        check_run_ids(run_id=None, resume_run_id=run_id)
+    with pytest.raises(ParameterError, match="parameter 'run_ids'"):
+        check_run_ids(run_ids=["20261128T121501Z-3f9a1c", run_id])
+    assert "pattern" in TypeAdapter(RunId).json_schema()
+
+
+@pytest.mark.parametrize("flow", ["crawl", "pipeline", "load"])
+async def test_the_flows_refuse_a_bad_run_id_before_anything_runs(flow: str, tmp_path: Path) -> None:
+    from flows.crawl import crawl
+    from flows.load import load
+    from flows.pipeline import pipeline
+
+    missing = str(tmp_path / "no-such-sources.yaml")  # would fail too, but later: the run id is checked first
+    calls = {
+        "crawl": lambda: crawl.fn(sources_file=missing, run_id="../escape"),
+        "pipeline": lambda: pipeline.fn(sources_file=missing, resume_run_id="x/../../escape"),
+        "load": lambda: load.fn(run_ids=["../escape"]),
+    }
+    with pytest.raises(ParameterError, match="run_id"):
+        await calls[flow]()
+
+
+def test_flow_forms_expose_the_incremental_overrides() -> None:
+    """The crawl and pipeline flows' parameter schema (the Prefect UI's form) has the incremental window."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.crawl import crawl
+    from flows.pipeline import pipeline
+
+    for flow_ in (crawl, pipeline):
+        schema = parameter_schema(flow_.fn).model_dump_for_openapi()
+        assert "incremental" in schema["properties"], flow_.name
+        override = schema["definitions"]["IncrementalOverride"]
+        assert set(override["properties"]) == {"initial_value", "end_value"}
+        assert "back-fill" in override["properties"]["end_value"]["description"]

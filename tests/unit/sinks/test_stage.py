@@ -420,3 +420,24 @@ def test_open_stager_unknown_scheme_is_a_config_error(url: str) -> None:
     with pytest.raises(ConfigError, match=rf"unsupported scheme '{scheme}'") as info:
         open_stager(url)
     assert url in str(info.value)
+
+
+@pytest.mark.parametrize("run_id", ["x/../../../../../escape", "../../../../escape", "run\n"])
+async def test_a_run_id_never_stages_outside_the_root(tmp_path: Path, run_id: str) -> None:
+    root = tmp_path / "root" / "staging"
+    stager = await asyncio.to_thread(LocalStager, root)
+    with pytest.raises(StagingError, match=r"run id .* must match"):
+        stager.open_source("shop", run_id, datetime(2026, 5, 1, tzinfo=UTC))
+    found = await asyncio.to_thread(lambda: list(tmp_path.rglob("*")))
+    assert [p for p in found if not (p == root or root in p.parents or p in root.parents)] == []
+
+
+async def test_s3_keys_and_the_spool_refuse_a_run_id_that_leaves_the_prefix(tmp_path: Path) -> None:
+    settings = Settings(s3_spool_dir=str(tmp_path / "spool"))
+    stager = await asyncio.to_thread(
+        lambda: S3Stager("bucket", "trawl", settings, part_max_records=10, part_max_bytes=1024)
+    )
+    with pytest.raises(StagingError, match="run id"):
+        stager._run_key("raw", "shop", "2026-05-01", "../../other-prefix")
+    with pytest.raises(StagingError, match="run id"):
+        await stager.resume("../../*")

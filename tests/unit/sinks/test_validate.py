@@ -52,20 +52,26 @@ def test_rules_pass_and_fail_with_reasons() -> None:
     assert validate({"type": "text", "choices": ["a"]}, None) == (None, [])  # rules apply to present values
 
 
-def test_custom_checks_by_name_and_by_import_path() -> None:
+def test_custom_checks_by_registered_name_only() -> None:
     @register_check("unit_short")
     def short(value: Any, data: Any) -> str | None:
         return None if len(value) < 3 else "too long"
 
+    @register_check("unit_broken")
+    def broken(value: Any, data: Any) -> None:
+        raise TypeError("bug")
+
     assert resolve_check("unit_short") is short
     assert validate({"type": "text", "checks": ["unit_short"]}, "abcd")[1] == ["f: too long (check unit_short)"]
-    assert validate({"type": "text", "checks": ["sinks.validate:_http_url"]}, "x")[1] == [
-        "f: not an http(s) URL: 'x' (check sinks.validate:_http_url)"
-    ]
-    with pytest.raises(LoadError, match=r"field 'f': check os.path:isabs raised TypeError"):
-        validate({"type": "text", "checks": ["os.path:isabs"]}, "rel")
+    assert validate({"type": "text", "checks": ["http_url"]}, "x")[1] == ["f: not an http(s) URL: 'x' (check http_url)"]
+    with pytest.raises(LoadError, match=r"field 'f': check unit_broken raised TypeError"):
+        validate({"type": "text", "checks": ["unit_broken"]}, "rel")
     with pytest.raises(LoadError, match="field 'f': no check registered as 'missing'"):
         RecordValidator({"f": {"type": "text", "checks": ["missing"]}})
+    # An import path is a name like any other: nothing registered it, so nothing is imported.
+    for path in ("builtins:exec", "os.path:isabs", "sinks.validate:_http_url"):
+        with pytest.raises(LoadError, match=f"field 'f': no check registered as '{path}'"):
+            RecordValidator({"f": {"type": "text", "checks": [path]}})
 
 
 def test_field_models_carry_rules_into_the_manifest_and_refuse_misfits() -> None:
@@ -78,7 +84,9 @@ def test_field_models_carry_rules_into_the_manifest_and_refuse_misfits() -> None
         ({"type": "text", "parse": "number"}, "`parse: number` applies to int and float fields, not text"),
         ({"type": "int", "pattern": "x"}, "`pattern`/`max_length` apply to text fields, not int"),
         ({"pattern": "("}, "invalid regular expression"),
-        ({"checks": ["bad name!"]}, "String should match pattern"),
+        ({"checks": ["bad name!"]}, "check name 'bad name!' must match"),
+        ({"checks": ["builtins:exec"]}, "`module:function` paths are not accepted"),
+        ({"checks": ["ok\n"]}, "check name 'ok.{2}' must match"),  # a trailing newline is refused
     ]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("`", ".")):
             ApiField(**bad)

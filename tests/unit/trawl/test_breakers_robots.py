@@ -23,7 +23,7 @@ class Host:
     def __init__(self, ip: str = "127.0.0.1") -> None:
         self.ip = ip
         self.failing = False
-        self.robots: str | int = 404
+        self.robots: str | bytes | int = 404
         self.hits: Counter[str] = Counter()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -37,6 +37,8 @@ class Host:
         if request.path == "/robots.txt":
             if isinstance(self.robots, int):
                 return web.Response(status=self.robots)
+            if isinstance(self.robots, bytes):
+                return web.Response(body=self.robots, content_type="text/plain")
             return web.Response(text=self.robots, content_type="text/plain")
         if request.path.startswith("/missing"):
             return web.Response(status=404)
@@ -156,18 +158,87 @@ async def test_crawl_delay_spaces_requests(settings: Settings, host: Host) -> No
 
 @pytest.mark.parametrize(
     ("status", "setting", "allowed"),
-    [(404, "allow", True), (403, "disallow", True), (500, "allow", True), (500, "disallow", False)],
+    [
+        (404, "allow", True),
+        (403, "disallow", True),
+        (500, "allow", True),
+        (500, "disallow", False),
+        (503, None, False),  # RFC 9309: a server error means disallow, and that is the default
+    ],
 )
 async def test_robots_status_semantics(
     settings: Settings, host: Host, status: int, setting: str, allowed: bool
 ) -> None:
     host.robots = status
-    async with Fetcher(fast(settings, robots_unavailable=setting)) as fetcher:
+    update = {} if setting is None else {"robots_unavailable": setting}
+    async with Fetcher(fast(settings, **update)) as fetcher:
         if allowed:
             assert (await fetcher.get(f"{host.url}/page")).status == 200
         else:
             with pytest.raises(RobotsDisallowed):
                 await fetcher.get(f"{host.url}/page")
+
+
+async def test_a_robots_txt_over_500_kib_is_read_to_500_kib_not_refused(settings: Settings, host: Host) -> None:
+    # 600 KiB: `Disallow: /` first, then comment lines, then a rule past 500 KiB that must not count.
+    head = b"User-agent: *\nDisallow: /\nAllow: /late/\n"
+    padding = b"# " + b"x" * 97 + b"\n"
+    body = head + padding * (510 * 1024 // len(padding)) + b"User-agent: *\nAllow: /\n"
+    host.robots = body + padding * ((600 * 1024 - len(body)) // len(padding))
+    assert len(host.robots) > 600 * 1000
+    async with Fetcher(fast(settings)) as fetcher:
+        with pytest.raises(RobotsDisallowed, match=r"disallowed by robots\.txt"):
+            await fetcher.get(f"{host.url}/page")
+        assert (await fetcher.get(f"{host.url}/late/1")).status == 200
+    assert host.hits["/page"] == 0
+    assert host.hits["/robots.txt"] == 1
+
+
+async def test_a_robots_txt_with_a_utf8_bom_keeps_its_first_group(settings: Settings, host: Host) -> None:
+    host.robots = b"\xef\xbb\xbfUser-agent: *\nDisallow: /private/\n"
+    async with Fetcher(fast(settings)) as fetcher:
+        assert (await fetcher.get(f"{host.url}/public")).status == 200
+        with pytest.raises(RobotsDisallowed):
+            await fetcher.get(f"{host.url}/private/1")
+    assert host.hits["/private/1"] == 0
+
+
+async def test_a_failed_robots_verdict_expires_and_the_file_is_fetched_again(settings: Settings, host: Host) -> None:
+    host.robots = 503
+    async with Fetcher(fast(settings, robots_failure_ttl=0.2)) as fetcher:
+        with pytest.raises(RobotsDisallowed, match=r"robots\.txt unavailable"):
+            await fetcher.get(f"{host.url}/page")
+        with pytest.raises(RobotsDisallowed):  # within the TTL: the verdict stands, no new fetch
+            await fetcher.get(f"{host.url}/page")
+        assert host.hits["/robots.txt"] == 1
+        host.robots = "User-agent: *\nAllow: /\n"
+        await asyncio.sleep(0.25)
+        assert (await fetcher.get(f"{host.url}/page")).status == 200
+    assert host.hits["/robots.txt"] == 2
+    assert host.hits["/page"] == 1
+
+
+async def test_a_throttled_robots_txt_fails_the_url_as_transient_and_is_asked_again(
+    settings: Settings, host: Host
+) -> None:
+    host.robots = 429
+    async with Fetcher(fast(settings, robots_failure_ttl=0.2)) as fetcher:
+        with pytest.raises(TransientFetchError, match=r"robots\.txt throttled") as caught:
+            await fetcher.get(f"{host.url}/page")
+        assert caught.value.status == 429
+        assert not isinstance(caught.value, RobotsDisallowed)
+        host.robots = 404
+        await asyncio.sleep(0.25)
+        assert (await fetcher.get(f"{host.url}/page")).status == 200
+    assert host.hits["/robots.txt"] == 2
+
+
+async def test_an_unreachable_robots_txt_stops_the_url_and_says_why(settings: Settings) -> None:
+    async with Host() as gone:
+        url = f"{gone.url}/page"
+    async with Fetcher(fast(settings)) as fetcher:
+        with pytest.raises(TransientFetchError, match=r"robots\.txt unreachable"):
+            await fetcher.get(url)
 
 
 async def test_resolver_refuses_forbidden_addresses_at_connect_time(

@@ -337,3 +337,32 @@ def test_demo_runs_the_packaged_sources_against_its_own_site(monkeypatch: pytest
     assert seen["text"] == (files("trawl.demo") / "sources.yaml").read_text(encoding="utf-8")
     assert seen["demo_url"] is not None and seen["demo_url"].startswith("http://127.0.0.1:")
     assert seen["networks"] == '["127.0.0.0/8"]'
+
+
+def test_check_the_api_examples(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`trawl check` validates incremental, auth, bodies and details; Secret blocks are read only by a flow."""
+    examples = Path(__file__).resolve().parents[3] / "examples" / "api"
+    monkeypatch.setenv("API_URL", "https://api.example.com")
+    for name in ("API_TOKEN", "API_PASSWORD", "API_KEY", "PRODUCT_KEY"):
+        monkeypatch.setenv(name, "value-123456")
+    assert main(["check", str(examples / "tickets.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines() == [
+        f"{examples / 'tickets.yaml'}: OK, 2 source(s): tickets (api), products (api)",
+        "(${secret:NAME} references are read from Prefect Secret blocks when a flow runs)",
+    ]
+    for name in ("auth.yaml", "graphql.yaml", "shapes.yaml"):
+        assert main(["check", str(examples / name)]) == 0
+    bad = _write(
+        tmp_path / "bad.yaml",
+        "sources:\n  - name: feed\n    kind: api\n    url: https://api.example.com/x\n"
+        "    incremental: {cursor_path: updated_at, lag: -5}\n"
+        "  - name: search\n    kind: api\n    url: https://api.example.com/x\n    body: {q: 1}\n",
+    )
+    assert main(["check", bad]) == 2
+    assert _errors(capsys.readouterr().err) == [
+        f"trawl: error: {bad}: sources[0] (feed): incremental.lag: Input should be greater than or equal to 0",
+        f"trawl: error: {bad}: sources[1] (search): `body` needs `method: POST`",
+    ]

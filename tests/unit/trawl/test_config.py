@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
-from trawl.config import ApiSource, BrowserSource, HtmlSource, SourcesFile, SpiderSource, load_sources, select_sources
+from trawl.config import (
+    MAX_SOURCES_BYTES,
+    ApiSource,
+    BrowserSource,
+    HtmlSource,
+    SourcesFile,
+    SpiderSource,
+    load_sources,
+    select_sources,
+)
 from trawl.errors import ConfigError, ConfigIssue
 
 REPO = Path(__file__).resolve().parents[3]
@@ -178,7 +188,7 @@ def test_every_problem_in_one_error(tmp_path: Path) -> None:
     assert f"{file}: sources[2] (shop): urls.0: not an http(s) URL: 'ftp://nope'" in lines
     assert f"{file}: sources[0] (shop): key: key field 'missing' is not a declared field" in lines
     assert f"{file}: sources[1] (feed): pagination: cursor pagination needs `cursor_path`" in lines
-    assert any("'Bad-Name'" in line and "^[a-z][a-z0-9_]{0,62}$" in line for line in lines)
+    assert any("'Bad-Name' must match [a-z][a-z0-9_]{0,62}" in line for line in lines)
 
 
 def test_invalid_yaml_names_line_and_column(tmp_path: Path) -> None:
@@ -458,6 +468,47 @@ def test_frontier_and_shards_are_html_options_with_bounds(tmp_path: Path) -> Non
         """,
     )
     assert {field for _, field in where(problems(bad))} >= {"shards", "frontier"}
+
+
+def test_names_with_a_trailing_newline_are_refused(tmp_path: Path) -> None:
+    # `re.match("^...$")` lets "price\n" through (`$` matches before a final newline); names become columns.
+    path = write(
+        tmp_path,
+        """\
+        sources:
+          - name: "shop\\n"
+            kind: html
+            urls: ["http://shop.test/"]
+            fields:
+              "price\\n": {selector: .price}
+        """,
+    )
+    lines = [str(i) for i in problems(path)]
+    assert any("name 'shop\\n' must match" in line for line in lines), lines
+    assert any("field name(s) 'price\\n' must match" in line for line in lines), lines
+
+
+def test_a_yaml_alias_bomb_fails_fast_naming_the_file(tmp_path: Path) -> None:
+    # The "billion laughs" in 436 bytes: nine levels of nine aliases, ~387 million strings if expanded.
+    levels = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        levels.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    bomb = "\n".join(levels) + "\nsources: *i\n"
+    assert len(bomb.encode()) < 500
+    path = tmp_path / "bomb.yaml"
+    path.write_text(bomb, encoding="utf-8")
+    started = time.monotonic()
+    issues = problems(path)
+    assert time.monotonic() - started < 1.0
+    assert [str(i) for i in issues] == [
+        f"{path}: line 2, column 8: invalid YAML: YAML aliases (*a) are not allowed in a sources file"
+    ]
+
+
+def test_a_sources_file_over_the_size_cap_is_not_read(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    path.write_text("sources: []\n" + "#" * MAX_SOURCES_BYTES, encoding="utf-8")
+    assert [str(i) for i in problems(path)] == [f"{path}: (file): larger than {MAX_SOURCES_BYTES} bytes: not read"]
 
 
 def test_max_failed_ratio_out_of_range_names_entry_and_field(tmp_path: Path) -> None:

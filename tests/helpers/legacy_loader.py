@@ -1,4 +1,7 @@
-"""The PostgreSQL loader: committed staged parts into typed, deduplicated tables, each part exactly once.
+"""The loader as it was before layout 2 (sinks/postgres.py at d7c9497), frozen: it writes layout 1 for the test
+that upgrades an old schema in place. Not used by trawl itself; do not change it.
+
+The PostgreSQL loader: committed staged parts into typed, deduplicated tables, each part exactly once.
 
 Per source and manifest, first the table is created or evolved to the declared
 fields (``ensure_table``: new columns back-filled from ``_extra``, lossless type

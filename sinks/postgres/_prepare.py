@@ -1,0 +1,255 @@
+"""The prepare step: one staged part decoded, validated and deduplicated by key, ready for its transaction.
+
+The common case runs in compiled code: msgspec decodes each JSON line straight
+into a struct built from the declared fields (types, ``min``/``max``,
+``pattern``, ``max_length`` and ``choices`` as constraints), so a valid record
+costs no Python per field. A line the struct refuses — a rule broken, a value
+that needs coercion (``"12"`` for an int), an undeclared field, a NUL — goes
+through ``sinks.validate.RecordValidator``, the one home of the rules, which
+accepts what it may and names *every* reason for what it rejects. Rules with no
+compiled form (``parse: number``, ``json`` values, named checks, ``choices`` on
+numbers) run in Python on their field only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+import orjson
+
+from sinks.validate import RecordValidator, jsonb, no_nul
+from trawl.errors import StagingError
+from trawl.staging import StagedPart
+
+__all__ = ["PartDecoder", "Prepared", "Row", "decode_envelope"]
+
+_BIGINT = 2**63
+# A JSON string can only hold U+0000 escaped; such lines take the Python path, which refuses or replaces it.
+_NUL = b"\\u0000"
+
+Row = tuple[str, datetime, int, str, "str | None", list[Any]]
+"""One record that won its key in the part: (content hash, fetched_at, line, url, _extra JSON, declared values)."""
+
+
+@dataclass(slots=True)
+class Prepared:
+    """One part decoded, validated and deduplicated (built off the event loop).
+
+    ``latest`` maps each key to the record with the latest ``fetched_at`` in the
+    part; ``rejects`` are ``_rejects`` rows; ``slow`` counts the lines the
+    compiled path handed to the Python validator.
+    """
+
+    part: StagedPart
+    rows: int
+    latest: dict[str, Row] = field(default_factory=dict)
+    rejects: list[tuple[Any, ...]] = field(default_factory=list)
+    slow: int = 0
+    seconds: float = 0.0
+
+    @property
+    def seen_at(self) -> datetime | None:
+        """The latest fetch among the part's loaded records (what ``_last_seen_at`` of unchanged rows shows)."""
+        return max((r[1] for r in self.latest.values()), default=None)
+
+
+def decode_envelope(line: bytes, part: StagedPart, n: int) -> dict[str, Any]:
+    """A staged line as a dict; StagingError (not a reject) when it is not a JSON object."""
+    try:
+        env = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise StagingError(f"{part.uri}: line {n} is not JSON: {exc}") from None
+    if not isinstance(env, dict):
+        raise StagingError(f"{part.uri}: line {n} is not a JSON object")
+    return env
+
+
+def _compiled_type(kind: str, spec: Mapping[str, Any]) -> Any:
+    """The msgspec type enforcing a field's type and rules, or None when a rule has no compiled form."""
+    if spec.get("checks") or kind == "json":
+        return None
+    if spec.get("parse"):
+        # A JSON number is checked here; a string ("1,299.00") is read by the Python rules (see PartDecoder).
+        number = _compiled_type(kind, {k: v for k, v in spec.items() if k != "parse"})
+        return None if number is None else number | str
+    choices = spec.get("choices")
+    meta: dict[str, Any] = {}
+    base: Any
+    if kind == "text":
+        base = str
+        if spec.get("pattern"):
+            meta["pattern"] = spec["pattern"]
+        if spec.get("max_length"):
+            meta["max_length"] = spec["max_length"]
+        if choices is not None:
+            if not all(isinstance(c, str) for c in choices) or meta:
+                return None
+            base = Literal[tuple(choices)]
+    elif kind == "int":
+        base = int
+        meta = {"ge": -_BIGINT, "le": _BIGINT - 1}
+        if choices is not None:
+            if not all(type(c) is int for c in choices) or spec.get("min") is not None or spec.get("max") is not None:
+                return None
+            return Literal[tuple(choices)]
+    elif kind == "float":
+        base = float
+        if choices is not None:
+            return None
+    elif kind == "bool":
+        if choices is not None:
+            return None
+        base = bool
+    elif kind == "date":
+        if choices is not None:
+            return None
+        base = date
+    elif kind == "timestamp":
+        if choices is not None:
+            return None
+        base, meta = datetime, {"tz": True}  # naive timestamps mean UTC: the Python path says so
+    else:
+        return None
+    lo, hi = spec.get("min"), spec.get("max")
+    if kind == "int":  # a whole number is at least 0.5 when it is at least 1
+        if lo is not None:
+            meta["ge"] = max(math.ceil(lo), meta["ge"])
+        if hi is not None:
+            meta["le"] = min(math.floor(hi), meta["le"])
+    elif kind == "float":
+        if lo is not None:
+            meta["ge"] = float(lo)
+        if hi is not None:
+            meta["le"] = float(hi)
+    return Annotated[base, msgspec.Meta(**meta)] if meta else base
+
+
+class PartDecoder:
+    """A source's declaration compiled once per manifest; :meth:`prepare` turns a part's lines into a Prepared."""
+
+    def __init__(
+        self,
+        fields: Mapping[str, Mapping[str, Any]],
+        types: Mapping[str, str],
+        key_names: Sequence[str],
+        run_id: str,
+        source: str,
+    ) -> None:
+        self.validator = RecordValidator(fields, types)  # resolves named checks: an unknown one fails here
+        self.types = self.validator.types
+        self._declared = frozenset(self.types)
+        self._run_id, self._source = run_id, source
+        self._missing_key = "key: missing (" + ", ".join(key_names) + ")"
+        struct_fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+        self._always: list[bool] = []  # per slow field: Python always, or only for a string (``parse``)
+        slow: dict[str, Mapping[str, Any]] = {}
+        # Attributes f0, f1, … named as the fields in JSON: a field name need not be a Python identifier.
+        rename = {f"f{i}": name for i, name in enumerate(fields)}
+        for i, (name, spec) in enumerate(fields.items()):
+            kind = self.types[name]
+            compiled = _compiled_type(kind, spec)
+            if compiled is None or spec.get("parse"):
+                slow[name] = spec
+                self._always.append(compiled is None)
+            if compiled is None:
+                struct_fields.append((f"f{i}", Any, None))
+            elif spec.get("required"):
+                struct_fields.append((f"f{i}", compiled))
+            else:
+                struct_fields.append((f"f{i}", compiled | None, None))
+        # The fields with no compiled form, each run alone through the rules' Python form.
+        self._slow = [
+            (i, n, always, RecordValidator({n: slow[n]}, types))
+            for (i, n), always in zip(((i, n) for i, n in enumerate(fields) if n in slow), self._always, strict=True)
+        ]
+        self._needs_data = any(spec.get("checks") for spec in slow.values())  # checks see the whole record
+        strict = msgspec.defstruct("Data", struct_fields, kw_only=True, forbid_unknown_fields=True, rename=rename)
+        lenient = msgspec.defstruct("DataExtra", struct_fields, kw_only=True, rename=rename)
+        env: list[tuple[str, Any] | tuple[str, Any, Any]] = [
+            ("url", str),
+            ("fetched_at", datetime),
+            ("content_hash", str),
+            ("key", Any, None),
+            ("run_id", Any, None),
+        ]
+        self._strict = msgspec.json.Decoder(msgspec.defstruct("Env", [*env, ("data", strict)], kw_only=True))
+        self._lenient = msgspec.json.Decoder(msgspec.defstruct("EnvExtra", [*env, ("data", lenient)], kw_only=True))
+
+    def prepare(self, lines: Sequence[bytes], part: StagedPart) -> Prepared:
+        """Decode, validate and deduplicate one part (CPU only: runs off the event loop)."""
+        prepared = Prepared(part, len(lines))
+        latest = prepared.latest
+        strict, lenient, astuple = self._strict.decode, self._lenient.decode, msgspec.structs.astuple
+        slow, needs_data = self._slow, self._needs_data
+        declared = self._declared
+        for n, line in enumerate(lines, 1):
+            extra: str | None = None
+            env: Any = None
+            if _NUL not in line:
+                try:
+                    env = strict(line)
+                except msgspec.DecodeError:
+                    try:
+                        env = lenient(line)
+                    except msgspec.DecodeError:
+                        env = None
+                    else:  # undeclared fields: kept in _extra
+                        raw = orjson.loads(line).get("data")
+                        extra = jsonb({k: v for k, v in raw.items() if k not in declared})
+            key = env.key if env is not None else None
+            if env is None or type(key) is not str or not key:
+                prepared.slow += 1
+                self._python(line, n, part, prepared)
+                continue
+            values = list(astuple(env.data))
+            if slow:
+                data = orjson.loads(line)["data"] if needs_data else None
+                reasons = None
+                for i, name, always, validator in slow:
+                    if always or type(values[i]) is str:
+                        [values[i]], reasons = validator(data if data is not None else {name: values[i]})
+                        if reasons:
+                            break
+                if reasons:
+                    prepared.slow += 1
+                    self._python(line, n, part, prepared)  # every reason, the compiled fields' too
+                    continue
+            fetched = env.fetched_at
+            prev = latest.get(key)
+            if prev is None or fetched >= prev[1]:  # the latest fetched_at wins within the part
+                latest[key] = (env.content_hash, fetched, n, env.url, extra, values)
+        return prepared
+
+    def _python(self, line: bytes, n: int, part: StagedPart, prepared: Prepared) -> None:
+        """One record through the rules' Python form: coerced and kept, or rejected with every reason."""
+        env = decode_envelope(line, part, n)
+        data = env.get("data")
+        if not isinstance(data, dict):
+            data = {}
+        values, reasons = self.validator(data)
+        key = env.get("key")
+        if key is None or key == "":
+            reasons.append(self._missing_key)
+        elif "\x00" in str(key):
+            reasons.append("key: contains a NUL character")
+        try:
+            fetched = datetime.fromisoformat(env["fetched_at"])
+            url, content_hash = env["url"], env["content_hash"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StagingError(f"{part.uri}: line {n} is not a record envelope: {exc!r}") from None
+        if reasons:
+            prepared.rejects.append(
+                (self._run_id, self._source, no_nul(key), no_nul(url), no_nul(reasons), jsonb(env), part.uri, n)
+            )
+            return
+        key = str(key)
+        declared = self._declared
+        extra = None if declared >= data.keys() else {k: v for k, v in data.items() if k not in declared}
+        prev = prepared.latest.get(key)
+        if prev is None or fetched >= prev[1]:
+            prepared.latest[key] = (content_hash, fetched, n, url, jsonb(extra) if extra else None, values)

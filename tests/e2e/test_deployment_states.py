@@ -86,7 +86,8 @@ def _sources(path: Path, site: MisbehavingSite) -> str:
             {"name": "lenient", "kind": "html", "urls": mixed, "fields": title, "robots": False},
         ]
     }
-    path.write_text(yaml.safe_dump(spec))
+    # A round trip through JSON: no shared objects, so no YAML aliases (sources files refuse them).
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(spec))))
     return str(path)
 
 

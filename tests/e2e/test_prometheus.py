@@ -133,7 +133,7 @@ def _sources(path: Path, site: MisbehavingSite, *, dead_fixed: bool = False) -> 
                 "fields": title,
                 "politeness": {"concurrency": 2},
             },
-            # Nothing listens: its robots.txt retries open the breaker, the page ends skipped_breaker.
+            # Nothing listens: robots.txt and the page fail to connect; it fetches nothing.
             {"name": "dead", "kind": "html", "urls": [dead], "fields": title},
             # Every record is rejected ("page N" is no int): its load fails.
             {
@@ -144,7 +144,8 @@ def _sources(path: Path, site: MisbehavingSite, *, dead_fixed: bool = False) -> 
             },
         ]
     }
-    path.write_text(yaml.safe_dump(spec))
+    # A round trip through JSON: no shared objects, so no YAML aliases (sources files refuse them).
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(spec))))
     return path
 
 

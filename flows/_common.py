@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,17 +15,21 @@ from prefect.client.schemas.objects import State, TaskRun
 from prefect.runtime import flow_run
 
 from flows.params import Politeness
-from trawl.errors import ParameterError, SourceBusy
+from trawl.errors import ParameterError, RunFailed, SourceBusy
 from trawl.masking import register_secret
-from trawl.metrics import METRICS
+from trawl.metrics import METRICS, push_flow, push_source
 from trawl.retry import is_transient
 from trawl.settings import Settings
 
 __all__ = [
     "FlowMetrics",
     "current_flow_run_id",
+    "failed_sources",
     "flow_metrics",
+    "flow_result",
+    "push_sources",
     "retry_if_transient",
+    "run_state",
     "settings_for",
     "source_lock",
 ]
@@ -147,41 +150,99 @@ class FlowMetrics:
     """What a flow tells :func:`flow_metrics` about how it ended."""
 
     failed: bool = False
-
-
-_IN_FLOW: contextvars.ContextVar[bool] = contextvars.ContextVar("trawl_in_flow_metrics", default=False)
-"""True inside a flow's :func:`flow_metrics` (a subflow's does not push: the outer flow's push has it)."""
+    """The run ends Failed (every source failed); a flow that raises is failed too."""
+    failed_sources: int = 0
 
 
 @contextlib.asynccontextmanager
-async def flow_metrics(flow: str, settings: Settings, scope: str = "all") -> AsyncIterator[FlowMetrics]:
-    """Around a flow's body: the metrics endpoint up (``metrics_port``), the run counted and timed, then pushed.
+async def flow_metrics(flow: str, settings: Settings) -> AsyncIterator[FlowMetrics]:
+    """Around a flow's body: the metrics endpoint up (``metrics_port``), the run timed, then pushed.
 
-    The push to ``pushgateway_url`` happens at the end whatever the outcome, so a
-    failed run is visible too; a push failure is logged, never fails the run. Only
-    the outermost flow of a process pushes (a pipeline's crawl and load subflows
-    are in its push), once, to the group ``job=trawl, entry_flow, scope``
-    (``scope``: the sources run), so runs of different sources or flows do not
-    overwrite each other's last-success times. The group's label is not ``flow``:
-    the metrics' own ``flow`` label tells the pipeline, crawl and load apart.
+    The push to ``pushgateway_url`` (group ``job="trawl", flow=FLOW``: the flow's
+    last finish, duration, failed flag and failed sources) happens at the end
+    whatever the outcome, so a failed run is visible too; a push failure is
+    logged, never fails the run. Live series (requests, breakers, in flight) are
+    never pushed: they are on the endpoint while the process runs.
     """
-    METRICS.max_hosts = settings.metrics_max_hosts
+    METRICS.configure(settings.metrics_max_hosts, settings.metrics_created_series)
     if settings.metrics_port is not None:
         METRICS.serve(settings.metrics_port)
     started = time.monotonic()
     state = FlowMetrics()
-    outermost = not _IN_FLOW.get()
-    token = _IN_FLOW.set(True)
     try:
         yield state
     except BaseException:
         state.failed = True
         raise
     finally:
-        METRICS.runs.labels(flow, "failed" if state.failed else "completed").inc()
-        METRICS.run_failed.labels(flow).set(1 if state.failed else 0)
-        METRICS.run_seconds.labels(flow).set(time.monotonic() - started)
-        _IN_FLOW.reset(token)
-        if settings.pushgateway_url and outermost:
-            group = {"entry_flow": flow, "scope": scope}
-            await asyncio.to_thread(METRICS.push, settings.pushgateway_url, "trawl", group)
+        if settings.pushgateway_url:
+            await asyncio.to_thread(
+                push_flow,
+                settings.pushgateway_url,
+                flow,
+                seconds=time.monotonic() - started,
+                failed=state.failed,
+                failed_sources=state.failed_sources,
+            )
+
+
+async def push_sources(
+    settings: Settings,
+    *,
+    crawled: Sequence[Mapping[str, Any]] = (),
+    loaded: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """Push each source's last crawl (its result) or last load (its totals) to its own Pushgateway group."""
+    url = settings.pushgateway_url
+    if not url:
+        return
+
+    def push() -> None:
+        for result in crawled:
+            push_source(url, result["source"], crawl=result)
+        for name, totals in (loaded or {}).items():
+            push_source(url, name, load=totals)
+
+    await asyncio.to_thread(push)
+
+
+def failed_sources(results: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The sources of a run that failed, with why."""
+    return {r["source"]: r.get("error") or "failed" for r in results if r["status"] != "complete"}
+
+
+def run_state(data: dict[str, Any], total: int, failed: Mapping[str, str]) -> State[Any]:
+    """A flow run's final state, from its sources' one status each: ``Completed`` when none failed,
+    ``Failed`` when every one did, else ``Completed`` named ``Degraded`` whose message lists the failed ones.
+
+    The run's result (``data``) is the same in all three; a Failed run holds it in a :class:`RunFailed`, which a
+    direct call of the flow raises (:func:`flow_result` returns the result from any of them).
+    """
+    from prefect.states import Completed, Failed
+
+    if not failed:
+        return Completed(data=data, message=f"{total} source(s) complete")
+    listed = "; ".join(f"{name}: {_short(error)}" for name, error in sorted(failed.items()))
+    if len(failed) >= total:
+        message = f"every source failed ({listed})"
+        # An exception as the data: a direct caller (`await crawl(...)`) gets RunFailed, the result on it.
+        return Failed(data=RunFailed(message, data), message=message)
+    return Completed(name="Degraded", data=data, message=f"{len(failed)} of {total} sources failed ({listed})")
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+async def flow_result(run: Awaitable[State[Any]] | State[Any]) -> dict[str, Any]:
+    """The result of a flow run called with ``return_state=True`` (its state, or the call to await), whether it
+    ended Completed, Degraded or Failed with a result; the exception it raised, if it raised one."""
+    state = run if isinstance(run, State) else await run
+    value = await state.aresult(raise_on_failure=False)
+    if isinstance(value, RunFailed):
+        return value.result
+    if isinstance(value, BaseException):
+        raise value
+    if not isinstance(value, dict):
+        raise TypeError(f"flow run ended {state.name} without a result: {state.message}")
+    return value

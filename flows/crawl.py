@@ -10,7 +10,16 @@ import structlog
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows._common import current_flow_run_id, flow_metrics, retry_if_transient, settings_for, source_lock
+from flows._common import (
+    current_flow_run_id,
+    failed_sources,
+    flow_metrics,
+    push_sources,
+    retry_if_transient,
+    run_state,
+    settings_for,
+    source_lock,
+)
 from flows.artifacts import crawl_progress, publish_crawl, publish_summary
 from flows.params import (
     IncrementalOverride,
@@ -35,6 +44,7 @@ from trawl.fetch import Fetcher
 from trawl.frontier import durable, sharded
 from trawl.incremental import CursorValue, CursorWindow, window_for
 from trawl.logs import bind, redact
+from trawl.metrics import push_spool
 from trawl.settings import Settings
 from trawl.staging import Stager
 
@@ -139,7 +149,9 @@ async def _crawl_sharded(
                 )
             todo = await frontier.shards_pending()
             if not todo:
-                return await commit_sharded(frontier, source, stager, flow_run_id=current_flow_run_id())
+                return await commit_sharded(
+                    frontier, source, stager, flow_run_id=current_flow_run_id(), settings=settings
+                )
     raise SourceFailed(
         SourceResult(
             source.name,
@@ -179,7 +191,7 @@ async def crawl_shard(
     settings = await settings_for(staging, politeness, database_secret)
     stager = await asyncio.to_thread(open_stager, settings.staging, settings=settings)  # resolves a local path
     bind(run_id=run_id, flow_run_id=current_flow_run_id())
-    async with flow_metrics("crawl-shard", settings, f"{source}-shard-{shard}"), stager, Fetcher(settings) as fetcher:
+    async with flow_metrics("crawl-shard", settings), stager, Fetcher(settings) as fetcher:
         result = await crawl_source(
             src,
             run_id=run_id,
@@ -266,7 +278,7 @@ async def crawl(
     resume_run_id: RunId | None = None,
     database_secret: SecretBlockName | None = None,
     incremental: IncrementalOverride | None = None,
-) -> dict[str, Any]:
+) -> Any:
     """Crawl the sources of SOURCES_FILE (all enabled ones, or those named) and stage them.
 
     Returns ``{"run_id", "flow_run_id", "staging", "sources": [per-source result]}``; a failed
@@ -278,6 +290,10 @@ async def crawl(
     (the pipeline publishes its own, with the load's rejects). ``incremental`` overrides the
     window of the sources with ``incremental``: start from ``initial_value`` instead of the
     stored state, and/or stop at ``end_value`` (a back-fill: the state stays).
+
+    The run ends ``Failed`` when every source failed and ``Degraded`` (a named
+    ``Completed``) when some did, its message listing them; the result is the
+    same dict either way (``flows._common.flow_result`` reads it from the state).
     """
     check_run_ids(run_id=run_id, resume_run_id=resume_run_id)
     selected = await asyncio.to_thread(check_sources, sources_file, sources)  # reads the sources file
@@ -303,19 +319,31 @@ async def crawl(
             "dry_run": True,
             "sources": [_plan(s) for s in selected],
         }
-    async with (
-        flow_metrics("crawl", settings, "+".join(sorted(s.name for s in selected))) as measured,
-        stager,
-    ):
-        await _resume_spooled(stager)
-        results = await _crawl_all(
-            selected, run_id, settings, stager, resume=bool(resume_run_id), incremental=incremental
-        )
-        measured.failed = any(r["status"] != "complete" for r in results)
+    async with flow_metrics("crawl", settings) as measured:
+        async with stager:
+            await _resume_spooled(stager)
+            results = await _crawl_all(
+                selected, run_id, settings, stager, resume=bool(resume_run_id), incremental=incremental
+            )
+        failed = failed_sources(results)
+        measured.failed_sources = len(failed)
+        measured.failed = bool(results) and len(failed) == len(results)
+        await push_sources(settings, crawled=results)
+        await _push_spool(settings, stager)
     await publish_crawl(run_id, stager.uri, results)
     if publish:
         await publish_summary(run_id, results, None)
-    return {"run_id": run_id, "flow_run_id": current_flow_run_id(), "staging": stager.uri, "sources": results}
+    result = {"run_id": run_id, "flow_run_id": current_flow_run_id(), "staging": stager.uri, "sources": results}
+    return run_state(result, len(results), failed)
+
+
+async def _push_spool(settings: Settings, stager: Stager) -> None:
+    """The S3 spool's size after this crawl, for the Pushgateway (what is left there outlives the process)."""
+    from sinks.s3 import S3Stager, spooled_parts
+
+    if settings.pushgateway_url and isinstance(stager, S3Stager):
+        url, root = settings.pushgateway_url, stager.spool_root
+        await asyncio.to_thread(lambda: push_spool(url, str(root), spooled_parts(root)))
 
 
 async def _resume_spooled(stager: Stager) -> None:

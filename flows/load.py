@@ -13,7 +13,7 @@ from prefect import flow, task
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
-from flows._common import current_flow_run_id, flow_metrics, retry_if_transient, settings_for
+from flows._common import current_flow_run_id, flow_metrics, push_sources, retry_if_transient, run_state, settings_for
 from flows.params import RunId, SecretBlockName, SourceName, StagingURL, check_run_ids
 from sinks.postgres import Loader, PartLoad
 from sinks.state import advance_state
@@ -70,7 +70,11 @@ async def _load_source(loader: Loader, manifests: list[Manifest], todo: set[str]
             if part.uri not in todo:
                 results.append(PartLoad(part.uri, m.source, m.kind, part.rows, skipped=True))
                 continue
-            results.append(await load_part_task(m.source, m.kind, number, loader, m, part, fields))
+            loaded = await load_part_task(m.source, m.kind, number, loader, m, part, fields)
+            if loaded.kind == "raw":  # counted as each part lands, so a scrape during the load sees the rate
+                for result in ("inserted", "updated", "unchanged", "rejected"):
+                    METRICS.rows_loaded.labels(m.source, result).inc(getattr(loaded, result))
+            results.append(loaded)
         await loader.finish(m)
         # Every part of the run is in: now (and only now) its incremental state moves (sinks/state.py).
         await advance_state(loader.pool, loader.schema, m)
@@ -97,13 +101,16 @@ async def load(
     sources: list[SourceName] | None = None,
     database_secret: SecretBlockName | None = None,
     dry_run: bool = False,
-) -> dict[str, Any]:
+) -> Any:
     """Load committed runs from staging: the given run ids, or every run not yet in the ledger.
 
     The database comes from the Prefect Secret block named ``database_secret``,
     else ``TRAWL_DATABASE_URL``, else the embedded PostgreSQL — never from a plain
     parameter, so a URL with a password never shows in the UI. ``dry_run`` lists
     the parts that would load without loading them.
+
+    The run ends ``Failed`` when every source's load failed, ``Degraded`` (a
+    named ``Completed``) when some did; its result is the per-source totals.
     """
     check_run_ids(run_ids=run_ids)
     settings = await settings_for(staging, database_secret=database_secret)
@@ -115,8 +122,13 @@ async def load(
             for m in await stager.manifests(kind)
             if (not run_ids or m.run_id in run_ids) and (not sources or m.source in sources)
         ]
-        async with flow_metrics("load", settings):
-            return await _load_all(settings, stager, manifests, dry_run)
+        async with flow_metrics("load", settings) as measured:
+            result = await _load_all(settings, stager, manifests, dry_run)
+            errors = {name: f"load failed: {s['error']}" for name, s in result["sources"].items() if s.get("error")}
+            measured.failed_sources = len(errors)
+            measured.failed = bool(errors) and len(errors) == len(result["sources"])
+            await push_sources(settings, loaded=result["sources"])
+    return run_state(result, len(result["sources"]), errors)
 
 
 async def _load_all(settings: Settings, stager: Stager, manifests: list[Manifest], dry_run: bool) -> dict[str, Any]:
@@ -160,9 +172,6 @@ async def _load_all(settings: Settings, stager: Stager, manifests: list[Manifest
                 summary[name] = {**_totals(loads), "error": None}
     finally:
         await pool.close()
-    for name, totals in summary.items():
-        for result in ("inserted", "updated", "unchanged", "rejected"):
-            METRICS.rows_loaded.labels(name, result).inc(totals[result])
     log.info(
         "load finished",
         **{

@@ -17,7 +17,7 @@ import orjson
 import structlog
 from prefect import flow
 
-from flows._common import current_flow_run_id, flow_metrics, settings_for
+from flows._common import current_flow_run_id, failed_sources, flow_metrics, flow_result, run_state, settings_for
 from flows.artifacts import publish_summary
 from flows.crawl import crawl
 from flows.load import load
@@ -49,7 +49,7 @@ async def pipeline(
     dry_run: bool = False,
     resume_run_id: RunId | None = None,
     incremental: IncrementalOverride | None = None,
-) -> dict[str, Any]:
+) -> Any:
     """Crawl SOURCES_FILE into staging and load the run into PostgreSQL.
 
     Sources that failed are still loaded as far as they got (with their outcomes),
@@ -60,6 +60,9 @@ async def pipeline(
     ``resume_run_id`` continues a run that died (see the crawl flow) and loads it.
     ``incremental`` overrides the incremental window (see the crawl flow); the load
     moves a source's stored state only when its run is complete and its load committed.
+
+    The run ends ``Failed`` when every source failed (its crawl or its load),
+    ``Degraded`` (a named ``Completed``) when some did, its message listing them.
     """
     check_run_ids(resume_run_id=resume_run_id)
     selected = await asyncio.to_thread(check_sources, sources_file, sources)  # reads the sources file
@@ -67,12 +70,17 @@ async def pipeline(
     if dry_run:
         pool = await open_pool(settings, max_size=1)
         await pool.close()
-    async with flow_metrics("pipeline", settings, "+".join(sorted(s.name for s in selected))) as measured:
+    async with flow_metrics("pipeline", settings) as measured:
         result = await _crawl_and_load(
             sources_file, sources, staging, database_secret, politeness, dry_run, resume_run_id, incremental
         )
-        measured.failed = any(c["status"] == "failed" for c in result["crawl"])
-    return result
+        failed = failed_sources(result["crawl"]) if not dry_run else {}
+        for name, loaded in result["load"].items():
+            if loaded.get("error"):
+                failed.setdefault(name, f"load failed: {loaded['error']}")
+        measured.failed_sources = len(failed)
+        measured.failed = bool(selected) and len(failed) >= len(selected)
+    return run_state(result, len(selected), failed)
 
 
 async def _crawl_and_load(
@@ -85,16 +93,19 @@ async def _crawl_and_load(
     resume_run_id: str | None = None,
     incremental: IncrementalOverride | None = None,
 ) -> dict[str, Any]:
-    crawled = await crawl(
-        sources_file,
-        sources,
-        staging,
-        politeness,
-        dry_run,
-        publish=False,
-        resume_run_id=resume_run_id,
-        database_secret=database_secret,
-        incremental=incremental,
+    crawled = await flow_result(
+        await crawl(
+            sources_file,
+            sources,
+            staging,
+            politeness,
+            dry_run,
+            publish=False,
+            resume_run_id=resume_run_id,
+            database_secret=database_secret,
+            incremental=incremental,
+            return_state=True,
+        )
     )
     if dry_run:
         return {
@@ -104,7 +115,7 @@ async def _crawl_and_load(
             "crawl": crawled["sources"],
             "load": {},
         }
-    loaded = await load(staging, [crawled["run_id"]], None, database_secret)
+    loaded = await flow_result(await load(staging, [crawled["run_id"]], None, database_secret, return_state=True))
     await publish_summary(crawled["run_id"], crawled["sources"], loaded["sources"])
     return {
         "run_id": crawled["run_id"],
@@ -131,7 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = Settings()
     configure_logging(settings.log_format, settings.log_level)
-    result = asyncio.run(pipeline(args.sources_file, args.sources, args.staging, dry_run=args.dry_run))
+    result = asyncio.run(
+        flow_result(pipeline(args.sources_file, args.sources, args.staging, dry_run=args.dry_run, return_state=True))
+    )
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 1 if any(s.get("status") == "failed" for s in result["crawl"]) else 0
 

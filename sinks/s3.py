@@ -59,7 +59,7 @@ from trawl.staging import (
     summarize_runs,
 )
 
-__all__ = ["ResumeResult", "S3Stager"]
+__all__ = ["ResumeResult", "S3Stager", "spooled_parts"]
 
 log = structlog.get_logger("sinks.s3")
 
@@ -69,6 +69,11 @@ _READ_CHUNK = 1024 * 1024
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def spooled_parts(spool_root: Path) -> int:
+    """Parts waiting in a spool on disk (every run's), whoever left them there; blocking, run it in a thread."""
+    return sum(1 for _ in spool_root.rglob("part-*.jsonl.gz")) if spool_root.is_dir() else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +171,8 @@ class S3Stager:
         self.settings = settings
         self.part_size = settings.s3_part_size
         self.spool_root = Path(settings.s3_spool_dir).resolve() / bucket
+        for kind in ("transient", "permanent"):  # from 0, so rate() sees the first failures of a short run
+            METRICS.s3_upload_failures.labels(kind)
         self._max_rows = part_max_records
         self._max_bytes = part_max_bytes
         self._client: Any = None

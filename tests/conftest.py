@@ -22,7 +22,7 @@ from trawl.demo.site import DemoSite
 from trawl.settings import Settings
 
 # The loader's fixtures (pool, loader), shared by every module that loads staged parts.
-pytest_plugins = ["tests.helpers.loading", "tests.helpers.hostile"]
+pytest_plugins = ["tests.helpers.loading", "tests.helpers.hostile", "tests.helpers.prometheus"]
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")

@@ -98,6 +98,10 @@ class HostBreaker:
             # One probe at a time; the others wait for its verdict rather than pile onto a sick host.
             raise BreakerOpen(self.host, url, min(1.0, self._cb.reset_timeout))
         self._probing = True
+        if state == pybreaker.STATE_OPEN:
+            # pybreaker would pass through half-open inside the probe's `record` only; enter it now, so the
+            # state (and its gauge) says half-open while the probe is out.
+            self._cb.half_open()
         return True
 
     def release(self, probe: bool) -> None:
@@ -135,7 +139,7 @@ class BreakerRegistry:
         breaker = self._breakers.get(host)
         if breaker is None:
             breaker = self._breakers[host] = HostBreaker(host, self.fail_max, self.reset_timeout, self._changed)
-            METRICS.breaker_state.labels(METRICS.host(host)).set(0)  # the series exists from the first request
+            METRICS.breaker_added(host)  # the series exists from the first request
         return breaker
 
     def states(self) -> dict[str, str]:

@@ -339,6 +339,12 @@ def _staging(args: argparse.Namespace) -> int:
             return EXIT_OK
         async with stager:
             done = await stager.resume(args.run_id)
+        if settings.pushgateway_url:  # the spool changed: its gauge says so (the alert on it resolves)
+            from sinks.s3 import spooled_parts
+            from trawl.metrics import push_spool
+
+            url, root = settings.pushgateway_url, stager.spool_root
+            await asyncio.to_thread(lambda: push_spool(url, str(root), spooled_parts(root)))
         if not done:
             print(f"nothing to resume: run {args.run_id} has nothing in the spool {stager.spool_root}")
             return EXIT_OK
@@ -411,22 +417,40 @@ def _run(args: argparse.Namespace) -> int:
     from trawl.logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
+    from flows._common import flow_result
+
+    # The flows end Failed / Degraded / Completed; their result is read from the state whichever it is.
     if args.command == "load":
         from flows.load import load
 
-        loaded = asyncio.run(load(staging=None, run_ids=args.run_ids, sources=args.sources))
+        loaded = asyncio.run(
+            flow_result(load(staging=None, run_ids=args.run_ids, sources=args.sources, return_state=True))
+        )
         print(_load_summary(loaded["sources"]))
         return EXIT_FAILED if _load_failed(loaded["sources"]) else EXIT_OK
     if args.command == "crawl":
         from flows.crawl import crawl
 
-        crawled = asyncio.run(crawl(sources_file=args.sources_file, sources=args.sources, resume_run_id=args.resume))
+        crawled = asyncio.run(
+            flow_result(
+                crawl(
+                    sources_file=args.sources_file, sources=args.sources, resume_run_id=args.resume, return_state=True
+                )
+            )
+        )
         result = {"crawl": crawled["sources"], "run_id": crawled["run_id"], "staging": crawled["staging"]}
     else:
         from flows.pipeline import pipeline
 
         result = asyncio.run(
-            pipeline(sources_file=args.sources_file, sources=args.sources, resume_run_id=getattr(args, "resume", None))
+            flow_result(
+                pipeline(
+                    sources_file=args.sources_file,
+                    sources=args.sources,
+                    resume_run_id=getattr(args, "resume", None),
+                    return_state=True,
+                )
+            )
         )
     print(_summary(result))
     print(f"\nrun {result['run_id']}: staged under {result['staging']}")

@@ -138,6 +138,10 @@ _CREDENTIALS_ORIGINS = (
     "Origins (scheme://host[:port]) besides those of the source's own URLs that its headers may be sent to. "
     "Headers go to no other origin: they are dropped on any redirect hop, pagination page or link that leaves them."
 )
+_MAX_FAILED_RATIO = (
+    "Share of this source's URLs (0-1) that may end failed, skipped_breaker or blocked_network before its crawl "
+    "fails (default: the `max_failed_ratio` setting; 1: off). A source that fetched nothing fails anyway."
+)
 _HEADERS = (
     "HTTP headers sent with the source's requests (e.g. `Authorization`, `Cookie`), only to the origins of its "
     "URLs and `credentials_origins`; `${VAR}` values are masked wherever trawl writes."
@@ -308,6 +312,7 @@ class HtmlSource(_Model):
         min_length=1,
         description="Media types parsed as pages; other responses get the outcome `filtered`.",
     )
+    max_failed_ratio: float | None = Field(default=None, ge=0, le=1, description=_MAX_FAILED_RATIO)
     enabled: bool = True
 
     _record_urls = field_validator("record_urls")(_check_regex)
@@ -533,6 +538,7 @@ class ApiSource(_Model):
     fields: dict[str, ApiField] = Field(default_factory=dict)
     politeness: Politeness = Field(default_factory=Politeness)
     robots: bool = Field(default=True, description="Obey the host's robots.txt (set false only for APIs you own).")
+    max_failed_ratio: float | None = Field(default=None, ge=0, le=1, description=_MAX_FAILED_RATIO)
     enabled: bool = True
 
     _url = field_validator("url")(_check_http_url)
@@ -646,6 +652,7 @@ class SpiderSource(_Model):
         "frontier, deduplicated there), so memory stays flat however large the crawl; a run that dies starts over "
         "(default: the `frontier` setting).",
     )
+    max_failed_ratio: float | None = Field(default=None, ge=0, le=1, description=_MAX_FAILED_RATIO)
     enabled: bool = True
 
     _fields = field_validator("fields")(_check_field_names)

@@ -12,7 +12,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import structlog
 
@@ -25,11 +25,12 @@ from trawl.frontier import Frontier, Idle, PgFrontier, Settled, open_frontier, o
 from trawl.incremental import CursorWindow
 from trawl.logs import bind, redact, unbind
 from trawl.metrics import METRICS
-from trawl.records import Outcome, utcnow
+from trawl.records import Outcome, OutcomeKind, utcnow
 from trawl.settings import Settings
 from trawl.staging import SourceStage, Stager, StreamKind, manifest_body
 
 __all__ = [
+    "FAILING_OUTCOMES",
     "SourceResult",
     "begin_sharded",
     "commit_sharded",
@@ -37,10 +38,49 @@ __all__ = [
     "merge_stats",
     "new_run_id",
     "source_schema",
+    "verdict",
     "whole_frontier",
 ]
 
 log = structlog.get_logger("trawl.crawler")
+
+
+FAILING_OUTCOMES: Final = frozenset(
+    {OutcomeKind.FAILED.value, OutcomeKind.SKIPPED_BREAKER.value, OutcomeKind.BLOCKED_NETWORK.value}
+)
+"""URL outcomes that count against a source (``skipped_robots`` and ``filtered`` are the source's own rules)."""
+_GOT: Final = (OutcomeKind.FETCHED.value, OutcomeKind.NOT_MODIFIED.value)
+
+
+def verdict(summary: Mapping[str, Any], max_failed_ratio: float) -> str | None:
+    """Why a crawl that ran to its end failed all the same; None when it did not. The one source-status rule.
+
+    A source fails when no URL was fetched (or not modified) and at least one
+    failed, or when the failed share of its URLs exceeds ``max_failed_ratio``
+    (1: off). Failed means :data:`FAILING_OUTCOMES`; the reason names the most
+    frequent error.
+    """
+    outcomes: Mapping[str, int] = summary.get("outcomes") or {}
+    failed = sum(n for k, n in outcomes.items() if k in FAILING_OUTCOMES)
+    if not failed:
+        return None
+    done = sum(outcomes.values())
+    errors = [e for e in summary.get("top_errors") or [] if e.get("outcome") in FAILING_OUTCOMES]
+    why = f"most often {errors[0]['outcome']}: {errors[0]['error']} ({errors[0]['count']} URLs)" if errors else ""
+    if not any(outcomes.get(k) for k in _GOT):
+        return f"no URL fetched, {failed} of {done} failed" + (f"; {why}" if why else "")
+    ratio = failed / done
+    if max_failed_ratio < 1 and ratio > max_failed_ratio:
+        return f"{failed} of {done} URLs failed ({ratio:.0%}, above max_failed_ratio {max_failed_ratio:g})" + (
+            f"; {why}" if why else ""
+        )
+    return None
+
+
+def failed_ratio_limit(source: AnySource, settings: Settings) -> float:
+    """The source's own ``max_failed_ratio``, else the setting's."""
+    own = source.max_failed_ratio
+    return settings.max_failed_ratio if own is None else own
 
 
 def new_run_id() -> str:
@@ -92,7 +132,8 @@ async def crawl_source(
     shard: int | None = None,
     incremental: CursorWindow | None = None,
 ) -> SourceResult:
-    """Crawl one source to a committed manifest; raises SourceFailed (after committing) if it broke off.
+    """Crawl one source to a committed manifest; raises SourceFailed (after committing) if it broke off or
+    failed all the same (:func:`verdict`).
 
     The one source driver of every kind. The source's frontier (:func:`trawl.frontier.open_frontier`)
     decides what a failure leaves behind: an in-memory crawl commits what it staged
@@ -119,6 +160,8 @@ async def crawl_source(
             error: str | None = None
             try:
                 staged = METRICS.records_staged.labels(source.name)
+                for kind in OutcomeKind:  # from 0: increase() sees a short crawl's outcomes too
+                    METRICS.outcomes.labels(source.name, kind.value)
                 async for item in connector_for(source, ctx, frontier).fetch():
                     if isinstance(item, Settled):
                         await frontier.settled(item)
@@ -132,7 +175,7 @@ async def crawl_source(
             except Exception as exc:  # a bug in one source must not take the others down
                 log.exception("source crashed")
                 error = redact(f"{type(exc).__name__}: {exc}")
-            return await _finish(source, frontier, stage, fetcher, stats, started, error, flow_run_id)
+            return await _finish(source, frontier, stage, fetcher, stats, started, error, flow_run_id, settings)
     finally:
         unbind("source")
 
@@ -146,19 +189,24 @@ async def _finish(
     started: float,
     error: str | None,
     flow_run_id: str | None,
+    settings: Settings,
 ) -> SourceResult:
-    """End a source's crawl as its frontier allows: checkpoint, commit (or not), count, summarize."""
+    """End a source's crawl as its frontier allows: checkpoint, commit (or not), count, summarize.
+
+    ``error`` is why the crawl broke off; one that ran to its end can still fail by :func:`verdict`.
+    """
     await frontier.checkpoint()
     summary = stats.as_dict()
     summary["breaker_trips"] = sum(fetcher.breakers.trips(host) for host in stats.hosts)
     summary["throttled"] = fetcher.throttle_signals(source.name, stats.hosts)  # throttle signals per host
+    broke = error is not None
+    error = error or verdict(summary, failed_ratio_limit(source, settings))
     status: Literal["complete", "failed"] = "failed" if error else "complete"
 
     def failed(message: str | None) -> SourceFailed:
-        METRICS.source_runs.labels(source.name, "failed").inc()
         return SourceFailed(SourceResult(source.name, "failed", time.monotonic() - started, summary, message))
 
-    if error and frontier.resumable:
+    if broke and frontier.resumable:
         # No manifest: the run is not complete. What is checkpointed stays; `--resume` carries on from there.
         log.error("source stopped; resume it with `trawl crawl --resume`", error=error, **summary)
         raise failed(f"{error} (checkpointed: `trawl crawl --resume {stage.run_id}` continues it)")
@@ -172,18 +220,12 @@ async def _finish(
     except StagingError as exc:  # e.g. S3 still down: the parts wait in the spool for `trawl stage resume`
         log.error("source not committed", error=redact(str(exc)))
         raise failed(redact(str(exc))) from None
-    if status == "complete":
+    if not broke:  # it ran to its end (a verdict of failure included): nothing left to resume
         await frontier.finish()
-    for m in (outcomes, raw):
-        METRICS.parts_uploaded.labels(source.name, m.kind).inc(len(m.parts))
-        METRICS.bytes_staged.labels(source.name).inc(sum(p.bytes for p in m.parts))
-    METRICS.source_runs.labels(source.name, status).inc()
-    if status == "complete":
-        METRICS.source_last_success.labels(source.name).set_to_current_time()
+    summary["parts"] = len(raw.parts)
+    summary["staged_bytes"] = sum(p.bytes for m in (outcomes, raw) for p in m.parts)
     result = SourceResult(source.name, status, time.monotonic() - started, summary, error, raw.uri)
-    log.info(
-        "source finished", status=status, error=error, seconds=round(result.seconds, 3), parts=len(raw.parts), **summary
-    )
+    log.info("source finished", status=status, error=error, seconds=round(result.seconds, 3), **summary)
     if error:
         raise SourceFailed(result)
     return result
@@ -229,7 +271,7 @@ async def begin_sharded(frontier: PgFrontier, source: HtmlSource, *, resume: boo
 
 
 async def commit_sharded(
-    frontier: PgFrontier, source: HtmlSource, stager: Stager, *, flow_run_id: str | None
+    frontier: PgFrontier, source: HtmlSource, stager: Stager, *, flow_run_id: str | None, settings: Settings
 ) -> SourceResult:
     """Once every shard is done: one manifest per stream listing every shard's parts (the commit)."""
     started = time.monotonic()
@@ -242,6 +284,8 @@ async def commit_sharded(
         raise StagingError(f"source {source.name}: {left} URLs of run {run_id} are not done; nothing committed")
     shard_stats = list((await frontier.saved_stats()).values())
     summary = merge_stats(shard_stats)
+    error = verdict(summary, failed_ratio_limit(source, settings))
+    status: Literal["complete", "failed"] = "failed" if error else "complete"
     uri = ""
     now = utcnow()
     kinds: tuple[StreamKind, ...] = ("outcomes", "raw")
@@ -252,8 +296,8 @@ async def commit_sharded(
             source.name,
             run_id,
             run.dt,
-            status="complete",
-            error=None,
+            status=status,
+            error=error,
             started_at=run.started_at,
             finished_at=now,
             flow_run_id=flow_run_id,
@@ -263,7 +307,11 @@ async def commit_sharded(
         )
         m = await stager.write_manifest(kind, source.name, run.dt, run_id, body)
         uri = m.uri
-    await frontier.finish("complete")
-    METRICS.source_runs.labels(source.name, "complete").inc()
-    METRICS.source_last_success.labels(source.name).set_to_current_time()
-    return SourceResult(source.name, "complete", time.monotonic() - started, summary, None, uri)
+        if kind == "raw":
+            summary["parts"] = len(parts)
+        summary["staged_bytes"] = summary.get("staged_bytes", 0) + sum(p.bytes for p in parts)
+    await frontier.finish("complete")  # the frontier's run is done either way
+    result = SourceResult(source.name, status, time.monotonic() - started, summary, error, uri)
+    if error:
+        raise SourceFailed(result)
+    return result

@@ -21,6 +21,7 @@ this to foreign errors too (OS, asyncpg by SQLSTATE, botocore by code)::
     │   ├── BreakerOpen             the host's circuit breaker is open: not requested (retry later)
     │   └── HostBusy                the throttled host has no room now: not requested (park the URL)
     ├── SourceFailed                a source ended early (its result attached; what it fetched is staged)
+    ├── RunFailed                   every source of a flow run failed (the run's result attached)
     ├── SpiderFailed                a Scrapy spider could not start or its crawl broke off
     ├── SourceBusy                  another flow run holds the source's concurrency slot
     ├── StagingError                staging target unreadable/unwritable, corrupt part
@@ -50,6 +51,7 @@ __all__ = [
     "ParameterError",
     "PermanentFetchError",
     "RobotsDisallowed",
+    "RunFailed",
     "SourceBusy",
     "SourceFailed",
     "SpiderFailed",
@@ -220,6 +222,17 @@ class SourceFailed(TrawlError):
         super().__init__(f"source {result.source} failed: {result.error}")
         self.result = result
         self.source = result.source
+
+
+class RunFailed(TrawlError):
+    """Every source of a flow run failed: the run ends ``Failed``; ``result`` is the run's result all the same."""
+
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        super().__init__(message, result)  # both in args: the exception pickles (Prefect persists it)
+        self.result = result
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class SpiderFailed(TrawlError):

@@ -39,7 +39,7 @@ from trawl.errors import (
     Throttled,
     TransientFetchError,
 )
-from trawl.metrics import METRICS, status_class
+from trawl.metrics import METRICS, OTHER_HOST, status_class
 from trawl.netguard import GuardedBackend, GuardedResolver, NetworkGuard, RefusedAddress, Resolve, UnresolvedHost
 from trawl.retry import full_jitter, is_throttle, is_transient_status, retry_after, status_error
 from trawl.robots import ROBOTS_MAX_BYTES, RobotsCache
@@ -184,6 +184,8 @@ class _HostGate:
         return self.delay + self.extra
 
     def _show(self) -> None:
+        if self._label == OTHER_HOST:
+            return  # one gauge for many hosts would show whichever changed last
         METRICS.host_concurrency.labels(self._label).set(self.slots)
         METRICS.host_delay.labels(self._label).set(self.gap)
 
@@ -528,6 +530,9 @@ class _AiohttpTransport:
             headers={"User-Agent": settings.user_agent, "Accept-Encoding": ACCEPT_ENCODING},
             auto_decompress=False,  # bodies are inflated by trawl's bounded decoder (trawl.decode)
         )
+        # aiohttp resends an idempotent request once on a fresh connection when the server drops one (RFC 9112
+        # 9.3.1): a second attempt that trawl's retry loop, breaker and metrics never see. trawl retries itself.
+        self._session._retry_connection = False
 
     async def get(
         self,

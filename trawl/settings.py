@@ -50,6 +50,14 @@ class Settings(BaseSettings):
         description="Share of a run's records (0-1) that may be rejected before its load fails instead of loading a "
         "broken scrape; checked once `reject_min_rows` records were seen and at the last part. 1 turns it off.",
     )
+    max_failed_ratio: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="Share of a source's URLs (0-1) that may end failed, skipped_breaker or blocked_network before "
+        "the source's crawl fails; a source's own `max_failed_ratio` wins. 1 turns it off: then a source fails only "
+        "when it fetched nothing and some URL failed (that rule always applies).",
+    )
     reject_min_rows: int = Field(
         default=100,
         ge=1,
@@ -270,7 +278,13 @@ class Settings(BaseSettings):
         default=100, ge=1, description="Hosts that get their own metrics label; further hosts are counted as `other`."
     )
     pushgateway_url: str | None = Field(
-        default=None, description="Push all metrics to this Prometheus Pushgateway when a flow run ends (unset: off)."
+        default=None,
+        description="Push each run's batch metrics (per source and per flow: last finish, last success, duration, "
+        "counts, failed) and the S3 spool's size to this Prometheus Pushgateway when they change (unset: off).",
+    )
+    metrics_created_series: bool = Field(
+        default=False,
+        description="Also expose a `*_created` series (the creation time) for each counter and histogram.",
     )
     browser_path: str | None = Field(
         default=None,

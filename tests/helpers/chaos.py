@@ -16,7 +16,7 @@ retry_after         first request of each path: 503 + ``Retry-After: <s>``;     
 burst429            the host's first K page requests: 429 (no Retry-After);      allow-all, never 429, not counted in K
                     then ``/`` links ``/products/1..5``                          (served from a cache in front)
 reset               every path: TCP reset (SO_LINGER 0 + abort), no response;    reset too
-                    aiohttp's client resends a GET once, so 2 hits per attempt
+                    one hit per attempt (trawl turns off aiohttp's own resend)
 hang                every path: reads the request, never answers (an RST when    allow-all (so tests stay fast)
                     the fleet stops: shutdown never waits for it)
 drip                every path: headers, then a product page a few bytes at      allow-all (so tests stay fast)
@@ -574,11 +574,10 @@ class ChaosFleet:
                 e = ("failed", {"failed": 1}, 0, reqs, "throttled past throttle_budget: failed, not skipped_breaker")
             elif b in ("error500", "reset"):
                 # robots.txt fails `tries` times (then: allow all); the seed's first failure trips the breaker,
-                # and each later probe fails too. aiohttp's client resends an idempotent request once when the
-                # connection drops (RFC 9112 9.3.1), so each reset attempt reaches the host twice.
+                # and each later probe fails too. One attempt is one request at the host: trawl turns off aiohttp's
+                # own resend of an idempotent request on a dropped connection (RFC 9112 9.3.1).
                 assert tries < fail_max <= tries + 1, "EXPECTED_SETTINGS changed: redo the breaker arithmetic"
-                per = 2 if b == "reset" else 1
-                reqs = {"/robots.txt": tries * per, "/": (1 + probes) * per}
+                reqs = {"/robots.txt": tries, "/": 1 + probes}
                 e = ("skipped_breaker", {"skipped_breaker": 1}, 0, reqs, "robots.txt fails, then the breaker opens")
             elif b == "retry_after":
                 reqs = {"/robots.txt": 2, "/products/1": 2, "/date/products/2": 2}

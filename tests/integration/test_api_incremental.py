@@ -17,6 +17,7 @@ from flows.pipeline import pipeline
 from sinks.state import advance_state, start_state
 from tests.helpers.saas import BASE, CLIENT_SECRET, PRODUCT_KEY, SaasApi, serve
 from trawl.cli import main
+from trawl.errors import RunFailed
 from trawl.staging import Manifest
 
 pytestmark = [pytest.mark.integration]
@@ -92,7 +93,9 @@ async def test_incremental_runs_load_only_what_changed(
     # Run 3 fails half way (page 2 is down): what it fetched is loaded, the state stays where it was.
     saas.change(range(11, 41), BASE + timedelta(days=6))  # 30 changes: two pages
     saas.fail_page = 2
-    third = await pipeline(str(sources_file), sources=["tickets"])
+    with pytest.raises(RunFailed) as failed:  # its only source failed: the run ends Failed, its result on the error
+        await pipeline(str(sources_file), sources=["tickets"])
+    third = failed.value.result
     assert third["crawl"][0]["status"] == "failed"
     assert saas.since[-1] == "2024-01-05T00:59:00Z"  # the state, minus the lag
     assert await _state(db) == "2024-01-05T01:04:00Z"

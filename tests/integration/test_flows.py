@@ -31,7 +31,7 @@ from flows.pipeline import pipeline
 from tests.helpers.staged import staged_lines
 from trawl.demo.account import ORDER_COUNT
 from trawl.demo.site import ITEM_COUNT, JS_DEMO_COUNT, PAGE_COUNT, PRODUCT_COUNT, DemoSite
-from trawl.errors import ParameterError
+from trawl.errors import ParameterError, RunFailed
 from trawl.settings import Settings
 
 pytestmark = [pytest.mark.integration]
@@ -242,9 +242,10 @@ async def test_a_source_busy_in_another_run_is_refused(
     settings = Settings()
 
     async with source_lock("products", settings):  # another run holds the source
-        result = await crawl(str(REPO / "examples" / "demo.yaml"), sources=["products"])
+        with pytest.raises(RunFailed) as failed:  # its only source failed: the run is Failed
+            await crawl(str(REPO / "examples" / "demo.yaml"), sources=["products"])
 
-    [products] = result["sources"]
+    [products] = failed.value.result["sources"]
     assert products["status"] == "failed"
     assert "'products' is being crawled by another flow run" in products["error"]
     assert not demo_site.requests

@@ -215,7 +215,7 @@ async def test_shards_in_one_process_split_hosts_and_commit_one_manifest(setting
             await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager,
         ):
             assert await whole.shards_pending() == []
-            committed = await commit_sharded(whole, src, stager, flow_run_id=None)
+            committed = await commit_sharded(whole, src, stager, flow_run_id=None, settings=settings)
             (m,) = await stager.manifests("raw")
             staged = [
                 (p.uri.rsplit("/", 1)[1][:8], orjson.loads(line)) for p in m.parts async for line in stager.read_part(p)

@@ -73,7 +73,8 @@ class SourceStats:
 
     @property
     def failures(self) -> int:
-        return sum(n for k, n in self.outcomes.items() if k != OutcomeKind.FETCHED)
+        """URLs that did not end fetched or not_modified."""
+        return sum(n for k, n in self.outcomes.items() if k not in (OutcomeKind.FETCHED, OutcomeKind.NOT_MODIFIED))
 
     @property
     def done(self) -> int:

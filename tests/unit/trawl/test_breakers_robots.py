@@ -257,3 +257,25 @@ async def test_resolver_refuses_forbidden_addresses_at_connect_time(
         with pytest.raises(BlockedNetworkError, match=r"localhost resolves to 127\.0\.0\.1"):
             await fetcher.get(f"http://localhost:{host.port}/page", robots=False)
     assert host.hits == Counter()
+
+
+async def test_half_open_is_the_state_while_the_probe_is_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trawl.breakers import BreakerRegistry
+    from trawl.metrics import METRICS
+
+    monkeypatch.setattr(METRICS, "max_hosts", len(METRICS._hosts) + 10)  # this host keeps its own label
+    breakers = BreakerRegistry(fail_max=2, reset_timeout=0.05)
+    breaker = breakers.get("probe.test")
+
+    def gauge(state: str) -> float:
+        return METRICS.registry.get_sample_value("trawl_breakers", {"host": "probe.test", "state": state}) or 0.0
+
+    for _ in range(2):
+        breaker.record(False, breaker.admit("http://probe.test/"))
+    assert breaker.state == "open" and gauge("open") == 1
+    await asyncio.sleep(0.06)
+    probe = breaker.admit("http://probe.test/")
+    assert probe and breaker.state == "half-open"
+    assert (gauge("open"), gauge("half-open"), gauge("closed")) == (0, 1, 0)
+    breaker.record(True, probe)
+    assert breaker.state == "closed" and (gauge("half-open"), gauge("closed")) == (0, 1)

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect.client.schemas.objects import State
 
 import trawl
+from flows._common import failed_sources, run_state
 from trawl import cli
 from trawl.cli import main
 
@@ -260,14 +262,15 @@ def test_crawl_exits_0_when_every_source_is_done_and_1_when_some_failed(
 
     calls: list[dict[str, Any]] = []
 
-    async def crawl(**kwargs: Any) -> dict[str, Any]:
+    async def crawl(**kwargs: Any) -> State[Any]:
         calls.append(kwargs)
-        return _crawled(*statuses)
+        result = _crawled(*statuses)
+        return run_state(result, len(statuses), failed_sources(result["sources"]))
 
     monkeypatch.setattr(flows.crawl, "crawl", crawl)
     path = _write(tmp_path / "good.yaml", GOOD)
     assert main(["crawl", path, "--staging", f"file://{tmp_path / 'st'}", "--source", "shop"]) == code
-    assert calls == [{"sources_file": path, "sources": ["shop"], "resume_run_id": None}]
+    assert calls == [{"sources_file": path, "sources": ["shop"], "resume_run_id": None, "return_state": True}]
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith(("s0 ", "s1 "))}
     assert rows == {"s0": statuses[0], "s1": statuses[1]}
@@ -286,8 +289,8 @@ def test_load_exits_1_when_a_load_failed(
         ("parts_loaded", "parts_skipped", "inserted", "updated", "unchanged", "rejected", "outcomes"), 1
     )
 
-    async def load(**kwargs: Any) -> dict[str, Any]:
-        return {"sources": {"shop": counts | ({"error": error} if error else {})}}
+    async def load(**kwargs: Any) -> State[Any]:
+        return run_state({"sources": {"shop": counts | ({"error": error} if error else {})}}, 1, {})
 
     monkeypatch.setattr(flows.load, "load", load)
     monkeypatch.setattr(cli, "_check_database", lambda settings: "postgresql://u@127.0.0.1:5432/stub")

@@ -509,3 +509,21 @@ def test_a_sources_file_over_the_size_cap_is_not_read(tmp_path: Path) -> None:
     path = tmp_path / "big.yaml"
     path.write_text("sources: []\n" + "#" * MAX_SOURCES_BYTES, encoding="utf-8")
     assert [str(i) for i in problems(path)] == [f"{path}: (file): larger than {MAX_SOURCES_BYTES} bytes: not read"]
+
+
+def test_max_failed_ratio_out_of_range_names_entry_and_field(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        sources:
+          - name: shop
+            kind: html
+            urls: ["https://shop.example.com/"]
+            max_failed_ratio: 1.5
+            fields:
+              title: {selector: h1}
+        """,
+    )
+    (issue,) = problems(path)
+    assert (issue.entry, issue.field) == ("sources[0] (shop)", "max_failed_ratio")
+    assert "1" in issue.message

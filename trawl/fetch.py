@@ -174,6 +174,11 @@ class _HostGate:
         self._show()
 
     @property
+    def label(self) -> str:
+        """The host's metrics label (``other`` past the host cap)."""
+        return self._label
+
+    @property
     def slots(self) -> int:
         """Requests that may be in flight now."""
         return max(1, int(self.limit))
@@ -741,8 +746,12 @@ class Fetcher:
         ``adaptive``: the response time feeds the host's rate (politeness ``adaptive``); ``park``: a throttled host
         with no room raises HostBusy instead of holding the caller.
         """
+        gate = self._gate(host, concurrency, delay)
+        if source not in gate.signals:  # once per source and host: its throttle counter exists (at 0) before a signal
+            gate.signals[source] = 0
+            METRICS.throttle_signals.labels(source, gate.label).inc(0)
         return HostTurn(
-            self._gate(host, concurrency, delay),
+            gate,
             self.breakers.get(host),
             url,
             METRICS.host(host),

@@ -133,6 +133,16 @@ def _sources(path: Path, site: MisbehavingSite, *, dead_fixed: bool = False) -> 
                 "fields": title,
                 "politeness": {"concurrency": 2},
             },
+            # Each page's first request is refused 429 + Retry-After: the host slows down (throttle panels).
+            {
+                "name": "throttled",
+                "kind": "html",
+                "urls": [f"{site.url('throttle')}/t/{i}" for i in range(6)],
+                "fields": title,
+                "robots": False,
+                # One at a time: the refusals come one pause apart, over several scrapes (a rate to see).
+                "politeness": {"concurrency": 1},
+            },
             # Nothing listens: robots.txt and the page fail to connect; it fetches nothing.
             {"name": "dead", "kind": "html", "urls": [dead], "fields": title},
             # Every record is rejected ("page N" is no int): its load fails.
@@ -238,7 +248,7 @@ async def test_alerts_fire_during_the_run_resolve_after_it_and_every_panel_shows
     assert not live & firing, sorted(firing)
     # The pushed outcome of the run: "dead" fetched nothing, "rejecting"'s load failed.
     assert {("TrawlRunFailed", "dead"), ("TrawlRunFailed", "rejecting")} <= firing, sorted(firing)
-    assert ("TrawlRunFailed", "flaky") not in firing and ("TrawlRunFailed", "slow") not in firing
+    assert not {("TrawlRunFailed", s) for s in ("flaky", "slow", "throttled")} & firing, sorted(firing)
 
     # 2. A later good crawl of "dead" (with another source) clears its alert; "rejecting"'s failed load stays.
     fixed = await asyncio.to_thread(_sources, tmp_path / "fixed.yaml", site, dead_fixed=True)

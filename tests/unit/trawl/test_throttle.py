@@ -89,6 +89,21 @@ async def test_throttle_signals_use_no_retries_and_never_open_the_breaker(
     assert min(gaps) >= 0.045, gaps
 
 
+async def test_the_throttle_counter_exists_at_zero_before_the_first_signal(
+    settings: Settings, host: Throttling
+) -> None:
+    # A burst of signals in one scrape interval must show as an increase from 0 (rate()), not as a new series.
+    source = "counted-from-zero"
+    async with Fetcher(fast(settings)) as fetcher:
+        await fetcher.get(f"{host.url}/page", source=source)
+        label = METRICS.host(f"127.0.0.1:{host.port}")
+        assert (source, label) in METRICS.throttle_signals._metrics  # the series exists, without a signal yet
+        assert METRICS.throttle_signals.labels(source, label)._value.get() == 0
+        host.mode, host.refuse, host.after = "429", 2, "0.01"
+        await fetcher.get(f"{host.url}/again", source=source)
+        assert METRICS.throttle_signals.labels(source, label)._value.get() == 2
+
+
 @pytest.mark.parametrize("mode", ["503-bare", "500"])
 async def test_real_failures_still_open_the_breaker(settings: Settings, host: Throttling, mode: str) -> None:
     host.mode = mode

@@ -179,11 +179,13 @@ class HtmlConnector:
         if ctype and ctype not in self._types:
             await self.ctx.fetched(src.name, url, resp, OutcomeKind.FILTERED, f"content-type {ctype} is not allowed")
             return
-        fetched_at = utcnow()
+        fetched_at = resp.archived_at or utcnow()
         tree = parse_html(resp.text())
         if self._record_re is None or self._record_re.search(resp.url):
             for data in extract_items(tree, src.item_selector, src.fields):
-                await out.put(make_record(src.name, self.ctx.run_id, resp.url, fetched_at, data, src.key_fields))
+                await out.put(
+                    make_record(src.name, self.ctx.run_id, resp.url, fetched_at, data, src.key_fields, resp.archived)
+                )
                 self.ctx.stats.records += 1
         if self._crawl and depth < src.follow.max_depth:
             seen = self._seen

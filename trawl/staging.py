@@ -257,11 +257,14 @@ class SourceStage:
     started_at: datetime = field(default_factory=utcnow)
     archive: ArchivePartSink | None = None
     reextracted_from: str | None = None
+    archive_listed: tuple[StagedPart, ...] = ()
+    """A re-extracted run archives nothing itself: the archive parts its records point into (the original run's)."""
 
     def streams(self) -> tuple[tuple[StreamKind, PartSink], ...]:
-        """Every stream in commit order: outcomes, the archive, records last."""
+        """Every stream in the order a checkpoint closes them: the archive after the records, so a closed records
+        part never points into an archive part that is still open (a record is written after its page)."""
         archive: tuple[tuple[StreamKind, PartSink], ...] = (("archive", self.archive),) if self.archive else ()
-        return (("outcomes", self.outcomes), *archive, ("raw", self.records))
+        return (("outcomes", self.outcomes), ("raw", self.records), *archive)
 
     async def commit(
         self,
@@ -277,7 +280,8 @@ class SourceStage:
         manifests = []
         failure: StagingError | None = None
         closed = [(kind, await writer.close()) for kind, writer in self.streams()]  # all on their way first
-        archived = next((parts for kind, parts in closed if kind == "archive"), [])
+        archived = next((parts for kind, parts in closed if kind == "archive"), []) or list(self.archive_listed)
+        closed.sort(key=lambda c: c[0] == "raw")  # the records manifest last: it is the commit
         for kind, parts in closed:
             if kind == "archive" and not parts:
                 continue  # nothing archived (an api source): no archive manifest

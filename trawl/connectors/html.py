@@ -170,6 +170,16 @@ class HtmlConnector:
         resp = await self._get(url, self.ctx.conditional_headers(url) if conditional else None)
         if resp is None:
             return
+        await self._process(url, depth, resp, out)
+
+    async def replay(self, url: str, resp: Response, out: asyncio.Queue[object]) -> None:
+        """What the crawl does with a response it already has (an archived page): the same records, outcome and
+        follow rules as :meth:`_page` after its fetch (links it keeps are queued in the frontier, never fetched
+        here). Re-extraction and ``trawl try --from-archive`` run the source's current rules through it."""
+        await self._process(url, 0, resp, out)
+
+    async def _process(self, url: str, depth: int, resp: Response, out: asyncio.Queue[object]) -> None:
+        src = self.source
         if resp.status == 304:
             await self.ctx.fetched(src.name, url, resp)
             return

@@ -51,33 +51,35 @@ async def reextract(
     by_name = {s.name: s for s in selected}
     settings = await settings_for(staging, None, database_secret)
     new = new_run_id()
-    async with flow_metrics("reextract", settings, "+".join(sorted(by_name))):
-        async with open_stager(settings.staging, settings=settings) as stager:
-            found = [m for m in await stager.manifests("raw") if m.run_id == run_id]
-            if not found:
-                raise ParameterError("run_id", f"no committed run {run_id} in {stager.uri}")
-            chosen = [m for m in found if m.source in by_name and (sources or m.archive)]
-            if not chosen:
-                raise ParameterError(
-                    "sources",
-                    f"run {run_id} has no archived source of {sources_file} "
-                    f"(its sources: {', '.join(sorted(m.source for m in found))})",
+    async with (
+        flow_metrics("reextract", settings, "+".join(sorted(by_name))),
+        open_stager(settings.staging, settings=settings) as stager,
+    ):
+        found = [m for m in await stager.manifests("raw") if m.run_id == run_id]
+        if not found:
+            raise ParameterError("run_id", f"no committed run {run_id} in {stager.uri}")
+        chosen = [m for m in found if m.source in by_name and (sources or m.archive)]
+        if not chosen:
+            raise ParameterError(
+                "sources",
+                f"run {run_id} has no archived source of {sources_file} "
+                f"(its sources: {', '.join(sorted(m.source for m in found))})",
+            )
+        results = []
+        for manifest in chosen:
+            try:
+                result = await reextract_source(
+                    by_name[manifest.source],
+                    manifest,
+                    run_id=new,
+                    settings=settings,
+                    stager=stager,
+                    flow_run_id=current_flow_run_id(),
                 )
-            results = []
-            for manifest in chosen:
-                try:
-                    result = await reextract_source(
-                        by_name[manifest.source],
-                        manifest,
-                        run_id=new,
-                        settings=settings,
-                        stager=stager,
-                        flow_run_id=current_flow_run_id(),
-                    )
-                except ConfigError as exc:
-                    raise ParameterError("sources", "; ".join(exc.lines())) from None
-                results.append(result.as_dict())
-            staged_at = stager.uri
+            except ConfigError as exc:
+                raise ParameterError("sources", "; ".join(exc.lines())) from None
+            results.append(result.as_dict())
+        staged_at = stager.uri
     loaded = await load(staging, [new], None, database_secret) if load_run else {"sources": {}}
     return {
         "run_id": new,

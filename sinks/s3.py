@@ -578,7 +578,9 @@ class S3Stager:
         source, _dt, run_id = run_path_parts(run_key) or ("?", "?", "?")
         kind = run_key.removeprefix(self.prefix).split("/", 1)[0]
         raw = await asyncio.to_thread(_read_or_none, spool / MANIFEST)
-        files = sorted(p for p in await asyncio.to_thread(lambda: [*spool.glob("part-*.jsonl.gz"), *spool.glob("part-*.warc.gz")]))
+        files = sorted(
+            p for p in await asyncio.to_thread(lambda: [*spool.glob("part-*.jsonl.gz"), *spool.glob("part-*.warc.gz")])
+        )
         if raw is None:
             for path in files:
                 await self._upload_file(path, f"{run_key}/{path.name}")

@@ -113,9 +113,7 @@ async def crawl_source(
             async def emit(outcome: Outcome) -> None:
                 await stage.outcomes.write(outcome.envelope())
 
-            archiver = (
-                Archiver(stage.archive, source.archive_max_bytes) if source.archive and stage.archive else None
-            )
+            archiver = Archiver(stage.archive, source.archive_max_bytes) if source.archive and stage.archive else None
             ctx = SourceContext(
                 run_id,
                 settings,

@@ -92,7 +92,9 @@ async def try_url(source: AnySource, url: str, settings: Settings) -> Trial:
         ctx = SourceContext("try", settings, fetcher, emit, stats=stats)
         frontier = cast(Frontier, links)
         connector = (
-            BrowserConnector(src, ctx, frontier) if isinstance(src, BrowserSource) else HtmlConnector(src, ctx, frontier)
+            BrowserConnector(src, ctx, frontier)
+            if isinstance(src, BrowserSource)
+            else HtmlConnector(src, ctx, frontier)
         )
         try:
             await connector._page(url, 0, out)

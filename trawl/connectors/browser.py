@@ -509,9 +509,7 @@ class BrowserConnector(HtmlConnector):
         elapsed = int((time.monotonic() - started) * 1000)
         return Response(final_url, status, headers, body, attempts, elapsed, request_headers=sent, served=served)
 
-    async def _load(
-        self, page: Page, url: str
-    ) -> tuple[str, int, dict[str, str], bytes, bytes | None, dict[str, str]]:
+    async def _load(self, page: Page, url: str) -> tuple[str, int, dict[str, str], bytes, bytes | None, dict[str, str]]:
         """Navigate, wait, scroll and read the DOM: (final URL, status, headers, rendered HTML as UTF-8, the
         document as served, the navigation's request headers) — the last two for the page archive.
 

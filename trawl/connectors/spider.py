@@ -57,8 +57,8 @@ from scrapy.http import Headers
 from scrapy.settings import Settings as ScrapySettings
 from scrapy.utils.ssl import _make_ssl_context
 
-from trawl.config import SpiderSource
 from trawl.archive import Exchange
+from trawl.config import SpiderSource
 from trawl.connectors.base import OUTCOME_OF, SourceContext, make_record, url_hash
 from trawl.decode import BodyDecoder, body_too_large
 from trawl.errors import BreakerOpen, ConfigError, FetchError, PermanentFetchError, SpiderFailed, TransientFetchError

@@ -314,10 +314,13 @@ def _page(args: argparse.Namespace) -> int:
         return _fail(f"version {args.version or len(versions)} of {where} (run {entry['run_id']}) has no archived "
                      "response (its source does not archive, or it was staged before the archive)", EXIT_FAILED)  # fmt: skip
     settings = Settings()
+    target = open_stager(settings.staging, settings=settings)
 
     async def read() -> bytes:
-        async with open_stager(settings.staging, settings=settings) as stager:
-            return await stager.read_bytes(ptr["warc"], ptr["offset"], ptr.get("length") or None)
+        async with target as stager:
+            # The response's own member; a browser page's conversion record follows it (read on to the next response).
+            length = None if args.rendered else ptr.get("length") or None
+            return await stager.read_bytes(ptr["warc"], ptr["offset"], length)
 
     data = asyncio.run(read())
     page = read_member(data, 0, ptr["warc"])
@@ -345,12 +348,14 @@ def _try(args: argparse.Namespace) -> int:
     configure_logging(settings.log_format, "WARNING")  # the result is the output; warnings still say why
     [source] = select_sources(load_sources(args.sources_file), [args.source])
 
-    async def run() -> Any:
-        if args.from_archive is None:
-            return await try_url(source, args.url, settings)
-        from sinks.targets import open_stager
+    from sinks.targets import open_stager
 
-        async with open_stager(settings.staging, settings=settings) as stager:
+    target = open_stager(settings.staging, settings=settings) if args.from_archive else None  # resolves paths
+
+    async def run() -> Any:
+        if target is None:
+            return await try_url(source, args.url, settings)
+        async with target as stager:
             return await try_archived(source, args.url, args.from_archive, stager, settings)
 
     trial = asyncio.run(run())

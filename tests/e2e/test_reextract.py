@@ -42,7 +42,10 @@ def _sources(path: Path, url: str, stock: dict[str, str]) -> None:
                         "name": "products",
                         "kind": "html",
                         "start_urls": [f"{url}/catalogue/page/1"],
-                        "follow": {"allow": [rf"/catalogue/page/[1-{PAGES}]$", r"/products/([1-9]|[1-3]\d|40)$"], "max_depth": 3},
+                        "follow": {
+                            "allow": [rf"/catalogue/page/[1-{PAGES}]$", r"/products/([1-9]|[1-3]\d|40)$"],
+                            "max_depth": 3,
+                        },
                         "record_urls": r"/products/\d+$",
                         "key": "sku",
                         "fields": {
@@ -146,7 +149,7 @@ async def test_wrong_selector_fixed_by_reextract(
         # `trawl page` writes that response's body.
         body = await asyncio.to_thread(trawl, "page", "products", key, env=env)
         assert body.returncode == 0 and body.stdout.encode() == page.body
-    fixed = [k for k in after if before[k]["stock"] is None][0]
+    fixed = next(k for k in after if before[k]["stock"] is None)
     shown = await asyncio.to_thread(trawl, "lineage", "products", fixed, env=env)
     entries = [
         dict(zip(shown.stdout.splitlines()[0].split(), ln.split(), strict=True)) for ln in shown.stdout.splitlines()[1:]

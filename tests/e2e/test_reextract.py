@@ -7,7 +7,6 @@ the demo site counting every request, a real PostgreSQL.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import subprocess
@@ -181,4 +180,3 @@ def test_reextract_names_a_missing_run(
     _sources(sources, site.url, FIXED)
     done = trawl("reextract", "20990101T000000Z-nope", "--sources-file", str(sources), env=env)
     assert done.returncode == 1 and "no committed run 20990101T000000Z-nope" in done.stderr, done.stderr
-    json.dumps(done.returncode)

@@ -17,16 +17,23 @@ like everything trawl writes (:mod:`trawl.masking`); credentials configured for
 a source are never stored (``Authorization``, ``Cookie`` and the source's own
 header names are replaced by ``***``).
 
-Writing is fastwarc (compiled; building a record ~30-60 µs where warcio's writer
-spends ~250 µs of Python, see ``python -m benchmarks.archive``) with ISA-L gzip,
-on a worker thread: the event loop only appends the finished gzip members to the
-archive part.
+Writing is off the event loop where it can be: the loop builds the masked HTTP
+headers (a few µs of Python), one writer thread per stream computes the WARC
+digests and compresses each record with ISA-L (both release the GIL, so they run
+beside the CPU-bound loop), and the loop appends each batch's members to the
+archive part. The WARC header is written here, not by warcio or fastwarc: both
+build records holding the GIL (fastwarc ~30 µs, warcio ~250 µs of Python per
+page, ``python -m benchmarks.archive``), which a crawl's event loop waits for.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
+import base64
+import hashlib
+import queue
+import threading
+import uuid
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,7 +42,6 @@ from http import HTTPStatus
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from fastwarc.warc import WarcRecord, WarcRecordType
 from isal import isal_zlib
 
 from trawl.errors import StagingError
@@ -97,37 +103,36 @@ def _header_value(name: str, value: str, secret: frozenset[str]) -> str:
 _GZIP_LEVEL = 1
 """ISA-L (``isal``) level 1: compression is nearly all of the archive's CPU, beside a crawl that is CPU-bound on
 2 cores. A 22 KB page: 45 µs and 6.2 KB, where zlib takes 157 µs at level 1 (6.4 KB) and 591 µs at 6 (5.7 KB).
-The output is a standard gzip member."""
+The output is a standard gzip member; ISA-L releases the GIL while it compresses."""
+
+_BATCH = 64
+"""Most exchanges the writer thread compresses before it hands their members to the event loop in one wake-up."""
 
 
-def _member(record: WarcRecord) -> bytes:
-    buf = io.BytesIO()
-    record.write(buf, checksum_data=True)
-    return isal_zlib.compress(buf.getvalue(), _GZIP_LEVEL, wbits=31)  # wbits 31: one gzip member per record
+@dataclass(slots=True)
+class _Job:
+    """One exchange ready for the writer thread: every header already built and masked on the event loop.
 
-
-def _record(kind: WarcRecordType, url: str, at: str, content_type: str, block: bytes) -> WarcRecord:
-    rec = WarcRecord()
-    rec.init_headers(kind)
-    rec.headers["WARC-Date"] = at
-    rec.headers["WARC-Target-URI"] = url
-    rec.headers["Content-Type"] = content_type
-    rec.set_bytes_content(block)
-    return rec
-
-
-def warc_members(ex: Exchange, max_bytes: int) -> tuple[bytes, int]:
-    """The gzip members of one exchange (response, request, conversion) and the response member's length.
-
-    Runs on a worker thread (compression); the response comes first, so the offset of the
-    returned bytes is the response's.
+    The thread only hashes (the WARC digests), joins and compresses: work that releases the GIL, so it runs on
+    the other core while the event loop goes on.
     """
-    url = mask_url(ex.url)
-    at = _warc_date(ex.fetched_at or _now())
-    body = ex.body
+
+    url: str
+    at: str
+    head: bytes
+    """The response's HTTP status line and headers (``\r\n\r\n`` included)."""
+    body: bytes | memoryview
+    truncated: bool
+    request: bytes
+    rendered: bytes | None
+
+
+def _prepare(ex: Exchange, max_bytes: int) -> _Job:
+    """The Python side of archiving one exchange (status line, masked headers): cheap, on the event loop."""
+    body: bytes | memoryview = ex.body
     truncated = len(body) > max_bytes
     if truncated:
-        body = body[:max_bytes]
+        body = memoryview(ex.body)[:max_bytes]  # no copy: the thread reads it from the response's bytes
     try:
         reason = HTTPStatus(ex.status).phrase
     except ValueError:
@@ -139,12 +144,7 @@ def warc_members(ex: Exchange, max_bytes: int) -> tuple[bytes, int]:
             head.append(f"X-Trawl-Original-Content-Encoding: {value}")
         elif low not in _DROPPED:
             head.append(f"{name}: {_header_value(low, value, frozenset())}")
-    head.append(f"Content-Length: {len(body)}")
-    block = ("\r\n".join(head) + "\r\n\r\n").encode("utf-8", "replace") + body
-    response = _record(WarcRecordType.response, url, at, "application/http; msgtype=response", block)
-    if truncated:
-        response.headers["WARC-Truncated"] = "length"
-    response_id = response.record_id or ""
+    head.append(f"Content-Length: {len(body)}\r\n\r\n")
     parts = urlsplit(ex.url)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     req = [f"{ex.method} {mask_text(target)} HTTP/1.1", f"Host: {parts.netloc.rpartition('@')[2]}"]
@@ -154,35 +154,176 @@ def warc_members(ex: Exchange, max_bytes: int) -> tuple[bytes, int]:
         for name, value in ex.request_headers.items()
         if name.lower() != "host"
     ]
-    request = _record(
-        WarcRecordType.request, url, at, "application/http; msgtype=request", ("\r\n".join(req) + "\r\n\r\n").encode()
+    req.append("\r\n")
+    return _Job(
+        mask_url(ex.url).replace("\r", "%0D").replace("\n", "%0A").replace(" ", "%20"),
+        _warc_date(ex.fetched_at or _now()),
+        "\r\n".join(head).encode("utf-8", "replace"),
+        body,
+        truncated,
+        "\r\n".join(req).encode("utf-8", "replace"),
+        ex.rendered,
     )
-    request.headers["WARC-Concurrent-To"] = response_id
-    first = _member(response)
-    out = [first, _member(request)]
-    if ex.rendered is not None:
-        conversion = _record(WarcRecordType.conversion, url, at, "text/html; charset=utf-8", ex.rendered)
-        conversion.headers["WARC-Refers-To"] = response_id
-        out.append(_member(conversion))
-    return b"".join(out), len(first)
+
+
+def _digest(*chunks: bytes | memoryview) -> str:
+    h = hashlib.sha1()  # noqa: S324 - the WARC digest (ISO 28500 names sha1, as Heritrix and wget write it)
+    for chunk in chunks:
+        h.update(chunk)  # releases the GIL for chunks over 2 KB
+    return "sha1:" + base64.b32encode(h.digest()).decode()
+
+
+def _warc(
+    kind: str, record_id: str, job: _Job, content_type: str, chunks: tuple[bytes | memoryview, ...], extra: str
+) -> bytes:
+    """One WARC/1.1 record as a gzip member: header, block (``chunks``), the two closing CRLFs."""
+    length = sum(len(c) for c in chunks)
+    header = (
+        f"WARC/1.1\r\nWARC-Type: {kind}\r\nWARC-Record-ID: {record_id}\r\nWARC-Date: {job.at}\r\n"
+        f"WARC-Target-URI: {job.url}\r\nContent-Type: {content_type}\r\n{extra}"
+        f"WARC-Block-Digest: {_digest(*chunks)}\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+    return isal_zlib.compress(b"".join((header, *chunks, b"\r\n\r\n")), _GZIP_LEVEL, wbits=31)  # one gzip member
+
+
+def _record_id() -> str:
+    return f"<urn:uuid:{uuid.uuid4()}>"
+
+
+def _compress(job: _Job) -> tuple[bytes, int]:
+    """The gzip members of one exchange (response, request, conversion) and the response member's length.
+
+    Runs on the writer thread: the response comes first, so the offset of the returned bytes is the response's.
+    """
+    extra = f"WARC-Payload-Digest: {_digest(job.body)}\r\n"
+    if job.truncated:
+        extra += "WARC-Truncated: length\r\n"
+    response_id = _record_id()
+    response = _warc(
+        "response", response_id, job, "application/http; msgtype=response", (job.head, job.body), extra
+    )
+    request = _warc(
+        "request", _record_id(), job, "application/http; msgtype=request", (job.request,),
+        f"WARC-Concurrent-To: {response_id}\r\n",
+    )  # fmt: skip
+    out = [response, request]
+    if job.rendered is not None:
+        out.append(
+            _warc(
+                "conversion", _record_id(), job, "text/html; charset=utf-8", (job.rendered,),
+                f"WARC-Refers-To: {response_id}\r\n",
+            )  # fmt: skip
+        )
+    return b"".join(out), len(response)
+
+
+def warc_members(ex: Exchange, max_bytes: int) -> tuple[bytes, int]:
+    """The gzip members of one exchange (response, request, conversion) and the response member's length."""
+    return _compress(_prepare(ex, max_bytes))
+
+
+_Done = tuple[Any, Any, int]  # (future, members or the exception building them, response member length)
 
 
 class Archiver:
-    """Writes one source's exchanges into its archive stream; returns where each response landed."""
+    """Writes one source's exchanges into its archive stream; tells each page where its response landed.
+
+    One writer thread per archive stream, fed by a ``SimpleQueue``: the event loop builds the (masked) headers,
+    the thread hashes and compresses (both release the GIL) a batch at a time and hands the batch back in one
+    ``call_soon_threadsafe``; the loop appends the batch's members to the stream in one call, so each response's
+    offset is known before any record points at it. A record is written only after its page's offset is known
+    and a checkpoint closes the records before the archive, so a closed records part never points into an
+    archive part that is still open.
+    """
 
     def __init__(self, sink: ArchiveSink, max_bytes: int) -> None:
         self._sink = sink
         self._max_bytes = max_bytes
+        self._queue: queue.SimpleQueue[tuple[asyncio.Future[dict[str, Any]], _Job] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._appending: set[asyncio.Task[None]] = set()
         self.pages = 0
         self.bytes = 0
 
-    async def write(self, ex: Exchange) -> dict[str, Any]:
-        """Archive one exchange (built and compressed off the event loop); its response's location."""
-        members, length = await asyncio.to_thread(warc_members, ex, self._max_bytes)
-        uri, offset = await self._sink.append(members)
-        self.pages += 1
-        self.bytes += len(members)
-        return {"warc": uri, "offset": offset, "length": length}
+    def write(self, ex: Exchange) -> asyncio.Future[dict[str, Any]]:
+        """Queue one exchange for the archive; resolves to its response's location (``warc``, ``offset``,
+        ``length``) once its members are in the stream."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+        job = _prepare(ex, self._max_bytes)
+        if self._thread is None:
+            self._loop = loop
+            self._thread = threading.Thread(target=self._run, name="trawl-archive", daemon=True)
+            self._thread.start()
+        self._queue.put((fut, job))
+        return fut
+
+    async def aclose(self) -> None:
+        """Stop the writer thread once it has done what is queued, and wait until all of it is in the stream
+        (before the stream closes: nothing is appended to an archive part after its checkpoint)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            await asyncio.to_thread(thread.join)  # its deliveries were queued on the loop before this wakes up
+        if self._appending:
+            await asyncio.gather(*self._appending, return_exceptions=True)
+
+    def _run(self) -> None:
+        get, loop = self._queue.get, self._loop
+        assert loop is not None
+        done = False
+        while not done:
+            item = get()
+            batch: list[_Done] = []
+            while True:
+                if item is None:
+                    done = True
+                    break
+                fut, job = item
+                try:
+                    members, length = _compress(job)
+                    batch.append((fut, members, length))
+                except Exception as exc:  # noqa: BLE001 - the page's awaiter raises it
+                    batch.append((fut, exc, 0))
+                if len(batch) >= _BATCH:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                try:
+                    loop.call_soon_threadsafe(self._deliver, batch)
+                except RuntimeError:  # the loop is closed: nobody awaits these any more
+                    return
+
+    def _deliver(self, batch: list[_Done]) -> None:
+        task = asyncio.ensure_future(self._append(batch))
+        self._appending.add(task)
+        task.add_done_callback(self._appending.discard)
+
+    async def _append(self, batch: list[_Done]) -> None:
+        ready = [(fut, out, length) for fut, out, length in batch if isinstance(out, bytes)]
+        for fut, out, _ in batch:
+            if isinstance(out, BaseException) and not fut.done():
+                fut.set_exception(StagingError(f"page archive: {type(out).__name__}: {out}"))
+        if not ready:
+            return
+        data = b"".join(members for _, members, _ in ready)
+        try:
+            uri, offset = await self._sink.append(data)
+        except Exception as exc:  # noqa: BLE001 - every page of the batch fails with it
+            for fut, _, _ in ready:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        self.pages += len(ready)
+        self.bytes += len(data)
+        for fut, members, length in ready:
+            if not fut.done():
+                fut.set_result({"warc": uri, "offset": offset, "length": length})
+            offset += len(members)
 
 
 @dataclass(frozen=True, slots=True)

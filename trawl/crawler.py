@@ -141,6 +141,9 @@ async def crawl_source(
             except Exception as exc:  # a bug in one source must not take the others down
                 log.exception("source crashed")
                 error = redact(f"{type(exc).__name__}: {exc}")
+            finally:
+                if archiver is not None:
+                    await archiver.aclose()  # every queued page in its stream before the checkpoint closes it
             return await _finish(source, frontier, stage, fetcher, stats, started, error, flow_run_id)
     finally:
         unbind("source")

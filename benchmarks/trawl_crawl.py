@@ -90,7 +90,7 @@ async def measured_crawl(contender: str, source: AnySource, settings: Settings, 
     """One source crawled in this process into ``out_dir/staging``: its stats, wall and CPU seconds."""
     stager = LocalStager(out_dir / "staging")
     started_at = time.time()
-    t0, c0 = time.perf_counter(), _cpu()
+    t0, c0, l0 = time.perf_counter(), _cpu(), time.thread_time()
     async with Fetcher(settings) as fetcher:
         try:
             result = await crawl_source(source, run_id=new_run_id(), settings=settings, fetcher=fetcher, stager=stager)
@@ -101,6 +101,7 @@ async def measured_crawl(contender: str, source: AnySource, settings: Settings, 
         "started_at": started_at,
         "crawl_seconds": time.perf_counter() - t0,
         "crawl_cpu_s": _cpu() - c0,
+        "loop_cpu_s": time.thread_time() - l0,  # the event loop's thread alone (the process's other threads not)
         "status": result.status,
         "error": result.error,
         "manifest": result.manifest,

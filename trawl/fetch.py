@@ -74,9 +74,17 @@ class Response:
     """A browser page: the document as the server sent it (``body`` is then the rendered DOM)."""
     archived: Mapping[str, Any] | None = None
     """Where the page archive holds this response (``warc``, ``offset``, ``length``), once it is written there."""
+    archiving: Awaitable[Mapping[str, Any]] | None = None
+    """The page archive is writing this response: resolves to what ``archived`` says (:meth:`where_archived`)."""
     archived_at: datetime | None = None
     """The archive's time for it (``WARC-Date``): records from it carry the same ``fetched_at``, so re-extracting
     them later compares equal in time with what the crawl loaded."""
+
+    async def where_archived(self) -> Mapping[str, Any] | None:
+        """Where the page archive holds this response, waiting for the archive's writer if it is still at it."""
+        if self.archived is None and self.archiving is not None:
+            return await self.archiving
+        return self.archived
 
     def json(self) -> Any:
         """The body parsed as JSON; a parse failure is permanent."""

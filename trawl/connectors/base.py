@@ -138,9 +138,11 @@ class SourceContext:
     archiver: Archiver | None = None
     """The source's page archive (sources with ``archive: true``): every response it fetched goes there."""
 
-    async def archive(self, resp: Response) -> Response:
-        """``resp`` written to the page archive (off the event loop), with where it landed; as is without one.
+    def archive(self, resp: Response) -> Response:
+        """``resp`` queued for the page archive (written off the event loop), as is without one.
 
+        Its ``archiving`` resolves to where it landed: the page goes on (parsing, links) meanwhile and awaits
+        it (:meth:`Response.where_archived`) only for the records that point at it.
         A 304 is not archived: it has no body to extract again (the earlier run's archive holds it).
         """
         if self.archiver is None or resp.status == 304:
@@ -157,7 +159,7 @@ class SourceContext:
             rendered=rendered,
             fetched_at=at,
         )
-        return replace(resp, archived=await self.archiver.write(ex), archived_at=at)
+        return replace(resp, archiving=self.archiver.write(ex), archived_at=at)
 
     def conditional_headers(self, url: str, headers: Mapping[str, str] | None = None) -> dict[str, str]:
         """``headers`` plus If-None-Match / If-Modified-Since for a URL fetched in an earlier run."""
@@ -229,7 +231,7 @@ class SourceContext:
             raise AssertionError("unreachable: the last try returns or breaks")
         self.stats.pages += 1
         self.stats.bytes += len(resp.body)
-        return await self.archive(resp)
+        return self.archive(resp)
 
     async def failed(self, source: str, url: str, exc: FetchError) -> None:
         """Record the outcome of a URL that finally failed (robots and the network guard have their own kinds)."""

@@ -424,7 +424,7 @@ class BrowserConnector(HtmlConnector):
         resp = await self._render(url)
         if resp is None:
             return
-        resp = await self.ctx.archive(resp)  # the document as served, and its rendered DOM as a conversion
+        resp = self.ctx.archive(resp)  # the document as served, and its rendered DOM as a conversion
         if direct:  # a page that went over HTTP first was counted then
             self.ctx.stats.pages += 1
         self.ctx.stats.bytes += len(resp.body)
@@ -437,10 +437,9 @@ class BrowserConnector(HtmlConnector):
     ) -> None:
         src = self.source
         fetched_at = resp.archived_at or utcnow()
+        archived = await resp.where_archived() if items else None
         for data in items:
-            await out.put(
-                make_record(src.name, self.ctx.run_id, resp.url, fetched_at, data, src.key_fields, resp.archived)
-            )
+            await out.put(make_record(src.name, self.ctx.run_id, resp.url, fetched_at, data, src.key_fields, archived))
             self.ctx.stats.records += 1
         if self._crawl and depth < src.follow.max_depth:
             for link in extract_links(tree, resp.url):

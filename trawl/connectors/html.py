@@ -180,6 +180,9 @@ class HtmlConnector:
 
     async def _process(self, url: str, depth: int, resp: Response, out: asyncio.Queue[object]) -> None:
         src = self.source
+        # Wait for the page archive's writer before parsing: measured, a loop that parses meanwhile keeps the GIL
+        # busy and makes the writer thread's every hand-over cost it more than the wait does.
+        archived = await resp.where_archived()
         if resp.status == 304:
             await self.ctx.fetched(src.name, url, resp)
             return
@@ -194,7 +197,7 @@ class HtmlConnector:
         if self._record_re is None or self._record_re.search(resp.url):
             for data in extract_items(tree, src.item_selector, src.fields):
                 await out.put(
-                    make_record(src.name, self.ctx.run_id, resp.url, fetched_at, data, src.key_fields, resp.archived)
+                    make_record(src.name, self.ctx.run_id, resp.url, fetched_at, data, src.key_fields, archived)
                 )
                 self.ctx.stats.records += 1
         if self._crawl and depth < src.follow.max_depth:

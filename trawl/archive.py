@@ -18,12 +18,18 @@ a source are never stored (``Authorization``, ``Cookie`` and the source's own
 header names are replaced by ``***``).
 
 Writing is off the event loop where it can be: the loop builds the masked HTTP
-headers (a few µs of Python), one writer thread per stream computes the WARC
-digests and compresses each record with ISA-L (both release the GIL, so they run
-beside the CPU-bound loop), and the loop appends each batch's members to the
-archive part. The WARC header is written here, not by warcio or fastwarc: both
-build records holding the GIL (fastwarc ~30 µs, warcio ~250 µs of Python per
-page, ``python -m benchmarks.archive``), which a crawl's event loop waits for.
+headers (~11 µs of Python per page), one writer thread per stream compresses each
+response record with ISA-L (which releases the GIL, so it runs beside the
+CPU-bound loop), and the loop appends the members to the archive part as the
+thread hands them back. The WARC header is written here, not by warcio or
+fastwarc: both build records holding the GIL (fastwarc ~30 µs, warcio ~250 µs of
+Python per page, ``python -m benchmarks.archive``), which a crawl's event loop
+then waits for. Every GIL hand-over between the writer and a busy loop costs the
+loop (profiled: its socket sends and HTML parses, which release the GIL, came
+back late), so the writer hands over once per page: no WARC digests (optional in
+ISO 28500; each member's CRC-32 and each part's sha256 in the manifest cover the
+bytes), the small request record as a stored gzip member, record ids from a
+seeded PRNG rather than ``os.urandom``.
 """
 
 from __future__ import annotations
@@ -111,8 +117,8 @@ The output is a standard gzip member; ISA-L releases the GIL while it compresses
 class _Job:
     """One exchange ready for the writer thread: every header already built and masked on the event loop.
 
-    The thread only hashes (the WARC digests), joins and compresses: work that releases the GIL, so it runs on
-    the other core while the event loop goes on.
+    The thread only joins and compresses (ISA-L releases the GIL), so it runs on the other core while the event
+    loop goes on.
     """
 
     url: str
@@ -246,10 +252,10 @@ _Done = tuple[Any, Any, int]  # (future, members or the exception building them,
 class Archiver:
     """Writes one source's exchanges into its archive stream; tells each page where its response landed.
 
-    One writer thread per archive stream, fed by a ``SimpleQueue``: the event loop builds the (masked) headers,
-    the thread hashes and compresses (both release the GIL) a batch at a time and hands the batch back in one
-    ``call_soon_threadsafe``; the loop appends the batch's members to the stream in one call, so each response's
-    offset is known before any record points at it. A record is written only after its page's offset is known
+    One writer thread per archive stream, fed by a ``SimpleQueue`` (no per-page executor hop): the event loop
+    builds the (masked) headers, the thread compresses and hands the members back with at most one pending
+    ``call_soon_threadsafe`` (a busy loop takes whatever is done in one go); the loop appends them to the stream,
+    so each response's offset is known before any record points at it. A record is written only after its page's offset is known
     and a checkpoint closes the records before the archive, so a closed records part never points into an
     archive part that is still open.
     """

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 import yaml
 from warcio.archiveiterator import ArchiveIterator
 
-from trawl.archive import Exchange, archived_pages, read_member, warc_members
+from trawl.archive import Archiver, Exchange, archived_pages, read_member, warc_members
 from trawl.errors import StagingError
 from trawl.masking import clear_secrets, register_secret
 
@@ -93,3 +95,43 @@ def test_prefect_yaml_deploys_the_reextract_flow() -> None:
 
     assert reextract.name == "reextract"
     assert set(reextract.parameters.required) == {"run_id"}
+
+
+class _Sink:
+    """An archive stream in memory: appended members, one part."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.data = b""
+        self.fail = fail
+
+    async def append(self, members: bytes) -> tuple[str, int]:
+        if self.fail:
+            raise StagingError("disk full")
+        offset = len(self.data)
+        self.data += members
+        return "mem://part-00001.warc.gz", offset
+
+
+async def test_archiver_thread_gives_each_page_its_offset_in_order_of_the_stream() -> None:
+    sink = _Sink()
+    archiver = Archiver(sink, 1 << 20)
+    futures = [archiver.write(_exchange(i, rendered=b"<dom/>" if i % 7 == 0 else None)) for i in range(200)]
+    where = await asyncio.gather(*futures)
+    await archiver.aclose()
+    assert archiver.pages == 200 and archiver.bytes == len(sink.data)
+    for i, w in enumerate(where):
+        page = read_member(sink.data, w["offset"], w["warc"])
+        assert page.url == f"http://shop.test/p/{i}" and page.offset == w["offset"] and page.length == w["length"]
+        assert page.rendered == (b"<dom/>" if i % 7 == 0 else None)
+    assert len(list(ArchiveIterator(io.BytesIO(sink.data)))) == 200 * 2 + len(range(0, 200, 7))
+    assert not any(t.name == "trawl-archive" for t in threading.enumerate())  # aclose stopped the writer
+
+
+async def test_archiver_failure_fails_the_pages_and_the_close() -> None:
+    archiver = Archiver(_Sink(fail=True), 1 << 20)
+    unawaited = archiver.write(_exchange(1))  # a list page: nobody awaits it, the crawl still fails
+    with pytest.raises(StagingError, match="disk full"):
+        await archiver.write(_exchange(2))
+    with pytest.raises(StagingError, match="disk full"):
+        await archiver.aclose()
+    assert unawaited.done()

@@ -42,7 +42,7 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def bench_source(seeds: list[str]) -> HtmlSource:
+def bench_source(seeds: list[str], *, archive: bool = True) -> HtmlSource:
     """The benchmark crawl as a trawl source (what a user would put in a sources file)."""
     fields = {
         name: HtmlField.model_validate(
@@ -58,6 +58,7 @@ def bench_source(seeds: list[str]) -> HtmlSource:
         record_urls=RECORD_URLS,
         key="sku",
         fields=fields,
+        archive=archive,
     )
 
 
@@ -73,17 +74,23 @@ def bench_settings(concurrency: int, overrides: dict[str, Any] | None = None) ->
 
 
 async def crawl(
-    seeds: list[str], out_dir: Path, *, concurrency: int = 64, overrides: dict[str, Any] | None = None
+    seeds: list[str],
+    out_dir: Path,
+    *,
+    concurrency: int = 64,
+    overrides: dict[str, Any] | None = None,
+    archive: bool = True,
 ) -> dict[str, Any]:
     """Crawl the benchmark source into ``out_dir/staging``; returns the report."""
-    return await measured_crawl("trawl", bench_source(seeds), bench_settings(concurrency, overrides), out_dir)
+    source = bench_source(seeds, archive=archive)
+    return await measured_crawl("trawl", source, bench_settings(concurrency, overrides), out_dir)
 
 
 async def measured_crawl(contender: str, source: AnySource, settings: Settings, out_dir: Path) -> dict[str, Any]:
     """One source crawled in this process into ``out_dir/staging``: its stats, wall and CPU seconds."""
     stager = LocalStager(out_dir / "staging")
     started_at = time.time()
-    t0, c0 = time.perf_counter(), _cpu()
+    t0, c0, l0 = time.perf_counter(), _cpu(), time.thread_time()
     async with Fetcher(settings) as fetcher:
         try:
             result = await crawl_source(source, run_id=new_run_id(), settings=settings, fetcher=fetcher, stager=stager)
@@ -94,6 +101,7 @@ async def measured_crawl(contender: str, source: AnySource, settings: Settings, 
         "started_at": started_at,
         "crawl_seconds": time.perf_counter() - t0,
         "crawl_cpu_s": _cpu() - c0,
+        "loop_cpu_s": time.thread_time() - l0,  # the event loop's thread alone (the process's other threads not)
         "status": result.status,
         "error": result.error,
         "manifest": result.manifest,
@@ -107,10 +115,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--settings", type=orjson.loads, default={}, help="JSON object of Settings overrides")
+    parser.add_argument("--no-archive", action="store_true", help="the source with `archive: false`")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     configure_logging("json", "INFO")
-    report = asyncio.run(crawl(args.url, args.out, concurrency=args.concurrency, overrides=args.settings))
+    report = asyncio.run(
+        crawl(args.url, args.out, concurrency=args.concurrency, overrides=args.settings, archive=not args.no_archive)
+    )
     (args.out / "report.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
 
 

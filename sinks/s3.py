@@ -116,8 +116,10 @@ class _Pending:
 class S3PartWriter(PartWriter):
     """A PartWriter whose parts go to S3: written to the spool, uploaded as they grow."""
 
-    def __init__(self, stager: S3Stager, directory: Path, run_key: str, max_rows: int, max_bytes: int) -> None:
-        super().__init__(directory, f"s3://{stager.bucket}/{run_key}", max_rows, max_bytes)
+    def __init__(
+        self, stager: S3Stager, directory: Path, run_key: str, max_rows: int, max_bytes: int, *, members: bool = False
+    ) -> None:
+        super().__init__(directory, f"s3://{stager.bucket}/{run_key}", max_rows, max_bytes, members=members)
         self._stager = stager
         self._run_key = run_key
         self._stream: _Stream | None = None
@@ -285,9 +287,13 @@ class S3Stager:
         def writer(kind: StreamKind) -> S3PartWriter:
             run_key = self._run_key(kind, source, dt, run_id)
             self._outstanding.setdefault(run_key, set())
-            return S3PartWriter(self, self.spool_root / run_key, run_key, self._max_rows, self._max_bytes)
+            return S3PartWriter(
+                self, self.spool_root / run_key, run_key, self._max_rows, self._max_bytes, members=kind == "archive"
+            )
 
-        return SourceStage(self, source, run_id, dt, writer("raw"), writer("outcomes"), started)
+        return SourceStage(
+            self, source, run_id, dt, writer("raw"), writer("outcomes"), started, archive=writer("archive")
+        )
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -559,7 +565,7 @@ class S3Stager:
     def _spooled_runs(self, run_id: str | None) -> list[Path]:
         base = self.spool_root / self.prefix if self.prefix else self.spool_root
         found = []
-        for kind in ("outcomes", "raw"):  # records last: their manifest is the commit
+        for kind in ("outcomes", "archive", "raw"):  # records last: their manifest is the commit
             d = base / kind
             if d.is_dir():
                 found.extend(sorted(d.glob(f"source=*/dt=*/run={run_id or '*'}")))
@@ -579,7 +585,9 @@ class S3Stager:
         source, _dt, run_id = run_path_parts(run_key) or ("?", "?", "?")
         kind = run_key.removeprefix(self.prefix).split("/", 1)[0]
         raw = await asyncio.to_thread(_read_or_none, spool / MANIFEST)
-        files = sorted(p for p in await asyncio.to_thread(lambda: list(spool.glob("part-*.jsonl.gz"))))
+        files = sorted(
+            p for p in await asyncio.to_thread(lambda: [*spool.glob("part-*.jsonl.gz"), *spool.glob("part-*.warc.gz")])
+        )
         if raw is None:
             for path in files:
                 await self._upload_file(path, f"{run_key}/{path.name}")
@@ -686,6 +694,26 @@ class S3Stager:
             else r
             for r in runs
         ]
+
+    async def read_bytes(self, uri: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Bytes of a staged object (an archive part), whole or a range (an S3 ranged GET)."""
+        key = self._key(uri)
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if offset or length is not None:
+            args["Range"] = f"bytes={offset}-" + ("" if length is None else str(offset + length - 1))
+        try:
+            resp = await self.client.get_object(**args)
+            async with resp["Body"] as body:
+                data: bytes = await body.read()
+        except Exception as exc:
+            from botocore.exceptions import ClientError
+
+            if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise StagingError(f"{uri}: staged object is missing") from None
+            if is_transient(exc):
+                raise StagingUnavailable(f"{uri}: S3 unavailable: {_describe(exc)}") from None
+            raise StagingError(f"{uri}: {_describe(exc)}") from None
+        return data
 
     async def read_part(self, part: StagedPart) -> AsyncIterator[bytes]:
         """Yield a part's JSON lines, streamed from S3 and checked against the manifest's sha256 first."""

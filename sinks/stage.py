@@ -47,7 +47,11 @@ _FLUSH_BYTES = 256 * 1024  # uncompressed bytes buffered before a compress+write
 class PartWriter:
     """Writes envelopes into gzip JSON Lines parts, rolling at a row or byte threshold."""
 
-    def __init__(self, directory: Path, uri_prefix: str, max_rows: int, max_bytes: int) -> None:
+    def __init__(
+        self, directory: Path, uri_prefix: str, max_rows: int, max_bytes: int, *, members: bool = False
+    ) -> None:
+        self._members = members
+        """An archive stream (``*.warc.gz``): what is appended is whole gzip members, written as they are."""
         self._dir = directory
         self._uri_prefix = uri_prefix
         self._max_rows = max_rows
@@ -82,12 +86,13 @@ class PartWriter:
         return sum(p.rows for p in self._parts) + self._rows
 
     def _name(self) -> str:
-        return f"part-{self._tag}{len(self._parts) + 1:05d}.jsonl.gz"
+        ext = "warc.gz" if self._members else "jsonl.gz"
+        return f"part-{self._tag}{len(self._parts) + 1:05d}.{ext}"
 
     def _open_sync(self) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self._dir / f"{self._name()}.partial", "wb")  # noqa: SIM115 - closed in _close_sync
-        self._zip = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: gzip container
+        self._zip = None if self._members else zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: gzip container
         self._sha = hashlib.sha256()
         self._written = 0
 
@@ -100,10 +105,11 @@ class PartWriter:
     def _flush_sync(self, data: bytes) -> None:
         if self._file is None:
             self._open_sync()
-        self._emit(self._zip.compress(data))
+        self._emit(data if self._zip is None else self._zip.compress(data))
 
     def _close_sync(self) -> StagedPart:
-        self._emit(self._zip.flush())
+        if self._zip is not None:
+            self._emit(self._zip.flush())
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -152,6 +158,22 @@ class PartWriter:
             if self._rows >= self._max_rows or self._written >= self._max_bytes:
                 await self._close_part()
 
+    async def append(self, members: bytes) -> tuple[str, int]:
+        """Archive streams: append whole gzip members (one exchange's WARC records); (part uri, their offset).
+
+        The offset is exact because nothing is compressed here: the bytes land in the part as given.
+        """
+        async with self._lock:
+            uri, offset = f"{self._uri_prefix}/{self._name()}", self._written + self._buf_bytes
+            self._buf.append(members)
+            self._buf_bytes += len(members)
+            self._rows += 1
+            if self._buf_bytes >= min(_FLUSH_BYTES, self._max_bytes):
+                await self._flush()
+            if self._rows >= self._max_rows or self._written >= self._max_bytes:
+                await self._close_part()
+        return uri, offset
+
     async def close(self) -> list[StagedPart]:
         """Close the open part (if any rows are pending) and return every part written."""
         async with self._lock:
@@ -188,9 +210,11 @@ class LocalStager:
 
         def writer(kind: StreamKind) -> PartWriter:
             d = self._run_dir(kind, source, dt, run_id)
-            return PartWriter(d, f"file://{d}", self._max_rows, self._max_bytes)
+            return PartWriter(d, f"file://{d}", self._max_rows, self._max_bytes, members=kind == "archive")
 
-        return SourceStage(self, source, run_id, dt, writer("raw"), writer("outcomes"), started)
+        return SourceStage(
+            self, source, run_id, dt, writer("raw"), writer("outcomes"), started, archive=writer("archive")
+        )
 
     async def write_manifest(
         self, kind: StreamKind, source: str, dt: str, run_id: str, body: Mapping[str, Any]
@@ -243,6 +267,20 @@ class LocalStager:
         if not uri.startswith("file://") or not path.is_relative_to(self.root):
             raise StagingError(f"{uri} is not inside the staging target {self.uri}")
         return path
+
+    async def read_bytes(self, uri: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Bytes of a staged object, whole or ``length`` bytes from ``offset``; StagingError naming it if missing."""
+        path = self._path(uri)
+
+        def read() -> bytes:
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    return f.read() if length is None else f.read(length)
+            except FileNotFoundError:
+                raise StagingError(f"{uri}: staged object is missing") from None
+
+        return await asyncio.to_thread(read)
 
     async def read_part(self, part: StagedPart) -> AsyncIterator[bytes]:
         """Yield the JSON lines of a part after checking its sha256 against the manifest."""

@@ -1,4 +1,4 @@
-"""``trawl run|crawl|load|check|lineage|state|demo|runs ls|stage resume``: the command line, a thin shell around the Prefect flows.
+"""``trawl run|crawl|load|check|try|reextract|lineage|page|state|demo|runs ls|stage resume``: the command line, a thin shell around the Prefect flows.
 
 Exit codes: 0 every source done; 1 some sources (or loads) failed, the rest
 still staged and loaded; 2 bad usage or config, or nothing could start
@@ -79,6 +79,45 @@ def _parser() -> argparse.ArgumentParser:
     lineage.add_argument("source", metavar="SOURCE", help="source name (its table)")
     lineage.add_argument("key", metavar="KEY", help="the row's _key")
     common(lineage, stages=False, file=False)
+    page = sub.add_parser("page", help="write the archived response body a row came from to stdout")
+    page.add_argument("source", metavar="SOURCE", help="source name (its table)")
+    page.add_argument("key", metavar="KEY", help="the row's _key")
+    page.add_argument(
+        "--version",
+        type=int,
+        metavar="N",
+        help="the row's Nth version as `trawl lineage` lists them (1 = oldest; default: the current one)",
+    )
+    page.add_argument(
+        "--rendered", action="store_true", help="a browser page's rendered DOM instead of the served body"
+    )
+    page.add_argument("--staging", metavar="URL", help="file://DIR or s3://BUCKET/PREFIX (env TRAWL_STAGING)")
+    common(page, stages=False, file=False)
+    lineage.add_argument("--staging", metavar="URL", help="file://DIR or s3://BUCKET/PREFIX (env TRAWL_STAGING)")
+    trial = sub.add_parser(
+        "try", help="one page through the real request path, extracted and validated; no Prefect, staging or DB"
+    )
+    trial.add_argument("sources_file", metavar="SOURCES.yaml", help="sources file")
+    trial.add_argument("url", metavar="URL", help="the page to try")
+    trial.add_argument("--source", required=True, metavar="NAME", help="the html or browser source whose rules apply")
+    trial.add_argument("--from-archive", metavar="RUN_ID", help="take the page from this run's archive, fetch nothing")
+    trial.add_argument("--staging", metavar="URL", help="where --from-archive finds the run (env TRAWL_STAGING)")
+    trial.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    trial.add_argument("--log-format", choices=("auto", "json", "console"), help="log renderer (env TRAWL_LOG_FORMAT)")
+    reext = sub.add_parser(
+        "reextract",
+        help="run the current rules over a run's page archive, stage the result as a new run and load it "
+        "(no request is made)",
+    )
+    reext.add_argument("run_id", metavar="RUN_ID", help="the run whose archive to re-extract")
+    reext.add_argument(
+        "--sources-file",
+        default="sources.yaml",
+        metavar="FILE",
+        help="the sources file with the current rules (default: sources.yaml)",
+    )
+    reext.add_argument("--no-load", action="store_true", help="stage the new run only")
+    common(reext, file=False)
     state = sub.add_parser("state", help="incremental state of api sources: show it, or reset it").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
@@ -177,12 +216,14 @@ def _check_database(settings: Settings) -> str:
     return dsn
 
 
-def _lineage(args: argparse.Namespace) -> int:
-    """``trawl lineage SOURCE KEY``: no Prefect, one query."""
+def _lineage_rows(args: argparse.Namespace) -> list[Any]:
+    """Every version of one row (``sinks.postgres.lineage``), oldest first; no Prefect."""
     from sinks.postgres import lineage
     from trawl.database import connect_pool
     from trawl.settings import Settings
 
+    if getattr(args, "staging", None):
+        os.environ["TRAWL_STAGING"] = args.staging
     if args.database_url:
         os.environ["TRAWL_DATABASE_URL"] = args.database_url
     settings = Settings()
@@ -204,32 +245,194 @@ def _lineage(args: argparse.Namespace) -> int:
         finally:
             await pool.close()
 
-    rows = asyncio.run(query())
+    return asyncio.run(query())
+
+
+def _lineage(args: argparse.Namespace) -> int:
+    """``trawl lineage SOURCE KEY``: no Prefect, one query; each version with its archived response."""
+    from trawl.settings import Settings
+
+    rows = _lineage_rows(args)
     if not rows:
-        print(f"trawl: no loads touched {settings.db_schema}.{args.source} key {args.key!r}", file=sys.stderr)
+        print(f"trawl: no loads touched schema {Settings().db_schema} {args.source} key {args.key!r}", file=sys.stderr)
         return EXIT_FAILED
 
     def when(t: Any) -> str:
         return t.isoformat(timespec="seconds") if t is not None else "-"
 
-    header = ("run_id", "url", "fetched_at", "staged_object", "loaded_at", "change")
+    header = ("version", "run_id", "url", "fetched_at", "staged_object", "loaded_at", "change", "warc", "offset")
     print(
         _render(
             header,
             [
                 (
+                    str(n),
                     r["run_id"],
                     r["url"] or "-",
                     when(r["fetched_at"]),
                     r["staged_object"],
                     when(r["loaded_at"]),
                     r["change"] + (": " + "; ".join(r["reasons"]) if r["reasons"] else ""),
+                    r["archive"]["warc"] if r.get("archive") else "-",
+                    str(r["archive"]["offset"]) if r.get("archive") else "-",
                 )
-                for r in rows
+                for n, r in zip(_versions(rows), rows, strict=True)
             ],
         )
     )
     return EXIT_OK
+
+
+def _versions(rows: Sequence[Any]) -> list[str]:
+    """The version number of each lineage entry that wrote the row's content (inserted, updated); "-" for the rest."""
+    out, n = [], 0
+    for r in rows:
+        if r["change"] in ("inserted", "updated"):
+            n += 1
+            out.append(str(n))
+        else:
+            out.append("-")
+    return out
+
+
+def _page(args: argparse.Namespace) -> int:
+    """``trawl page SOURCE KEY [--version N]``: the archived response body of one version of a row, to stdout."""
+    from sinks.targets import open_stager
+    from trawl.archive import read_member
+    from trawl.settings import Settings
+
+    rows = _lineage_rows(args)
+    versions = [r for r, v in zip(rows, _versions(rows), strict=True) if v != "-"]
+    where = f"{args.source} key {args.key!r}"
+    if not versions:
+        return _fail(f"no version of {where} is loaded", EXIT_FAILED)
+    if args.version is not None and not 1 <= args.version <= len(versions):
+        return _fail(f"{where} has versions 1 to {len(versions)}, not {args.version}", EXIT_USAGE)
+    entry = versions[(args.version or len(versions)) - 1]
+    ptr = entry.get("archive")
+    if not ptr:
+        return _fail(f"version {args.version or len(versions)} of {where} (run {entry['run_id']}) has no archived "
+                     "response (its source does not archive, or it was staged before the archive)", EXIT_FAILED)  # fmt: skip
+    settings = Settings()
+    target = open_stager(settings.staging, settings=settings)
+
+    async def read() -> bytes:
+        async with target as stager:
+            # The response's own member; a browser page's conversion record follows it (read on to the next response).
+            length = None if args.rendered else ptr.get("length") or None
+            return await stager.read_bytes(ptr["warc"], ptr["offset"], length)
+
+    data = asyncio.run(read())
+    page = read_member(data, 0, ptr["warc"])
+    body = page.rendered if args.rendered and page.rendered is not None else page.body
+    sys.stdout.buffer.write(body)
+    sys.stdout.buffer.flush()
+    return EXIT_OK
+
+
+def _try(args: argparse.Namespace) -> int:
+    """``trawl try SOURCES.yaml --source NAME URL``: one page, extracted and validated; no Prefect, staging or DB."""
+    import orjson
+
+    from sinks.validate import RecordValidator
+    from trawl.config import load_sources, select_sources
+    from trawl.crawler import source_schema
+    from trawl.logs import configure_logging
+    from trawl.settings import Settings
+    from trawl.trying import try_archived, try_url
+
+    for flag, env in (("staging", "TRAWL_STAGING"), ("log_format", "TRAWL_LOG_FORMAT")):
+        if getattr(args, flag, None):
+            os.environ[env] = getattr(args, flag)
+    settings = Settings()
+    configure_logging(settings.log_format, "WARNING")  # the result is the output; warnings still say why
+    [source] = select_sources(load_sources(args.sources_file), [args.source])
+
+    from sinks.targets import open_stager
+
+    target = open_stager(settings.staging, settings=settings) if args.from_archive else None  # resolves paths
+
+    async def run() -> Any:
+        if target is None:
+            return await try_url(source, args.url, settings)
+        async with target as stager:
+            return await try_archived(source, args.url, args.from_archive, stager, settings)
+
+    trial = asyncio.run(run())
+    validator = RecordValidator(source_schema(source)["fields"])
+    verdicts = []
+    for env in trial.records:
+        _values, reasons = validator(env["data"])
+        if env["key"] is None:
+            reasons = [f"key ({', '.join(source.key_fields)}): missing", *reasons]
+        verdicts.append(reasons)
+    ok = trial.outcome == "fetched" and not any(verdicts)
+    if args.json:
+        out = trial.as_dict()
+        out["records"] = [
+            {**env, "valid": not reasons, "reasons": reasons}
+            for env, reasons in zip(trial.records, verdicts, strict=True)
+        ]
+        sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return EXIT_OK if ok else EXIT_FAILED
+    status = f"HTTP {trial.http_status}" if trial.http_status else "no response"
+    lines = [
+        f"source {trial.source} ({trial.kind}) via {trial.via}: {trial.url}",
+        f"outcome: {trial.outcome} ({status}, {trial.attempts} attempt(s), {trial.elapsed_ms} ms)"
+        + (f": {trial.error}" if trial.error else ""),
+    ]
+    if trial.archive:
+        lines.append(f"archived at {trial.archive['warc']} offset {trial.archive['offset']}")
+    if not trial.records:
+        lines.append("records: none from this page")
+    for i, (env, reasons) in enumerate(zip(trial.records, verdicts, strict=True), 1):
+        verdict = "valid" if not reasons else "REJECTED: " + "; ".join(reasons)
+        lines.append(f"record {i}: key {env['key']!r}: {verdict}")
+        lines += [f"  {name}: {orjson.dumps(value).decode()}" for name, value in env["data"].items()]
+    lines.append(f"links the follow rules keep: {len(trial.links)}")
+    lines += [f"  {link}" for link in trial.links]
+    print("\n".join(lines))
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _reextract(args: argparse.Namespace) -> int:
+    """``trawl reextract RUN_ID``: the reextract flow (Prefect runs it locally, as `trawl run` does)."""
+    from sinks.targets import open_stager
+    from trawl.config import load_sources, select_sources
+    from trawl.settings import Settings
+    from trawl.staging import RUN_ID_PATTERN
+
+    for flag, env in (
+        ("staging", "TRAWL_STAGING"),
+        ("database_url", "TRAWL_DATABASE_URL"),
+        ("log_format", "TRAWL_LOG_FORMAT"),
+    ):
+        if getattr(args, flag, None):
+            os.environ[env] = getattr(args, flag)
+    if not re.fullmatch(RUN_ID_PATTERN, args.run_id):
+        raise ConfigError(f"run id {args.run_id!r} must match {RUN_ID_PATTERN}")
+    settings = Settings()
+    open_stager(settings.staging, settings=settings)
+    select_sources(load_sources(args.sources_file), args.sources)  # a bad file or name: one line, before Prefect
+    if not args.no_load:
+        os.environ["TRAWL_DATABASE_URL"] = _check_database(settings)
+    _quiet_prefect()
+    import prefect  # noqa: F401  - configure logging after Prefect has applied its own config
+
+    from flows.reextract import reextract
+    from trawl.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
+    result = asyncio.run(reextract(args.run_id, args.sources_file, args.sources, None, None, load_run=not args.no_load))
+    for s in result["crawl"]:
+        s.setdefault("status", "complete")
+    print(_summary(result))
+    print(
+        f"\nrun {result['run_id']} (re-extracted from {result['reextracted_from']}): staged under {result['staging']}"
+    )
+    if result["load"]:
+        print(_load_summary(result["load"]))
+    return EXIT_FAILED if _load_failed(result.get("load") or {}) else EXIT_OK
 
 
 def _state(args: argparse.Namespace) -> int:
@@ -360,6 +563,12 @@ def _execute(args: argparse.Namespace) -> int:
 
     if args.command == "lineage":
         return _lineage(args)
+    if args.command == "page":
+        return _page(args)
+    if args.command == "try":
+        return _try(args)
+    if args.command == "reextract":
+        return _reextract(args)
     if args.command == "state":
         return _state(args)
     if args.command in ("runs", "stage"):

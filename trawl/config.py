@@ -161,6 +161,14 @@ def _check_name(value: str) -> str:
 _Name = Annotated[str, AfterValidator(_check_name)]
 
 
+_ARCHIVE = (
+    "Keep every fetched response as WARC request + response records in the staging area's archive "
+    "(what `trawl reextract`, `trawl lineage` and `trawl page` read)."
+)
+_ARCHIVE_MAX = "The most bytes of one page's body the archive keeps (the record says `WARC-Truncated: length`)."
+_ARCHIVE_MAX_DEFAULT = 10 * 1024 * 1024
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -290,6 +298,8 @@ class HtmlSource(_Model):
     credentials_origins: list[_Origin] = Field(default_factory=list, description=_CREDENTIALS_ORIGINS)
     politeness: Politeness = Field(default_factory=Politeness)
     robots: bool = Field(default=True, description="Obey the hosts' robots.txt (set false only for sites you own).")
+    archive: bool = Field(default=True, description=_ARCHIVE)
+    archive_max_bytes: int = Field(default=_ARCHIVE_MAX_DEFAULT, ge=1024, description=_ARCHIVE_MAX)
     conditional: bool = Field(
         default=True,
         description="Send If-None-Match / If-Modified-Since for record pages fetched in earlier runs; a 304 is "
@@ -539,6 +549,8 @@ class ApiSource(_Model):
     politeness: Politeness = Field(default_factory=Politeness)
     robots: bool = Field(default=True, description="Obey the host's robots.txt (set false only for APIs you own).")
     max_failed_ratio: float | None = Field(default=None, ge=0, le=1, description=_MAX_FAILED_RATIO)
+    archive: bool = Field(default=False, description=_ARCHIVE + " Off by default for APIs.")
+    archive_max_bytes: int = Field(default=_ARCHIVE_MAX_DEFAULT, ge=1024, description=_ARCHIVE_MAX)
     enabled: bool = True
 
     _url = field_validator("url")(_check_http_url)
@@ -646,6 +658,8 @@ class SpiderSource(_Model):
     fields: dict[str, ApiField] = Field(default_factory=dict)
     politeness: Politeness = Field(default_factory=Politeness)
     robots: bool = Field(default=True, description="Obey the hosts' robots.txt (set false only for sites you own).")
+    archive: bool = Field(default=True, description=_ARCHIVE)
+    archive_max_bytes: int = Field(default=_ARCHIVE_MAX_DEFAULT, ge=1024, description=_ARCHIVE_MAX)
     frontier: Literal["memory", "postgres"] | None = Field(
         default=None,
         description="`postgres`: keep the spider's pending requests in PostgreSQL (Scrapy's scheduler on the durable "

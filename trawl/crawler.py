@@ -16,6 +16,7 @@ from typing import Any, Final, Literal
 
 import structlog
 
+from trawl.archive import Archiver
 from trawl.config import AnySource, HtmlSource
 from trawl.connectors import SourceContext, connector_for
 from trawl.connectors.base import SourceStats, Validators
@@ -153,8 +154,16 @@ async def crawl_source(
             async def emit(outcome: Outcome) -> None:
                 await stage.outcomes.write(outcome.envelope())
 
+            archiver = Archiver(stage.archive, source.archive_max_bytes) if source.archive and stage.archive else None
             ctx = SourceContext(
-                run_id, settings, fetcher, emit, stats=stats, validators=validators or {}, incremental=incremental
+                run_id,
+                settings,
+                fetcher,
+                emit,
+                stats=stats,
+                validators=validators or {},
+                incremental=incremental,
+                archiver=archiver,
             )
             log.info("source started", kind=source.kind, frontier=frontier.name, resume=resume)
             error: str | None = None
@@ -175,6 +184,9 @@ async def crawl_source(
             except Exception as exc:  # a bug in one source must not take the others down
                 log.exception("source crashed")
                 error = redact(f"{type(exc).__name__}: {exc}")
+            finally:
+                if archiver is not None:
+                    await archiver.aclose()  # every queued page in its stream before the checkpoint closes it
             return await _finish(source, frontier, stage, fetcher, stats, started, error, flow_run_id, settings)
     finally:
         unbind("source")
@@ -288,9 +300,12 @@ async def commit_sharded(
     status: Literal["complete", "failed"] = "failed" if error else "complete"
     uri = ""
     now = utcnow()
-    kinds: tuple[StreamKind, ...] = ("outcomes", "raw")
+    kinds: tuple[StreamKind, ...] = ("outcomes", "archive", "raw")
+    archive = [p for _, _, p in await frontier.parts("archive")]
     for kind in kinds:
         parts = [p for _, _, p in await frontier.parts(kind)]
+        if kind == "archive" and not parts:
+            continue
         body = manifest_body(
             kind,
             source.name,
@@ -304,6 +319,7 @@ async def commit_sharded(
             schema=source_schema(source),
             stats=summary,
             parts=parts,
+            archive=archive if kind == "raw" else None,
         )
         m = await stager.write_manifest(kind, source.name, run.dt, run_id, body)
         uri = m.uri

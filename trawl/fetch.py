@@ -14,7 +14,8 @@ import contextlib
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import urljoin, urlsplit
@@ -68,6 +69,24 @@ class Response:
     body: bytes
     attempts: int
     elapsed_ms: int
+    method: str = "GET"
+    request_headers: Mapping[str, str] = field(default_factory=dict)
+    """What the last hop was sent with (the clients' defaults included): what the archive stores, masked."""
+    served: bytes | None = None
+    """A browser page: the document as the server sent it (``body`` is then the rendered DOM)."""
+    archived: Mapping[str, Any] | None = None
+    """Where the page archive holds this response (``warc``, ``offset``, ``length``), once it is written there."""
+    archiving: Awaitable[Mapping[str, Any]] | None = None
+    """The page archive is writing this response: resolves to what ``archived`` says (:meth:`where_archived`)."""
+    archived_at: datetime | None = None
+    """The archive's time for it (``WARC-Date``): records from it carry the same ``fetched_at``, so re-extracting
+    them later compares equal in time with what the crawl loaded."""
+
+    async def where_archived(self) -> Mapping[str, Any] | None:
+        """Where the page archive holds this response, waiting for the archive's writer if it is still at it."""
+        if self.archived is None and self.archiving is not None:
+            return await self.archiving
+        return self.archived
 
     def json(self) -> Any:
         """The body parsed as JSON; a parse failure is permanent."""
@@ -898,7 +917,7 @@ class Fetcher:
                 raise
 
         async def once(attempt: int) -> Response:
-            final_url, status, hdrs, content = await self._attempt(
+            final_url, status, hdrs, content, sent = await self._attempt(
                 url,
                 transport,
                 headers or {},
@@ -915,7 +934,8 @@ class Fetcher:
                 body=body,
             )
             if 200 <= status < 300 or status == 304:
-                return Response(final_url, status, hdrs, content, attempt, int((time.monotonic() - started) * 1000))
+                elapsed = int((time.monotonic() - started) * 1000)
+                return Response(final_url, status, hdrs, content, attempt, elapsed, sent[0], sent[1])
             raise status_error(status, final_url, retry_after(hdrs))
 
         return await self.retrying(once, url=url, source=source, started=started, attempts=attempts)
@@ -983,7 +1003,7 @@ class Fetcher:
         park: bool = False,
         method: str = "GET",
         body: bytes | None = None,
-    ) -> tuple[str, int, dict[str, str], bytes]:
+    ) -> tuple[str, int, dict[str, str], bytes, tuple[str, dict[str, str]]]:
         client = self._transport(transport)
         s = self._settings
         current = url
@@ -1023,7 +1043,8 @@ class Fetcher:
                         f"{status} redirect to {current}: the request body is not resent to another origin", url=url
                     )
                 continue
-            return current, status, hdrs, content
+            defaults = {"User-Agent": s.user_agent, "Accept-Encoding": ACCEPT_ENCODING}  # the clients' own
+            return current, status, hdrs, content, (method, {**defaults, **sent})
         raise PermanentFetchError(f"more than {s.max_redirects} redirects", url=url)
 
 

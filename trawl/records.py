@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -48,6 +49,8 @@ class Record:
     run_id: str
     data: dict[str, Any]
     content_hash: str = field(default="")
+    archived: Mapping[str, Any] | None = None
+    """Where the page archive holds the response the record came from (``warc``, ``offset``, ``length``)."""
 
     def __post_init__(self) -> None:
         if not self.content_hash:
@@ -68,6 +71,7 @@ class Record:
             "run_id": self.run_id,
             "content_hash": self.content_hash,
             "data": self.data,
+            **({"archive": self.archived} if self.archived is not None else {}),
         }
 
 

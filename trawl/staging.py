@@ -7,6 +7,12 @@ every target)::
 
     {staging}/{raw|outcomes}/source={source}/dt={YYYY-MM-DD}/run={run_id}/part-00001.jsonl.gz
     {staging}/{raw|outcomes}/source={source}/dt={YYYY-MM-DD}/run={run_id}/_manifest.json
+    {staging}/archive/source={source}/dt={YYYY-MM-DD}/run={run_id}/part-00001.warc.gz
+
+The archive (:mod:`trawl.archive`: WARC records of the fetched pages) is a third
+stream: its parts are closed and checkpointed with the others, its manifest is
+written before the records manifest, and the records manifest lists its parts
+too (``archive``), so a committed run names every archive file with its sha256.
 
 The manifest lists every part with rows, bytes and sha256 and is written last: a
 run directory without a manifest is not loadable; one with a manifest is complete.
@@ -23,12 +29,14 @@ from typing import Any, Literal, Protocol, Self
 
 import orjson
 
+from trawl.archive import ArchiveSink
 from trawl.errors import StagingError
 from trawl.records import utcnow
 
 __all__ = [
     "MANIFEST",
     "RUN_ID_PATTERN",
+    "ArchivePartSink",
     "Manifest",
     "PartSink",
     "RunInfo",
@@ -43,7 +51,7 @@ __all__ = [
     "summarize_runs",
 ]
 
-StreamKind = Literal["raw", "outcomes"]
+StreamKind = Literal["raw", "outcomes", "archive"]
 MANIFEST = "_manifest.json"
 RUN_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}"
 """A run id, whole (``re.fullmatch``): it becomes a path segment, so no ``/``, ``\\`` or leading dot."""
@@ -94,6 +102,10 @@ class Manifest:
     started_at: str
     finished_at: str
     flow_run_id: str | None
+    archive: tuple[StagedPart, ...] = ()
+    """Records manifests: the run's archive parts (WARC), listed with their sha256 like the parts."""
+    reextracted_from: str | None = None
+    """A run made by ``trawl reextract``: the run whose archive it re-extracted."""
 
     @property
     def rows(self) -> int:
@@ -117,6 +129,8 @@ class Manifest:
                 started_at=d["started_at"],
                 finished_at=d["finished_at"],
                 flow_run_id=d.get("flow_run_id"),
+                archive=tuple(StagedPart(p["uri"], p["rows"], p["bytes"], p["sha256"]) for p in d.get("archive") or ()),
+                reextracted_from=d.get("reextracted_from"),
             )
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             raise StagingError(f"{uri}: unreadable manifest: {exc}") from None
@@ -184,6 +198,10 @@ class PartSink(Protocol):
     def resume_from(self, parts: list[StagedPart], tag: str = "") -> None: ...
 
 
+class ArchivePartSink(PartSink, ArchiveSink, Protocol):
+    """The archive stream: parts of whole gzip members (WARC records), appended as they are built."""
+
+
 def manifest_body(
     kind: StreamKind,
     source: str,
@@ -198,8 +216,15 @@ def manifest_body(
     schema: Mapping[str, Any],
     stats: Mapping[str, Any],
     parts: list[StagedPart],
+    archive: list[StagedPart] | None = None,
+    reextracted_from: str | None = None,
 ) -> dict[str, Any]:
     """What a manifest says: the run, its status, the declared schema, its stats and every part."""
+    extra: dict[str, Any] = {}
+    if archive:
+        extra["archive"] = [p.as_dict() for p in archive]
+    if reextracted_from:
+        extra["reextracted_from"] = reextracted_from
     return {
         "version": 1,
         "kind": kind,
@@ -215,6 +240,7 @@ def manifest_body(
         "stats": stats,
         "parts": [p.as_dict() for p in parts],
         "rows": sum(p.rows for p in parts),
+        **extra,
     }
 
 
@@ -229,6 +255,16 @@ class SourceStage:
     records: PartSink
     outcomes: PartSink
     started_at: datetime = field(default_factory=utcnow)
+    archive: ArchivePartSink | None = None
+    reextracted_from: str | None = None
+    archive_listed: tuple[StagedPart, ...] = ()
+    """A re-extracted run archives nothing itself: the archive parts its records point into (the original run's)."""
+
+    def streams(self) -> tuple[tuple[StreamKind, PartSink], ...]:
+        """Every stream in the order a checkpoint closes them: the archive after the records, so a closed records
+        part never points into an archive part that is still open (a record is written after its page)."""
+        archive: tuple[tuple[StreamKind, PartSink], ...] = (("archive", self.archive),) if self.archive else ()
+        return (("outcomes", self.outcomes), ("raw", self.records), *archive)
 
     async def commit(
         self,
@@ -239,13 +275,16 @@ class SourceStage:
         error: str | None = None,
         flow_run_id: str | None = None,
     ) -> tuple[Manifest, Manifest]:
-        """Close both streams and write their manifests: outcomes first, records last (the commit)."""
+        """Close the streams and write their manifests: outcomes and the archive first, records last (the commit)."""
         finished = utcnow()
         manifests = []
         failure: StagingError | None = None
-        streams: tuple[tuple[StreamKind, PartSink], ...] = (("outcomes", self.outcomes), ("raw", self.records))
-        closed = [(kind, await writer.close()) for kind, writer in streams]  # every part on its way before a manifest
+        closed = [(kind, await writer.close()) for kind, writer in self.streams()]  # all on their way first
+        archived = next((parts for kind, parts in closed if kind == "archive"), []) or list(self.archive_listed)
+        closed.sort(key=lambda c: c[0] == "raw")  # the records manifest last: it is the commit
         for kind, parts in closed:
+            if kind == "archive" and not parts:
+                continue  # nothing archived (an api source): no archive manifest
             body = manifest_body(
                 kind,
                 self.source,
@@ -259,6 +298,8 @@ class SourceStage:
                 schema=schema,
                 stats=stats,
                 parts=parts,
+                archive=archived if kind == "raw" else None,
+                reextracted_from=self.reextracted_from,
             )
             try:
                 manifests.append(await self.stager.write_manifest(kind, self.source, self.dt, self.run_id, body))
@@ -270,7 +311,7 @@ class SourceStage:
                 failure = failure or exc
         if failure is not None:
             raise failure
-        return manifests[0], manifests[1]
+        return manifests[0], manifests[-1]
 
 
 class Stager(Protocol):
@@ -283,6 +324,10 @@ class Stager(Protocol):
     async def manifests(self, kind: StreamKind = "raw") -> list[Manifest]: ...
 
     def read_part(self, part: StagedPart) -> AsyncIterator[bytes]: ...
+
+    async def read_bytes(self, uri: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Bytes of one staged object (an archive part), whole or a range: what lineage and re-extraction read."""
+        ...
 
     async def write_manifest(
         self, kind: StreamKind, source: str, dt: str, run_id: str, body: Mapping[str, Any]

@@ -21,7 +21,8 @@ __all__ = ["LineageEntry", "lineage", "load_validators"]
 log = structlog.get_logger("sinks.postgres")
 
 LineageEntry = dict[str, Any]
-"""``run_id``, ``url``, ``fetched_at``, ``staged_object``, ``loaded_at``, ``change``, ``reasons``."""
+"""``run_id``, ``url``, ``fetched_at``, ``staged_object``, ``loaded_at``, ``change``, ``reasons``, ``archive``
+(where the page archive holds the response: ``warc``, ``offset``, ``length``; None without one)."""
 
 
 async def lineage(
@@ -68,10 +69,11 @@ async def lineage(
     entries: list[LineageEntry] = []
     for r in loaded:
         url, fetched = r["_url"], r["_fetched_at"]
+        # The staged record also says where the page archive holds its response (read for every version).
+        part = StagedPart(r["staged_object"], r["rows"], 0, r["sha256"])
+        staged_url, staged_at, archive = await _staged(stager, part, r["kind"], key, r["line"])
         if url is None:
-            part = StagedPart(r["staged_object"], r["rows"], 0, r["sha256"])
-            url, fetched = await _staged(stager, part, r["kind"], key, r["line"])
-            fetched = fetched or r["seen_at"]
+            url, fetched = staged_url, staged_at or r["seen_at"]
         entries.append(
             {
                 "run_id": r["run_id"],
@@ -81,24 +83,26 @@ async def lineage(
                 "loaded_at": r["loaded_at"],
                 "change": r["change"],
                 "reasons": None,
+                "archive": archive,
             }
         )
-    entries += [dict(r) for r in rejected]
+    entries += [{**dict(r), "archive": None} for r in rejected]
     entries.sort(key=lambda e: (e["fetched_at"] is None, e["fetched_at"] or e["loaded_at"], e["loaded_at"]))
     return entries
 
 
 async def _staged(
     stager: Stager | None, part: StagedPart, kind: str, key: str, line: int | None
-) -> tuple[str | None, datetime | None]:
-    """The URL and fetch time of a record in its staged part (by line, or by key for rows from layout 1)."""
+) -> tuple[str | None, datetime | None, dict[str, Any] | None]:
+    """The URL, fetch time and archived response (``warc``, ``offset``, ``length``) of a record in its staged part
+    (by line, or by key for rows from layout 1)."""
     reader: Stager | None = stager
     if part.uri.startswith("file://"):
         path = Path(part.uri.removeprefix("file://"))
         reader = await asyncio.to_thread(LocalStager, path.parent)  # it resolves its root: file system calls
     if reader is None:
-        return None, None
-    best: tuple[str | None, datetime | None] = (None, None)
+        return None, None, None
+    best: tuple[str | None, datetime | None, dict[str, Any] | None] = (None, None, None)
     try:
         n = 0
         async for raw in reader.read_part(part):
@@ -107,16 +111,16 @@ async def _staged(
                 continue
             env = orjson.loads(raw)
             if kind == "outcomes":
-                return env.get("url"), datetime.fromisoformat(env["at"])
+                return env.get("url"), datetime.fromisoformat(env["at"]), None
             if line is not None or str(env.get("key")) == key:
                 at = datetime.fromisoformat(env["fetched_at"])
                 if best[1] is None or at >= best[1]:
-                    best = (env.get("url"), at)
+                    best = (env.get("url"), at, env.get("archive"))
                 if line is not None:
                     break
     except (StagingError, OSError, ValueError, KeyError) as exc:
         log.warning("staged part unreadable for lineage", staged_object=part.uri, error=str(exc))
-        return None, None
+        return None, None, None
     return best
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import sys
@@ -10,10 +11,13 @@ from collections import Counter
 from pathlib import Path
 
 import asyncpg
+import orjson
 import pytest
 import yaml
 
+from sinks.stage import LocalStager
 from tests.helpers.tree import TreeSite
+from trawl.archive import archived_pages, read_member
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -125,6 +129,27 @@ async def test_kill_9_then_resume_equals_an_uninterrupted_run(
         assert f"run {run_id}" in out
         code, out = await _trawl("load", "--run-id", run_id, env=env)
         assert code == 0, out[-3000:]
+
+        # The archive committed with the parts: every archive file the manifest lists is whole (its sha256, every
+        # gzip member complete), and every row's response is in it, the same page the row came from.
+        stager = await asyncio.to_thread(LocalStager, tmp_path / "staging")
+        [manifest] = [m for m in await stager.manifests("raw") if m.run_id == run_id]
+        archives = {p.uri: await stager.read_bytes(p.uri) for p in manifest.archive}
+        assert archives and [m.parts for m in await stager.manifests("archive") if m.run_id == run_id] == [
+            manifest.archive
+        ]
+        pages_archived = 0
+        for part in manifest.archive:
+            data = archives[part.uri]
+            assert hashlib.sha256(data).hexdigest() == part.sha256
+            pages_archived += sum(1 for _ in archived_pages(part.uri, data))  # raises on a truncated member
+        assert pages_archived >= PAGES
+        for part in manifest.parts:
+            async for line in stager.read_part(part):
+                row = orjson.loads(line)
+                ptr = row["archive"]
+                page = read_member(archives[ptr["warc"]], ptr["offset"], ptr["warc"])
+                assert page.url == row["url"] and f'<h1 class="n">{row["data"]["n"]}</h1>'.encode() in page.body
 
     # The table equals the uninterrupted run's: same keys, same values, no duplicates.
     assert await _rows(db, "trawl") == [(k, n, u) for k, n, u in reference]

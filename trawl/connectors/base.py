@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Protocol
 
 import orjson
 import structlog
 
+from trawl.archive import Archiver, Exchange
 from trawl.errors import BlockedNetworkError, BreakerOpen, FetchError, HostBusy, RobotsDisallowed
 from trawl.extract import get_path
 from trawl.fetch import Fetcher, Response, TransportName
@@ -18,7 +19,7 @@ from trawl.frontier.base import Idle, Settled
 from trawl.incremental import CursorWindow
 from trawl.logs import redact
 from trawl.metrics import METRICS
-from trawl.records import Outcome, OutcomeKind, Record
+from trawl.records import Outcome, OutcomeKind, Record, utcnow
 from trawl.settings import Settings
 from trawl.urls import host_of
 
@@ -135,6 +136,31 @@ class SourceContext:
     """ETag / Last-Modified per URL from earlier runs (conditional requests)."""
     incremental: CursorWindow | None = None
     """`api` sources with `incremental`: the window this run asks for (from the stored state)."""
+    archiver: Archiver | None = None
+    """The source's page archive (sources with ``archive: true``): every response it fetched goes there."""
+
+    def archive(self, resp: Response) -> Response:
+        """``resp`` queued for the page archive (written off the event loop), as is without one.
+
+        Its ``archiving`` resolves to where it landed: the page goes on (parsing, links) meanwhile and awaits
+        it (:meth:`Response.where_archived`) only for the records that point at it.
+        A 304 is not archived: it has no body to extract again (the earlier run's archive holds it).
+        """
+        if self.archiver is None or resp.status == 304:
+            return resp
+        rendered = resp.body if resp.served is not None else None
+        at = utcnow()
+        ex = Exchange(
+            resp.url,
+            resp.status,
+            resp.headers,
+            resp.served if resp.served is not None else resp.body,
+            resp.method,
+            resp.request_headers,
+            rendered=rendered,
+            fetched_at=at,
+        )
+        return replace(resp, archiving=self.archiver.write(ex), archived_at=at)
 
     def conditional_headers(self, url: str, headers: Mapping[str, str] | None = None) -> dict[str, str]:
         """``headers`` plus If-None-Match / If-Modified-Since for a URL fetched in an earlier run."""
@@ -220,7 +246,7 @@ class SourceContext:
             raise AssertionError("unreachable: the last try returns or breaks")
         self.stats.pages += 1
         self.stats.bytes += len(resp.body)
-        return resp
+        return self.archive(resp)
 
     async def failed(self, source: str, url: str, exc: FetchError) -> None:
         """Record the outcome of a URL that finally failed (robots and the network guard have their own kinds)."""
@@ -309,7 +335,13 @@ def record_key(data: Mapping[str, Any], url: str, key_fields: list[str]) -> str 
 
 
 def make_record(
-    source: str, run_id: str, url: str, fetched_at: datetime, data: dict[str, Any], key_fields: list[str]
+    source: str,
+    run_id: str,
+    url: str,
+    fetched_at: datetime,
+    data: dict[str, Any],
+    key_fields: list[str],
+    archived: Mapping[str, Any] | None = None,
 ) -> Record:
-    """Wrap extracted data in its staging envelope."""
-    return Record(source, record_key(data, url, key_fields), url, fetched_at, run_id, data)
+    """Wrap extracted data in its staging envelope (``archived``: where the page archive holds its response)."""
+    return Record(source, record_key(data, url, key_fields), url, fetched_at, run_id, data, archived=archived)

@@ -425,6 +425,7 @@ class BrowserConnector(HtmlConnector):
         resp = await self._render(url)
         if resp is None:
             return
+        resp = self.ctx.archive(resp)  # the document as served, and its rendered DOM as a conversion
         if direct:  # a page that went over HTTP first was counted then
             self.ctx.stats.pages += 1
         self.ctx.stats.bytes += len(resp.body)
@@ -436,9 +437,10 @@ class BrowserConnector(HtmlConnector):
         self, url: str, resp: Response, tree: Any, items: list[dict[str, Any]], depth: int, out: asyncio.Queue[object]
     ) -> None:
         src = self.source
-        fetched_at = utcnow()
+        fetched_at = resp.archived_at or utcnow()
+        archived = await resp.where_archived() if items else None
         for data in items:
-            await out.put(make_record(src.name, self.ctx.run_id, resp.url, fetched_at, data, src.key_fields))
+            await out.put(make_record(src.name, self.ctx.run_id, resp.url, fetched_at, data, src.key_fields, archived))
             self.ctx.stats.records += 1
         if self._crawl and depth < src.follow.max_depth:
             for link in extract_links(tree, resp.url):
@@ -493,7 +495,7 @@ class BrowserConnector(HtmlConnector):
                     deadline = asyncio.timeout(s.browser_page_timeout)
                     try:
                         async with deadline:
-                            final_url, status, headers, body = await self._load(page, url)
+                            final_url, status, headers, body, served, sent = await self._load(page, url)
                     except TimeoutError:
                         if not deadline.expired():
                             raise
@@ -507,10 +509,12 @@ class BrowserConnector(HtmlConnector):
                     raise _BrowserDied(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
                 raise _browser_error(exc, url) from exc
         headers["content-type"] = "text/html; charset=utf-8"  # the rendered DOM, whatever was served
-        return Response(final_url, status, headers, body, attempts, int((time.monotonic() - started) * 1000))
+        elapsed = int((time.monotonic() - started) * 1000)
+        return Response(final_url, status, headers, body, attempts, elapsed, request_headers=sent, served=served)
 
-    async def _load(self, page: Page, url: str) -> tuple[str, int, dict[str, str], bytes]:
-        """Navigate, wait, scroll and read the DOM: (final URL, status, headers, rendered HTML as UTF-8).
+    async def _load(self, page: Page, url: str) -> tuple[str, int, dict[str, str], bytes, bytes | None, dict[str, str]]:
+        """Navigate, wait, scroll and read the DOM: (final URL, status, headers, rendered HTML as UTF-8, the
+        document as served, the navigation's request headers) — the last two for the page archive.
 
         A document or redirect hop the guarded proxy refused raises BlockedNetworkError.
         """
@@ -562,7 +566,13 @@ class BrowserConnector(HtmlConnector):
         if not isinstance(html, str) or len(body) > limit:
             raise PermanentFetchError(f"rendered HTML larger than {limit} bytes (max_body_bytes)", url=url)
         headers = await nav.all_headers() if nav is not None else {}
-        return page.url, status, {k.lower(): v for k, v in headers.items()}, body
+        served: bytes | None = None
+        sent: dict[str, str] = {}
+        if nav is not None and self.ctx.archiver is not None:
+            with contextlib.suppress(PlaywrightError):  # a body Chromium no longer holds: the DOM alone is kept
+                served = await nav.body()
+                sent = await nav.request.all_headers()
+        return page.url, status, {k.lower(): v for k, v in headers.items()}, body, served, sent
 
     def _check_refused(self, url: str, hop: str, since: float) -> None:
         """Raise BlockedNetworkError when the guarded proxy refused ``hop`` (the URL or a redirect) since ``since``."""

@@ -212,6 +212,19 @@ class HtmlConnector:
         resp = await self._get(url, self.ctx.conditional_headers(url) if conditional else None)
         if resp is None:
             return
+        await self._process(url, depth, resp, out)
+
+    async def replay(self, url: str, resp: Response, out: asyncio.Queue[object]) -> None:
+        """What the crawl does with a response it already has (an archived page): the same records, outcome and
+        follow rules as :meth:`_page` after its fetch (links it keeps are queued in the frontier, never fetched
+        here). Re-extraction and ``trawl try --from-archive`` run the source's current rules through it."""
+        await self._process(url, 0, resp, out)
+
+    async def _process(self, url: str, depth: int, resp: Response, out: asyncio.Queue[object]) -> None:
+        src = self.source
+        # Wait for the page archive's writer before parsing: measured, a loop that parses meanwhile keeps the GIL
+        # busy and makes the writer thread's every hand-over cost it more than the wait does.
+        archived = await resp.where_archived()
         if resp.status == 304:
             await self.ctx.fetched(src.name, url, resp)
             return
@@ -221,11 +234,13 @@ class HtmlConnector:
         if ctype and ctype not in self._types:
             await self.ctx.fetched(src.name, url, resp, OutcomeKind.FILTERED, f"content-type {ctype} is not allowed")
             return
-        fetched_at = utcnow()
+        fetched_at = resp.archived_at or utcnow()
         tree = parse_html(resp.text())
         if self._record_re is None or self._record_re.search(resp.url):
             for data in extract_items(tree, src.item_selector, src.fields):
-                await out.put(make_record(src.name, self.ctx.run_id, resp.url, fetched_at, data, src.key_fields))
+                await out.put(
+                    make_record(src.name, self.ctx.run_id, resp.url, fetched_at, data, src.key_fields, archived)
+                )
                 self.ctx.stats.records += 1
         if self._crawl and depth < src.follow.max_depth:
             seen = self._seen

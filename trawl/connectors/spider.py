@@ -60,6 +60,7 @@ from scrapy.http import Headers
 from scrapy.settings import Settings as ScrapySettings
 from scrapy.utils.ssl import _make_ssl_context
 
+from trawl.archive import Exchange
 from trawl.config import SpiderSource
 from trawl.connectors.base import OUTCOME_OF, SourceContext, make_record, url_hash
 from trawl.decode import BodyDecoder, body_too_large
@@ -128,6 +129,7 @@ def load_spider(path: str) -> type[scrapy.Spider]:
     return cls
 
 
+_ARCHIVED = "trawl_archived"  # request.meta: (where the archive holds the response, its time)
 _TRAWL_MIDDLEWARES = {
     f"{_MW}.OutcomeMiddleware": 10,
     f"{_MW}.MetaRefreshMiddleware": 580,  # where Scrapy's own stand
@@ -484,6 +486,7 @@ class OutcomeMiddleware:
             kind, error = OutcomeKind.FETCHED, None
             self.connector.ctx.stats.pages += 1
             self.connector.ctx.stats.bytes += len(response.body)
+            await self.connector.archive(request, response)
         elif status == 304:
             kind, error = OutcomeKind.NOT_MODIFIED, None
         else:
@@ -560,6 +563,24 @@ class SpiderConnector:
             Outcome(self.ctx.run_id, self.source.name, url, kind, status, attempts, size, elapsed, error)
         )
 
+    async def archive(self, request: Request, response: Response) -> None:
+        """Write a response to the page archive; its items find where it landed in ``request.meta``."""
+        ctx = self.ctx
+        if ctx.archiver is None:
+            return
+
+        def plain(headers: Any) -> dict[str, str]:
+            return {
+                k.decode("latin-1"): b", ".join(v).decode("latin-1") for k, v in headers.items() if isinstance(k, bytes)
+            }
+
+        at = utcnow()
+        ex = Exchange(
+            response.url, response.status, plain(response.headers), response.body, request.method,
+            plain(request.headers), fetched_at=at,
+        )  # fmt: skip
+        request.meta[_ARCHIVED] = (await ctx.archiver.write(ex), at)
+
     async def _on_item(self, item: Any, response: Response, spider: scrapy.Spider) -> None:
         src = self.source
         data = ItemAdapter(item).asdict()
@@ -568,7 +589,8 @@ class SpiderConnector:
                 data[name] = get_path(data, spec.path)
         item_url = data.get("url")
         url = item_url if isinstance(item_url, str) and item_url else response.url
-        record = make_record(src.name, self.ctx.run_id, url, utcnow(), data, src.key_fields)
+        archived, at = response.meta.get(_ARCHIVED) or (None, utcnow())
+        record = make_record(src.name, self.ctx.run_id, url, at, data, src.key_fields, archived)
         self.ctx.stats.records += 1
         seq, self._seq = self._seq, self._seq + 1
         self._unyielded[seq] = None

@@ -665,7 +665,7 @@ class DurableFrontier:
         self._stage: SourceStage | None = None
         self._counts: Counts | None = None
         self._done: list[int] = []
-        self._recorded = {"raw": 0, "outcomes": 0}
+        self._recorded = {"raw": 0, "outcomes": 0, "archive": 0}
         self._last = time.monotonic()
 
     # ---- the crawl loop's side -------------------------------------------------------------------------------
@@ -733,9 +733,9 @@ class DurableFrontier:
             log.info("run resumed", run_id=run_id, released_leases=released, **await store.counts())
         stage = stager.open_source(source, run_id, run.started_at)
         tag = f"s{shard:02d}-" if self._sharded else ""
-        for kind, writer in (("raw", stage.records), ("outcomes", stage.outcomes)):
-            writer.resume_from([p for _, _, p in await store.parts(kind)], tag)  # type: ignore[arg-type]
-        self._recorded = {"raw": len(stage.records.parts), "outcomes": len(stage.outcomes.parts)}
+        for kind, writer in stage.streams():
+            writer.resume_from([p for _, _, p in await store.parts(kind)], tag)
+        self._recorded = {kind: len(writer.parts) for kind, writer in stage.streams()}
         saved = (await store.saved_stats()).get(shard)
         if saved:
             counts.restore(saved)
@@ -756,7 +756,7 @@ class DurableFrontier:
         assert self._stage is not None and self._counts is not None, "open_stage first"
         self._last = time.monotonic()
         stage = self._stage
-        streams: tuple[tuple[StreamKind, Any], ...] = (("outcomes", stage.outcomes), ("raw", stage.records))
+        streams = stage.streams()  # the archive's parts are checkpointed with the records they hold
         closed = [(kind, await writer.close()) for kind, writer in streams]
         for _, writer in streams:
             if not await writer.wait_durable():

@@ -682,6 +682,12 @@ class S3Stager:
 
     async def read_part(self, part: StagedPart) -> AsyncIterator[bytes]:
         """Yield a part's JSON lines, streamed from S3 and checked against the manifest's sha256 first."""
+        for line in (await self.read_part_data(part)).splitlines():
+            if line:
+                yield line
+
+    async def read_part_data(self, part: StagedPart) -> bytes:
+        """A part's JSON lines as one block of bytes, streamed from S3 and checked against its sha256 first."""
         key = self._key(part.uri)
         sha = hashlib.sha256()
         unzip = zlib.decompressobj(31)
@@ -711,9 +717,7 @@ class S3Stager:
         if broken is not None:
             raise StagingError(f"{part.uri}: not a gzip part: {broken}")
         out.append(unzip.flush())
-        for line in b"".join(out).splitlines():
-            if line:
-                yield line
+        return b"".join(out)
 
 
 def _write_file(path: Path, data: bytes) -> None:

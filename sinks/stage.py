@@ -246,6 +246,12 @@ class LocalStager:
 
     async def read_part(self, part: StagedPart) -> AsyncIterator[bytes]:
         """Yield the JSON lines of a part after checking its sha256 against the manifest."""
+        for line in (await self.read_part_data(part)).splitlines():
+            if line:
+                yield line
+
+    async def read_part_data(self, part: StagedPart) -> bytes:
+        """A part's JSON lines as one block of bytes, after checking its sha256 against the manifest."""
         path = self._path(part.uri)
 
         def read() -> bytes:
@@ -258,6 +264,4 @@ class LocalStager:
                 raise StagingError(f"{part.uri}: sha256 {digest} does not match the manifest's {part.sha256}")
             return zlib.decompress(data, 31)
 
-        for line in (await asyncio.to_thread(read)).splitlines():
-            if line:
-                yield line
+        return await asyncio.to_thread(read)

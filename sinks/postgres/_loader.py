@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
+import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 
 import asyncpg
 import structlog
@@ -22,12 +26,14 @@ from sinks.postgres._part import (
     write_outcomes,
     write_records,
 )
-from sinks.postgres._prepare import PartDecoder, Prepared
+from sinks.postgres._prepare import PartDecoder, Prepared, prepare_part
 from sinks.validate import check_manifest
 from trawl.errors import LoadError, StagingError, TooManyRejects
 from trawl.staging import Manifest, StagedPart, Stager
 
 __all__ = ["Loader"]
+
+_AHEAD = 2  # parts prepared ahead of the one loading: the decoding process never waits for PostgreSQL
 
 log = structlog.get_logger("sinks.postgres")
 
@@ -42,10 +48,13 @@ class Loader:
     back (its rejects are kept in ``_rejects`` for the diagnosis) and stays
     pending: a rerun after the fix loads it.
 
-    Pipelined: while one part's transaction runs in PostgreSQL, the next part is
-    read, decoded and validated in a worker thread (the compiled decoder spends
-    little time holding the GIL), so the loader's core and PostgreSQL's work at
-    once.
+    Pipelined: while one part's transaction runs in PostgreSQL, the next parts
+    are read, decoded, validated and encoded in a decoding process (its own
+    interpreter, so its CPU does not share the event loop's GIL), which hands
+    back a few large byte strings per part. Sources with named checks are
+    prepared in a thread instead, where their checks were resolved. Call
+    :meth:`close` when done (the decoding process otherwise ends with the
+    Loader or the interpreter).
     """
 
     def __init__(
@@ -66,6 +75,12 @@ class Loader:
         self._decoders: dict[str, PartDecoder] = {}
         self._ahead: dict[str, asyncio.Task[tuple[Prepared, float]]] = {}
         self._types: dict[str, dict[str, str]] = {}
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self.worker_peak_rss_mb = 0.0
+        """The decoding process's peak RSS so far (MB)."""
+        self.worker_cpu_s = 0.0
+        """The decoding process's CPU seconds so far."""
         self.identity = schema
         """Which database and schema this loads into (no credentials): known after :meth:`setup`."""
 
@@ -76,6 +91,25 @@ class Loader:
             self.identity = f"{db}:{port or 'socket'}:{self.schema}"
             await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"trawl-setup:{self.schema}")
             await ensure_meta(conn, self.schema)
+
+    async def close(self) -> None:
+        """Stop the decoding process (idempotent; a later load starts a new one)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:  # called from worker threads
+            return self._pool or self._start_pool()
+
+    def _start_pool(self) -> ProcessPoolExecutor:
+        # forkserver: a fresh, single-threaded interpreter forks the worker (never this process, which has an
+        # event loop and threads); only the prepare module is imported there.
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["sinks.postgres._prepare"])
+        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+        weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+        return self._pool
 
     async def pending(self, manifests: Sequence[Manifest]) -> set[str]:
         """The part URIs of these manifests that the ledger does not have yet."""
@@ -103,9 +137,7 @@ class Loader:
             todo = await self.pending([manifest])
         fields = await self.prepare(manifest)
         pending = [p for p in manifest.parts if p.uri in todo]
-        ahead: dict[str, StagedPart | None] = {
-            p.uri: (pending[i + 1] if i + 1 < len(pending) else None) for i, p in enumerate(pending)
-        }
+        ahead = {p.uri: pending[i + 1 : i + 1 + _AHEAD] for i, p in enumerate(pending)}
         results = []
         try:
             for part in manifest.parts:
@@ -129,13 +161,18 @@ class Loader:
         return types
 
     async def load_part(
-        self, manifest: Manifest, part: StagedPart, fields: Mapping[str, str], *, ahead: StagedPart | bool | None = True
+        self,
+        manifest: Manifest,
+        part: StagedPart,
+        fields: Mapping[str, str],
+        *,
+        ahead: StagedPart | Sequence[StagedPart] | bool | None = True,
     ) -> PartLoad:
         """Load one part in one transaction with its ledger row (a part already in the ledger is skipped).
 
-        Pipelined: while this part is compared, copied and written, the next one
-        (``ahead``: a part, None for none, True for the next in the manifest) is
-        read, decoded and validated off the event loop, ready for the next call.
+        Pipelined: while this part is compared, copied and written, the next ones
+        (``ahead``: parts, None for none, True for the next two in the manifest)
+        are read, decoded and validated off the event loop, ready for the next calls.
         """
         if manifest.kind != "raw":
             return await self._load_outcomes(manifest, part)
@@ -147,13 +184,16 @@ class Loader:
         if job is None:
             job = self._start(part, decoder)
         if ahead is True:
-            following = manifest.parts[manifest.parts.index(part) + 1 :] if part in manifest.parts else ()
-            ahead = following[0] if following else None
-        if isinstance(ahead, StagedPart) and ahead.uri not in self._ahead:
-            self._ahead[ahead.uri] = self._start(ahead, decoder)
+            following = manifest.parts[manifest.parts.index(part) + 1 :] if part in manifest.parts else []
+            ahead = following[:_AHEAD]
+        elif isinstance(ahead, StagedPart):
+            ahead = [ahead]
+        for nxt in ahead or ():
+            if nxt.uri not in self._ahead:
+                self._ahead[nxt.uri] = self._start(nxt, decoder)
         try:
             prepared, read_s = await job
-            return await self._load_records(manifest, prepared, decoder.types, read_s)
+            return await self._load_records(manifest, prepared, decoder, read_s)
         except BaseException:
             self._forget(manifest)
             raise
@@ -183,12 +223,21 @@ class Loader:
     def _start(self, part: StagedPart, decoder: PartDecoder) -> asyncio.Task[tuple[Prepared, float]]:
         async def run() -> tuple[Prepared, float]:
             t0 = time.perf_counter()
-            lines = await self._read(part)
+            data = await self.stager.read_part_data(part)
             read_s = time.perf_counter() - t0
+            if decoder.portable:
+                # Starting the process and submitting (a write to its wake-up pipe) block: done in a thread.
+                future = await asyncio.to_thread(
+                    lambda: self._executor().submit(prepare_part, decoder.spec, data, part)
+                )
+                prepared = await asyncio.wrap_future(future)
+                self.worker_peak_rss_mb = max(self.worker_peak_rss_mb, prepared.peak_rss_mb)
+                self.worker_cpu_s = max(self.worker_cpu_s, prepared.cpu_s)
+                return prepared, read_s
 
             def prepare() -> Prepared:
                 t = time.perf_counter()
-                prepared = decoder.prepare(lines, part)
+                prepared = decoder.prepare(data, part)
                 prepared.seconds = time.perf_counter() - t
                 return prepared
 
@@ -210,7 +259,7 @@ class Loader:
             raise StagingError(f"{part.uri}: has {len(lines)} lines but the manifest says {part.rows}")
         return lines
 
-    async def _load_records(self, m: Manifest, prepared: Prepared, types: Mapping[str, str], read_s: float) -> PartLoad:
+    async def _load_records(self, m: Manifest, prepared: Prepared, decoder: PartDecoder, read_s: float) -> PartLoad:
         part = prepared.part
         try:
             async with self.pool.acquire() as conn:
@@ -221,7 +270,9 @@ class Loader:
                         conn, self._s, self.schema, m, prepared, self.max_reject_rate, self.reject_min_rows
                     )
                     load_id, now = await new_load(conn, self._s)
-                    res, phases = await write_records(conn, self.schema, m, prepared, types, load_id, now)
+                    res, phases = await write_records(
+                        conn, self.schema, m, prepared, decoder.rows, decoder.types, load_id, now
+                    )
                     if prepared.rejects:
                         await insert_rejects(conn, self._s, prepared.rejects)
                     await ledger(conn, self._s, m, part, res, load_id, prepared.seen_at)

@@ -14,7 +14,10 @@ numbers) run in Python on their field only.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import re
+import resource
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
@@ -26,36 +29,86 @@ from sinks.validate import RecordValidator, jsonb, no_nul
 from trawl.errors import StagingError
 from trawl.staging import StagedPart
 
-__all__ = ["PartDecoder", "Prepared", "Row", "decode_envelope"]
+__all__ = ["PartDecoder", "Prepared", "Row", "decode_envelope", "decode_rows", "prepare_part", "row_decoder"]
 
 _BIGINT = 2**63
 # A JSON string can only hold U+0000 escaped; such lines take the Python path, which refuses or replaces it.
 _NUL = b"\\u0000"
 
-Row = tuple[str, datetime, int, str, "str | None", list[Any]]
-"""One record that won its key in the part: (content hash, fetched_at, line, url, _extra JSON, declared values)."""
+Row = tuple[Any, ...]
+"""One record that won its key, as the source table's columns up to ``_first_seen_at``: the declared values,
+``_key``, ``_extra`` (JSON text), ``_url``, ``_content_hash``, ``_fetched_at``, ``_first_seen_at``."""
+
+_PY_TYPES: Mapping[str, Any] = {
+    "text": str,
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "date": date,
+    "timestamp": datetime,
+    "json": str,
+}
+_BATCH = 5000  # rows decoded per msgspec call when they are written
+# COPY text format: these characters in a value are written as escapes.
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
 
 
 @dataclass(slots=True)
 class Prepared:
-    """One part decoded, validated and deduplicated (built off the event loop).
+    """One part decoded, validated, deduplicated and encoded for PostgreSQL (built off the event loop).
 
-    ``latest`` maps each key to the record with the latest ``fetched_at`` in the
-    part; ``rejects`` are ``_rejects`` rows; ``slow`` counts the lines the
-    compiled path handed to the Python validator.
+    Picklable and made of a few large objects, so it crosses from the decoding
+    process cheaply. The records that won their keys (latest ``fetched_at`` in
+    the part) are sorted by key; ``compare`` is them as COPY text rows of
+    ``_COMPARE_COLS`` (index, key, content hash, fetched_at, line) and
+    ``records[i]`` the msgpack of record i's :data:`Row`, decoded in the loader
+    only for the rows that are written (:func:`decode_rows`). ``rejects`` are
+    ``_rejects`` rows; ``slow`` counts the lines the compiled path handed to the
+    Python validator.
     """
 
     part: StagedPart
     rows: int
-    latest: dict[str, Row] = field(default_factory=dict)
+    compare: bytes = b""
+    records: list[bytes] = field(default_factory=list)
     rejects: list[tuple[Any, ...]] = field(default_factory=list)
     slow: int = 0
     seconds: float = 0.0
+    seen_at: datetime | None = None
+    """The latest fetch among the part's loaded records (what ``_last_seen_at`` of unchanged rows shows)."""
+    peak_rss_mb: float = 0.0
+    """The peak RSS of the process that prepared it."""
+    cpu_s: float = 0.0
+    """The CPU seconds of the process that prepared it, so far."""
 
     @property
-    def seen_at(self) -> datetime | None:
-        """The latest fetch among the part's loaded records (what ``_last_seen_at`` of unchanged rows shows)."""
-        return max((r[1] for r in self.latest.values()), default=None)
+    def loaded(self) -> int:
+        """How many records won their keys (one row each in ``_lineage``)."""
+        return len(self.records)
+
+
+def row_decoder(types: Mapping[str, str]) -> msgspec.msgpack.Decoder[list[Row]]:
+    """Decodes a msgpack array of :data:`Row` for a source's column types (see :func:`decode_rows`)."""
+    declared = [_PY_TYPES[kind] | None for kind in types.values()]
+    tail = [str, str | None, str, str, datetime, datetime]
+    row: Any = tuple.__class_getitem__((*declared, *tail))  # built at run time from the column types
+    return msgspec.msgpack.Decoder(list[row])
+
+
+def decode_rows(
+    decoder: msgspec.msgpack.Decoder[list[Row]], prepared: Prepared, which: Sequence[int], tail: tuple[Any, ...] = ()
+) -> Iterator[Row]:
+    """The prepared records at these indexes as Python tuples (``tail`` appended), a few thousand at a time.
+
+    Each batch is one msgspec call over a msgpack array made by joining the
+    records' bytes: no Python per field, and never a whole part's tuples at once.
+    """
+    records = prepared.records
+    for start in range(0, len(which), _BATCH):
+        batch = which[start : start + _BATCH]
+        rows = decoder.decode(b"\xdd" + len(batch).to_bytes(4, "big") + b"".join([records[i] for i in batch]))
+        yield from ([r + tail for r in rows] if tail else rows)
 
 
 def decode_envelope(line: bytes, part: StagedPart, n: int) -> dict[str, Any]:
@@ -141,7 +194,14 @@ class PartDecoder:
         source: str,
     ) -> None:
         self.validator = RecordValidator(fields, types)  # resolves named checks: an unknown one fails here
+        self.spec = (dict(fields), dict(types), list(key_names), run_id, source)
+        """The arguments, to build the same decoder in another process (:func:`prepare_part`)."""
+        # Named checks are resolved in this process's registry (registered in code or by entry point): a part
+        # whose fields have checks is prepared here, where they were resolved.
+        self.portable = not any(spec.get("checks") for spec in fields.values())
         self.types = self.validator.types
+        self.rows = row_decoder(self.types)
+        """Decodes the prepared records the loader writes (:func:`decode_rows`)."""
         self._declared = frozenset(self.types)
         self._run_id, self._source = run_id, source
         self._missing_key = "key: missing (" + ", ".join(key_names) + ")"
@@ -180,10 +240,13 @@ class PartDecoder:
         self._strict = msgspec.json.Decoder(msgspec.defstruct("Env", [*env, ("data", strict)], kw_only=True))
         self._lenient = msgspec.json.Decoder(msgspec.defstruct("EnvExtra", [*env, ("data", lenient)], kw_only=True))
 
-    def prepare(self, lines: Sequence[bytes], part: StagedPart) -> Prepared:
-        """Decode, validate and deduplicate one part (CPU only: runs off the event loop)."""
+    def prepare(self, data: bytes, part: StagedPart) -> Prepared:
+        """Decode, validate, deduplicate and encode one part's JSON lines (CPU only: runs off the event loop)."""
+        lines = [line for line in data.splitlines() if line]
+        if len(lines) != part.rows:
+            raise StagingError(f"{part.uri}: has {len(lines)} lines but the manifest says {part.rows}")
         prepared = Prepared(part, len(lines))
-        latest = prepared.latest
+        latest: dict[str, tuple[datetime, int, Row]] = {}
         strict, lenient, astuple = self._strict.decode, self._lenient.decode, msgspec.structs.astuple
         slow, needs_data = self._slow, self._needs_data
         declared = self._declared
@@ -204,28 +267,57 @@ class PartDecoder:
             key = env.key if env is not None else None
             if env is None or type(key) is not str or not key:
                 prepared.slow += 1
-                self._python(line, n, part, prepared)
+                self._python(line, n, part, prepared, latest)
                 continue
-            values = list(astuple(env.data))
+            fetched = env.fetched_at
             if slow:
-                data = orjson.loads(line)["data"] if needs_data else None
+                values = list(astuple(env.data))
+                data_ = orjson.loads(line)["data"] if needs_data else None
                 reasons = None
                 for i, name, always, validator in slow:
                     if always or type(values[i]) is str:
-                        [values[i]], reasons = validator(data if data is not None else {name: values[i]})
+                        [values[i]], reasons = validator(data_ if data_ is not None else {name: values[i]})
                         if reasons:
                             break
                 if reasons:
                     prepared.slow += 1
-                    self._python(line, n, part, prepared)  # every reason, the compiled fields' too
+                    self._python(line, n, part, prepared, latest)  # every reason, the compiled fields' too
                     continue
-            fetched = env.fetched_at
+                row = (*values, key, extra, env.url, env.content_hash, fetched, fetched)
+            else:
+                row = (*astuple(env.data), key, extra, env.url, env.content_hash, fetched, fetched)
             prev = latest.get(key)
-            if prev is None or fetched >= prev[1]:  # the latest fetched_at wins within the part
-                latest[key] = (env.content_hash, fetched, n, env.url, extra, values)
+            if prev is None or fetched >= prev[0]:  # the latest fetched_at wins within the part
+                latest[key] = (fetched, n, row)
+        self._encode(latest, prepared)
         return prepared
 
-    def _python(self, line: bytes, n: int, part: StagedPart, prepared: Prepared) -> None:
+    @staticmethod
+    def _encode(latest: Mapping[str, tuple[datetime, int, Row]], prepared: Prepared) -> None:
+        """The winning records in key order (the table's and the lineage index's order): COPY text and msgpack."""
+        keys = sorted(latest)
+        if not keys:
+            return
+        won = [latest[k] for k in keys]
+        hashes = [r[2][-3] for r in won]
+        # Keys and hashes are written as they are unless one of them needs COPY's escapes.
+        if _COPY_SPECIAL.search("".join(keys)):
+            keys = [k.translate(_COPY_ESCAPES) for k in keys]
+        if _COPY_SPECIAL.search("".join(hashes)):
+            hashes = [h.translate(_COPY_ESCAPES) for h in hashes]
+        encode = msgspec.msgpack.Encoder().encode
+        prepared.records = [encode(r[2]) for r in won]
+        prepared.compare = "".join(
+            [
+                f"{i}\t{k}\t{h}\t{r[0].isoformat()}\t{r[1]}\n"
+                for i, (k, h, r) in enumerate(zip(keys, hashes, won, strict=True))
+            ]
+        ).encode()
+        prepared.seen_at = max(r[0] for r in won)
+
+    def _python(
+        self, line: bytes, n: int, part: StagedPart, prepared: Prepared, latest: dict[str, tuple[datetime, int, Row]]
+    ) -> None:
         """One record through the rules' Python form: coerced and kept, or rejected with every reason."""
         env = decode_envelope(line, part, n)
         data = env.get("data")
@@ -250,6 +342,28 @@ class PartDecoder:
         key = str(key)
         declared = self._declared
         extra = None if declared >= data.keys() else {k: v for k, v in data.items() if k not in declared}
-        prev = prepared.latest.get(key)
-        if prev is None or fetched >= prev[1]:
-            prepared.latest[key] = (content_hash, fetched, n, url, jsonb(extra) if extra else None, values)
+        prev = latest.get(key)
+        if prev is None or fetched >= prev[0]:
+            row = (*values, key, jsonb(extra) if extra else None, url, content_hash, fetched, fetched)
+            latest[key] = (fetched, n, row)
+
+
+# The decoding process keeps the decoders of the manifests it is working on (their rules compiled once).
+_DECODERS: dict[str, PartDecoder] = {}
+
+
+def prepare_part(spec: tuple[Any, ...], data: bytes, part: StagedPart) -> Prepared:
+    """A part prepared in the decoding process; ``spec`` is :class:`PartDecoder`'s arguments (picklable)."""
+    cache_key = repr(spec)
+    decoder = _DECODERS.get(cache_key)
+    if decoder is None:
+        if len(_DECODERS) >= 4:
+            _DECODERS.pop(next(iter(_DECODERS)))
+        decoder = _DECODERS[cache_key] = PartDecoder(*spec)
+    t = time.perf_counter()
+    prepared = decoder.prepare(data, part)
+    prepared.seconds = time.perf_counter() - t
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    prepared.peak_rss_mb = usage.ru_maxrss / 1024
+    prepared.cpu_s = usage.ru_utime + usage.ru_stime
+    return prepared

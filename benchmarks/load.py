@@ -170,7 +170,9 @@ async def _child_load(dsn: str, staging: str, run_id: str) -> None:
         t0 = time.perf_counter()
         results = await loader.load_manifest(manifest)
         dt = time.perf_counter() - t0
-        worker_rss, worker_cpu = loader.worker_peak_rss_mb, loader.worker_cpu_s
+        # The decoding processes side by side: their peaks add up, as their CPU does.
+        worker_rss = sum(rss for rss, _ in loader.decoder_usage.values())
+        worker_cpu = sum(cpu for _, cpu in loader.decoder_usage.values())
         await loader.close()
         pg_cpu = sum(_proc_cpu(p) for p in pids) - pg_cpu0
         async with pool.acquire() as conn:

@@ -49,11 +49,11 @@ class Loader:
     pending: a rerun after the fix loads it.
 
     Pipelined: while one part's transaction runs in PostgreSQL, the next parts
-    are read, decoded, validated and encoded in a decoding process (its own
-    interpreter, so its CPU does not share the event loop's GIL), which hands
-    back a few large byte strings per part. Sources with named checks are
-    prepared in a thread instead, where their checks were resolved. Call
-    :meth:`close` when done (the decoding process otherwise ends with the
+    are read, decoded, validated and encoded in ``decoders`` decoding processes
+    (their own interpreters, so their CPU does not share the event loop's GIL),
+    which hand back a few large byte strings per part. Sources with named checks
+    are prepared in a thread instead, where their checks were resolved. Call
+    :meth:`close` when done (the decoding processes otherwise end with the
     Loader or the interpreter).
     """
 
@@ -65,22 +65,22 @@ class Loader:
         *,
         max_reject_rate: float | None = None,
         reject_min_rows: int = 100,
+        decoders: int = 2,
     ) -> None:
         self.pool = pool
         self.stager = stager
         self.schema = schema
         self.max_reject_rate = max_reject_rate
         self.reject_min_rows = reject_min_rows
+        self.decoders = decoders
         self._s = q(schema)
         self._decoders: dict[str, PartDecoder] = {}
         self._ahead: dict[str, asyncio.Task[tuple[Prepared, float]]] = {}
         self._types: dict[str, dict[str, str]] = {}
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
-        self.worker_peak_rss_mb = 0.0
-        """The decoding process's peak RSS so far (MB)."""
-        self.worker_cpu_s = 0.0
-        """The decoding process's CPU seconds so far."""
+        self.decoder_usage: dict[int, tuple[float, float]] = {}
+        """Per decoding process: its peak RSS (MB) and CPU seconds so far."""
         self.identity = schema
         """Which database and schema this loads into (no credentials): known after :meth:`setup`."""
 
@@ -107,7 +107,7 @@ class Loader:
         # event loop and threads); only the prepare module is imported there.
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["sinks.postgres._prepare"])
-        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+        self._pool = ProcessPoolExecutor(max_workers=self.decoders, mp_context=ctx)
         weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
         return self._pool
 
@@ -231,8 +231,8 @@ class Loader:
                     lambda: self._executor().submit(prepare_part, decoder.spec, data, part)
                 )
                 prepared = await asyncio.wrap_future(future)
-                self.worker_peak_rss_mb = max(self.worker_peak_rss_mb, prepared.peak_rss_mb)
-                self.worker_cpu_s = max(self.worker_cpu_s, prepared.cpu_s)
+                rss, cpu = self.decoder_usage.get(prepared.pid, (0.0, 0.0))
+                self.decoder_usage[prepared.pid] = (max(rss, prepared.peak_rss_mb), max(cpu, prepared.cpu_s))
                 return prepared, read_s
 
             def prepare() -> Prepared:

@@ -14,6 +14,7 @@ numbers) run in Python on their field only.
 from __future__ import annotations
 
 import math
+import os
 import re
 import resource
 import time
@@ -48,6 +49,8 @@ _PY_TYPES: Mapping[str, Any] = {
     "timestamp": datetime,
     "json": str,
 }
+_Won = tuple[datetime, int, str, bytes]
+"""The record that won its key so far: fetched_at, line, content hash, its :data:`Row` as msgpack."""
 _BATCH = 5000  # rows decoded per msgspec call when they are written
 # COPY text format: these characters in a value are written as escapes.
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -81,6 +84,8 @@ class Prepared:
     """The peak RSS of the process that prepared it."""
     cpu_s: float = 0.0
     """The CPU seconds of the process that prepared it, so far."""
+    pid: int = 0
+    """The process that prepared it."""
 
     @property
     def loaded(self) -> int:
@@ -201,6 +206,7 @@ class PartDecoder:
         self.portable = not any(spec.get("checks") for spec in fields.values())
         self.types = self.validator.types
         self.rows = row_decoder(self.types)
+        self._encode_row = msgspec.msgpack.Encoder().encode
         """Decodes the prepared records the loader writes (:func:`decode_rows`)."""
         self._declared = frozenset(self.types)
         self._run_id, self._source = run_id, source
@@ -246,8 +252,9 @@ class PartDecoder:
         if len(lines) != part.rows:
             raise StagingError(f"{part.uri}: has {len(lines)} lines but the manifest says {part.rows}")
         prepared = Prepared(part, len(lines))
-        latest: dict[str, tuple[datetime, int, Row]] = {}
+        latest: dict[str, _Won] = {}
         strict, lenient, astuple = self._strict.decode, self._lenient.decode, msgspec.structs.astuple
+        encode = self._encode_row  # each record's row becomes bytes at once: no part's worth of Python tuples
         slow, needs_data = self._slow, self._needs_data
         declared = self._declared
         for n, line in enumerate(lines, 1):
@@ -288,25 +295,24 @@ class PartDecoder:
                 row = (*astuple(env.data), key, extra, env.url, env.content_hash, fetched, fetched)
             prev = latest.get(key)
             if prev is None or fetched >= prev[0]:  # the latest fetched_at wins within the part
-                latest[key] = (fetched, n, row)
+                latest[key] = (fetched, n, env.content_hash, encode(row))
         self._encode(latest, prepared)
         return prepared
 
     @staticmethod
-    def _encode(latest: Mapping[str, tuple[datetime, int, Row]], prepared: Prepared) -> None:
+    def _encode(latest: Mapping[str, _Won], prepared: Prepared) -> None:
         """The winning records in key order (the table's and the lineage index's order): COPY text and msgpack."""
         keys = sorted(latest)
         if not keys:
             return
         won = [latest[k] for k in keys]
-        hashes = [r[2][-3] for r in won]
+        hashes = [r[2] for r in won]
         # Keys and hashes are written as they are unless one of them needs COPY's escapes.
         if _COPY_SPECIAL.search("".join(keys)):
             keys = [k.translate(_COPY_ESCAPES) for k in keys]
         if _COPY_SPECIAL.search("".join(hashes)):
             hashes = [h.translate(_COPY_ESCAPES) for h in hashes]
-        encode = msgspec.msgpack.Encoder().encode
-        prepared.records = [encode(r[2]) for r in won]
+        prepared.records = [r[3] for r in won]
         prepared.compare = "".join(
             [
                 f"{i}\t{k}\t{h}\t{r[0].isoformat()}\t{r[1]}\n"
@@ -315,9 +321,7 @@ class PartDecoder:
         ).encode()
         prepared.seen_at = max(r[0] for r in won)
 
-    def _python(
-        self, line: bytes, n: int, part: StagedPart, prepared: Prepared, latest: dict[str, tuple[datetime, int, Row]]
-    ) -> None:
+    def _python(self, line: bytes, n: int, part: StagedPart, prepared: Prepared, latest: dict[str, _Won]) -> None:
         """One record through the rules' Python form: coerced and kept, or rejected with every reason."""
         env = decode_envelope(line, part, n)
         data = env.get("data")
@@ -345,7 +349,7 @@ class PartDecoder:
         prev = latest.get(key)
         if prev is None or fetched >= prev[0]:
             row = (*values, key, jsonb(extra) if extra else None, url, content_hash, fetched, fetched)
-            latest[key] = (fetched, n, row)
+            latest[key] = (fetched, n, content_hash, self._encode_row(row))
 
 
 # The decoding process keeps the decoders of the manifests it is working on (their rules compiled once).
@@ -366,4 +370,5 @@ def prepare_part(spec: tuple[Any, ...], data: bytes, part: StagedPart) -> Prepar
     usage = resource.getrusage(resource.RUSAGE_SELF)
     prepared.peak_rss_mb = usage.ru_maxrss / 1024
     prepared.cpu_s = usage.ru_utime + usage.ru_stime
+    prepared.pid = os.getpid()
     return prepared

@@ -2,12 +2,12 @@
 
 Per records part, in one transaction: an advisory lock on the part and a ledger
 check (a part already in ``_loads`` is skipped), the reject-rate gate, then,
-under the source table's lock, the part's keys and content hashes compared with
-the table (one join): keys not there are COPYed straight into the table, changed
-rows (at least as new as the table's) are COPYed to a temp table and updated
-from it, unchanged ones touch nothing; every loaded record gets one narrow
-``_lineage`` row (COPY), the rejects and the ledger row commit with them.
-"""
+under the source table's lock, the part's keys, content hashes and fetch times
+(COPY text the decoding process wrote) into a temp table and compared with the
+table in one statement that also writes every record's narrow ``_lineage`` row:
+keys not there are COPYed straight into the table, changed rows (at least as
+new as the table's) are COPYed to a temp table and updated from it, unchanged
+ones touch nothing; the rejects and the ledger row commit with them."""
 
 from __future__ import annotations
 

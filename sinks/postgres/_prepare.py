@@ -9,6 +9,11 @@ through ``sinks.validate.RecordValidator``, the one home of the rules, which
 accepts what it may and names *every* reason for what it rejects. Rules with no
 compiled form (``parse: number``, ``json`` values, named checks, ``choices`` on
 numbers) run in Python on their field only.
+
+It runs in a decoding process (:func:`prepare_part`), so what it hands back is
+bytes, not rows: the winning records' keys, hashes and fetch times as COPY text
+for the comparison, and each record's row as msgpack, which the loader decodes
+(:func:`decode_rows`, msgspec again) only for the rows it writes.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import threading
 import time
 import weakref
@@ -26,7 +27,7 @@ from sinks.postgres._part import (
     write_outcomes,
     write_records,
 )
-from sinks.postgres._prepare import PartDecoder, Prepared, prepare_part
+from sinks.postgres._prepare import PartDecoder, Prepared, prepare_part, watch_loader
 from sinks.validate import check_manifest
 from trawl.errors import LoadError, StagingError, TooManyRejects
 from trawl.staging import Manifest, StagedPart, Stager
@@ -107,7 +108,9 @@ class Loader:
         # event loop and threads); only the prepare module is imported there.
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["sinks.postgres._prepare"])
-        self._pool = ProcessPoolExecutor(max_workers=self.decoders, mp_context=ctx)
+        self._pool = ProcessPoolExecutor(
+            max_workers=self.decoders, mp_context=ctx, initializer=watch_loader, initargs=(os.getpid(),)
+        )
         weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
         return self._pool
 

@@ -22,6 +22,7 @@ import math
 import os
 import re
 import resource
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,16 @@ from sinks.validate import RecordValidator, jsonb, no_nul
 from trawl.errors import StagingError
 from trawl.staging import StagedPart
 
-__all__ = ["PartDecoder", "Prepared", "Row", "decode_envelope", "decode_rows", "prepare_part", "row_decoder"]
+__all__ = [
+    "PartDecoder",
+    "Prepared",
+    "Row",
+    "decode_envelope",
+    "decode_rows",
+    "prepare_part",
+    "row_decoder",
+    "watch_loader",
+]
 
 _BIGINT = 2**63
 # A JSON string can only hold U+0000 escaped; such lines take the Python path, which refuses or replaces it.
@@ -359,6 +369,22 @@ class PartDecoder:
 
 # The decoding process keeps the decoders of the manifests it is working on (their rules compiled once).
 _DECODERS: dict[str, PartDecoder] = {}
+
+
+def watch_loader(pid: int) -> None:
+    """In a decoding process: exit once the loader that started it is gone (it cannot shut its pool down then)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:  # exists, another user's: not ours, but alive
+                pass
+
+    threading.Thread(target=watch, name="trawl-watch-loader", daemon=True).start()
 
 
 def prepare_part(spec: tuple[Any, ...], data: bytes, part: StagedPart) -> Prepared:

@@ -148,7 +148,7 @@ def _csv(stager: LocalStager, path: Path) -> int:
     return n
 
 
-async def _child_load(dsn: str, staging: str, run_id: str) -> None:
+async def _child_load(dsn: str, staging: str, run_id: str, decoders: int | None) -> None:
     """In a subprocess: load one run and print its figures (its own peak RSS, its backends' CPU, phases)."""
     from sinks.postgres import Loader
     from trawl.database import connect_pool
@@ -164,7 +164,7 @@ async def _child_load(dsn: str, staging: str, run_id: str) -> None:
             ]
             writes = await conn.fetchval(_WRITES, SOURCE)
         pg_cpu0 = sum(_proc_cpu(p) for p in pids)
-        loader = Loader(pool, stager, max_reject_rate=0.05)
+        loader = Loader(pool, stager, max_reject_rate=0.05, **({} if decoders is None else {"decoders": decoders}))
         await loader.setup()
         [manifest] = [m for m in await stager.manifests("raw") if m.run_id == run_id]
         t0 = time.perf_counter()
@@ -219,7 +219,7 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _load_in_child(dsn: str, staging: Path, run_id: str) -> dict[str, Any]:
+def _load_in_child(dsn: str, staging: Path, run_id: str, decoders: int | None = None) -> dict[str, Any]:
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -231,6 +231,7 @@ def _load_in_child(dsn: str, staging: Path, run_id: str) -> dict[str, Any]:
             dsn,
             "--staging",
             str(staging),
+            *(() if decoders is None else ("--decoders", str(decoders))),
         ],
         stdout=subprocess.PIPE,
     )
@@ -373,12 +374,13 @@ def main() -> None:
         metavar="DIR",
         help="stage into DIR and keep it; a later run with the same DIR (and --rows) loads it again",
     )
+    parser.add_argument("--decoders", type=int, help="the loader's decoding processes (default: the Loader's)")
     parser.add_argument("--child-load", metavar="RUN_ID", help=argparse.SUPPRESS)
     parser.add_argument("--child-dlt", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--staging", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_load:
-        asyncio.run(_child_load(args.database_url, args.staging, args.child_load))
+        asyncio.run(_child_load(args.database_url, args.staging, args.child_load, args.decoders))
         return
     if args.child_dlt:
         _child_dlt(args.database_url, args.staging)
@@ -396,11 +398,11 @@ def main() -> None:
         copy_s = _psql_copy(dsn, csv_path)
         copy_rps = n / copy_s
         _line(bench="load.psql_copy", rows=n, seconds=round(copy_s, 2), rows_per_s=round(copy_rps))
-        r0 = _load_in_child(dsn, staging, "r0")
+        r0 = _load_in_child(dsn, staging, "r0", args.decoders)
         _line(bench="load.trawl_into_empty", **r0, vs_copy=round(r0["rows_per_s"] / copy_rps, 3))
-        r2 = _load_in_child(dsn, staging, "r2")  # before r1: the table holds exactly r0's content
+        r2 = _load_in_child(dsn, staging, "r2", args.decoders)  # before r1: the table holds exactly r0's content
         _line(bench="load.trawl_reload_unchanged", **r2, vs_copy=round(r2["rows_per_s"] / copy_rps, 3))
-        r1 = _load_in_child(dsn, staging, "r1")
+        r1 = _load_in_child(dsn, staging, "r1", args.decoders)
         _line(bench="load.trawl", **r1, vs_copy=round(r1["rows_per_s"] / copy_rps, 3))
         dlt = None if args.no_dlt else _dlt_in_child(dsn, staging)
         if dlt is not None:

@@ -12,7 +12,6 @@ ones touch nothing; the rejects and the ledger row commit with them."""
 from __future__ import annotations
 
 import hashlib
-import io
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,11 +19,10 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-import msgspec
 import orjson
 
 from sinks.postgres._ddl import literal, q, row_columns
-from sinks.postgres._prepare import Prepared, Row, decode_envelope, decode_rows
+from sinks.postgres._prepare import COPY_CSV, Prepared, copy_rows, decode_envelope
 from trawl.errors import TooManyRejects
 from trawl.staging import Manifest, StagedPart
 
@@ -177,7 +175,6 @@ async def write_records(
     schema: str,
     m: Manifest,
     prepared: Prepared,
-    rows: msgspec.msgpack.Decoder[list[Row]],
     types: Mapping[str, str],
     load_id: int,
     now: datetime,
@@ -205,8 +202,8 @@ async def write_records(
         " SET LOCAL enable_mergejoin = off; SET LOCAL TimeZone = 'UTC';"
         f" CREATE TEMP TABLE _compare ({_COMPARE_DDL}) ON COMMIT DROP"
     )
-    if prepared.compare:
-        await conn.copy_to_table("_compare", source=io.BytesIO(prepared.compare), columns=_COMPARE_COLS)
+    if prepared.loaded:
+        await conn.copy_to_table("_compare", source=prepared.compare_path, columns=_COMPARE_COLS)
     t1 = time.perf_counter()
     phases["copy_compare"] = t1 - t0
     # One row of three int arrays back, not a row per record; the lineage rows never leave PostgreSQL.
@@ -233,8 +230,11 @@ async def write_records(
     phases["compare"] = t2 - t1
     cols = row_columns(types)
     if new:
-        await conn.copy_records_to_table(
-            m.source, schema_name=schema, columns=cols, records=decode_rows(rows, prepared, new, (now, load_id))
+        # The rows as the decoding process wrote them, this transaction's time and load id added to each.
+        tail = f'"{now.isoformat()}",{load_id}'.encode()
+        which = None if len(new) == prepared.loaded else new
+        await conn.copy_to_table(
+            m.source, schema_name=schema, columns=cols, source=copy_rows(prepared, which, tail), **COPY_CSV
         )
     t3 = time.perf_counter()
     phases["copy"] = t3 - t2
@@ -247,7 +247,7 @@ async def write_records(
             f"CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {', '.join(q(c) for c in staged)}"
             f" FROM {table} WITH NO DATA"
         )
-        await conn.copy_records_to_table(stage, columns=staged, records=decode_rows(rows, prepared, changed))
+        await conn.copy_to_table(stage, columns=staged, source=copy_rows(prepared, changed), **COPY_CSV)
         sets = [q(c) for c in staged[:-1] if c != "_key"]  # _first_seen_at stays
         await conn.execute(f"ANALYZE {stage}")
         await conn.execute(

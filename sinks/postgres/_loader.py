@@ -68,7 +68,7 @@ class Loader:
         *,
         max_reject_rate: float | None = None,
         reject_min_rows: int = 100,
-        decoders: int = 2,
+        decoders: int = 1,
     ) -> None:
         self.pool = pool
         self.stager = stager

@@ -52,12 +52,15 @@ class Loader:
     pending: a rerun after the fix loads it.
 
     Pipelined: while one part's transaction runs in PostgreSQL, the next parts
-    are read, decoded, validated and encoded in ``decoders`` decoding processes
+    are read (as staged: gzip) and handed to ``decoders`` decoding processes
     (their own interpreters, so their CPU does not share the event loop's GIL),
-    which hand back a few large byte strings per part. Sources with named checks
-    are prepared in a thread instead, where their checks were resolved. Call
-    :meth:`close` when done (the decoding processes otherwise end with the
-    Loader or the interpreter).
+    which decode, validate and encode them into COPY files in a private
+    temporary directory; the event loop only streams those files to PostgreSQL,
+    a chunk at a time. One process by default: on two cores PostgreSQL needs the
+    other, and each process holds a part's records while it works on it. Sources
+    with named checks are prepared in a thread instead, where their checks were
+    resolved. Call :meth:`close` when done (the decoding processes and their
+    files otherwise go with the Loader, or with the interpreter).
     """
 
     def __init__(
@@ -219,10 +222,18 @@ class Loader:
             raise
 
     async def finish(self, manifest: Manifest) -> None:
-        """After a manifest's parts load: the run's row in ``_runs``."""
+        """After a manifest's parts load: the run's row in ``_runs``, and the lineage's new rows indexed."""
         self._forget(manifest)
         async with self.pool.acquire() as conn:
             await record_run(conn, self._s, manifest)
+            # The block range indexes cover a range once it is summarized (autovacuum does it, later): until
+            # then a lookup reads the whole unsummarized tail. Reading the pages just written is cheap.
+            await conn.execute(
+                "SELECT brin_summarize_new_values(i) FROM unnest(ARRAY[to_regclass($1), to_regclass($2)]) i"
+                " WHERE i IS NOT NULL",
+                f"{self._s}._lineage_key_brin",
+                f"{self._s}._lineage_load",
+            )
 
     def _decoder(self, manifest: Manifest, types: Mapping[str, str]) -> PartDecoder:
         decoder = self._decoders.get(manifest.uri)
@@ -342,11 +353,11 @@ class Loader:
 def _remove(path: str) -> None:
     """Remove a directory; in a thread when called on an event loop's thread (file system calls block)."""
     try:
-        asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
     except RuntimeError:
         shutil.rmtree(path, ignore_errors=True)
-    else:
-        threading.Thread(target=shutil.rmtree, args=(path, True), name="trawl-remove", daemon=True).start()
+    else:  # the loop's executor: asyncio.run waits for it before the interpreter exits
+        loop.run_in_executor(None, shutil.rmtree, path, True)
 
 
 def _drop(job: asyncio.Task[tuple[Prepared, float]]) -> None:

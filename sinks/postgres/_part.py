@@ -184,8 +184,9 @@ async def write_records(
     The prepared records' keys, hashes and fetch times are COPYed (bytes the
     decoding process wrote) into a temp table; one statement compares them with
     the table through its primary key, writes every record's lineage row and
-    returns which records are new, changed, or seen earlier than known. Only
-    those rows are decoded here and COPYed.
+    returns which records are new, changed, or seen earlier than known. Those
+    rows are streamed from the rows file the decoding process wrote, as they
+    are (CSV), into the table or the changed rows' temp table.
     """
     s = q(schema)
     table = f"{s}.{q(m.source)}"

@@ -355,7 +355,7 @@ async def test_undeclared_fields_land_in_extra(loader: Loader, stager: LocalStag
 async def test_awkward_values_arrive_exactly(loader: Loader, stager: LocalStager, db: asyncpg.Connection) -> None:
     # Rows reach COPY as CSV written by the decoding process: quotes, backslashes, newlines, tabs, control
     # characters, the text "null", empty strings and non-ASCII keep their exact values, in new and changed rows.
-    odd = ['say "hi"', "back\\slash \\\"", "two\nlines\r\n", "tab\there", "bell\x07", "null", "", "naïve ☃ 𝄞", ","]
+    odd = ['say "hi"', 'back\\slash \\"', "two\nlines\r\n", "tab\there", "bell\x07", "null", "", "naïve ☃ 𝄞", ","]
     first = [rec(f"k{i}\t\\{i}", item(i, name=v, meta={"v": v}, note=v), run_id="r1", at=T0) for i, v in enumerate(odd)]
     _, raw = await stage(stager, "r1", first)
     await loader.load_manifest(raw)

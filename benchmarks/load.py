@@ -197,13 +197,22 @@ async def _child_load(dsn: str, staging: str, run_id: str, decoders: int | None)
                 "table_tuples_written": writes,
                 "pg_cpu_s": round(pg_cpu, 2),
                 "phases_s": {k: round(v, 2) for k, v in phases.items()},
-                "self_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "self_peak_rss_mb": round(_peak_rss_mb(), 1),
+                "self_ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 "decoder_peak_rss_mb": round(worker_rss, 1),
                 "self_cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 2),
                 "decoder_cpu_s": round(worker_cpu, 2),
             }
         ).decode()
     )
+
+
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM: its address space's, unlike ru_maxrss, which exec does not reset)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # Rows inserted or updated in the source table so far (cumulative statistics).
@@ -240,9 +249,10 @@ def _load_in_child(dsn: str, staging: Path, run_id: str, decoders: int | None = 
     if status != 0:
         raise SystemExit(f"loader child failed with status {status}")
     figures: dict[str, Any] = orjson.loads(out.splitlines()[-1])
-    # fork + exec: the child's high-water mark is its own, not the parent's it was forked from.
-    # Its decoding process is forked by the forkserver, not by it: its figures come from the loader, and count.
-    figures["peak_rss_mb"] = round(usage.ru_maxrss / 1024 + figures["decoder_peak_rss_mb"], 1)
+    # Not the child's ru_maxrss: Linux carries the forking process's high-water mark across exec into it (this
+    # process's, which staged the records). The child reports its own (VmHWM), and its decoding processes'
+    # (forked by the forkserver, not by it), which count too.
+    figures["peak_rss_mb"] = round(figures["self_peak_rss_mb"] + figures["decoder_peak_rss_mb"], 1)
     figures["cpu_s"] = round(usage.ru_utime + usage.ru_stime + figures["decoder_cpu_s"], 2)
     figures["rows_per_s"] = round(figures["rows"] / figures["seconds"])
     return figures

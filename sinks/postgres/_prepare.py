@@ -500,6 +500,18 @@ def watch_loader(pid: int) -> None:
     threading.Thread(target=watch, name="trawl-watch-loader", daemon=True).start()
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM, its own address space's; 0 where /proc has none)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def prepare_part(spec: tuple[Any, ...], gz: bytes, part: StagedPart, out_dir: str) -> Prepared:
     """A part prepared in the decoding process; ``spec`` is :class:`PartDecoder`'s arguments (picklable)."""
     _OUT_DIRS.add(out_dir)
@@ -513,7 +525,7 @@ def prepare_part(spec: tuple[Any, ...], gz: bytes, part: StagedPart, out_dir: st
     prepared = decoder.prepare(gz, part, out_dir)
     prepared.seconds = time.perf_counter() - t
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    prepared.peak_rss_mb = usage.ru_maxrss / 1024
+    prepared.peak_rss_mb = _peak_rss_mb() or usage.ru_maxrss / 1024
     prepared.cpu_s = usage.ru_utime + usage.ru_stime
     prepared.pid = os.getpid()
     return prepared

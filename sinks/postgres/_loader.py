@@ -56,8 +56,9 @@ class Loader:
     (their own interpreters, so their CPU does not share the event loop's GIL),
     which decode, validate and encode them into COPY files in a private
     temporary directory; the event loop only streams those files to PostgreSQL,
-    a chunk at a time. One process by default: on two cores PostgreSQL needs the
-    other, and each process holds a part's records while it works on it. Sources
+    a chunk at a time. One process by default: each holds a part's records
+    (~50 MB for 50,000) while it works on it; two were 20-50% faster on two
+    cores where decoding is the limit but put the load over 250 MB. Sources
     with named checks are prepared in a thread instead, where their checks were
     resolved. Call :meth:`close` when done (the decoding processes and their
     files otherwise go with the Loader, or with the interpreter).

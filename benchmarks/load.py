@@ -148,7 +148,7 @@ def _csv(stager: LocalStager, path: Path) -> int:
     return n
 
 
-async def _child_load(dsn: str, staging: str, run_id: str) -> None:
+async def _child_load(dsn: str, staging: str, run_id: str, decoders: int | None) -> None:
     """In a subprocess: load one run and print its figures (its own peak RSS, its backends' CPU, phases)."""
     from sinks.postgres import Loader
     from trawl.database import connect_pool
@@ -164,12 +164,16 @@ async def _child_load(dsn: str, staging: str, run_id: str) -> None:
             ]
             writes = await conn.fetchval(_WRITES, SOURCE)
         pg_cpu0 = sum(_proc_cpu(p) for p in pids)
-        loader = Loader(pool, stager, max_reject_rate=0.05)
+        loader = Loader(pool, stager, max_reject_rate=0.05, **({} if decoders is None else {"decoders": decoders}))
         await loader.setup()
         [manifest] = [m for m in await stager.manifests("raw") if m.run_id == run_id]
         t0 = time.perf_counter()
         results = await loader.load_manifest(manifest)
         dt = time.perf_counter() - t0
+        # The decoding processes side by side: their peaks add up, as their CPU does.
+        worker_rss = sum(rss for rss, _ in loader.decoder_usage.values())
+        worker_cpu = sum(cpu for _, cpu in loader.decoder_usage.values())
+        await loader.close()
         pg_cpu = sum(_proc_cpu(p) for p in pids) - pg_cpu0
         async with pool.acquire() as conn:
             await conn.execute("SELECT pg_stat_force_next_flush()")
@@ -193,10 +197,22 @@ async def _child_load(dsn: str, staging: str, run_id: str) -> None:
                 "table_tuples_written": writes,
                 "pg_cpu_s": round(pg_cpu, 2),
                 "phases_s": {k: round(v, 2) for k, v in phases.items()},
-                "self_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "self_peak_rss_mb": round(_peak_rss_mb(), 1),
+                "self_ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "decoder_peak_rss_mb": round(worker_rss, 1),
+                "self_cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 2),
+                "decoder_cpu_s": round(worker_cpu, 2),
             }
         ).decode()
     )
+
+
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM: its address space's, unlike ru_maxrss, which exec does not reset)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # Rows inserted or updated in the source table so far (cumulative statistics).
@@ -212,7 +228,7 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _load_in_child(dsn: str, staging: Path, run_id: str) -> dict[str, Any]:
+def _load_in_child(dsn: str, staging: Path, run_id: str, decoders: int | None = None) -> dict[str, Any]:
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -224,6 +240,7 @@ def _load_in_child(dsn: str, staging: Path, run_id: str) -> dict[str, Any]:
             dsn,
             "--staging",
             str(staging),
+            *(() if decoders is None else ("--decoders", str(decoders))),
         ],
         stdout=subprocess.PIPE,
     )
@@ -232,9 +249,11 @@ def _load_in_child(dsn: str, staging: Path, run_id: str) -> dict[str, Any]:
     if status != 0:
         raise SystemExit(f"loader child failed with status {status}")
     figures: dict[str, Any] = orjson.loads(out.splitlines()[-1])
-    # fork + exec: the child's high-water mark is its own, not the parent's it was forked from.
-    figures["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
-    figures["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 2)
+    # Not the child's ru_maxrss: Linux carries the forking process's high-water mark across exec into it (this
+    # process's, which staged the records). The child reports its own (VmHWM), and its decoding processes'
+    # (forked by the forkserver, not by it), which count too.
+    figures["peak_rss_mb"] = round(figures["self_peak_rss_mb"] + figures["decoder_peak_rss_mb"], 1)
+    figures["cpu_s"] = round(usage.ru_utime + usage.ru_stime + figures["decoder_cpu_s"], 2)
     figures["rows_per_s"] = round(figures["rows"] / figures["seconds"])
     return figures
 
@@ -359,33 +378,41 @@ def main() -> None:
         help="a server where a scratch database may be created (default: the local test server)",
     )
     parser.add_argument("--no-dlt", action="store_true", help="skip dlt's merge (also skipped when dlt is missing)")
+    parser.add_argument(
+        "--keep-staging",
+        type=Path,
+        metavar="DIR",
+        help="stage into DIR and keep it; a later run with the same DIR (and --rows) loads it again",
+    )
+    parser.add_argument("--decoders", type=int, help="the loader's decoding processes (default: the Loader's)")
     parser.add_argument("--child-load", metavar="RUN_ID", help=argparse.SUPPRESS)
     parser.add_argument("--child-dlt", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--staging", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_load:
-        asyncio.run(_child_load(args.database_url, args.staging, args.child_load))
+        asyncio.run(_child_load(args.database_url, args.staging, args.child_load, args.decoders))
         return
     if args.child_dlt:
         _child_dlt(args.database_url, args.staging)
         return
 
     with scratch_database(args.database_url, "trawl_bench") as dsn, tempfile.TemporaryDirectory() as tmp:
-        staging = Path(tmp) / "staging"
+        staging = args.keep_staging or Path(tmp) / "staging"
         stager = LocalStager(staging)
-        t0 = time.perf_counter()
-        asyncio.run(_stage(stager, args.rows))
-        _line(bench="load.stage", rows=3 * args.rows, seconds=round(time.perf_counter() - t0, 2))
+        if not (staging / "raw").exists():
+            t0 = time.perf_counter()
+            asyncio.run(_stage(stager, args.rows))
+            _line(bench="load.stage", rows=3 * args.rows, seconds=round(time.perf_counter() - t0, 2))
         csv_path = Path(tmp) / "r1.csv"
         n = _csv(stager, csv_path)
         copy_s = _psql_copy(dsn, csv_path)
         copy_rps = n / copy_s
         _line(bench="load.psql_copy", rows=n, seconds=round(copy_s, 2), rows_per_s=round(copy_rps))
-        r0 = _load_in_child(dsn, staging, "r0")
+        r0 = _load_in_child(dsn, staging, "r0", args.decoders)
         _line(bench="load.trawl_into_empty", **r0, vs_copy=round(r0["rows_per_s"] / copy_rps, 3))
-        r2 = _load_in_child(dsn, staging, "r2")  # before r1: the table holds exactly r0's content
+        r2 = _load_in_child(dsn, staging, "r2", args.decoders)  # before r1: the table holds exactly r0's content
         _line(bench="load.trawl_reload_unchanged", **r2, vs_copy=round(r2["rows_per_s"] / copy_rps, 3))
-        r1 = _load_in_child(dsn, staging, "r1")
+        r1 = _load_in_child(dsn, staging, "r1", args.decoders)
         _line(bench="load.trawl", **r1, vs_copy=round(r1["rows_per_s"] / copy_rps, 3))
         dlt = None if args.no_dlt else _dlt_in_child(dsn, staging)
         if dlt is not None:

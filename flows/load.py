@@ -134,6 +134,7 @@ async def load(
 async def _load_all(settings: Settings, stager: Stager, manifests: list[Manifest], dry_run: bool) -> dict[str, Any]:
     """Every source's manifests side by side, each source's parts in order; the per-source totals."""
     pool = await open_pool(settings, max_size=settings.db_pool_size)
+    loader: Loader | None = None
     try:
         loader = Loader(
             pool,
@@ -171,6 +172,8 @@ async def _load_all(settings: Settings, stager: Stager, manifests: list[Manifest
             else:
                 summary[name] = {**_totals(loads), "error": None}
     finally:
+        if loader is not None:
+            await loader.close()  # its decoding process
         await pool.close()
     log.info(
         "load finished",

@@ -717,21 +717,29 @@ class S3Stager:
 
     async def read_part(self, part: StagedPart) -> AsyncIterator[bytes]:
         """Yield a part's JSON lines, streamed from S3 and checked against the manifest's sha256 first."""
+        for line in (await self.read_part_data(part)).splitlines():
+            if line:
+                yield line
+
+    async def read_part_data(self, part: StagedPart) -> bytes:
+        """A part's JSON lines as one block of bytes, streamed from S3 and checked against its sha256 first."""
+        data = await self.read_part_gz(part)
+        try:
+            return await asyncio.to_thread(zlib.decompress, data, 31)
+        except zlib.error as exc:
+            raise StagingError(f"{part.uri}: not a gzip part: {exc}") from None
+
+    async def read_part_gz(self, part: StagedPart) -> bytes:
+        """A part as it is staged (gzip JSON lines), streamed from S3 and checked against its sha256."""
         key = self._key(part.uri)
         sha = hashlib.sha256()
-        unzip = zlib.decompressobj(31)
         out: list[bytes] = []
-        broken: zlib.error | None = None
         try:
             resp = await self.client.get_object(Bucket=self.bucket, Key=key)
             async with resp["Body"] as body:
                 while chunk := await body.read(_READ_CHUNK):
                     sha.update(chunk)
-                    if broken is None:
-                        try:
-                            out.append(unzip.decompress(chunk))
-                        except zlib.error as exc:  # reported after the checksum, which says more
-                            broken = exc
+                    out.append(chunk)
         except Exception as exc:
             from botocore.exceptions import ClientError
 
@@ -743,12 +751,7 @@ class S3Stager:
         digest = sha.hexdigest()
         if digest != part.sha256:
             raise StagingError(f"{part.uri}: sha256 {digest} does not match the manifest's {part.sha256}")
-        if broken is not None:
-            raise StagingError(f"{part.uri}: not a gzip part: {broken}")
-        out.append(unzip.flush())
-        for line in b"".join(out).splitlines():
-            if line:
-                yield line
+        return b"".join(out)
 
 
 def _write_file(path: Path, data: bytes) -> None:

@@ -284,6 +284,17 @@ class LocalStager:
 
     async def read_part(self, part: StagedPart) -> AsyncIterator[bytes]:
         """Yield the JSON lines of a part after checking its sha256 against the manifest."""
+        for line in (await self.read_part_data(part)).splitlines():
+            if line:
+                yield line
+
+    async def read_part_data(self, part: StagedPart) -> bytes:
+        """A part's JSON lines as one block of bytes, after checking its sha256 against the manifest."""
+        data = await self.read_part_gz(part)
+        return await asyncio.to_thread(zlib.decompress, data, 31)
+
+    async def read_part_gz(self, part: StagedPart) -> bytes:
+        """A part as it is staged (gzip JSON lines), after checking its sha256 against the manifest."""
         path = self._path(part.uri)
 
         def read() -> bytes:
@@ -294,8 +305,6 @@ class LocalStager:
             digest = hashlib.sha256(data).hexdigest()
             if digest != part.sha256:
                 raise StagingError(f"{part.uri}: sha256 {digest} does not match the manifest's {part.sha256}")
-            return zlib.decompress(data, 31)
+            return data
 
-        for line in (await asyncio.to_thread(read)).splitlines():
-            if line:
-                yield line
+        return await asyncio.to_thread(read)

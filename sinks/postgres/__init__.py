@@ -2,11 +2,12 @@
 
 Per source and manifest the table is first created or evolved to the declared
 fields (``_ddl``). Parts are read through the ``Stager`` protocol (local or S3
-alike), decoded, validated and deduplicated (``_prepare``: compiled, with
-``sinks.validate`` for what it refuses) while the previous part is written.
-Each part is one transaction (``_part``): compare with the table by key and
-content hash, COPY new rows, update changed ones, leave unchanged ones alone,
-COPY one narrow lineage row per record, rejects and the ledger row. ``_queries``
+alike), decoded, validated, deduplicated and encoded as COPY files (``_prepare``:
+compiled, with ``sinks.validate`` for what it refuses) in a decoding process
+while the previous part is written. Each part is one transaction (``_part``):
+compare with the table by key and content hash, COPY new rows, update changed
+ones, leave unchanged ones alone, one narrow lineage row per record, rejects
+and the ledger row. ``_queries``
 reads it back (``lineage``, validators for conditional requests).
 """
 

@@ -2,18 +2,18 @@
 
 Per records part, in one transaction: an advisory lock on the part and a ledger
 check (a part already in ``_loads`` is skipped), the reject-rate gate, then,
-under the source table's lock, the part's keys and content hashes compared with
-the table (one join): keys not there are COPYed straight into the table, changed
-rows (at least as new as the table's) are COPYed to a temp table and updated
-from it, unchanged ones touch nothing; every loaded record gets one narrow
-``_lineage`` row (COPY), the rejects and the ledger row commit with them.
-"""
+under the source table's lock, the part's keys, content hashes and fetch times
+(COPY text the decoding process wrote) into a temp table and compared with the
+table in one statement that also writes every record's narrow ``_lineage`` row:
+keys not there are COPYed straight into the table, changed rows (at least as
+new as the table's) are COPYed to a temp table and updated from it, unchanged
+ones touch nothing; the rejects and the ledger row commit with them."""
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -22,7 +22,7 @@ import asyncpg
 import orjson
 
 from sinks.postgres._ddl import literal, q, row_columns
-from sinks.postgres._prepare import Prepared, decode_envelope
+from sinks.postgres._prepare import COPY_CSV, Prepared, copy_rows, decode_envelope
 from trawl.errors import TooManyRejects
 from trawl.staging import Manifest, StagedPart
 
@@ -38,7 +38,6 @@ __all__ = [
 ]
 
 _REJECT_COLS = ("run_id", "source", "key", "url", "reasons", "record", "staged_object", "line")
-_LINEAGE_COLS = ["load_id", "key", "line", "change"]
 _OUTCOME_COLS = (
     "run_id",
     "source",
@@ -54,8 +53,11 @@ _OUTCOME_COLS = (
     "etag",
     "last_modified",
 )
-# What comparing a staged record with the table's row for its key found (the rest are unchanged).
-_NEW, _CHANGED, _FIRST, _OLDER = 0, 1, 2, 3
+# What comparing a staged record with the table's row for its key found.
+_NEW, _CHANGED, _FIRST, _OLDER, _SAME = 0, 1, 2, 3, 4
+# The prepared records' keys as the decoding process writes them (COPY text format), in key order.
+_COMPARE_COLS = ["i", "k", "h", "f", "line"]
+_COMPARE_DDL = "i int4, k text, h text, f timestamptz, line int4"
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +179,15 @@ async def write_records(
     load_id: int,
     now: datetime,
 ) -> tuple[PartLoad, dict[str, float]]:
-    """The part's rows into the source table and ``_lineage`` (inside the caller's transaction, after the claim)."""
+    """The part's rows into the source table and ``_lineage`` (inside the caller's transaction, after the claim).
+
+    The prepared records' keys, hashes and fetch times are COPYed (bytes the
+    decoding process wrote) into a temp table; one statement compares them with
+    the table through its primary key, writes every record's lineage row and
+    returns which records are new, changed, or seen earlier than known. Those
+    rows are streamed from the rows file the decoding process wrote, as they
+    are (CSV), into the table or the changed rows' temp table.
+    """
     s = q(schema)
     table = f"{s}.{q(m.source)}"
     phases: dict[str, float] = {}
@@ -185,82 +195,74 @@ async def write_records(
     # Parts of one source are compared and written one at a time: what the comparison saw stays true until
     # commit, and concurrent loaders never deadlock on shared keys.
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"trawl-upsert:{table}")
-    # A part is a small share of the table: probe its keys through the primary key, never scan the table
-    # (the planner, with no statistics on the unnested arrays or the temp table, picks a hash join over it).
+    # A part is a small share of the table: probe its keys (sorted) through the primary key, never scan the
+    # table (the planner, with no statistics on the temp table, picks a hash join over it). Naive fetch
+    # times mean UTC, as everywhere in trawl.
     await conn.execute(
-        "SET LOCAL jit = off; SET LOCAL work_mem = '64MB'; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
+        "SET LOCAL jit = off; SET LOCAL work_mem = '64MB'; SET LOCAL enable_hashjoin = off;"
+        " SET LOCAL enable_mergejoin = off; SET LOCAL TimeZone = 'UTC';"
+        f" CREATE TEMP TABLE _compare ({_COMPARE_DDL}) ON COMMIT DROP"
     )
-    latest = prepared.latest
-    keys = list(latest)
-    rows = list(latest.values())
-    # One row of four int arrays back, not a row per record: decoding 100k result rows costs more than the join.
-    new, changed, first, older = await conn.fetchrow(
-        f"""
-        SELECT coalesce(array_agg(i) FILTER (WHERE c = {_NEW}), '{{}}'),
-               coalesce(array_agg(i) FILTER (WHERE c = {_CHANGED}), '{{}}'),
-               coalesce(array_agg(i) FILTER (WHERE c = {_FIRST}), '{{}}'),
-               coalesce(array_agg(i) FILTER (WHERE c = {_OLDER}), '{{}}')
-        FROM (
-            SELECT s.i::int4 - 1 AS i, CASE WHEN t._key IS NULL THEN {_NEW} WHEN t._content_hash = s.h THEN {_FIRST}
-                                            WHEN s.f >= t._fetched_at THEN {_CHANGED} ELSE {_OLDER} END AS c
-            FROM unnest($1::text[], $2::text[], $3::timestamptz[]) WITH ORDINALITY AS s(k, h, f, i)
-            LEFT JOIN {table} t ON t._key = s.k
-            WHERE t._key IS NULL OR t._content_hash <> s.h OR s.f < t._first_seen_at
-        ) x""",
-        keys,
-        [r[0] for r in rows],
-        [r[1] for r in rows],
-    )
-    codes: dict[int, int] = {}
-    for code, found in ((_NEW, new), (_CHANGED, changed), (_FIRST, first), (_OLDER, older)):
-        codes.update(dict.fromkeys(found, code))
+    if prepared.loaded:
+        await conn.copy_to_table("_compare", source=prepared.compare_path, columns=_COMPARE_COLS)
     t1 = time.perf_counter()
-    phases["compare"] = t1 - t0
-    if new:
-        await conn.copy_records_to_table(
-            m.source,
-            schema_name=schema,
-            columns=row_columns(types),
-            records=_new_rows(keys, rows, new, now, load_id),
+    phases["copy_compare"] = t1 - t0
+    # One row of three int arrays back, not a row per record; the lineage rows never leave PostgreSQL.
+    new, changed, first = await conn.fetchrow(
+        f"""
+        WITH c AS MATERIALIZED (
+            SELECT s.i, s.k, s.line,
+                   CASE WHEN t._key IS NULL THEN {_NEW}
+                        WHEN t._content_hash = s.h THEN CASE WHEN s.f < t._first_seen_at THEN {_FIRST} ELSE {_SAME} END
+                        WHEN s.f >= t._fetched_at THEN {_CHANGED} ELSE {_OLDER} END AS c
+            FROM _compare s LEFT JOIN {table} t ON t._key = s.k
+        ), lineage AS (
+            INSERT INTO {s}._lineage (load_id, key, line, change)
+            SELECT $1::bigint, k, line, (ARRAY['inserted', 'updated', 'unchanged', 'older', 'unchanged'])[c + 1]
+            FROM c
         )
+        SELECT coalesce(array_agg(i ORDER BY i) FILTER (WHERE c = {_NEW}), '{{}}'),
+               coalesce(array_agg(i ORDER BY i) FILTER (WHERE c = {_CHANGED}), '{{}}'),
+               coalesce(array_agg(i ORDER BY i) FILTER (WHERE c = {_FIRST}), '{{}}')
+        FROM c""",
+        load_id,
+    )
     t2 = time.perf_counter()
-    phases["copy"] = t2 - t1
+    phases["compare"] = t2 - t1
+    cols = row_columns(types)
+    if new:
+        # The rows as the decoding process wrote them, this transaction's time and load id added to each.
+        tail = f'"{now.isoformat()}",{load_id}'.encode()
+        which = None if len(new) == prepared.loaded else new
+        await conn.copy_to_table(
+            m.source, schema_name=schema, columns=cols, source=copy_rows(prepared, which, tail), **COPY_CSV
+        )
+    t3 = time.perf_counter()
+    phases["copy"] = t3 - t2
     if changed:
-        cols = row_columns(types)[:-3]  # declared fields, _key, _extra, _url, _content_hash, _fetched_at
-        col_list = ", ".join(q(c) for c in cols)
+        staged = cols[:-2]  # declared fields, _key, _extra, _url, _content_hash, _fetched_at, _first_seen_at
         # asyncpg caches a COPY's column types by statement text: a temp table name per column-type
         # signature keeps a cached binary codec from writing into a column whose type changed since.
         stage = "_changed_" + hashlib.sha1(repr(sorted(types.items())).encode()).hexdigest()[:16]
-        await conn.execute(f"CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {col_list} FROM {table} WITH NO DATA")
-        await conn.copy_records_to_table(
-            stage, columns=cols, records=((*rows[i][5], keys[i], *_tail(rows[i])) for i in changed)
+        await conn.execute(
+            f"CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {', '.join(q(c) for c in staged)}"
+            f" FROM {table} WITH NO DATA"
         )
-        sets = ", ".join(q(c) for c in cols if c != "_key")
+        await conn.copy_to_table(stage, columns=staged, source=copy_rows(prepared, changed), **COPY_CSV)
+        sets = [q(c) for c in staged[:-1] if c != "_key"]  # _first_seen_at stays
         await conn.execute(f"ANALYZE {stage}")
         await conn.execute(
-            f"UPDATE {table} t SET ({sets}, _changed_at, _load_id) = ({', '.join(f's.{q(c)}' for c in cols if c != '_key')},"
+            f"UPDATE {table} t SET ({', '.join(sets)}, _changed_at, _load_id) = ({', '.join(f's.{c}' for c in sets)},"
             f" now(), $1::bigint) FROM {stage} s WHERE t._key = s._key",
             load_id,
         )
     if first:  # an older run loaded late: the row was there earlier than we knew
         await conn.execute(
-            f"UPDATE {table} t SET _first_seen_at = v.f FROM unnest($1::text[], $2::timestamptz[]) AS v(k, f)"
-            " WHERE t._key = v.k AND v.f < t._first_seen_at",
-            [keys[i] for i in first],
-            [rows[i][1] for i in first],
+            f"UPDATE {table} t SET _first_seen_at = s.f FROM _compare s"
+            " WHERE s.i = ANY($1::int4[]) AND t._key = s.k AND s.f < t._first_seen_at",
+            first,
         )
-    t3 = time.perf_counter()
-    phases["update"] = t3 - t2
-    names = {_NEW: "inserted", _CHANGED: "updated", _FIRST: "unchanged", _OLDER: "older"}
-    await conn.copy_records_to_table(
-        "_lineage",
-        schema_name=schema,
-        columns=_LINEAGE_COLS,
-        records=(
-            (load_id, k, r[2], names[codes.get(i, _FIRST)]) for i, (k, r) in enumerate(zip(keys, rows, strict=True))
-        ),
-    )
-    phases["lineage"] = time.perf_counter() - t3
+    phases["update"] = time.perf_counter() - t3
     res = PartLoad(
         prepared.part.uri,
         m.source,
@@ -268,23 +270,10 @@ async def write_records(
         prepared.rows,
         len(new),
         len(changed),
-        len(rows) - len(new) - len(changed),
+        prepared.loaded - len(new) - len(changed),
         len(prepared.rejects),
     )
     return res, phases
-
-
-def _tail(r: tuple[Any, ...]) -> tuple[Any, ...]:
-    """(_extra, _url, _content_hash, _fetched_at) of a prepared row."""
-    return r[4], r[3], r[0], r[1]
-
-
-def _new_rows(
-    keys: list[str], rows: list[Any], new: list[int], now: datetime, load_id: int
-) -> Iterator[tuple[Any, ...]]:
-    for i in new:
-        h, f, _, url, extra, values = rows[i]
-        yield (*values, keys[i], extra, url, h, f, f, now, load_id)
 
 
 async def write_outcomes(

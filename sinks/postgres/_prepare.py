@@ -9,15 +9,33 @@ through ``sinks.validate.RecordValidator``, the one home of the rules, which
 accepts what it may and names *every* reason for what it rejects. Rules with no
 compiled form (``parse: number``, ``json`` values, named checks, ``choices`` on
 numbers) run in Python on their field only.
+
+It runs in a decoding process (:func:`prepare_part`) fed the part as it is
+staged (gzip), inflated a chunk at a time. What it hands back is files, not
+rows: the winning records' keys, hashes and fetch times as COPY text for the
+comparison, and their rows as COPY CSV (each row one msgspec call, the JSON
+array's brackets cut off: strings quoted with backslash escapes, ``null`` for
+NULL), with each row's offset, so the loader streams the rows it writes to
+PostgreSQL as bytes (:func:`copy_rows`) and never decodes a record again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+import os
+import re
+import resource
+import shutil
+import threading
+import time
+import zlib
+from array import array
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
 import msgspec
 import orjson
@@ -26,36 +44,153 @@ from sinks.validate import RecordValidator, jsonb, no_nul
 from trawl.errors import StagingError
 from trawl.staging import StagedPart
 
-__all__ = ["PartDecoder", "Prepared", "Row", "decode_envelope"]
+__all__ = [
+    "COPY_CSV",
+    "PartDecoder",
+    "Prepared",
+    "Row",
+    "copy_rows",
+    "decode_envelope",
+    "prepare_part",
+    "watch_loader",
+]
 
 _BIGINT = 2**63
 # A JSON string can only hold U+0000 escaped; such lines take the Python path, which refuses or replaces it.
 _NUL = b"\\u0000"
 
-Row = tuple[str, datetime, int, str, "str | None", list[Any]]
-"""One record that won its key in the part: (content hash, fetched_at, line, url, _extra JSON, declared values)."""
+Row = tuple[Any, ...]
+"""One record that won its key, as the source table's columns up to ``_first_seen_at``: the declared values,
+``_key``, ``_extra`` (JSON text), ``_url``, ``_content_hash``, ``_fetched_at``, ``_first_seen_at``."""
+
+_Won = tuple[datetime, int, str, bytes]
+"""The record that won its key so far: fetched_at, line, content hash, its :data:`Row` as a rows-file line."""
+_BATCH = 5000  # rows joined per write to the rows file
+# COPY text format: these characters in a value are written as escapes.
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
 
 
 @dataclass(slots=True)
 class Prepared:
-    """One part decoded, validated and deduplicated (built off the event loop).
+    """One part decoded, validated, deduplicated and encoded for PostgreSQL (built off the event loop).
 
-    ``latest`` maps each key to the record with the latest ``fetched_at`` in the
-    part; ``rejects`` are ``_rejects`` rows; ``slow`` counts the lines the
-    compiled path handed to the Python validator.
+    Small and picklable: the records that won their keys (latest ``fetched_at``
+    in the part), sorted by key, are in two files the preparing process wrote:
+    ``compare_path``, COPY text rows of ``_COMPARE_COLS`` (index, key, content
+    hash, fetched_at, line), and ``rows_path``, one COPY CSV row per record
+    (:data:`Row`'s columns) starting at ``offsets[i]`` (``offsets`` has one more
+    entry, the file's size). ``newlines``: some row holds a raw newline (inside
+    quotes), so rows cannot be told apart by newlines. ``rejects`` are
+    ``_rejects`` rows; ``slow`` counts the lines the compiled path handed to the
+    Python validator.
     """
 
     part: StagedPart
     rows: int
-    latest: dict[str, Row] = field(default_factory=dict)
+    loaded: int = 0
+    """How many records won their keys (one row each in ``_lineage``)."""
+    compare_path: str = ""
+    rows_path: str = ""
+    offsets: array[int] = field(default_factory=lambda: array("Q"))
+    newlines: bool = False
     rejects: list[tuple[Any, ...]] = field(default_factory=list)
     slow: int = 0
     seconds: float = 0.0
+    seen_at: datetime | None = None
+    """The latest fetch among the part's loaded records (what ``_last_seen_at`` of unchanged rows shows)."""
+    peak_rss_mb: float = 0.0
+    """The peak RSS of the process that prepared it."""
+    cpu_s: float = 0.0
+    """The CPU seconds of the process that prepared it, so far."""
+    pid: int = 0
+    """The process that prepared it."""
 
-    @property
-    def seen_at(self) -> datetime | None:
-        """The latest fetch among the part's loaded records (what ``_last_seen_at`` of unchanged rows shows)."""
-        return max((r[1] for r in self.latest.values()), default=None)
+    def discard(self) -> None:
+        """Remove its files (idempotent)."""
+        for path in (self.compare_path, self.rows_path):
+            if path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+
+
+# COPY options of the rows file: JSON's string escapes \" and \\ are CSV ones with this ESCAPE.
+COPY_CSV: Mapping[str, str] = {"format": "csv", "null": "null", "escape": "\\"}
+_CHUNK = 1 << 20  # gzip input inflated, and rows files read, this many bytes at a time
+
+
+def csv_value(v: Any) -> bytes:
+    """One value as a field of the rows file (exact for anything: raw newlines stay inside quotes)."""
+    if v is None:
+        return b"null"
+    if type(v) is str:
+        return b'"' + v.replace("\\", "\\\\").replace('"', '\\"').encode() + b'"'
+    if type(v) is float and not math.isfinite(v):
+        return b"NaN" if v != v else (b"Infinity" if v > 0 else b"-Infinity")
+    return _json(v)
+
+
+_json = msgspec.json.Encoder().encode
+
+
+def csv_row(row: Sequence[Any]) -> bytes:
+    """A row of the rows file the exact way (per value: for the rows :func:`encode_row` cannot take)."""
+    return b",".join([csv_value(v) for v in row])
+
+
+def encode_row(row: Sequence[Any]) -> bytes:
+    """A :data:`Row` as a line of the rows file: one msgspec call, its JSON array's brackets cut off."""
+    line = _json(row)
+    # A JSON escape CSV does not know (\n, \t, \u0001, ...; it knows \\ and \"): the row is written the exact way.
+    if b"\\" in line and b"\\" in line.replace(b"\\\\", b"").replace(b'\\"', b""):
+        return csv_row(row)
+    return line[1:-1]
+
+
+def encode_row_checked(row: Sequence[Any]) -> bytes:
+    """:func:`encode_row` for rows from the Python rules, whose floats may not be finite (JSON has no NaN)."""
+    if any(type(v) is float and not math.isfinite(v) for v in row):
+        return csv_row(row)
+    return encode_row(row)
+
+
+async def copy_rows(
+    prepared: Prepared, which: Sequence[int] | None, tail: bytes = b"", *, chunk: int = _CHUNK
+) -> AsyncIterator[bytes]:
+    """The rows file's rows at these indexes (None: all) as COPY data, ``tail`` appended to each row.
+
+    Read a chunk at a time (in a thread: file reads block): the loader never
+    holds a part's rows. All rows with no raw newline in them: the file as it
+    is, each newline given the tail in one bytes call. Otherwise rows are cut
+    out by their offsets.
+    """
+    offsets = prepared.offsets
+    f = await asyncio.to_thread(open, prepared.rows_path, "rb")
+    try:
+        end = b"," + tail + b"\n" if tail else b"\n"
+        if which is None and not prepared.newlines:
+            while block := await asyncio.to_thread(f.read, chunk):
+                yield block.replace(b"\n", end) if tail else block
+            return
+        if which is None:
+            which = range(len(offsets) - 1)
+        i, n = 0, len(which)
+        while i < n:
+            # A window of the file that holds at most about a chunk: the rows from which[i] on that end in it.
+            lo = offsets[which[i]]
+            j = i + 1
+            while j < n and offsets[which[j] + 1] - lo <= chunk:
+                j += 1
+            block = await asyncio.to_thread(_read_at, f, lo, offsets[which[j - 1] + 1] - lo)
+            yield b"".join([block[offsets[k] - lo : offsets[k + 1] - lo - 1] + end for k in which[i:j]])
+            i = j
+    finally:
+        await asyncio.to_thread(f.close)
+
+
+def _read_at(f: BinaryIO, at: int, size: int) -> bytes:
+    f.seek(at)
+    return f.read(size)
 
 
 def decode_envelope(line: bytes, part: StagedPart, n: int) -> dict[str, Any]:
@@ -141,6 +276,11 @@ class PartDecoder:
         source: str,
     ) -> None:
         self.validator = RecordValidator(fields, types)  # resolves named checks: an unknown one fails here
+        self.spec = (dict(fields), dict(types), list(key_names), run_id, source)
+        """The arguments, to build the same decoder in another process (:func:`prepare_part`)."""
+        # Named checks are resolved in this process's registry (registered in code or by entry point): a part
+        # whose fields have checks is prepared here, where they were resolved.
+        self.portable = not any(spec.get("checks") for spec in fields.values())
         self.types = self.validator.types
         self._declared = frozenset(self.types)
         self._run_id, self._source = run_id, source
@@ -180,14 +320,20 @@ class PartDecoder:
         self._strict = msgspec.json.Decoder(msgspec.defstruct("Env", [*env, ("data", strict)], kw_only=True))
         self._lenient = msgspec.json.Decoder(msgspec.defstruct("EnvExtra", [*env, ("data", lenient)], kw_only=True))
 
-    def prepare(self, lines: Sequence[bytes], part: StagedPart) -> Prepared:
-        """Decode, validate and deduplicate one part (CPU only: runs off the event loop)."""
-        prepared = Prepared(part, len(lines))
-        latest = prepared.latest
+    def prepare(self, gz: bytes, part: StagedPart, out_dir: str) -> Prepared:
+        """Decode, validate, deduplicate and encode one staged (gzip) part into files in ``out_dir``.
+
+        CPU only: runs off the event loop, in a decoding process or a thread.
+        """
+        prepared = Prepared(part, 0)
+        latest: dict[str, _Won] = {}
         strict, lenient, astuple = self._strict.decode, self._lenient.decode, msgspec.structs.astuple
+        encode = encode_row  # each record's row becomes bytes at once: no part's worth of Python tuples
         slow, needs_data = self._slow, self._needs_data
         declared = self._declared
-        for n, line in enumerate(lines, 1):
+        n = 0
+        for line in _lines(gz, part):
+            n += 1
             extra: str | None = None
             env: Any = None
             if _NUL not in line:
@@ -204,28 +350,83 @@ class PartDecoder:
             key = env.key if env is not None else None
             if env is None or type(key) is not str or not key:
                 prepared.slow += 1
-                self._python(line, n, part, prepared)
+                self._python(line, n, part, prepared, latest)
                 continue
-            values = list(astuple(env.data))
+            fetched = env.fetched_at
             if slow:
-                data = orjson.loads(line)["data"] if needs_data else None
+                values = list(astuple(env.data))
+                data_ = orjson.loads(line)["data"] if needs_data else None
                 reasons = None
+                exact = False  # a value from the Python rules that JSON cannot hold (NaN, infinity)
                 for i, name, always, validator in slow:
                     if always or type(values[i]) is str:
-                        [values[i]], reasons = validator(data if data is not None else {name: values[i]})
+                        [values[i]], reasons = validator(data_ if data_ is not None else {name: values[i]})
                         if reasons:
                             break
+                        exact = exact or (type(values[i]) is float and not math.isfinite(values[i]))
                 if reasons:
                     prepared.slow += 1
-                    self._python(line, n, part, prepared)  # every reason, the compiled fields' too
+                    self._python(line, n, part, prepared, latest)  # every reason, the compiled fields' too
                     continue
-            fetched = env.fetched_at
+                row = (*values, key, extra, env.url, env.content_hash, fetched, fetched)
+                prev = latest.get(key)
+                if prev is None or fetched >= prev[0]:  # the latest fetched_at wins within the part
+                    latest[key] = (fetched, n, env.content_hash, csv_row(row) if exact else encode(row))
+                continue
+            row = (*astuple(env.data), key, extra, env.url, env.content_hash, fetched, fetched)
             prev = latest.get(key)
-            if prev is None or fetched >= prev[1]:  # the latest fetched_at wins within the part
-                latest[key] = (env.content_hash, fetched, n, env.url, extra, values)
+            if prev is None or fetched >= prev[0]:  # the latest fetched_at wins within the part
+                latest[key] = (fetched, n, env.content_hash, encode(row))
+        if n != part.rows:
+            raise StagingError(f"{part.uri}: has {n} lines but the manifest says {part.rows}")
+        prepared.rows = n
+        self._write(latest, prepared, out_dir)
         return prepared
 
-    def _python(self, line: bytes, n: int, part: StagedPart, prepared: Prepared) -> None:
+    @staticmethod
+    def _write(latest: dict[str, _Won], prepared: Prepared, out_dir: str) -> None:
+        """The winning records in key order (the table's and the lineage index's order): COPY text and CSV files."""
+        keys = sorted(latest)
+        prepared.loaded = len(keys)
+        if not keys:
+            return
+        stem = os.path.join(out_dir, f"{os.getpid()}-{next(_SERIAL)}")
+        prepared.compare_path, prepared.rows_path = stem + ".compare", stem + ".rows"
+        offsets = prepared.offsets
+        offsets.append(0)
+        at = 0
+        seen_at: datetime | None = None
+        with open(prepared.compare_path, "wb") as cmp, open(prepared.rows_path, "wb") as rows:
+            for start in range(0, len(keys), _BATCH):
+                batch = keys[start : start + _BATCH]
+                won = [latest.pop(k) for k in batch]  # freed as written
+                hashes = [r[2] for r in won]
+                # Keys and hashes are written as they are unless one of them needs COPY's escapes.
+                if _COPY_SPECIAL.search("".join(batch)):
+                    batch = [k.translate(_COPY_ESCAPES) for k in batch]
+                if _COPY_SPECIAL.search("".join(hashes)):
+                    hashes = [h.translate(_COPY_ESCAPES) for h in hashes]
+                cmp.write(
+                    "".join(
+                        [
+                            f"{i}\t{k}\t{h}\t{r[0].isoformat()}\t{r[1]}\n"
+                            for i, k, h, r in zip(range(start, start + len(won)), batch, hashes, won, strict=True)
+                        ]
+                    ).encode()
+                )
+                lines = [r[3] for r in won]
+                block = b"\n".join(lines) + b"\n"
+                # A raw newline inside a row (quoted, from a value written the exact way): rows go by offsets.
+                prepared.newlines = prepared.newlines or block.count(b"\n") != len(lines)
+                rows.write(block)
+                for line in lines:
+                    at += len(line) + 1
+                    offsets.append(at)
+                latest_fetch = max(r[0] for r in won)
+                seen_at = latest_fetch if seen_at is None else max(seen_at, latest_fetch)
+        prepared.seen_at = seen_at
+
+    def _python(self, line: bytes, n: int, part: StagedPart, prepared: Prepared, latest: dict[str, _Won]) -> None:
         """One record through the rules' Python form: coerced and kept, or rejected with every reason."""
         env = decode_envelope(line, part, n)
         data = env.get("data")
@@ -250,6 +451,81 @@ class PartDecoder:
         key = str(key)
         declared = self._declared
         extra = None if declared >= data.keys() else {k: v for k, v in data.items() if k not in declared}
-        prev = prepared.latest.get(key)
-        if prev is None or fetched >= prev[1]:
-            prepared.latest[key] = (content_hash, fetched, n, url, jsonb(extra) if extra else None, values)
+        prev = latest.get(key)
+        if prev is None or fetched >= prev[0]:
+            row = (*values, key, jsonb(extra) if extra else None, url, content_hash, fetched, fetched)
+            latest[key] = (fetched, n, content_hash, encode_row_checked(row))
+
+
+def _lines(gz: bytes, part: StagedPart) -> Iterator[bytes]:
+    """A staged part's non-empty lines, inflated a chunk at a time (never the whole part's JSON at once)."""
+    unzip = zlib.decompressobj(31)
+    rest = b""
+    try:
+        for at in range(0, len(gz), _CHUNK // 4):
+            block = rest + unzip.decompress(gz[at : at + _CHUNK // 4])
+            lines = block.split(b"\n")
+            rest = lines.pop()
+            yield from (line for line in lines if line)
+        block = rest + unzip.flush()
+    except zlib.error as exc:
+        raise StagingError(f"{part.uri}: not a gzip part: {exc}") from None
+    if not unzip.eof:
+        raise StagingError(f"{part.uri}: truncated gzip part")
+    yield from (line for line in block.split(b"\n") if line)
+
+
+_SERIAL = iter(range(1, 1 << 62))
+# The decoding process keeps the decoders of the manifests it is working on (their rules compiled once).
+_DECODERS: dict[str, PartDecoder] = {}
+# The directories it wrote parts into: removed when the loader that owns them is gone.
+_OUT_DIRS: set[str] = set()
+
+
+def watch_loader(pid: int) -> None:
+    """In a decoding process: exit once the loader that started it is gone (it cannot shut its pool down then)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                for d in list(_OUT_DIRS):  # its prepared parts: nobody will read them now
+                    shutil.rmtree(d, ignore_errors=True)
+                os._exit(0)
+            except PermissionError:  # exists, another user's: not ours, but alive
+                pass
+
+    threading.Thread(target=watch, name="trawl-watch-loader", daemon=True).start()
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM, its own address space's; 0 where /proc has none)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def prepare_part(spec: tuple[Any, ...], gz: bytes, part: StagedPart, out_dir: str) -> Prepared:
+    """A part prepared in the decoding process; ``spec`` is :class:`PartDecoder`'s arguments (picklable)."""
+    _OUT_DIRS.add(out_dir)
+    cache_key = repr(spec)
+    decoder = _DECODERS.get(cache_key)
+    if decoder is None:
+        if len(_DECODERS) >= 4:
+            _DECODERS.pop(next(iter(_DECODERS)))
+        decoder = _DECODERS[cache_key] = PartDecoder(*spec)
+    t = time.perf_counter()
+    prepared = decoder.prepare(gz, part, out_dir)
+    prepared.seconds = time.perf_counter() - t
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    prepared.peak_rss_mb = _peak_rss_mb() or usage.ru_maxrss / 1024
+    prepared.cpu_s = usage.ru_utime + usage.ru_stime
+    prepared.pid = os.getpid()
+    return prepared

@@ -121,6 +121,11 @@ async def test_an_old_layout_is_upgraded_in_place_and_nothing_is_lost(
     assert changes[0].startswith("layout 2:")
     assert await db.fetchval("SELECT count(*) FROM trawl._schemas WHERE changes[1] LIKE 'layout 2:%'") == 1
     assert await db.fetchval("SELECT to_regclass('trawl._lineage_v1')") is None
+    # The new lineage log has its block range indexes (by key, by load), not the old key btree.
+    assert await db.fetchval(
+        "SELECT array_agg(indexname::text ORDER BY indexname) FROM pg_indexes"
+        " WHERE schemaname = 'trawl' AND tablename = '_lineage'"
+    ) == ["_lineage_key_brin", "_lineage_load"]
 
     # And it loads on: a third run with one record unchanged and one changed writes one row.
     r3 = [rec("1", {"id": 1, "name": "n1", "price": 1.5}, "r3", t3), rec("4", {"id": 4, "name": "new"}, "r3", t3)]

@@ -352,6 +352,32 @@ async def test_undeclared_fields_land_in_extra(loader: Loader, stager: LocalStag
     assert "colour" not in got["1"]
 
 
+async def test_awkward_values_arrive_exactly(loader: Loader, stager: LocalStager, db: asyncpg.Connection) -> None:
+    # Rows reach COPY as CSV written by the decoding process: quotes, backslashes, newlines, tabs, control
+    # characters, the text "null", empty strings and non-ASCII keep their exact values, in new and changed rows.
+    odd = ['say "hi"', 'back\\slash \\"', "two\nlines\r\n", "tab\there", "bell\x07", "null", "", "naïve ☃ 𝄞", ","]
+    first = [rec(f"k{i}\t\\{i}", item(i, name=v, meta={"v": v}, note=v), run_id="r1", at=T0) for i, v in enumerate(odd)]
+    _, raw = await stage(stager, "r1", first)
+    await loader.load_manifest(raw)
+    later = T0 + timedelta(hours=1)
+    # Half of them changed in the next run (an UPDATE from the staged rows), the rest new keys.
+    second = [
+        rec(f"k{i}\t\\{i}", item(i, name=v + "!", meta={"v": v}, note=v), run_id="r2", at=later)
+        for i, v in enumerate(odd)
+        if i % 2
+    ] + [rec(f"n{i}\n", item(i + 20, name=v, meta={"v": v}), run_id="r2", at=later) for i, v in enumerate(odd)]
+    _, raw2 = await stage(stager, "r2", second)
+    await loader.load_manifest(raw2)
+
+    got = await table_rows(db)
+    for i, v in enumerate(odd):
+        row = got[f"k{i}\t\\{i}"]
+        assert row["name"] == (v + "!" if i % 2 else v)
+        assert orjson.loads(row["meta"]) == {"v": v} and orjson.loads(row["_extra"]) == {"note": v}
+        assert got[f"n{i}\n"]["name"] == v and got[f"n{i}\n"]["_extra"] is None
+    assert got["k6\t\\6"]["name"] == "" and got["k5\t\\5"]["price"] == 5.5
+
+
 async def test_nul_characters_never_block_a_part(loader: Loader, stager: LocalStager, db: asyncpg.Connection) -> None:
     # PostgreSQL text and jsonb cannot hold U+0000: a declared text value with one is rejected with a reason,
     # an undeclared or json value keeps its place with U+FFFD, and the part still loads.

@@ -254,7 +254,7 @@ def _lineage(args: argparse.Namespace) -> int:
 
     rows = _lineage_rows(args)
     if not rows:
-        print(f"trawl: no loads touched schema {Settings().db_schema} {args.source} key {args.key!r}", file=sys.stderr)
+        print(f"trawl: no loads touched {Settings().db_schema}.{args.source} key {args.key!r}", file=sys.stderr)
         return EXIT_FAILED
 
     def when(t: Any) -> str:

@@ -281,19 +281,31 @@ async def test_lineage_cli_prints_every_run_that_touched_a_row(
     out, err = capsys.readouterr()
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].split() == ["run_id", "url", "fetched_at", "staged_object", "loaded_at", "change"]
-    body = [line.split(maxsplit=5) for line in lines[1:]]
-    assert [(b[0], b[1], b[2], b[3]) for b in body] == [
+    assert lines[0].split() == [
+        "version",
+        "run_id",
+        "url",
+        "fetched_at",
+        "staged_object",
+        "loaded_at",
+        "change",
+        "warc",
+        "offset",
+    ]
+    # The version first (rows that wrote the content count), the archived response (none here) last.
+    body = [line.split(maxsplit=6) for line in lines[1:]]
+    assert [b[0] for b in body] == ["1", "-", "2", "-"]
+    assert [(b[1], b[2], b[3], b[4]) for b in body] == [
         (run_id, "https://shop.test/7", at.isoformat(), m.parts[0].uri)
         for (run_id, at, _), m in zip(runs, manifests, strict=True)
     ]
-    assert [b[5] for b in body] == [
-        "inserted",
-        "unchanged",
-        "updated",
-        "rejected: id: expected int, got 'seven'",
+    assert [b[6].rsplit(maxsplit=2) for b in body] == [
+        ["inserted", "-", "-"],
+        ["unchanged", "-", "-"],
+        ["updated", "-", "-"],
+        ["rejected: id: expected int, got 'seven'", "-", "-"],
     ]
-    assert all(b[4] != "-" for b in body)  # load time known for each
+    assert all(b[5] != "-" for b in body)  # load time known for each
 
     code = await asyncio.to_thread(trawl_main, ["lineage", "items", "nope", "--database-url", database_url])
     assert code == 1

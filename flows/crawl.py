@@ -32,7 +32,7 @@ from flows.params import (
     check_run_ids,
     check_sources,
 )
-from sinks.postgres import load_validators
+from sinks.postgres import load_lastmods, load_validators
 from sinks.state import start_state
 from sinks.targets import open_stager
 from trawl.config import AnySource, ApiSource, HtmlSource
@@ -90,6 +90,7 @@ async def crawl_source_task(
             stager=stager,
             flow_run_id=current_flow_run_id(),
             validators=await _validators(settings, name),
+            lastmods=await _lastmods(settings, source),
             stats=stats,
             resume=resume and durable(source, settings),
             incremental=await _window(settings, source, run_id, incremental),
@@ -218,6 +219,22 @@ async def _validators(settings: Settings, source: str) -> dict[str, Validators]:
         return {}
     try:
         return await load_validators(pool, settings.db_schema, source)
+    finally:
+        await pool.close()
+
+
+async def _lastmods(settings: Settings, source: AnySource) -> dict[str, str]:
+    """Sitemap lastmods from earlier runs of an html source with ``sitemaps`` (none without a database)."""
+    dsn = settings.database_dsn()
+    if not isinstance(source, HtmlSource) or not source.sitemaps or not dsn:
+        return {}
+    try:
+        pool = await connect_pool(dsn, max_size=1)
+    except (DatabaseUnavailable, DatabaseRefused) as exc:
+        log.warning("every sitemap URL fetched: database unavailable", source=source.name, error=str(exc))
+        return {}
+    try:
+        return await load_lastmods(pool, settings.db_schema, source.name)
     finally:
         await pool.close()
 

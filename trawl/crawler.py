@@ -131,6 +131,7 @@ async def crawl_source(
     resume: bool = False,
     shard: int | None = None,
     incremental: CursorWindow | None = None,
+    lastmods: Mapping[str, str] | None = None,
 ) -> SourceResult:
     """Crawl one source to a committed manifest; raises SourceFailed (after committing) if it broke off or
     failed all the same (:func:`verdict`).
@@ -142,6 +143,7 @@ async def crawl_source(
     manifest: the parent writes it once every shard is done).
     ``incremental``: the window an ``api`` source with ``incremental`` asks for (from
     the stored state); its largest value seen goes into the manifest's stats.
+    ``lastmods``: sitemap ``lastmod`` per URL as of its last fetch (an unchanged URL is not fetched again).
     """
     started = time.monotonic()
     stats = stats or SourceStats()
@@ -154,7 +156,14 @@ async def crawl_source(
                 await stage.outcomes.write(outcome.envelope())
 
             ctx = SourceContext(
-                run_id, settings, fetcher, emit, stats=stats, validators=validators or {}, incremental=incremental
+                run_id,
+                settings,
+                fetcher,
+                emit,
+                stats=stats,
+                validators=validators or {},
+                incremental=incremental,
+                lastmods=lastmods or {},
             )
             log.info("source started", kind=source.kind, frontier=frontier.name, resume=resume)
             error: str | None = None

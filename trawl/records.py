@@ -99,6 +99,10 @@ class Outcome:
     at: datetime = field(default_factory=utcnow)
     etag: str | None = None
     last_modified: str | None = None
+    lastmod: str | None = None
+    """The URL's ``lastmod`` in the sitemap that listed it (a later run skips it while that stays the same)."""
+    proxy: str | None = None
+    """The proxy (``scheme://host:port``, no credentials) that served the URL, when the source uses proxies."""
 
     def envelope(self) -> dict[str, Any]:
         """The JSON object staged for this outcome (URL and error with secrets masked)."""
@@ -115,4 +119,6 @@ class Outcome:
             "at": self.at,
             "etag": self.etag,
             "last_modified": self.last_modified,
+            "lastmod": self.lastmod,
+            "proxy": self.proxy,
         }

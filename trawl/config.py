@@ -23,7 +23,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from trawl.checks import NAME_PATTERN as _CHECK_NAME
@@ -143,6 +153,11 @@ _MAX_FAILED_RATIO = (
     "Share of this source's URLs (0-1) that may end failed, skipped_breaker or blocked_network before its crawl "
     "fails (default: the `max_failed_ratio` setting; 1: off). A source that fetched nothing fails anyway."
 )
+# One branch by the value's shape, so a bad URL in the list gets one error (not one per branch of the union).
+_Sitemaps = Annotated[
+    Annotated[list[_HttpUrl], Tag("list")] | Annotated[Literal["robots"], Tag("robots")],
+    Discriminator(lambda v: "robots" if isinstance(v, str) else "list"),
+]
 _PROXIES = (
     "Forward proxies for this source's requests (`http://[user:${VAR}@]host:port` or `https://...`); unset: the "
     "`proxies` setting, `[]`: none. A proxy's address must be public or in `allowed_networks`."
@@ -284,7 +299,7 @@ class HtmlSource(_Model):
     name: _Name
     urls: list[_HttpUrl] = Field(default_factory=list)
     start_urls: list[_HttpUrl] = Field(default_factory=list)
-    sitemaps: list[_HttpUrl] | Literal["robots"] = Field(
+    sitemaps: _Sitemaps = Field(
         default_factory=list,
         description="Sitemaps (or sitemap indexes, gzip'd or not) whose URLs are fetched, filtered by `follow`; "
         "`robots`: the `Sitemap:` lines of the robots.txt of each host of `urls`/`start_urls`. A URL whose "

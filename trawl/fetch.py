@@ -862,6 +862,16 @@ class Fetcher:
             sleep = max(sleep, min(retry_after, s.backoff_max))
         return sleep
 
+    async def _check_proxy(self, proxy: Proxy, url: str) -> None:
+        """The guard on a proxy's own address (aiohttp connects to an IP-literal proxy without asking the resolver):
+        BlockedNetworkError for ``url`` naming the proxy, or ProxyFailed when its name does not resolve."""
+        try:
+            await self._guard.check(proxy.url, urlsplit(proxy.url).hostname or "")
+        except BlockedNetworkError as exc:
+            raise BlockedNetworkError(f"proxy {proxy.label}: {exc}", url=url) from None
+        except TransientFetchError as exc:
+            raise ProxyFailed(f"proxy {proxy.label}: {exc}", url=url) from None
+
     async def _obey_robots(
         self,
         url: str,
@@ -1093,6 +1103,8 @@ class Fetcher:
                         sent = headers if origin_of(current) in origins else {}  # credentials stay at home
                         with _through(pool, current) as proxy:
                             via = proxy.url if proxy is not None else None
+                            if proxy is not None:
+                                await self._check_proxy(proxy, current)
                             status, hdrs, content = await self._transport(transport, via).get(
                                 current, sent, max_bytes, truncate=truncate, method=method, body=body, proxy=via
                             )

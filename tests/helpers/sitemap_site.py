@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 from collections import Counter
 from types import TracebackType
@@ -34,7 +35,7 @@ def sitemap_xml(children: list[str]) -> bytes:
 
 
 class SitemapSite:
-    """``/sitemap_index.xml`` → ``/sitemap-{i}.xml.gz`` (``parts`` of them), listing ``/item/{n}`` pages
+    """A small site for crawl tests: ``/sitemap_index.xml`` → ``/sitemap-{i}.xml.gz`` (``parts`` of them), listing ``/item/{n}`` pages
     (every ``off_every``-th one as ``/other/{n}``, which `follow` rules leave out). ``lastmod[n]`` is each
     page's lastmod; ``robots.txt`` names the index. ``requests`` counts paths served."""
 
@@ -45,6 +46,7 @@ class SitemapSite:
         self.host = host
         self.lastmod = {n: "2026-11-01T00:00:00+00:00" for n in range(pages)}
         self.requests: Counter[str] = Counter()
+        self.delay = 0.0  # seconds each page takes
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -72,6 +74,8 @@ class SitemapSite:
             return web.Response(body=body, content_type="application/gzip")
         kind, _, n = path.strip("/").partition("/")
         if kind in ("item", "other") and n.isdigit():
+            if self.delay:
+                await asyncio.sleep(self.delay)
             return web.Response(text=f"<html><h1>{kind} {n}</h1></html>", content_type="text/html")
         return web.Response(status=404)
 

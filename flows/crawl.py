@@ -45,6 +45,7 @@ from trawl.frontier import durable, sharded
 from trawl.incremental import CursorValue, CursorWindow, window_for
 from trawl.logs import bind, redact
 from trawl.metrics import push_spool
+from trawl.progress import Progress, show_progress
 from trawl.settings import Settings
 from trawl.staging import Stager
 
@@ -436,16 +437,25 @@ async def _crawl_sources(
 ) -> list[dict[str, Any]]:
     log.info("crawl started", sources=[s.name for s in selected], staging=stager.uri)
     stats = [SourceStats() for _ in selected]
-    async with Fetcher(settings) as fetcher, crawl_progress(run_id, stats, settings.progress_interval):
-        # With return_state=True Prefect returns awaitable states; its overloads type them as plain States.
-        states = await asyncio.gather(
-            *(
-                crawl_source_task(  # type: ignore[call-overload]
-                    s.name, s, run_id, settings, fetcher, stager, st, resume, incremental, return_state=True
-                )
-                for s, st in zip(selected, stats, strict=True)
-            )
+    progress = Progress(f"crawl {run_id}")
+    for s, st in zip(selected, stats, strict=True):
+        progress.crawl(s.name, s.kind, st)
+
+    async def one(s: AnySource, st: SourceStats) -> Any:
+        # With return_state=True Prefect returns an awaitable state; its overloads type it as a plain State.
+        run: Any = crawl_source_task(
+            s.name, s, run_id, settings, fetcher, stager, st, resume, incremental, return_state=True
         )
+        state = await run
+        progress.finished(s.name, "failed" if state.is_failed() else "complete")
+        return state
+
+    async with (
+        Fetcher(settings) as fetcher,
+        crawl_progress(run_id, stats, settings.progress_interval),
+        show_progress(progress, settings),
+    ):
+        states = await asyncio.gather(*(one(s, st) for s, st in zip(selected, stats, strict=True)))
     results = []
     for src, state in zip(selected, states, strict=True):
         value = await state.aresult(raise_on_failure=False)

@@ -151,6 +151,9 @@ async def crawl_source(
     try:
         async with open_frontier(source, run_id, settings, resume=resume, shard=shard) as frontier:
             stage = await frontier.open_stage(stager, stats, utcnow())
+            # What the summary counts as records: rows staged (a resumed run's checkpointed parts included), not
+            # records extracted, which counts again the pages a crash made it fetch twice.
+            staged_rows = sum(p.rows for p in stage.records.parts)
 
             async def emit(outcome: Outcome) -> None:
                 await stage.outcomes.write(outcome.envelope())
@@ -179,12 +182,15 @@ async def crawl_source(
                     else:
                         await stage.records.write(item.envelope())
                         staged.inc()
+                        staged_rows += 1
             except TrawlError as exc:
                 error = redact(str(exc))  # it is shown in logs, the UI and the CLI: no tokens from URLs
             except Exception as exc:  # a bug in one source must not take the others down
                 log.exception("source crashed")
                 error = redact(f"{type(exc).__name__}: {exc}")
-            return await _finish(source, frontier, stage, fetcher, stats, started, error, flow_run_id, settings)
+            return await _finish(
+                source, frontier, stage, fetcher, stats, started, error, flow_run_id, settings, staged_rows
+            )
     finally:
         unbind("source")
 
@@ -199,6 +205,7 @@ async def _finish(
     error: str | None,
     flow_run_id: str | None,
     settings: Settings,
+    staged_rows: int | None = None,
 ) -> SourceResult:
     """End a source's crawl as its frontier allows: checkpoint, commit (or not), count, summarize.
 
@@ -206,6 +213,8 @@ async def _finish(
     """
     await frontier.checkpoint()
     summary = stats.as_dict()
+    if staged_rows is not None:
+        summary["records"] = staged_rows
     summary["breaker_trips"] = sum(fetcher.breakers.trips(host) for host in stats.hosts)
     summary["throttled"] = fetcher.throttle_signals(source.name, stats.hosts)  # throttle signals per host
     broke = error is not None

@@ -42,8 +42,8 @@ from trawl.errors import (
     TransientFetchError,
 )
 from trawl.metrics import METRICS, OTHER_HOST, status_class
-from trawl.proxies import Proxy, ProxyPool, ProxyRotation, proxy_label
 from trawl.netguard import GuardedBackend, GuardedResolver, NetworkGuard, RefusedAddress, Resolve, UnresolvedHost
+from trawl.proxies import Proxy, ProxyPool, ProxyRotation, proxy_label
 from trawl.retry import full_jitter, is_throttle, is_transient_status, retry_after, status_error
 from trawl.robots import ROBOTS_MAX_BYTES, RobotsCache
 from trawl.settings import Settings
@@ -651,9 +651,7 @@ class _HttpxTransport:
         self._proxy = proxy
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
-            transport=_GuardedHttpxTransport(
-                guard, httpx.Limits(max_connections=settings.total_concurrency), proxy
-            ),
+            transport=_GuardedHttpxTransport(guard, httpx.Limits(max_connections=settings.total_concurrency), proxy),
             headers={"User-Agent": settings.user_agent, "Accept-Encoding": ACCEPT_ENCODING},
             follow_redirects=False,
             event_hooks={"response": [_check_location]},

@@ -278,7 +278,15 @@ class Settings(BaseSettings):
         default=3600.0, gt=0, description="Seconds a flow run waits for a source busy in another run, then fails it."
     )
     progress_interval: float = Field(
-        default=2.0, gt=0, description="Seconds between updates of a crawl's progress artifact in Prefect."
+        default=10.0,
+        gt=0,
+        description="Seconds between progress log lines (one per running source, without a terminal) and updates "
+        "of a crawl's progress artifact in Prefect.",
+    )
+    progress: Literal["auto", "live", "log", "off"] = Field(
+        default="auto",
+        description="How `trawl run|crawl|load` show progress: `live` a view redrawn in place (rich), `log` a "
+        "line per source every `progress_interval` s, `off` neither; `auto`: `live` on a terminal, else `log`.",
     )
     metrics_port: int | None = Field(
         default=None,

@@ -16,4 +16,15 @@ from sinks.postgres._part import PartLoad
 from sinks.postgres._queries import lineage, load_lastmods, load_validators
 from sinks.validate import coerce, jsonb
 
-__all__ = ["LAYOUT", "PG_TYPES", "Loader", "PartLoad", "coerce", "jsonb", "lineage", "load_lastmods", "load_validators", "views_schema"]
+__all__ = [
+    "LAYOUT",
+    "PG_TYPES",
+    "Loader",
+    "PartLoad",
+    "coerce",
+    "jsonb",
+    "lineage",
+    "load_lastmods",
+    "load_validators",
+    "views_schema",
+]

@@ -44,7 +44,7 @@ class SitemapSite:
         self.parts = parts
         self.off_every = off_every
         self.host = host
-        self.lastmod = {n: "2026-11-01T00:00:00+00:00" for n in range(pages)}
+        self.lastmod = dict.fromkeys(range(pages), "2026-11-01T00:00:00+00:00")
         self.requests: Counter[str] = Counter()
         self.delay = 0.0  # seconds each page takes
         self.url = ""

@@ -63,9 +63,7 @@ async def second_run_after_changes(site: SitemapSite, settings: Settings, change
     wanted = {site.path(n) for n in site.in_pattern()}
     assert pages(site) == Counter(dict.fromkeys(wanted, 1))  # every in-pattern URL once, none off-pattern
     assert len(records) == len(wanted)
-    assert {o.url for o in outcomes if o.outcome == "fetched" and "/item/" in o.url} == {
-        site.url + p for p in wanted
-    }
+    assert {o.url for o in outcomes if o.outcome == "fetched" and "/item/" in o.url} == {site.url + p for p in wanted}
     assert all(o.lastmod == "2026-11-01T00:00:00+00:00" for o in outcomes if "/item/" in o.url)
     # The index and both gzip'd sitemaps, read once each; their outcomes are recorded too.
     assert {p: n for p, n in site.requests.items() if "sitemap" in p} == {
@@ -100,7 +98,7 @@ async def second_run_after_changes(site: SitemapSite, settings: Settings, change
 
 async def test_sitemap_index_of_gzipped_sitemaps_then_only_changed_urls(settings: Settings) -> None:
     async with SitemapSite(3_000) as site:
-        changed = [n for n in site.in_pattern()[::29]][:100]
+        changed = site.in_pattern()[::29][:100]
         await second_run_after_changes(site, settings, changed, new=20)
 
 

@@ -860,7 +860,7 @@ class Fetcher:
             sleep = max(sleep, min(retry_after, s.backoff_max))
         return sleep
 
-    async def _check_proxy(self, proxy: Proxy, url: str) -> None:
+    async def check_proxy(self, proxy: Proxy, url: str) -> None:
         """The guard on a proxy's own address (aiohttp connects to an IP-literal proxy without asking the resolver):
         BlockedNetworkError for ``url`` naming the proxy, or ProxyFailed when its name does not resolve."""
         try:
@@ -1102,7 +1102,7 @@ class Fetcher:
                         with _through(pool, current) as proxy:
                             via = proxy.url if proxy is not None else None
                             if proxy is not None:
-                                await self._check_proxy(proxy, current)
+                                await self.check_proxy(proxy, current)
                             status, hdrs, content = await self._transport(transport, via).get(
                                 current, sent, max_bytes, truncate=truncate, method=method, body=body, proxy=via
                             )

@@ -119,7 +119,9 @@ async def test_without_a_terminal_progress_lines_come_at_the_interval(tmp_path: 
     lines = [r for r in logs if r["event"].startswith("crawled ") and r.get("source") == "items"]
     assert len(lines) >= 7, [r["event"] for r in logs]
     # As Scrapy's: "crawled N pages (at X pages/min), scraped M records (at Y records/min)", with the counts as fields.
-    assert re.fullmatch(r"crawled \d+ pages \(at \d+ pages/min\), scraped \d+ records \(at \d+ records/min\)", lines[0]["event"])
+    assert re.fullmatch(
+        r"crawled \d+ pages \(at \d+ pages/min\), scraped \d+ records \(at \d+ records/min\)", lines[0]["event"]
+    )
     pages = [r["pages"] for r in lines]
     assert pages == sorted(pages) and pages[-1] > pages[0] > 0
     assert all(r["discovered"] == 100 and r["failures"] == 0 and r["pages_per_min"] > 0 for r in lines)

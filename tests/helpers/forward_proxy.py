@@ -46,8 +46,8 @@ class ForwardProxy:
         try:
             while await self._one(reader, writer):
                 pass
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # the client went away, or the target could not be reached: the connection just closes
         finally:
             self._tasks.discard(task)
             self._writers.discard(writer)

@@ -5,23 +5,28 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import scrapy
 from aiohttp import web
 
 from tests.helpers.forward_proxy import ForwardProxy
 from tests.helpers.hostile import Hostile
 from tests.helpers.sitemap_site import SitemapSite
-from trawl.config import ApiSource, HtmlSource, load_sources
+from trawl.config import ApiSource, BrowserSource, HtmlSource, SpiderSource, load_sources
 from trawl.connectors import SourceContext, SourceStats, connector_for
+from trawl.connectors.browser import find_chromium
 from trawl.fetch import Fetcher
 from trawl.records import Outcome, Record
 from trawl.settings import Settings
 
 
-async def crawl(src: HtmlSource | ApiSource, settings: Settings) -> tuple[list[Record], list[Outcome], Fetcher]:
+async def crawl(
+    src: HtmlSource | ApiSource | SpiderSource, settings: Settings
+) -> tuple[list[Record], list[Outcome], Fetcher]:
     records: list[Record] = []
     outcomes: list[Outcome] = []
 
@@ -207,3 +212,85 @@ def test_settings_proxies_and_bad_proxy_urls() -> None:
     ]:
         with pytest.raises(ValueError, match=why):
             Settings(proxies=[bad])
+
+
+class ItemsSpider(scrapy.Spider):
+    """One request per ``/item/{i}`` of ``base`` (``n`` of them), one item each."""
+
+    name = "items"
+
+    def __init__(self, base: str, n: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.base, self.n = base, int(n)
+
+    async def start(self) -> AsyncIterator[Any]:
+        for i in range(self.n):
+            yield scrapy.Request(f"{self.base}/item/{i}")
+
+    def parse(self, response: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        yield {"url": response.url, "title": response.css("h1::text").get()}
+
+
+async def test_spider_sources_go_through_the_proxies(settings: Settings) -> None:
+    async with SitemapSite(0) as site, ForwardProxy() as p1, ForwardProxy() as p2:
+        src = SpiderSource.model_validate(
+            {
+                "kind": "spider",
+                "name": "crawled",
+                "spider": f"{__name__}:ItemsSpider",
+                "args": {"base": site.url, "n": 20},
+                "robots": False,
+                "proxies": [p1.url, p2.url],
+            }
+        )
+        records, outcomes, _fetcher = await crawl(src, settings)
+        assert len(records) == 20
+        # Scrapy's requests, each through one of the proxies in turn; the outcome names it.
+        assert len(p1.log) == len(p2.log) == 10
+        assert Counter(o.proxy for o in outcomes) == {p1.label: 10, p2.label: 10}
+        assert sum(site.requests.values()) == 20
+
+
+async def test_a_spiders_proxy_killed_mid_run_is_benched(settings: Settings) -> None:
+    s = settings.model_copy(update={"breaker_fail_max": 2, "breaker_reset_timeout": 60, "max_retries": 3})
+    async with SitemapSite(0) as site, ForwardProxy() as p1, ForwardProxy() as p2:
+        site.delay = 0.01
+        await p1.kill()
+        src = SpiderSource.model_validate(
+            {
+                "kind": "spider",
+                "name": "crawled",
+                "spider": f"{__name__}:ItemsSpider",
+                "args": {"base": site.url, "n": 30},
+                "robots": False,
+                "proxies": [p1.url, p2.url],
+            }
+        )
+        records, outcomes, fetcher = await crawl(src, s)
+        assert len(records) == 30 and {o.outcome.value for o in outcomes} == {"fetched"}
+        assert fetcher.proxy_breakers.get(f"proxy {p1.label}").state == "open"
+        assert fetcher.breakers.trips() == 0  # the site is not blamed
+
+
+@pytest.mark.skipif(find_chromium(None) is None, reason="no Chromium")
+async def test_browser_sources_go_through_the_proxies(settings: Settings) -> None:
+    s = settings.model_copy(update={"browser_wait_timeout": 5.0, "browser_navigation_timeout": 10.0})
+    async with SitemapSite(0) as site, ForwardProxy() as p1, ForwardProxy() as p2:
+        src = BrowserSource.model_validate(
+            {
+                "kind": "browser",
+                "name": "rendered",
+                "render": "always",
+                "urls": [f"{site.url}/item/{i}" for i in range(6)],
+                "fields": {"title": {"selector": "h1"}},
+                "robots": False,
+                "proxies": [p1.url, p2.url],
+            }
+        )
+        records, outcomes, _fetcher = await crawl(src, s)
+        assert sorted(r.data["title"] for r in records) == [f"item {i}" for i in range(6)]
+        # Chromium's navigations left through trawl's guarded proxy and on through the forward proxies, in turn.
+        carried = [t for p in (p1, p2) for _, t in p.log]
+        assert sorted(carried) == sorted(f"{site.url}/item/{i}" for i in range(6))
+        assert p1.log and p2.log
+        assert {o.outcome.value for o in outcomes} == {"fetched"}

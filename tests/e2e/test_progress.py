@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -126,5 +127,5 @@ async def test_without_a_terminal_progress_lines_come_at_the_interval(tmp_path: 
     assert pages == sorted(pages) and pages[-1] > pages[0] > 0
     assert all(r["discovered"] == 100 and r["failures"] == 0 and r["pages_per_min"] > 0 for r in lines)
     times = [datetime.fromisoformat(r["timestamp"]) for r in lines]
-    gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:], strict=False)]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
     assert all(1.5 <= g <= 3.5 for g in gaps), gaps

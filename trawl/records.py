@@ -119,6 +119,7 @@ class Outcome:
             "at": self.at,
             "etag": self.etag,
             "last_modified": self.last_modified,
-            "lastmod": self.lastmod,
-            "proxy": self.proxy,
+            # Only when set: most outcomes have neither, and older staged outcomes have no such keys at all.
+            **({"lastmod": self.lastmod} if self.lastmod is not None else {}),
+            **({"proxy": self.proxy} if self.proxy is not None else {}),
         }

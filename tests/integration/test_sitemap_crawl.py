@@ -4,13 +4,18 @@ fetches only what the sitemap says changed (lastmod) or is new."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
+from sinks.postgres import Loader, load_lastmods
+from sinks.stage import LocalStager
 from tests.helpers.sitemap_site import SitemapSite
 from trawl.config import HtmlSource
 from trawl.connectors import SourceContext, SourceStats, connector_for
+from trawl.crawler import crawl_source
 from trawl.fetch import Fetcher
 from trawl.records import Outcome, OutcomeKind, Record
 from trawl.settings import Settings
@@ -139,3 +144,54 @@ async def test_each_sitemaps_own_host_counts_as_the_sources(settings: Settings) 
 def test_bad_sitemap_config_is_named(spec: dict[str, Any], error: str) -> None:
     with pytest.raises(ValueError, match=error):
         HtmlSource.model_validate({"kind": "html", "name": "x", "fields": {"t": {"selector": "h1"}}, **spec})
+
+
+@pytest.fixture
+def stager(tmp_path: Path) -> LocalStager:
+    return LocalStager(tmp_path / "staging")
+
+
+async def test_lastmods_round_trip_through_staging_and_postgres(
+    settings: Settings, stager: LocalStager, loader: Loader, pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    """The crawl stages each URL's lastmod with its outcome; the loader keeps it; the next crawl reads it back."""
+    async with SitemapSite(300) as site:
+        src = source(site)
+
+        async def run(run_id: str) -> dict[str, Any]:
+            async with Fetcher(settings) as fetcher:
+                result = await crawl_source(
+                    src,
+                    run_id=run_id,
+                    settings=settings,
+                    fetcher=fetcher,
+                    stager=stager,
+                    lastmods=await load_lastmods(pool, "trawl", src.name),
+                )
+            for m in await stager.manifests("outcomes") + await stager.manifests("raw"):
+                if m.run_id == run_id:
+                    await loader.load_manifest(m)
+            return result.as_dict()
+
+        first = await run("run-a")
+        wanted = len(site.in_pattern())
+        assert first["records"] == wanted
+        assert len(await load_lastmods(pool, "trawl", src.name)) == wanted
+        changed = site.in_pattern()[:7]
+        for n in changed:
+            site.lastmod[n] = "2026-12-24T00:00:00Z"
+        site.requests.clear()
+        second = await run("run-b")
+        assert pages(site) == Counter({site.path(n): 1 for n in changed})
+        assert second["records"] == 7
+        assert second["outcomes"] == {"fetched": 7 + 3, "not_modified": wanted - 7}  # + the index and 2 sitemaps
+        rows = await db.fetch("SELECT url, lastmod FROM trawl._outcomes WHERE run_id = 'run-b' AND lastmod IS NOT NULL")
+        assert len(rows) == wanted
+        assert {r["lastmod"] for r in rows if r["url"].endswith(tuple(f"/item/{n}" for n in changed))} == {
+            "2026-12-24T00:00:00Z"
+        }
+        # The unchanged rows still count as seen in run-b (their not_modified outcome is a sighting).
+        seen = await db.fetchval(
+            "SELECT count(*) FROM trawl._lineage l JOIN trawl._loads d USING (load_id) WHERE d.run_id = 'run-b'"
+        )
+        assert seen == wanted

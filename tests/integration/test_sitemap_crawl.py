@@ -195,3 +195,24 @@ async def test_lastmods_round_trip_through_staging_and_postgres(
             "SELECT count(*) FROM trawl._lineage l JOIN trawl._loads d USING (load_id) WHERE d.run_id = 'run-b'"
         )
         assert seen == wanted
+
+
+async def test_sitemap_reading_waits_for_the_workers(settings: Settings) -> None:
+    """Back-pressure: the URLs a sitemap lists are queued a bounded batch at a time, not all at once."""
+    s = settings.model_copy(update={"queue_size": 100})
+    async with SitemapSite(3_000, off_every=0) as site:
+        records: list[Record] = []
+        most = 0
+
+        async def emit(o: Outcome) -> None:
+            pass
+
+        async with Fetcher(s) as fetcher:
+            ctx = SourceContext("run-1", s, fetcher, emit, SourceStats())
+            connector = connector_for(source(site), ctx)
+            async for item in connector.fetch():
+                assert isinstance(item, Record)
+                records.append(item)
+                most = max(most, connector.frontier.claims.qsize())  # type: ignore[attr-defined]
+        assert len(records) == 3_000
+        assert most <= 101

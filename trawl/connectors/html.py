@@ -246,6 +246,7 @@ class HtmlConnector:
         """Schedule the sitemaps' URLs that ``follow`` allows; skip those whose ``lastmod`` has not moved."""
         ctx, name = self.ctx, self.source.name
         listed = unchanged = 0
+        backlog = max(100, ctx.settings.queue_size)
         roots = await self._sitemap_roots()
         self._hosts.update(host_of(root) for root in roots)
         async for entry in sitemap_entries(roots, self._sitemap):
@@ -262,6 +263,11 @@ class HtmlConnector:
             if entry.lastmod is not None:
                 self._lastmod[url] = entry.lastmod
             self._schedule(url, 0, h)
+            if self.frontier.claims.qsize() >= backlog:
+                # Back-pressure: the sitemap waits, paused mid-parse, while the workers drain the queue, so memory
+                # stays flat with the sitemap's size instead of holding every listed URL at once.
+                while self.frontier.claims.qsize() > backlog // 2:  # noqa: ASYNC110 - the frontier's queue is its own
+                    await asyncio.sleep(0.02)
         log.info("sitemaps read", urls=listed, unchanged=unchanged, scheduled=listed - unchanged)
 
     async def _get(self, url: str, headers: dict[str, str] | None = None) -> Response | None:

@@ -32,7 +32,7 @@ from flows.params import (
     check_run_ids,
     check_sources,
 )
-from sinks.postgres import load_validators
+from sinks.postgres import load_lastmods, load_validators
 from sinks.state import start_state
 from sinks.targets import open_stager
 from trawl.config import AnySource, ApiSource, HtmlSource
@@ -45,6 +45,7 @@ from trawl.frontier import durable, sharded
 from trawl.incremental import CursorValue, CursorWindow, window_for
 from trawl.logs import bind, redact
 from trawl.metrics import push_spool
+from trawl.progress import Progress, show_progress
 from trawl.settings import Settings
 from trawl.staging import Stager
 
@@ -90,6 +91,7 @@ async def crawl_source_task(
             stager=stager,
             flow_run_id=current_flow_run_id(),
             validators=await _validators(settings, name),
+            lastmods=await _lastmods(settings, source),
             stats=stats,
             resume=resume and durable(source, settings),
             incremental=await _window(settings, source, run_id, incremental),
@@ -218,6 +220,22 @@ async def _validators(settings: Settings, source: str) -> dict[str, Validators]:
         return {}
     try:
         return await load_validators(pool, settings.db_schema, source)
+    finally:
+        await pool.close()
+
+
+async def _lastmods(settings: Settings, source: AnySource) -> dict[str, str]:
+    """Sitemap lastmods from earlier runs of an html source with ``sitemaps`` (none without a database)."""
+    dsn = settings.database_dsn()
+    if not isinstance(source, HtmlSource) or not source.sitemaps or not dsn:
+        return {}
+    try:
+        pool = await connect_pool(dsn, max_size=1)
+    except (DatabaseUnavailable, DatabaseRefused) as exc:
+        log.warning("every sitemap URL fetched: database unavailable", source=source.name, error=str(exc))
+        return {}
+    try:
+        return await load_lastmods(pool, settings.db_schema, source.name)
     finally:
         await pool.close()
 
@@ -419,16 +437,25 @@ async def _crawl_sources(
 ) -> list[dict[str, Any]]:
     log.info("crawl started", sources=[s.name for s in selected], staging=stager.uri)
     stats = [SourceStats() for _ in selected]
-    async with Fetcher(settings) as fetcher, crawl_progress(run_id, stats, settings.progress_interval):
-        # With return_state=True Prefect returns awaitable states; its overloads type them as plain States.
-        states = await asyncio.gather(
-            *(
-                crawl_source_task(  # type: ignore[call-overload]
-                    s.name, s, run_id, settings, fetcher, stager, st, resume, incremental, return_state=True
-                )
-                for s, st in zip(selected, stats, strict=True)
-            )
+    progress = Progress(f"crawl {run_id}")
+    for s, st in zip(selected, stats, strict=True):
+        progress.crawl(s.name, s.kind, st)
+
+    async def one(s: AnySource, st: SourceStats) -> Any:
+        # With return_state=True Prefect returns an awaitable state; its overloads type it as a plain State.
+        run: Any = crawl_source_task(
+            s.name, s, run_id, settings, fetcher, stager, st, resume, incremental, return_state=True
         )
+        state = await run
+        progress.finished(s.name, "failed" if state.is_failed() else "complete")
+        return state
+
+    async with (
+        Fetcher(settings) as fetcher,
+        crawl_progress(run_id, stats, settings.progress_interval),
+        show_progress(progress, settings),
+    ):
+        states = await asyncio.gather(*(one(s, st) for s, st in zip(selected, stats, strict=True)))
     results = []
     for src, state in zip(selected, states, strict=True):
         value = await state.aresult(raise_on_failure=False)

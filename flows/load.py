@@ -21,6 +21,7 @@ from sinks.targets import open_stager
 from trawl.database import open_pool
 from trawl.logs import bind
 from trawl.metrics import METRICS
+from trawl.progress import Progress, show_progress
 from trawl.settings import Settings
 from trawl.staging import Manifest, StagedPart, Stager, StreamKind
 
@@ -61,7 +62,9 @@ async def load_part_task(
     return await loader.load_part(manifest, part, fields)
 
 
-async def _load_source(loader: Loader, manifests: list[Manifest], todo: set[str]) -> list[PartLoad]:
+async def _load_source(
+    loader: Loader, manifests: list[Manifest], todo: set[str], progress: Progress | None = None
+) -> list[PartLoad]:
     """One source's manifests, part by part in order (parts of one table never race each other); stops at a failure."""
     results: list[PartLoad] = []
     for m in manifests:
@@ -71,6 +74,8 @@ async def _load_source(loader: Loader, manifests: list[Manifest], todo: set[str]
                 results.append(PartLoad(part.uri, m.source, m.kind, part.rows, skipped=True))
                 continue
             loaded = await load_part_task(m.source, m.kind, number, loader, m, part, fields)
+            if progress is not None and m.kind == "raw":
+                progress.advance(m.source, part.rows)
             if loaded.kind == "raw":  # counted as each part lands, so a scrape during the load sees the rate
                 for result in ("inserted", "updated", "unchanged", "rejected"):
                     METRICS.rows_loaded.labels(m.source, result).inc(getattr(loaded, result))
@@ -159,9 +164,16 @@ async def _load_all(settings: Settings, stager: Stager, manifests: list[Manifest
                 "pending": sorted(todo),
                 "sources": {},
             }
-        per_source = await asyncio.gather(
-            *(_load_source(loader, ms, todo) for _, ms in sorted(by_source.items())), return_exceptions=True
-        )
+        progress = Progress("load")
+        for name, ms in sorted(by_source.items()):
+            progress.load(name, sum(p.rows for m in ms if m.kind == "raw" for p in m.parts if p.uri in todo))
+        async with show_progress(progress, settings):
+            per_source = await asyncio.gather(
+                *(_load_source(loader, ms, todo, progress) for _, ms in sorted(by_source.items())),
+                return_exceptions=True,
+            )
+            for name, loads in zip(sorted(by_source), per_source, strict=True):
+                progress.finished(name, "failed" if isinstance(loads, BaseException) else "complete")
         summary: dict[str, dict[str, Any]] = {}
         for name, loads in zip(sorted(by_source), per_source, strict=True):
             if isinstance(loads, BaseException):  # this source's load failed (e.g. its reject rate); others went on

@@ -23,12 +23,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from trawl.checks import NAME_PATTERN as _CHECK_NAME
 from trawl.errors import ConfigError, ConfigIssue
 from trawl.masking import register_secret
+from trawl.proxies import check_proxy_url
 from trawl.urls import origin_of
 
 __all__ = [
@@ -88,7 +99,7 @@ _BLOCK_NAME = r"[a-z0-9][a-z0-9-]*"  # Prefect's block name spelling
 # Error type of the checks spanning fields or entries: `load_sources` runs them on the raw data
 # instead, because pydantic skips them once any field of the model fails, and cannot name a field.
 _CROSS = "cross_check"
-_NO_URLS = "needs `urls` (a fixed list) or `start_urls` (a crawl)"
+_NO_URLS = "needs `urls` (a fixed list), `start_urls` (a crawl) or `sitemaps`"
 
 
 def _check_regex(value: str | None) -> str | None:
@@ -142,6 +153,17 @@ _MAX_FAILED_RATIO = (
     "Share of this source's URLs (0-1) that may end failed, skipped_breaker or blocked_network before its crawl "
     "fails (default: the `max_failed_ratio` setting; 1: off). A source that fetched nothing fails anyway."
 )
+# One branch by the value's shape, so a bad URL in the list gets one error (not one per branch of the union).
+_Sitemaps = Annotated[
+    Annotated[list[_HttpUrl], Tag("list")] | Annotated[Literal["robots"], Tag("robots")],
+    Discriminator(lambda v: "robots" if isinstance(v, str) else "list"),
+]
+_PROXIES = (
+    "Forward proxies for this source's requests (`http://[user:${VAR}@]host:port` or `https://...`); unset: the "
+    "`proxies` setting, `[]`: none. A proxy's address must be public or in `allowed_networks`."
+)
+_ProxyUrl = Annotated[str, AfterValidator(check_proxy_url)]
+_ROTATION = "`per_request`: the proxies take turns; `sticky`: each host keeps one proxy (unset: the setting)."
 _HEADERS = (
     "HTTP headers sent with the source's requests (e.g. `Authorization`, `Cookie`), only to the origins of its "
     "URLs and `credentials_origins`; `${VAR}` values are masked wherever trawl writes."
@@ -285,6 +307,12 @@ class HtmlSource(_Model):
     name: _Name
     urls: list[_HttpUrl] = Field(default_factory=list)
     start_urls: list[_HttpUrl] = Field(default_factory=list)
+    sitemaps: _Sitemaps = Field(
+        default_factory=list,
+        description="Sitemaps (or sitemap indexes, gzip'd or not) whose URLs are fetched, filtered by `follow`; "
+        "`robots`: the `Sitemap:` lines of the robots.txt of each host of `urls`/`start_urls`. A URL whose "
+        "`lastmod` is the same as when it was last fetched is not fetched again (`not_modified`).",
+    )
     follow: FollowRules = Field(default_factory=FollowRules)
     record_urls: str | None = Field(
         default=None, description="Regex: only pages whose URL matches produce records (default: every page)."
@@ -297,6 +325,8 @@ class HtmlSource(_Model):
     headers: dict[str, str] = Field(default_factory=dict, description=_HEADERS)
     credentials_origins: list[_Origin] = Field(default_factory=list, description=_CREDENTIALS_ORIGINS)
     politeness: Politeness = Field(default_factory=Politeness)
+    proxies: list[_ProxyUrl] | None = Field(default=None, description=_PROXIES)
+    proxy_rotation: Literal["per_request", "sticky"] | None = Field(default=None, description=_ROTATION)
     robots: bool = Field(default=True, description="Obey the hosts' robots.txt (set false only for sites you own).")
     archive: bool = Field(default=True, description=_ARCHIVE)
     archive_max_bytes: int = Field(default=_ARCHIVE_MAX_DEFAULT, ge=1024, description=_ARCHIVE_MAX)
@@ -330,8 +360,12 @@ class HtmlSource(_Model):
 
     @model_validator(mode="after")
     def _shape(self) -> HtmlSource:
-        if not self.urls and not self.start_urls:
+        if not self.urls and not self.start_urls and not self.sitemaps:
             raise PydanticCustomError(_CROSS, _NO_URLS)
+        if self.sitemaps == "robots" and not self.urls and not self.start_urls:
+            raise ValueError("`sitemaps: robots` reads the robots.txt of the hosts of `urls`/`start_urls`: give one")
+        if self.sitemaps and (self.frontier == "postgres" or self.shards > 1):
+            raise ValueError("`sitemaps` are read by in-memory crawls only (not with `frontier: postgres` or `shards`)")
         for k in _undeclared_keys(self.key, self.fields):
             raise PydanticCustomError(_CROSS, "key field {key} is not a declared field", {"key": repr(k)})
         return self
@@ -342,8 +376,9 @@ class HtmlSource(_Model):
 
     @property
     def header_origins(self) -> frozenset[str]:
-        """Where the source's headers may go: the origins of its URLs and ``credentials_origins``."""
-        return _origins([*self.urls, *self.start_urls], self.credentials_origins)
+        """Where the source's headers may go: the origins of its URLs (sitemaps included) and ``credentials_origins``."""
+        maps = self.sitemaps if isinstance(self.sitemaps, list) else []
+        return _origins([*self.urls, *self.start_urls, *maps], self.credentials_origins)
 
 
 _DOTTED = r"[^.\s]+(\.[^.\s]+)*"  # a dotted path into JSON: `data.after`, `variables.page`
@@ -547,6 +582,8 @@ class ApiSource(_Model):
     key: str | list[str] = "url"
     fields: dict[str, ApiField] = Field(default_factory=dict)
     politeness: Politeness = Field(default_factory=Politeness)
+    proxies: list[_ProxyUrl] | None = Field(default=None, description=_PROXIES)
+    proxy_rotation: Literal["per_request", "sticky"] | None = Field(default=None, description=_ROTATION)
     robots: bool = Field(default=True, description="Obey the host's robots.txt (set false only for APIs you own).")
     max_failed_ratio: float | None = Field(default=None, ge=0, le=1, description=_MAX_FAILED_RATIO)
     archive: bool = Field(default=False, description=_ARCHIVE + " Off by default for APIs.")
@@ -657,6 +694,8 @@ class SpiderSource(_Model):
     key: str | list[str] = "url"
     fields: dict[str, ApiField] = Field(default_factory=dict)
     politeness: Politeness = Field(default_factory=Politeness)
+    proxies: list[_ProxyUrl] | None = Field(default=None, description=_PROXIES)
+    proxy_rotation: Literal["per_request", "sticky"] | None = Field(default=None, description=_ROTATION)
     robots: bool = Field(default=True, description="Obey the hosts' robots.txt (set false only for sites you own).")
     archive: bool = Field(default=True, description=_ARCHIVE)
     archive_max_bytes: int = Field(default=_ARCHIVE_MAX_DEFAULT, ge=1024, description=_ARCHIVE_MAX)
@@ -713,7 +752,7 @@ class SourcesFile(_Model):
 
 # Fields holding URLs: a value from the environment there is an address (a base URL, a host) unless it reaches
 # into the URL's user:password@, query or fragment.
-_URL_FIELDS = frozenset({"url", "urls", "start_urls", "credentials_origins"})
+_URL_FIELDS = frozenset({"url", "urls", "start_urls", "credentials_origins", "sitemaps", "proxies"})
 
 
 class ManifestSchema(_Model):
@@ -835,7 +874,7 @@ def _cross_checks(data: Any) -> list[tuple[tuple[Any, ...], str]]:
                 message = f"source name {name!r} is used twice (first: sources[{first[name]}])"
                 found.append((("sources", i, "name"), message))
             first.setdefault(name, i)
-        if item.get("kind") == "html" and not item.get("urls") and not item.get("start_urls"):
+        if item.get("kind") == "html" and not any(item.get(k) for k in ("urls", "start_urls", "sitemaps")):
             found.append((("sources", i, "urls"), _NO_URLS))
         if item.get("kind") in ("html", "spider"):
             for k in _undeclared_keys(item.get("key", "url"), item.get("fields")):

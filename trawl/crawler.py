@@ -132,6 +132,7 @@ async def crawl_source(
     resume: bool = False,
     shard: int | None = None,
     incremental: CursorWindow | None = None,
+    lastmods: Mapping[str, str] | None = None,
 ) -> SourceResult:
     """Crawl one source to a committed manifest; raises SourceFailed (after committing) if it broke off or
     failed all the same (:func:`verdict`).
@@ -143,6 +144,7 @@ async def crawl_source(
     manifest: the parent writes it once every shard is done).
     ``incremental``: the window an ``api`` source with ``incremental`` asks for (from
     the stored state); its largest value seen goes into the manifest's stats.
+    ``lastmods``: sitemap ``lastmod`` per URL as of its last fetch (an unchanged URL is not fetched again).
     """
     started = time.monotonic()
     stats = stats or SourceStats()
@@ -150,6 +152,9 @@ async def crawl_source(
     try:
         async with open_frontier(source, run_id, settings, resume=resume, shard=shard) as frontier:
             stage = await frontier.open_stage(stager, stats, utcnow())
+            # What the summary counts as records: rows staged (a resumed run's checkpointed parts included), not
+            # records extracted, which counts again the pages a crash made it fetch twice.
+            staged_rows = sum(p.rows for p in stage.records.parts)
 
             async def emit(outcome: Outcome) -> None:
                 await stage.outcomes.write(outcome.envelope())
@@ -164,6 +169,7 @@ async def crawl_source(
                 validators=validators or {},
                 incremental=incremental,
                 archiver=archiver,
+                lastmods=lastmods or {},
             )
             log.info("source started", kind=source.kind, frontier=frontier.name, resume=resume)
             error: str | None = None
@@ -179,6 +185,7 @@ async def crawl_source(
                     else:
                         await stage.records.write(item.envelope())
                         staged.inc()
+                        staged_rows += 1
             except TrawlError as exc:
                 error = redact(str(exc))  # it is shown in logs, the UI and the CLI: no tokens from URLs
             except Exception as exc:  # a bug in one source must not take the others down
@@ -187,7 +194,9 @@ async def crawl_source(
             finally:
                 if archiver is not None:
                     await archiver.aclose()  # every queued page in its stream before the checkpoint closes it
-            return await _finish(source, frontier, stage, fetcher, stats, started, error, flow_run_id, settings)
+            return await _finish(
+                source, frontier, stage, fetcher, stats, started, error, flow_run_id, settings, staged_rows
+            )
     finally:
         unbind("source")
 
@@ -202,6 +211,7 @@ async def _finish(
     error: str | None,
     flow_run_id: str | None,
     settings: Settings,
+    staged_rows: int | None = None,
 ) -> SourceResult:
     """End a source's crawl as its frontier allows: checkpoint, commit (or not), count, summarize.
 
@@ -209,6 +219,8 @@ async def _finish(
     """
     await frontier.checkpoint()
     summary = stats.as_dict()
+    if staged_rows is not None:
+        summary["records"] = staged_rows
     summary["breaker_trips"] = sum(fetcher.breakers.trips(host) for host in stats.hosts)
     summary["throttled"] = fetcher.throttle_signals(source.name, stats.hosts)  # throttle signals per host
     broke = error is not None

@@ -13,7 +13,9 @@ this to foreign errors too (OS, asyncpg by SQLSTATE, botocore by code)::
     ├── DatabaseUnavailable         cannot reach / start PostgreSQL; connection lost  (transient; exit 2)
     ├── FetchError                  one URL could not be fetched
     │   ├── TransientFetchError     connect errors, timeouts, 408/425/5xx, truncated bodies
-    │   │   └── Throttled           429, or 503 with Retry-After: the host asks us to slow down (not a failure)
+    │   │   ├── Throttled           429, or 503 with Retry-After: the host asks us to slow down (not a failure)
+    │   │   ├── ProxyFailed         the request's proxy refused, dropped or rejected it (the proxy's breaker counts it)
+    │   │   └── ProxyUnavailable    every proxy of the source is benched: not requested
     │   ├── PermanentFetchError     other 4xx, bad content, body too large, too many redirects
     │   │   ├── BlockedNetworkError the URL resolves to a network the settings forbid
     │   │   ├── RobotsDisallowed    the host's robots.txt forbids the URL
@@ -50,6 +52,8 @@ __all__ = [
     "LoadError",
     "ParameterError",
     "PermanentFetchError",
+    "ProxyFailed",
+    "ProxyUnavailable",
     "RobotsDisallowed",
     "RunFailed",
     "SourceBusy",
@@ -158,6 +162,19 @@ class Throttled(TransientFetchError):
     Not a failure: the host's gate pauses and slows it, its breaker does not count
     it, and the retry that follows does not use one of the URL's ``max_retries``.
     """
+
+
+class ProxyFailed(TransientFetchError):
+    """The proxy the request went through could not be reached, dropped the connection or refused us (407).
+
+    The proxy's fault, not the host's: the proxy's breaker counts it, the host's does
+    not, and the retry (through another proxy when one is up) uses none of the URL's
+    ``max_retries``.
+    """
+
+
+class ProxyUnavailable(TransientFetchError):
+    """Every proxy of the source is benched by its breaker: nothing was sent (retried after a backoff)."""
 
 
 class PermanentFetchError(FetchError, Terminal):

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
@@ -35,6 +35,8 @@ from trawl.errors import (
     FetchError,
     HostBusy,
     PermanentFetchError,
+    ProxyFailed,
+    ProxyUnavailable,
     RobotsDisallowed,
     ThrottleBudgetSpent,
     Throttled,
@@ -42,6 +44,7 @@ from trawl.errors import (
 )
 from trawl.metrics import METRICS, OTHER_HOST, status_class
 from trawl.netguard import GuardedBackend, GuardedResolver, NetworkGuard, RefusedAddress, Resolve, UnresolvedHost
+from trawl.proxies import Proxy, ProxyPool, ProxyRotation, proxy_label
 from trawl.retry import full_jitter, is_throttle, is_transient_status, retry_after, status_error
 from trawl.robots import ROBOTS_MAX_BYTES, RobotsCache
 from trawl.settings import Settings
@@ -56,6 +59,7 @@ T = TypeVar("T")
 
 TransportName = Literal["aiohttp", "httpx"]
 _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+_PROXY_RETRIES = 16  # proxy failures one URL may meet before the last one ends it
 _CHUNK = 64 * 1024
 
 
@@ -87,6 +91,9 @@ class Response:
         if self.archived is None and self.archiving is not None:
             return await self.archiving
         return self.archived
+
+    proxy: str | None = None
+    """The proxy that served the final response (``scheme://host:port``), when one was used."""
 
     def json(self) -> Any:
         """The body parsed as JSON; a parse failure is permanent."""
@@ -501,6 +508,8 @@ class HostTurn:
             elif isinstance(exc, Throttled):
                 self._throttle, self.ok = (exc.retry_after,), None
                 self.status = exc.status or self.status
+            elif isinstance(exc, ProxyFailed | ProxyUnavailable):
+                self.ok = None  # the proxy's fault, not the host's: its own breaker counts it
             elif isinstance(exc, FetchError):
                 self.ok = not exc.transient
                 self.status = exc.status or self.status
@@ -534,6 +543,7 @@ class _Transport(Protocol):
         truncate: bool = False,
         method: str = "GET",
         body: bytes | None = None,
+        proxy: str | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
         """One request (a GET unless ``method`` says otherwise, with ``body``); a response body over ``max_bytes``
         fails, or with ``truncate`` is cut there (robots.txt)."""
@@ -567,11 +577,14 @@ class _AiohttpTransport:
         truncate: bool = False,
         method: str = "GET",
         body: bytes | None = None,
+        proxy: str | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
         try:
             async with self._session.request(
-                method, url, headers=headers or None, data=body, allow_redirects=False
+                method, url, headers=headers or None, data=body, allow_redirects=False, proxy=proxy
             ) as resp:
+                if proxy is not None and resp.status == 407:
+                    raise ProxyFailed(f"proxy {proxy_label(proxy)} refused us (407)", url=url, status=407)
                 declared = resp.content_length
                 hdrs = {k.lower(): v for k, v in resp.headers.items()}
                 if declared is not None and declared > max_bytes and resp.status < 300 and not truncate:
@@ -589,7 +602,16 @@ class _AiohttpTransport:
                 return resp.status, hdrs, b"".join(chunks)
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, RefusedAddress):
-                raise BlockedNetworkError(str(exc.os_error), url=url) from None
+                where = f"proxy {proxy_label(proxy)}: " if proxy is not None else ""
+                raise BlockedNetworkError(where + str(exc.os_error), url=url) from None
+            if proxy is not None:
+                raise ProxyFailed(f"proxy {proxy_label(proxy)}: {type(exc).__name__}: {exc}", url=url) from exc
+            raise TransientFetchError(f"{type(exc).__name__}: {exc}", url=url) from exc
+        except aiohttp.ClientHttpProxyError as exc:  # the proxy answered CONNECT with an error (407, 502, ...)
+            raise ProxyFailed(f"proxy {proxy_label(proxy or '')}: CONNECT answered {exc.status}", url=url) from exc
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if proxy is not None:  # the connection is to the proxy: a target that fails gets a 502 from it
+                raise ProxyFailed(f"proxy {proxy_label(proxy)}: {type(exc).__name__}: {exc}", url=url) from exc
             raise TransientFetchError(f"{type(exc).__name__}: {exc}", url=url) from exc
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise TransientFetchError(f"{type(exc).__name__}: {exc}", url=url) from exc
@@ -608,9 +630,25 @@ class _GuardedHttpxTransport(httpx.AsyncHTTPTransport):
     backend: httpx keeps mapping httpcore's errors and wrapping the body stream.
     """
 
-    def __init__(self, guard: NetworkGuard, limits: httpx.Limits) -> None:
+    def __init__(self, guard: NetworkGuard, limits: httpx.Limits, proxy: str | None = None) -> None:
         super().__init__(limits=limits)
-        self._pool = httpcore.AsyncConnectionPool(
+        if proxy is None:
+            self._pool = httpcore.AsyncConnectionPool(
+                ssl_context=httpx.create_ssl_context(),
+                max_connections=limits.max_connections,
+                max_keepalive_connections=limits.max_keepalive_connections,
+                keepalive_expiry=limits.keepalive_expiry,
+                network_backend=GuardedBackend(guard),
+            )
+            return
+        # As httpx builds its proxy pool, with the guarded backend: the guard checks the proxy's own address.
+        p = httpx.Proxy(proxy)
+        self._pool = httpcore.AsyncHTTPProxy(
+            proxy_url=httpcore.URL(
+                scheme=p.url.raw_scheme, host=p.url.raw_host, port=p.url.port, target=p.url.raw_path
+            ),
+            proxy_auth=p.raw_auth,
+            proxy_headers=p.headers.raw,
             ssl_context=httpx.create_ssl_context(),
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
@@ -634,10 +672,11 @@ async def _check_location(response: httpx.Response) -> None:
 
 
 class _HttpxTransport:
-    def __init__(self, settings: Settings, guard: NetworkGuard) -> None:
+    def __init__(self, settings: Settings, guard: NetworkGuard, proxy: str | None = None) -> None:
+        self._proxy = proxy
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
-            transport=_GuardedHttpxTransport(guard, httpx.Limits(max_connections=settings.total_concurrency)),
+            transport=_GuardedHttpxTransport(guard, httpx.Limits(max_connections=settings.total_concurrency), proxy),
             headers={"User-Agent": settings.user_agent, "Accept-Encoding": ACCEPT_ENCODING},
             follow_redirects=False,
             event_hooks={"response": [_check_location]},
@@ -655,9 +694,14 @@ class _HttpxTransport:
         truncate: bool = False,
         method: str = "GET",
         body: bytes | None = None,
+        proxy: str | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
+        # ``proxy`` is this client's own (one client per proxy): httpx sets proxies per client, not per request.
+        proxy = self._proxy
         try:
             async with self._client.stream(method, url, headers=dict(headers), content=body) as resp:
+                if proxy is not None and resp.status_code == 407:
+                    raise ProxyFailed(f"proxy {proxy_label(proxy)} refused us (407)", url=url, status=407)
                 hdrs = {k.lower(): v for k, v in resp.headers.items()}
                 decoder = BodyDecoder(hdrs.get("content-encoding"), max_bytes, url, truncate=truncate)
                 # Raw bytes: httpx would inflate each chunk whole before any cap of ours applied.
@@ -672,6 +716,10 @@ class _HttpxTransport:
             raise BlockedNetworkError(str(exc), url=url) from None
         except UnresolvedHost as exc:
             raise TransientFetchError(str(exc), url=url) from None
+        except (httpx.ProxyError, httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+            if proxy is not None:  # the connection is to the proxy: a target that fails gets a 502 from it
+                raise ProxyFailed(f"proxy {proxy_label(proxy)}: {type(exc).__name__}: {exc}", url=url) from exc
+            raise TransientFetchError(f"{type(exc).__name__}: {exc}", url=url) from exc
         except httpx.TransportError as exc:  # connect/read errors, timeouts, truncated bodies
             raise TransientFetchError(f"{type(exc).__name__}: {exc}", url=url) from exc
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
@@ -695,8 +743,11 @@ class Fetcher:
         self._settings = settings
         self._guard = NetworkGuard(settings.allowed_networks, resolver=resolver)
         self._gates: dict[str, _HostGate] = {}
-        self._transports: dict[str, _Transport] = {}
+        self._transports: dict[tuple[str, str | None], _Transport] = {}
         self.breakers = breakers or BreakerRegistry(settings.breaker_fail_max, settings.breaker_reset_timeout)
+        self.proxy_breakers = BreakerRegistry(settings.breaker_fail_max, settings.breaker_reset_timeout)
+        """One breaker per proxy (``proxy scheme://host:port``), shared by every source that uses it."""
+        self._pools: dict[tuple[tuple[str, ...], str], ProxyPool] = {}
         self.robots = RobotsCache(
             _agent_token(settings.user_agent),
             unavailable=settings.robots_unavailable,
@@ -799,14 +850,27 @@ class Fetcher:
             await transport.close()
         self._transports.clear()
 
-    def _transport(self, name: TransportName) -> _Transport:
-        if name not in self._transports:
-            self._transports[name] = (
+    def _transport(self, name: TransportName, proxy: str | None = None) -> _Transport:
+        # aiohttp takes a proxy per request (one session); httpx per client (one client per proxy).
+        key = (name, proxy if name == "httpx" else None)
+        if key not in self._transports:
+            self._transports[key] = (
                 _AiohttpTransport(self._settings, self._guard)
                 if name == "aiohttp"
-                else _HttpxTransport(self._settings, self._guard)
+                else _HttpxTransport(self._settings, self._guard, proxy)
             )
-        return self._transports[name]
+        return self._transports[key]
+
+    def proxy_pool(self, proxies: Sequence[str] | None, rotation: ProxyRotation | None = None) -> ProxyPool | None:
+        """The pool for a source's ``proxies`` (None: the ``proxies`` setting; empty: none); None without proxies."""
+        urls = tuple(self._settings.proxies if proxies is None else proxies)
+        if not urls:
+            return None
+        how = rotation or self._settings.proxy_rotation
+        pool = self._pools.get((urls, how))
+        if pool is None:
+            pool = self._pools[(urls, how)] = ProxyPool(urls, how, self.proxy_breakers)
+        return pool
 
     def _gate(self, host: str, concurrency: int | None, delay: float | None) -> _HostGate:
         gate = self._gates.get(host)
@@ -825,7 +889,24 @@ class Fetcher:
             sleep = max(sleep, min(retry_after, s.backoff_max))
         return sleep
 
-    async def _obey_robots(self, url: str, concurrency: int | None, delay: float | None) -> None:
+    async def check_proxy(self, proxy: Proxy, url: str) -> None:
+        """The guard on a proxy's own address (aiohttp connects to an IP-literal proxy without asking the resolver):
+        BlockedNetworkError for ``url`` naming the proxy, or ProxyFailed when its name does not resolve."""
+        try:
+            await self._guard.check(proxy.url, urlsplit(proxy.url).hostname or "")
+        except BlockedNetworkError as exc:
+            raise BlockedNetworkError(f"proxy {proxy.label}: {exc}", url=url) from None
+        except TransientFetchError as exc:
+            raise ProxyFailed(f"proxy {proxy.label}: {exc}", url=url) from None
+
+    async def _obey_robots(
+        self,
+        url: str,
+        concurrency: int | None,
+        delay: float | None,
+        proxies: Sequence[str] | None = None,
+        rotation: ProxyRotation | None = None,
+    ) -> None:
         async def fetch(robots_url: str) -> tuple[int, bytes]:
             # With the asking source's limits: this may be the first request to the host, which sets up its gate.
             # Cut at 500 KiB rather than refused: a longer file's first 500 KiB are its rules (RFC 9309 2.5).
@@ -836,6 +917,8 @@ class Fetcher:
                 truncate=True,
                 concurrency=concurrency,
                 delay=delay,
+                proxies=proxies,
+                proxy_rotation=rotation,
             )
             return resp.status, resp.body
 
@@ -879,6 +962,8 @@ class Fetcher:
         started: float | None = None,
         method: str = "GET",
         body: bytes | None = None,
+        proxies: Sequence[str] | None = None,
+        proxy_rotation: ProxyRotation | None = None,
     ) -> Response:
         """GET a URL through robots.txt, politeness, the breaker, retries, redirects and limits.
 
@@ -892,6 +977,9 @@ class Fetcher:
         browsers and ``requests`` do.
 
         ``truncate``: a body over ``max_bytes`` is cut there instead of failing (robots.txt).
+
+        ``proxies`` (None: the ``proxies`` setting) carry every attempt and hop, one picked
+        per request or per host (``proxy_rotation``); robots.txt goes through them too.
 
         Raises FetchError (with ``attempts`` and ``elapsed_ms`` set) when the URL
         finally fails; a final status other than 2xx or 304 is an error too.
@@ -907,9 +995,10 @@ class Fetcher:
                 _http_host(url)
             except PermanentFetchError:
                 robots = False  # not a URL trawl can request: it fails on its first attempt, no robots.txt asked
+        pool = self.proxy_pool(proxies, proxy_rotation)
         if robots:
             try:
-                await self._obey_robots(url, concurrency, delay)
+                await self._obey_robots(url, concurrency, delay, proxies, proxy_rotation)
             except BlockedNetworkError:
                 pass  # robots.txt's host is forbidden: the URL's own attempt meets the guard and says so
             except FetchError as exc:
@@ -917,7 +1006,7 @@ class Fetcher:
                 raise
 
         async def once(attempt: int) -> Response:
-            final_url, status, hdrs, content, sent = await self._attempt(
+            final_url, status, hdrs, content, sent, proxy = await self._attempt(
                 url,
                 transport,
                 headers or {},
@@ -932,10 +1021,13 @@ class Fetcher:
                 park=park,
                 method=method,
                 body=body,
+                pool=pool,
+                proxies=proxies,
+                rotation=proxy_rotation,
             )
             if 200 <= status < 300 or status == 304:
                 elapsed = int((time.monotonic() - started) * 1000)
-                return Response(final_url, status, hdrs, content, attempt, elapsed, sent[0], sent[1])
+                return Response(final_url, status, hdrs, content, attempt, elapsed, sent[0], sent[1], proxy=proxy)
             raise status_error(status, final_url, retry_after(hdrs))
 
         return await self.retrying(once, url=url, source=source, started=started, attempts=attempts)
@@ -963,6 +1055,7 @@ class Fetcher:
         started = time.monotonic() if started is None else started
         retries = self._settings.max_retries
         failures = 0
+        proxy_failures = 0
         try:
             while True:
                 attempts += 1
@@ -973,6 +1066,14 @@ class Fetcher:
                     raise
                 except Throttled:
                     continue  # the host's gate pauses it: the next attempt waits there
+                except ProxyFailed as exc:
+                    # Through another proxy at once, without using a retry: the failed one's breaker benches it
+                    # after a few, and then every proxy benched is ProxyUnavailable (retried with a backoff).
+                    proxy_failures += 1
+                    if proxy_failures <= _PROXY_RETRIES:
+                        log.info("proxy failed, trying another", url=url, error=str(exc))
+                        continue
+                    raise
                 except FetchError as exc:
                     if not exc.transient or failures == retries:
                         raise
@@ -1003,15 +1104,18 @@ class Fetcher:
         park: bool = False,
         method: str = "GET",
         body: bytes | None = None,
-    ) -> tuple[str, int, dict[str, str], bytes, tuple[str, dict[str, str]]]:
-        client = self._transport(transport)
+        pool: ProxyPool | None = None,
+        proxies: Sequence[str] | None = None,
+        rotation: ProxyRotation | None = None,
+    ) -> tuple[str, int, dict[str, str], bytes, tuple[str, dict[str, str]], str | None]:
         s = self._settings
         current = url
         for hop in range(s.max_redirects + 1):
             hostname = _http_host(current)
             await self._guard.check(current, hostname)
             if hop and robots:  # a redirect target answers to its own robots.txt (as in Scrapy)
-                await self._obey_robots(current, concurrency, delay)
+                await self._obey_robots(current, concurrency, delay, proxies, rotation)
+            proxy: Proxy | None = None
             async with self.turn(
                 host_of(current),
                 current,
@@ -1024,9 +1128,13 @@ class Fetcher:
                 try:
                     async with asyncio.timeout(s.total_timeout):
                         sent = headers if origin_of(current) in origins else {}  # credentials stay at home
-                        status, hdrs, content = await client.get(
-                            current, sent, max_bytes, truncate=truncate, method=method, body=body
-                        )
+                        with _through(pool, current) as proxy:
+                            via = proxy.url if proxy is not None else None
+                            if proxy is not None:
+                                await self.check_proxy(proxy, current)
+                            status, hdrs, content = await self._transport(transport, via).get(
+                                current, sent, max_bytes, truncate=truncate, method=method, body=body, proxy=via
+                            )
                 except TimeoutError:
                     raise TransientFetchError(f"timed out after {s.total_timeout}s", url=current) from None
                 except FetchError:
@@ -1044,8 +1152,35 @@ class Fetcher:
                     )
                 continue
             defaults = {"User-Agent": s.user_agent, "Accept-Encoding": ACCEPT_ENCODING}  # the clients' own
-            return current, status, hdrs, content, (method, {**defaults, **sent})
+            return (
+                current,
+                status,
+                hdrs,
+                content,
+                (method, {**defaults, **sent}),
+                proxy.label if proxy is not None else None,
+            )
         raise PermanentFetchError(f"more than {s.max_redirects} redirects", url=url)
+
+
+@contextlib.contextmanager
+def _through(pool: ProxyPool | None, url: str) -> Iterator[Proxy | None]:
+    """The proxy a request goes through (None: direct), and its breaker told how it went: ProxyFailed counts
+    against it, any answer for it; anything else (the host's failure, a cancellation) says nothing about it."""
+    if pool is None:
+        yield None
+        return
+    proxy, probe = pool.pick(host_of(url), url)
+    breaker = pool.breaker(proxy)
+    try:
+        yield proxy
+    except ProxyFailed:
+        breaker.record(False, probe)
+        raise
+    except BaseException:
+        breaker.release(probe)
+        raise
+    breaker.record(True, probe)
 
 
 def _http_host(url: str) -> str:

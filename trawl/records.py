@@ -103,6 +103,10 @@ class Outcome:
     at: datetime = field(default_factory=utcnow)
     etag: str | None = None
     last_modified: str | None = None
+    lastmod: str | None = None
+    """The URL's ``lastmod`` in the sitemap that listed it (a later run skips it while that stays the same)."""
+    proxy: str | None = None
+    """The proxy (``scheme://host:port``, no credentials) that served the URL, when the source uses proxies."""
 
     def envelope(self) -> dict[str, Any]:
         """The JSON object staged for this outcome (URL and error with secrets masked)."""
@@ -119,4 +123,7 @@ class Outcome:
             "at": self.at,
             "etag": self.etag,
             "last_modified": self.last_modified,
+            # Only when set: most outcomes have neither, and older staged outcomes have no such keys at all.
+            **({"lastmod": self.lastmod} if self.lastmod is not None else {}),
+            **({"proxy": self.proxy} if self.proxy is not None else {}),
         }

@@ -7,10 +7,12 @@ explicitly; nothing deeper in the call tree reads the environment.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AfterValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from trawl.proxies import check_proxy_url
 
 __all__ = ["Settings", "markdown_table"]
 
@@ -67,6 +69,16 @@ class Settings(BaseSettings):
         default_factory=list,
         description="CIDRs the fetch layer may connect to even though they are loopback/private/link-local "
         "(e.g. `127.0.0.0/8` for a local demo). Empty: only public addresses.",
+    )
+    proxies: list[Annotated[str, AfterValidator(check_proxy_url)]] = Field(
+        default_factory=list,
+        description="Forward proxies (`http://[user:password@]host:port`, `https://...`) every source's requests go "
+        "through unless the source lists its own; each has its own breaker. A proxy's address must be public or in "
+        "`allowed_networks`. As JSON: `TRAWL_PROXIES='[\"http://p1:3128\"]'`.",
+    )
+    proxy_rotation: Literal["per_request", "sticky"] = Field(
+        default="per_request",
+        description="`per_request`: the proxies take turns; `sticky`: each host keeps one proxy while it works.",
     )
     per_host_concurrency: int = Field(
         default=8, ge=1, description="At most this many requests in flight to one host (sources may lower it)."
@@ -266,7 +278,15 @@ class Settings(BaseSettings):
         default=3600.0, gt=0, description="Seconds a flow run waits for a source busy in another run, then fails it."
     )
     progress_interval: float = Field(
-        default=2.0, gt=0, description="Seconds between updates of a crawl's progress artifact in Prefect."
+        default=10.0,
+        gt=0,
+        description="Seconds between progress log lines (one per running source, without a terminal) and updates "
+        "of a crawl's progress artifact in Prefect.",
+    )
+    progress: Literal["auto", "live", "log", "off"] = Field(
+        default="auto",
+        description="How `trawl run|crawl|load` show progress: `live` a view redrawn in place (rich), `log` a "
+        "line per source every `progress_interval` s, `off` neither; `auto`: `live` on a terminal, else `log`.",
     )
     metrics_port: int | None = Field(
         default=None,

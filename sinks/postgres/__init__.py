@@ -14,7 +14,18 @@ reads it back (``lineage``, validators for conditional requests).
 from sinks.postgres._ddl import LAYOUT, PG_TYPES, views_schema
 from sinks.postgres._loader import Loader
 from sinks.postgres._part import PartLoad
-from sinks.postgres._queries import lineage, load_validators
+from sinks.postgres._queries import lineage, load_lastmods, load_validators
 from sinks.validate import coerce, jsonb
 
-__all__ = ["LAYOUT", "PG_TYPES", "Loader", "PartLoad", "coerce", "jsonb", "lineage", "load_validators", "views_schema"]
+__all__ = [
+    "LAYOUT",
+    "PG_TYPES",
+    "Loader",
+    "PartLoad",
+    "coerce",
+    "jsonb",
+    "lineage",
+    "load_lastmods",
+    "load_validators",
+    "views_schema",
+]

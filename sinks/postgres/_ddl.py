@@ -151,6 +151,10 @@ CREATE TABLE IF NOT EXISTS {s}._outcomes (
 );
 ALTER TABLE {s}._outcomes ADD COLUMN IF NOT EXISTS etag text;
 ALTER TABLE {s}._outcomes ADD COLUMN IF NOT EXISTS last_modified text;
+-- The sitemap's lastmod of the URL (a later run skips it while that stays) and the proxy that served it.
+ALTER TABLE {s}._outcomes ADD COLUMN IF NOT EXISTS lastmod text;
+ALTER TABLE {s}._outcomes ADD COLUMN IF NOT EXISTS proxy text;
+CREATE INDEX IF NOT EXISTS _outcomes_lastmod ON {s}._outcomes (source, url, at DESC) WHERE lastmod IS NOT NULL;
 CREATE INDEX IF NOT EXISTS _outcomes_validators ON {s}._outcomes (source, url, at DESC)
     WHERE etag IS NOT NULL OR last_modified IS NOT NULL;
 """
@@ -182,8 +186,9 @@ async def ensure_meta(conn: asyncpg.Connection, schema: str) -> None:
     # Already current: no DDL at all. Even an IF NOT EXISTS index or column takes a table lock first, which
     # would deadlock with a loader already writing its parts.
     current = await conn.fetchval(
-        "SELECT count(*) = 4 FROM information_schema.columns WHERE table_schema = $1 AND (table_name, column_name)"
-        " IN (('_loads', 'seen_at'), ('_lineage', 'load_id'), ('_outcomes', 'last_modified'), ('_rejects', 'line'))",
+        "SELECT count(*) = 5 FROM information_schema.columns WHERE table_schema = $1 AND (table_name, column_name)"
+        " IN (('_loads', 'seen_at'), ('_lineage', 'load_id'), ('_outcomes', 'last_modified'), ('_rejects', 'line'),"
+        " ('_outcomes', 'proxy'))",
         schema,
     )
     if not current:

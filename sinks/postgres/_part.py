@@ -52,6 +52,8 @@ _OUTCOME_COLS = (
     "staged_object",
     "etag",
     "last_modified",
+    "lastmod",
+    "proxy",
 )
 # What comparing a staged record with the table's row for its key found.
 _NEW, _CHANGED, _FIRST, _OLDER, _SAME = 0, 1, 2, 3, 4
@@ -302,6 +304,8 @@ async def write_outcomes(
                 part.uri,
                 env.get("etag"),
                 env.get("last_modified"),
+                env.get("lastmod"),
+                env.get("proxy"),
                 n,
             )
     cols = ", ".join(_OUTCOME_COLS)

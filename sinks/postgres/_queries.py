@@ -16,7 +16,7 @@ from sinks.stage import LocalStager
 from trawl.errors import StagingError
 from trawl.staging import StagedPart, Stager
 
-__all__ = ["LineageEntry", "lineage", "load_validators"]
+__all__ = ["LineageEntry", "lineage", "load_lastmods", "load_validators"]
 
 log = structlog.get_logger("sinks.postgres")
 
@@ -137,3 +137,22 @@ async def load_validators(pool: asyncpg.Pool, schema: str, source: str) -> dict[
             source,
         )
     return {r["url"]: (r["etag"], r["last_modified"]) for r in rows}
+
+
+async def load_lastmods(pool: asyncpg.Pool, schema: str, source: str) -> dict[str, str]:
+    """The sitemap ``lastmod`` of each URL of a source as of its latest fetch (or skip), for the next crawl."""
+    async with pool.acquire() as conn:
+        has = await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = $1"
+            " AND table_name = '_outcomes' AND column_name = 'lastmod')",
+            schema,
+        )
+        if not has:
+            return {}
+        rows = await conn.fetch(
+            f"""SELECT DISTINCT ON (url) url, lastmod FROM {q(schema)}._outcomes
+                WHERE source = $1 AND lastmod IS NOT NULL AND outcome IN ('fetched', 'not_modified')
+                ORDER BY url, at DESC""",
+            source,
+        )
+    return {r["url"]: r["lastmod"] for r in rows}

@@ -132,6 +132,7 @@ async def test_a_crawl_that_died_midway_resumes_where_its_checkpoint_left_it(
         (m,) = await stager.manifests("raw")
         keys = [orjson.loads(line)["key"] for p in m.parts async for line in stager.read_part(p)]
     assert len(set(keys)) == PRODUCT_COUNT  # nothing lost; a URL fetched again since the checkpoint may repeat
+    assert res["records"] == m.rows == len(keys)  # the summary counts rows staged, not records extracted twice
     total = PRODUCT_COUNT + PAGE_COUNT
     assert res["pages"] >= total  # stats carry on from the checkpoint
     # Only what was not done at the death is fetched again (robots.txt once more, too).

@@ -335,6 +335,8 @@ class ApiConnector:
                     method=method,
                     body=content,
                     reauth=auth.refresh if auth.oauth is not None else None,
+                    proxies=src.proxies,
+                    proxy_rotation=src.proxy_rotation,
                 )
             except BreakerOpen as exc:
                 await asyncio.sleep(exc.retry_in)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Protocol
@@ -19,6 +19,7 @@ from trawl.frontier.base import Idle, Settled
 from trawl.incremental import CursorWindow
 from trawl.logs import redact
 from trawl.metrics import METRICS
+from trawl.proxies import ProxyRotation
 from trawl.records import Outcome, OutcomeKind, Record, utcnow
 from trawl.settings import Settings
 from trawl.urls import host_of
@@ -134,6 +135,8 @@ class SourceContext:
     stats: SourceStats = field(default_factory=SourceStats)
     validators: Mapping[str, Validators] = field(default_factory=dict)
     """ETag / Last-Modified per URL from earlier runs (conditional requests)."""
+    lastmods: Mapping[str, str] = field(default_factory=dict)
+    """Sitemap ``lastmod`` per URL as of its last fetch in an earlier run (unchanged: not fetched again)."""
     incremental: CursorWindow | None = None
     """`api` sources with `incremental`: the window this run asks for (from the stored state)."""
     archiver: Archiver | None = None
@@ -191,6 +194,9 @@ class SourceContext:
         method: str = "GET",
         body: bytes | None = None,
         reauth: Callable[[Mapping[str, str]], Awaitable[Mapping[str, str] | None]] | None = None,
+        max_bytes: int | None = None,
+        proxies: Sequence[str] | None = None,
+        proxy_rotation: ProxyRotation | None = None,
     ) -> Response | None:
         """Fetch a URL and record exactly one outcome for it when it failed; None when it failed.
 
@@ -203,6 +209,8 @@ class SourceContext:
 
         ``reauth``: when the URL finally fails with a 401, called once with the headers
         sent; the headers it returns (a renewed token) are tried once more.
+        ``max_bytes``: a larger body cap than the setting (sitemaps); ``proxies``: the
+        source's own proxy list (default: the ``proxies`` setting).
         """
         sent = headers or {}
         for last in (False, True):
@@ -222,6 +230,9 @@ class SourceContext:
                     origins=origins,
                     method=method,
                     body=body,
+                    max_bytes=max_bytes,
+                    proxies=proxies,
+                    proxy_rotation=proxy_rotation,
                 )
                 break
             except HostBusy:
@@ -289,7 +300,14 @@ class SourceContext:
         await self.emit_outcome(outcome)
 
     async def fetched(
-        self, source: str, url: str, resp: Response, kind: OutcomeKind = OutcomeKind.FETCHED, error: str | None = None
+        self,
+        source: str,
+        url: str,
+        resp: Response,
+        kind: OutcomeKind = OutcomeKind.FETCHED,
+        error: str | None = None,
+        *,
+        lastmod: str | None = None,
     ) -> None:
         """Record the outcome of a URL whose response was received (with its validators for next time)."""
         etag, last_modified = resp.headers.get("etag"), resp.headers.get("last-modified")
@@ -310,7 +328,15 @@ class SourceContext:
                 error,
                 etag=etag,
                 last_modified=last_modified,
+                lastmod=lastmod,
+                proxy=resp.proxy,
             )
+        )
+
+    async def unchanged(self, source: str, url: str, lastmod: str) -> None:
+        """Record a sitemap URL not fetched because its ``lastmod`` is what it was at its last fetch."""
+        await self.outcome(
+            Outcome(self.run_id, source, url, OutcomeKind.NOT_MODIFIED, None, 0, 0, 0, None, lastmod=lastmod)
         )
 
 

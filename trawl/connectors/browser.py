@@ -63,6 +63,7 @@ from trawl.errors import (
 from trawl.extract import extract_items, extract_links, parse_html
 from trawl.fetch import Fetcher, Response
 from trawl.frontier.base import Frontier
+from trawl.proxies import ProxyPool
 from trawl.records import OutcomeKind, utcnow
 from trawl.retry import retry_after, status_error
 from trawl.settings import Settings
@@ -159,9 +160,11 @@ class BrowserPool:
     """One Chromium behind a guarded proxy, a context per (host, JavaScript on/off), at most ``size`` pages
     rendering at once."""
 
-    def __init__(self, settings: Settings, fetcher: Fetcher) -> None:
+    def __init__(self, settings: Settings, fetcher: Fetcher, upstream: ProxyPool | None = None) -> None:
         self.settings = settings
         self.fetcher = fetcher
+        self.upstream = upstream
+        """The forward proxies the guarded proxy sends this browser's requests on through (None: direct)."""
         self.size = settings.browser_pages
         self._slots = asyncio.Semaphore(self.size)
         self._lock = asyncio.Lock()
@@ -184,11 +187,13 @@ class BrowserPool:
         """Bumped at every launch: a page knows which browser it came from."""
 
     @classmethod
-    def of(cls, fetcher: Fetcher) -> BrowserPool:
-        """The Fetcher's pool, created on first use and closed with the Fetcher."""
-        pool = fetcher.resources.get(_RENDER_KEY)
+    def of(cls, fetcher: Fetcher, upstream: ProxyPool | None = None) -> BrowserPool:
+        """The Fetcher's pool for these forward proxies (one browser per proxy list), created on first use and
+        closed with the Fetcher."""
+        key = _RENDER_KEY if upstream is None else f"{_RENDER_KEY} {upstream.rotation} {upstream.proxies}"
+        pool = fetcher.resources.get(key)
         if pool is None:
-            pool = fetcher.resources[_RENDER_KEY] = cls(fetcher.settings, fetcher)
+            pool = fetcher.resources[key] = cls(fetcher.settings, fetcher, upstream)
             fetcher.on_close(pool.close)
         assert isinstance(pool, BrowserPool)
         return pool
@@ -222,7 +227,10 @@ class BrowserPool:
                 )
             if self._proxy is None:
                 proxy = GuardedProxy(
-                    self.fetcher.guard, connect_timeout=self.settings.connect_timeout, on_refused=self._refused
+                    self.fetcher.guard,
+                    connect_timeout=self.settings.connect_timeout,
+                    on_refused=self._refused,
+                    upstream=self.upstream,
                 )
                 self._proxy = await proxy.__aenter__()
             if self._pw is None:
@@ -380,7 +388,7 @@ class BrowserConnector(HtmlConnector):
 
     def __init__(self, source: BrowserSource, ctx: SourceContext, frontier: Frontier | None = None) -> None:
         super().__init__(source, ctx, frontier)
-        self.pool = BrowserPool.of(ctx.fetcher)
+        self.pool = BrowserPool.of(ctx.fetcher, ctx.fetcher.proxy_pool(source.proxies, source.proxy_rotation))
         self._required = [n for n, f in source.fields.items() if f.required] or list(source.fields)
         self._blocked = tuple(
             sorted(

@@ -12,13 +12,16 @@ import structlog
 
 from trawl.config import HtmlSource
 from trawl.connectors.base import SourceContext, make_record, url_hash
-from trawl.errors import BreakerOpen, HostBusy
+from trawl.errors import BreakerOpen, ConfigError, FetchError, HostBusy
 from trawl.extract import extract_items, extract_links, parse_html
 from trawl.fetch import Response
 from trawl.frontier.base import Claim, Frontier, Idle, Settled
 from trawl.frontier.memory import MemoryFrontier
 from trawl.records import OutcomeKind, Record, utcnow
-from trawl.urls import host_of
+from trawl.robots import ROBOTS_MAX_BYTES, parse_robots
+from trawl.sitemaps import MAX_BYTES as SITEMAP_MAX_BYTES
+from trawl.sitemaps import sitemap_entries
+from trawl.urls import host_of, origin_of
 
 __all__ = ["HtmlConnector"]
 
@@ -64,6 +67,8 @@ class HtmlConnector:
         self._resume: dict[str, tuple[int, float]] = {}
         """Parked for a throttled host: attempts made so far and when the first started, per URL."""
         self._scheduled = 0  # an upper bound with a shared frontier: links other crawlers queued first count too
+        self._lastmod: dict[str, str] = {}
+        """Sitemap URLs scheduled with a ``lastmod``: recorded with their outcome, so the next run can skip them."""
 
     def _follow(self, url: str) -> bool:
         rules = self.source.follow
@@ -105,6 +110,11 @@ class HtmlConnector:
         for url in self._seeds if not markers else ():  # a durable frontier was seeded when its run began
             self._schedule(url, 0)
         n_workers = self._workers()
+        if self.source.sitemaps and markers:
+            raise ConfigError(f"source {self.source.name}: `sitemaps` are read by in-memory crawls only")
+        discovery = (
+            asyncio.create_task(self._discover(), name=f"{self.source.name}-sitemaps") if self.source.sitemaps else None
+        )
 
         woken: set[asyncio.Task[None]] = set()
         closed = False
@@ -150,6 +160,8 @@ class HtmlConnector:
 
         async def feed() -> None:
             try:
+                if discovery is not None:
+                    await discovery  # URLs are crawled as the sitemaps are read; the crawl may end only after
                 await frontier.feed(out, n_workers)
             except BaseException as exc:
                 await out.put(exc)
@@ -176,10 +188,87 @@ class HtmlConnector:
                 yield item  # type: ignore[misc]
         finally:
             closed = True
-            tasks = (*workers, *helpers, *woken)
+            tasks = (*workers, *helpers, *woken, *((discovery,) if discovery is not None else ()))
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _sitemap_roots(self) -> list[str]:
+        """The configured sitemaps, or those the robots.txt of each start host lists (``sitemaps: robots``)."""
+        maps = self.source.sitemaps
+        if isinstance(maps, list):
+            return list(maps)
+        roots: list[str] = []
+        for origin in dict.fromkeys(origin_of(u) for u in self._seeds):
+            try:
+                resp = await self.ctx.fetcher.get(
+                    f"{origin}/robots.txt",
+                    robots=False,
+                    max_bytes=ROBOTS_MAX_BYTES,
+                    truncate=True,
+                    source=self.source.name,
+                    concurrency=self.source.politeness.concurrency,
+                    delay=self.source.politeness.delay,
+                    proxies=self.source.proxies,
+                    proxy_rotation=self.source.proxy_rotation,
+                )
+            except (FetchError, BreakerOpen) as exc:
+                log.warning("robots.txt unavailable: no sitemaps from it", origin=origin, error=str(exc))
+                continue
+            listed = list(parse_robots(resp.body).sitemaps) if resp.status == 200 else []
+            log.info("sitemaps from robots.txt", origin=origin, sitemaps=len(listed))
+            roots += listed
+        return roots
+
+    async def _sitemap(self, url: str) -> bytes | None:
+        """One sitemap's body through the request path (its outcome recorded); None when it failed."""
+        src = self.source
+        resp = await self.ctx.fetch(
+            src.name,
+            url,
+            transport="aiohttp",
+            headers=src.headers,
+            concurrency=src.politeness.concurrency,
+            delay=src.politeness.delay,
+            robots=src.robots,
+            origins=self._origins,
+            max_bytes=SITEMAP_MAX_BYTES,
+            proxies=src.proxies,
+            proxy_rotation=src.proxy_rotation,
+        )
+        if resp is None:
+            return None
+        self._hosts.add(host_of(url))  # same_host: a sitemap lists its own host's URLs
+        await self.ctx.fetched(src.name, url, resp)
+        return resp.body
+
+    async def _discover(self) -> None:
+        """Schedule the sitemaps' URLs that ``follow`` allows; skip those whose ``lastmod`` has not moved."""
+        ctx, name = self.ctx, self.source.name
+        listed = unchanged = 0
+        backlog = max(100, ctx.settings.queue_size)
+        roots = await self._sitemap_roots()
+        self._hosts.update(host_of(root) for root in roots)
+        async for entry in sitemap_entries(roots, self._sitemap):
+            url = entry.url
+            h = url_hash(url)
+            if h in self._seen or not self._follow(url):
+                continue
+            listed += 1
+            if entry.lastmod is not None and ctx.lastmods.get(url) == entry.lastmod:
+                self._seen.add(h)
+                unchanged += 1
+                await ctx.unchanged(name, url, entry.lastmod)
+                continue
+            if entry.lastmod is not None:
+                self._lastmod[url] = entry.lastmod
+            self._schedule(url, 0, h)
+            if self.frontier.claims.qsize() >= backlog:
+                # Back-pressure: the sitemap waits, paused mid-parse, while the workers drain the queue, so memory
+                # stays flat with the sitemap's size instead of holding every listed URL at once.
+                while self.frontier.claims.qsize() > backlog // 2:  # noqa: ASYNC110 - the frontier's queue is its own
+                    await asyncio.sleep(0.02)
+        log.info("sitemaps read", urls=listed, unchanged=unchanged, scheduled=listed - unchanged)
 
     async def _get(self, url: str, headers: dict[str, str] | None = None) -> Response | None:
         """Fetch one page under the source's politeness; None when it failed (its outcome recorded).
@@ -202,6 +291,8 @@ class HtmlConnector:
             attempts=attempts,
             started=started,
             origins=self._origins,  # links and redirects to other origins go without the source's headers
+            proxies=src.proxies,
+            proxy_rotation=src.proxy_rotation,
         )
 
     async def _page(self, url: str, depth: int, out: asyncio.Queue[object]) -> None:
@@ -225,8 +316,9 @@ class HtmlConnector:
         # Wait for the page archive's writer before parsing: measured, a loop that parses meanwhile keeps the GIL
         # busy and makes the writer thread's every hand-over cost it more than the wait does.
         archived = await resp.where_archived()
+        lastmod = self._lastmod.pop(url, None) if self._lastmod else None
         if resp.status == 304:
-            await self.ctx.fetched(src.name, url, resp)
+            await self.ctx.fetched(src.name, url, resp, lastmod=lastmod)
             return
         if resp.url != url:
             self._seen.add(url_hash(resp.url))  # a redirect target is not fetched again by its own link
@@ -248,4 +340,4 @@ class HtmlConnector:
                 h = url_hash(link)
                 if h not in seen and self._follow(link):  # most links are seen already: check that first
                     self._schedule(link, depth + 1, h)
-        await self.ctx.fetched(src.name, url, resp)
+        await self.ctx.fetched(src.name, url, resp, lastmod=lastmod)

@@ -10,21 +10,31 @@ call returned, so what was checked is what is connected to, whatever DNS says a
 moment later. A refusal is answered ``403`` with a body that says nothing about
 the address (a page must not learn what internal names resolve to) and kept
 for a while, so a navigation can tell a refused document from a page's own 403.
+
+With ``upstream`` (the source's forward proxies, :class:`trawl.proxies.ProxyPool`)
+the target host is still checked the same way, and then the request goes on
+through one of those proxies (its own address passed by the guard too): a tunnel
+is opened with ``CONNECT`` there, a plain http request is sent in absolute form.
+A proxy that cannot be reached or refuses the tunnel counts against its breaker
+and the next one is tried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ipaddress
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import structlog
 
+from trawl.errors import TrawlError
 from trawl.netguard import NetworkGuard, RefusedAddress, UnresolvedHost
+from trawl.proxies import Proxy, ProxyPool
 
 __all__ = ["GuardedProxy"]
 
@@ -75,8 +85,10 @@ class GuardedProxy:
         connect_timeout: float = 10.0,
         host: str = "127.0.0.1",
         on_refused: Callable[[str, int, str], None] | None = None,
+        upstream: ProxyPool | None = None,
     ) -> None:
         self._guard = guard
+        self._upstream = upstream
         self._connect_timeout = connect_timeout
         self.host = host
         self.port = 0
@@ -89,6 +101,8 @@ class GuardedProxy:
         """Requests refused by the guard since the proxy started."""
         self.connections = 0
         """Upstream connections made."""
+        self.via: Counter[str] = Counter()
+        """Requests carried per upstream proxy (``scheme://host:port``), with ``upstream``."""
 
     @property
     def url(self) -> str:
@@ -161,11 +175,11 @@ class GuardedProxy:
                 writer.write(_BAD_REQUEST)
                 return
             host, port, path = where
-            opened = await self._open(host, port)
+            opened = await self._open(host, port, tunnel)
             if isinstance(opened, bytes):
                 writer.write(opened)
                 return
-            up_reader, upstream = opened
+            up_reader, upstream, via = opened
             self._writers.add(upstream)
             if tunnel:
                 writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
@@ -173,7 +187,9 @@ class GuardedProxy:
                 # One request per connection both ways: the next request may be for another host,
                 # and it must come back here (through the guard), not down this socket.
                 kept = [line for line in lines[1:] if line.split(b":", 1)[0].strip().lower() not in _HOP_BY_HOP]
-                upstream.write(b"\r\n".join([method + b" " + path + b" " + version, *kept, b"Connection: close"]))
+                line = method + b" " + (target if via is not None else path) + b" " + version
+                auth = [_proxy_authorization(via)] if via is not None and _has_credentials(via) else []
+                upstream.write(b"\r\n".join([line, *kept, *auth, b"Connection: close"]))
                 upstream.write(b"\r\n\r\n")
             await _splice(reader, writer, up_reader, upstream, response_head=not tunnel)
         except (ConnectionError, OSError):
@@ -199,9 +215,12 @@ class GuardedProxy:
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         return parts.hostname.lower(), port, path.encode("latin-1")
 
-    async def _open(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | bytes:
-        """Connect to an address the guard returned for ``host`` (never the proxy itself); when refused (the
-        refusal is recorded) or unreachable, the reply for the client instead."""
+    async def _open(
+        self, host: str, port: int, tunnel: bool = True
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Proxy | None] | bytes:
+        """Connect to an address the guard returned for ``host`` (never the proxy itself), or with ``upstream``
+        to a proxy on the way there; when refused (the refusal is recorded) or unreachable, the reply for the
+        client instead."""
         try:
             if self._server is not None and port == self.port and _same_ip(host, self.host):
                 raise RefusedAddress(f"{host}:{port} is trawl's own browser proxy")
@@ -209,9 +228,15 @@ class GuardedProxy:
         except RefusedAddress as exc:
             self._refuse(host, port, str(exc))
             return _REFUSED
-        except UnresolvedHost as exc:
+        except UnresolvedHost as exc:  # a failed lookup is a refusal, with an upstream proxy too
             log.info("browser request: host not resolved", host=host, port=port, error=str(exc))
             return _BAD_GATEWAY
+        if self._upstream is not None:
+            return await self._through_upstream(host, port, tunnel)
+        opened = await self._connect(ips, port)
+        return _BAD_GATEWAY if opened is None else (*opened, None)
+
+    async def _connect(self, ips: list[str], port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         for ip in ips:
             try:
                 opened = await asyncio.wait_for(asyncio.open_connection(ip, port), self._connect_timeout)
@@ -219,7 +244,67 @@ class GuardedProxy:
                 continue
             self.connections += 1
             return opened
+        return None
+
+    async def _through_upstream(
+        self, host: str, port: int, tunnel: bool
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Proxy] | bytes:
+        """A connection through one of the upstream proxies (a tunnel to ``host:port`` when ``tunnel``)."""
+        pool = self._upstream
+        assert pool is not None
+        for _ in range(len(pool.proxies)):
+            try:
+                proxy, probe = pool.pick(host, f"http://{host}:{port}/")
+            except TrawlError:
+                break  # every proxy benched
+            breaker = pool.breaker(proxy)
+            parts = urlsplit(proxy.url)
+            try:
+                ips = await self._guard.addresses(parts.hostname or "", parts.port or 80)
+            except (RefusedAddress, UnresolvedHost) as exc:
+                breaker.release(probe)
+                self._refuse(host, port, f"proxy {proxy.label}: {exc}")
+                return _REFUSED
+            opened = await self._connect(ips, parts.port or 80)
+            if opened is not None and tunnel and not await _tunnel(opened, host, port, proxy, self._connect_timeout):
+                opened[1].close()
+                opened = None
+            if opened is None:
+                breaker.record(False, probe)
+                log.warning("browser request: upstream proxy failed", proxy=proxy.label, host=host, port=port)
+                continue
+            breaker.record(True, probe)
+            self.via[proxy.label] += 1
+            return (*opened, proxy)
         return _BAD_GATEWAY
+
+
+def _has_credentials(proxy: Proxy) -> bool:
+    return urlsplit(proxy.url).username is not None
+
+
+def _proxy_authorization(proxy: Proxy) -> bytes:
+    parts = urlsplit(proxy.url)
+    pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    return b"Proxy-Authorization: Basic " + base64.b64encode(pair.encode())
+
+
+async def _tunnel(
+    opened: tuple[asyncio.StreamReader, asyncio.StreamWriter], host: str, port: int, proxy: Proxy, wait: float
+) -> bool:
+    """Ask the upstream proxy for a tunnel to ``host:port``; whether it agreed (2xx)."""
+    reader, writer = opened
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    head = [f"CONNECT {authority} HTTP/1.1".encode(), f"Host: {authority}".encode()]
+    if _has_credentials(proxy):
+        head.append(_proxy_authorization(proxy))
+    writer.write(b"\r\n".join([*head, b"", b""]))
+    try:
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), wait)
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        return False
+    status = answer.split(b" ", 2)
+    return len(status) > 1 and status[1].startswith(b"2")
 
 
 def _same_ip(host: str, other: str) -> bool:

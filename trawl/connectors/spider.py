@@ -43,6 +43,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlsplit
 
 import aiohttp
 import scrapy
@@ -55,7 +56,12 @@ from scrapy.crawler import AsyncCrawlerRunner, Crawler
 from scrapy.downloadermiddlewares.cookies import CookiesMiddleware
 from scrapy.downloadermiddlewares.redirect import MetaRefreshMiddleware as _MetaRefreshMiddleware
 from scrapy.downloadermiddlewares.redirect import RedirectMiddleware as _RedirectMiddleware
-from scrapy.exceptions import CannotResolveHostError, DownloadConnectionRefusedError, IgnoreRequest
+from scrapy.exceptions import (
+    CannotResolveHostError,
+    DownloadConnectionRefusedError,
+    DownloadFailedError,
+    IgnoreRequest,
+)
 from scrapy.http import Headers
 from scrapy.settings import Settings as ScrapySettings
 from scrapy.utils.ssl import _make_ssl_context
@@ -69,6 +75,8 @@ from trawl.errors import (
     ConfigError,
     FetchError,
     PermanentFetchError,
+    ProxyFailed,
+    ProxyUnavailable,
     SpiderFailed,
     Throttled,
     TransientFetchError,
@@ -103,6 +111,8 @@ log = structlog.get_logger("trawl.connectors.spider")
 _SLOT = "_trawl_slot"
 _STARTED = "_trawl_started"
 _THROTTLED = "_trawl_throttled"  # throttle signals met so far: attempts, not Scrapy retries
+_PROXY = "_trawl_proxy"  # (Proxy, probe) of the attempt, with the source's forward proxies
+_PROXY_LABEL = "_trawl_proxy_label"  # the proxy that carried the URL's last attempt (for its outcome row)
 _MW = "trawl.connectors.spider"
 
 
@@ -442,8 +452,25 @@ class GateMiddleware:
             raise _Refused(OUTCOME_OF.get(type(exc), OutcomeKind.FAILED), str(exc), exc.status) from None
         request.meta[_SLOT] = slot
         c.open_slots.add(slot)
+        pool = c.proxies
+        if pool is not None:  # through one of the source's forward proxies (the target host was guarded above)
+            try:
+                proxy, probe = pool.pick(urlsplit(request.url).hostname or "", request.url)
+                await c.ctx.fetcher.check_proxy(proxy, request.url)
+            except FetchError as exc:
+                if isinstance(exc, ProxyUnavailable | ProxyFailed) or exc.transient:
+                    await c.close_slot(slot, exc)
+                    request.meta.pop(_SLOT, None)
+                    raise _Refused(OutcomeKind.FAILED, str(exc)) from None
+                await c.close_slot(slot, exc)
+                request.meta.pop(_SLOT, None)
+                raise _Refused(OUTCOME_OF.get(type(exc), OutcomeKind.FAILED), str(exc)) from None
+            request.meta["proxy"] = proxy.url
+            request.meta[_PROXY] = (proxy, probe)
+            request.meta[_PROXY_LABEL] = proxy.label
 
     async def process_response(self, request: Request, response: Response) -> Response | Request:
+        self._proxy_verdict(request, ok=response.status != 407)
         slot = request.meta.pop(_SLOT, None)
         if slot is None:
             return response
@@ -460,10 +487,23 @@ class GateMiddleware:
             return again
         return response
 
+    def _proxy_verdict(self, request: Request, ok: bool) -> None:
+        used = request.meta.pop(_PROXY, None)
+        if used is not None and self.connector.proxies is not None:
+            proxy, probe = used
+            self.connector.proxies.breaker(proxy).record(ok, probe)
+
     async def process_exception(self, request: Request, exception: Exception) -> None:
+        # Connecting or talking to the proxy failed: the proxy's fault (its breaker counts it), not the host's.
+        via_proxy = _PROXY in request.meta and isinstance(
+            exception, DownloadConnectionRefusedError | ConnectionError | DownloadFailedError
+        )
+        self._proxy_verdict(request, ok=not via_proxy)
         slot = request.meta.pop(_SLOT, None)
         if slot is not None:
-            cls = PermanentFetchError if isinstance(exception, IgnoreRequest) else TransientFetchError
+            cls: type[FetchError] = PermanentFetchError if isinstance(exception, IgnoreRequest) else TransientFetchError
+            if via_proxy:
+                cls = ProxyFailed
             await self.connector.close_slot(slot, cls(f"{type(exception).__name__}: {exception}", url=request.url))
 
 
@@ -524,6 +564,8 @@ class SpiderConnector:
         """The store of a durable crawl's frontier (``trawl.crawler``): it checkpoints, so ``fetch()`` also yields
         ``Settled`` after the items of each finished request."""
         self.open_slots: set[contextlib.AbstractAsyncContextManager[Any]] = set()
+        self.proxies = ctx.fetcher.proxy_pool(source.proxies, source.proxy_rotation)
+        """The source's forward proxies (GateMiddleware puts one on each attempt), or None."""
         self._done: set[int] = set()
         """Hashes of the URLs that have their outcome (64-bit hashes, not strings: FIELD-NOTES)."""
         self._queue: asyncio.Queue[tuple[int, Record]] = asyncio.Queue(maxsize=ctx.settings.queue_size)
@@ -559,8 +601,9 @@ class SpiderConnector:
             if kind in (OutcomeKind.SKIPPED_BREAKER, OutcomeKind.FILTERED)
             else request.meta.get("retry_times", 0) + 1 + request.meta.get(_THROTTLED, 0)
         )
+        proxy = request.meta.get(_PROXY_LABEL) if kind is OutcomeKind.FETCHED else None
         await self.ctx.outcome(
-            Outcome(self.ctx.run_id, self.source.name, url, kind, status, attempts, size, elapsed, error)
+            Outcome(self.ctx.run_id, self.source.name, url, kind, status, attempts, size, elapsed, error, proxy=proxy)
         )
 
     async def archive(self, request: Request, response: Response) -> None:

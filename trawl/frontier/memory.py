@@ -27,6 +27,8 @@ class MemoryFrontier:
         self._idle = asyncio.Event()
 
     def add(self, url: str, depth: int) -> None:
+        if not self._outstanding:
+            self._idle.clear()  # URLs added after all had settled once (a sitemap read while the crawl runs)
         self._outstanding += 1
         self.claims.put_nowait(Claim(url, depth))
 

@@ -126,3 +126,9 @@ def test_outcome_kinds_are_the_documented_set() -> None:
         "blocked_network",
         "filtered",
     }
+
+
+def test_outcome_envelope_carries_lastmod_and_proxy_when_set() -> None:
+    o = Outcome("run-1", "shop", "http://shop.test/", OutcomeKind.FETCHED, lastmod="2026-01-01", proxy="http://p:1")
+    env = o.envelope()
+    assert (env["lastmod"], env["proxy"]) == ("2026-01-01", "http://p:1")

@@ -280,8 +280,11 @@ class Archiver:
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         job = _prepare(ex, self._max_bytes)
         if self._thread is None:
+            # Each writer thread has a queue of its own: a page queued after aclose() (a worker still finishing)
+            # starts a new thread and never lets the old one take the new one's work (or its stop).
             self._loop = loop
-            self._thread = threading.Thread(target=self._run, name="trawl-archive", daemon=True)
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._run, args=(self._queue,), name="trawl-archive", daemon=True)
             self._thread.start()
         self._queue.put((fut, job))
         return fut
@@ -291,17 +294,17 @@ class Archiver:
         (before the stream closes: nothing is appended to an archive part after its checkpoint)."""
         thread, self._thread = self._thread, None
         if thread is not None:
-            self._queue.put(None)
+            self._queue.put(None)  # this thread's own queue: a later write() gets a new one
             await asyncio.to_thread(thread.join)  # its deliveries were queued on the loop before this wakes up
         if self._appending:
             await asyncio.gather(*self._appending, return_exceptions=True)
         if self._failure is not None:  # also for pages nobody awaited (a list page gives no records)
             raise self._failure
 
-    def _run(self) -> None:
+    def _run(self, jobs: queue.SimpleQueue[tuple[asyncio.Future[dict[str, Any]], _Job] | None]) -> None:
         """The writer thread: compress each job as it comes and hand it to the loop, waking the loop only when
         no wake-up is pending already (a busy loop takes whatever is done in one go)."""
-        get, done, loop = self._queue.get, self._done, self._loop
+        get, done, loop = jobs.get, self._done, self._loop
         assert loop is not None
         while (item := get()) is not None:
             fut, job = item

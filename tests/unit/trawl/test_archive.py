@@ -127,6 +127,25 @@ async def test_archiver_thread_gives_each_page_its_offset_in_order_of_the_stream
     assert not any(t.name == "trawl-archive" for t in threading.enumerate())  # aclose stopped the writer
 
 
+async def test_a_page_queued_while_the_archiver_closes_neither_hangs_the_close_nor_is_lost() -> None:
+    # A worker still finishing its page writes while a checkpoint's aclose() waits for the writer: the new
+    # writer thread must not take the old one's stop (the old one would then wait on the queue for ever).
+    sink = _Sink()
+    archiver = Archiver(sink, 1 << 20)
+    for round_ in range(20):
+        first = archiver.write(_exchange(round_ * 2))
+        closing = asyncio.create_task(archiver.aclose())
+        await asyncio.sleep(0)  # aclose() has put its stop on the queue and is joining the thread
+        late = archiver.write(_exchange(round_ * 2 + 1))
+        await asyncio.wait_for(closing, 5)
+        await asyncio.wait_for(archiver.aclose(), 5)
+        for i, fut in ((round_ * 2, first), (round_ * 2 + 1, late)):
+            w = await fut
+            assert read_member(sink.data, w["offset"], w["warc"]).url == f"http://shop.test/p/{i}"
+    assert archiver.pages == 40
+    assert not any(t.name == "trawl-archive" for t in threading.enumerate())
+
+
 async def test_archiver_failure_fails_the_pages_and_the_close() -> None:
     archiver = Archiver(_Sink(fail=True), 1 << 20)
     unawaited = archiver.write(_exchange(1))  # a list page: nobody awaits it, the crawl still fails

@@ -147,7 +147,7 @@ async def crawl_source(
     stats = stats or SourceStats()
     bind(source=source.name)
     try:
-        async with open_frontier(source, run_id, settings, resume=resume, shard=shard) as frontier:
+        async with open_frontier(source, run_id, settings, resume=resume, shard=shard, hosts=fetcher) as frontier:
             stage = await frontier.open_stage(stager, stats, utcnow())
 
             async def emit(outcome: Outcome) -> None:

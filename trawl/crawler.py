@@ -282,8 +282,14 @@ async def commit_sharded(
     left = await frontier.pending()
     if left:
         raise StagingError(f"source {source.name}: {left} URLs of run {run_id} are not done; nothing committed")
-    shard_stats = list((await frontier.saved_stats()).values())
-    summary = merge_stats(shard_stats)
+    saved = await frontier.saved_stats()
+    summary = merge_stats(list(saved.values()))
+    # Each shard's share, for the result and the summary artifact (hosts moved between shards as they were leased).
+    summary["per_shard"] = {
+        str(k): {"pages": st.get("pages", 0), "records": st.get("records", 0), "outcomes": st.get("outcomes", {})}
+        for k, st in sorted(saved.items())
+    }
+    summary["host_moves"] = sum(h["moves"] for h in (await frontier.hosts()).values())
     error = verdict(summary, failed_ratio_limit(source, settings))
     status: Literal["complete", "failed"] = "failed" if error else "complete"
     uri = ""

@@ -963,6 +963,8 @@ class DurableFrontier:
         store, claims = self.store, self.claims
         batch = self.settings.frontier_batch
         while True:
+            if time.monotonic() - self._beat >= store.lease_seconds / 3:  # a heartbeat well inside the lease
+                await self._heartbeat()
             room = max(batch, workers * 2) - claims.qsize()
             if store.queued_links >= batch or claims.qsize() <= workers:
                 await store.flush()
@@ -991,8 +993,6 @@ class DurableFrontier:
                     await out.put(Idle())
                     await asyncio.sleep(0.5)
                     continue
-            if store.leasing and time.monotonic() - self._beat >= store.lease_seconds / 3:
-                await self._heartbeat()
             self._settled.clear()
             # asyncio.wait, not wait_for: on 3.11 wait_for may swallow a cancel that lands as the event fires.
             waiter = asyncio.ensure_future(self._settled.wait())

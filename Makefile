@@ -93,8 +93,12 @@ server: venv
 
 # A process worker for the `trawl` pool (created if missing); flow runs inherit this shell's TRAWL_* settings.
 # WORKER_ARGS passes more options, e.g. WORKER_ARGS="--limit 1 --name shard-a".
+# It polls for runs every 2 s (Prefect's default is 10 s): shard runs, and the replacement of a crashed one, start
+# within seconds of the crawl flow asking for them.
+WORKER_QUERY_SECONDS ?= 2
 worker: venv
 	@api=$(PREFECT_API); \
+	export PREFECT_WORKER_QUERY_SECONDS="$${PREFECT_WORKER_QUERY_SECONDS:-$(WORKER_QUERY_SECONDS)}"; \
 	exec $(BIN)/prefect worker start --pool trawl $(WORKER_ARGS)
 
 # Every deployment in prefect.yaml (the `trawl` pool is created if missing).

@@ -114,6 +114,9 @@ async def _crawl_sharded(
     leases that expire, and the live shards (this one at least) take its hosts.
     The manifest is written here, listing every shard's parts.
     """
+    from prefect.client.orchestration import get_client
+    from prefect.deployments.flow_runs import arun_deployment
+
     started = time.monotonic()
     async with whole_frontier(source, run_id, settings) as frontier:
         await begin_sharded(frontier, source, resume=resume)
@@ -128,28 +131,30 @@ async def _crawl_sharded(
         remote = list(range(1, source.shards))
         await frontier.set_shards([0, *remote], "scheduled")  # live from now: the fair share counts them
         replaced: list[str] = []
-        lost: list[str] = []
+        runs: dict[int, Any] = {}  # shard → its current flow run
 
         async def run_shard(i: int) -> None:
-            """One shard run, replaced at once while Prefect reports it crashed or failed."""
-            from prefect.deployments.flow_runs import arun_deployment
-
+            """One shard run, replaced at once while Prefect reports it crashed or failed; raises _ShardLost past
+            ``shard_replacements``."""
             attempt = 0
             while True:
                 fr = await arun_deployment(
                     settings.shard_deployment,
                     parameters={**params, "shard": i, "resume": resume or attempt > 0},
                     flow_run_name=f"{source.name}-{run_id}-shard-{i}" + (f"-{attempt + 1}" if attempt else ""),
-                    timeout=None,
-                    poll_interval=1,
+                    timeout=0,  # polled here: a run whose machine vanished never reaches a final state
                 )
+                runs[i] = fr
+                async with get_client() as client:
+                    while not (fr.state and fr.state.is_final()):
+                        await asyncio.sleep(1)
+                        fr = await client.read_flow_run(fr.id)
                 if _completed(fr):
                     return
                 state = fr.state.name if fr.state else "no state"
                 if len(replaced) >= settings.shard_replacements:
-                    lost.append(f"{fr.name}: {state}")
                     await frontier.set_shards([i], "failed")
-                    return
+                    raise _ShardLost(f"{fr.name}: {state}")
                 requeued = await frontier.take_back(i)
                 since = (utcnow() - fr.state.timestamp).total_seconds() if fr.state and fr.state.timestamp else None
                 replaced.append(f"{fr.name}: {state}")
@@ -165,9 +170,8 @@ async def _crawl_sharded(
                 )
                 await frontier.set_shards([i], "scheduled")
 
-        remote_runs = asyncio.gather(*(run_shard(i) for i in remote))
-        try:
-            own = await crawl_source(
+        own_task = asyncio.create_task(
+            crawl_source(
                 source,
                 run_id=run_id,
                 settings=settings,
@@ -178,23 +182,46 @@ async def _crawl_sharded(
                 resume=resume,
                 shard=0,
             )
-        except BaseException:
-            remote_runs.cancel()
-            with contextlib.suppress(BaseException):
-                await remote_runs
-            raise
-        await remote_runs
+        )
+        shard_of_task = {asyncio.create_task(run_shard(i)): i for i in remote}
+        watched = set(shard_of_task)
+        try:
+            while not own_task.done():
+                done, _ = await asyncio.wait({own_task, *watched}, return_when=asyncio.FIRST_COMPLETED)
+                for t in done - {own_task}:
+                    watched.discard(t)
+                    if isinstance(t.exception(), _ShardLost):
+                        own_task.cancel()
+                        with contextlib.suppress(BaseException):
+                            await own_task
+                        raise SourceFailed(
+                            SourceResult(
+                                source.name,
+                                "failed",
+                                time.monotonic() - started,
+                                {"shard_replacements": replaced},
+                                f"shard run lost past shard_replacements={settings.shard_replacements} "
+                                f"({t.exception()}); `trawl crawl --resume {run_id}` continues the run",
+                            )
+                        )
+                    t.result()  # another error of the supervision: the source's task fails with it
+            own = own_task.result()  # shard 0 stays while any host has work: its end is the crawl's
+            if watched:  # every URL is done; the other shards end on their own (a vanished one never does)
+                _, late = await asyncio.wait(watched, timeout=settings.frontier_lease_seconds)
+                await _mark_lost([runs[shard_of_task[t]] for t in late if shard_of_task[t] in runs])
+        finally:
+            for t in (own_task, *watched):
+                t.cancel()
+            await asyncio.gather(own_task, *watched, return_exceptions=True)
         left = await frontier.pending()
         if left:
-            why = "; ".join(lost) or f"{left} URLs left"
             raise SourceFailed(
                 SourceResult(
                     source.name,
                     "failed",
                     time.monotonic() - started,
                     {"shard_replacements": replaced, **own.stats},
-                    f"shard runs lost past shard_replacements={settings.shard_replacements} ({why}); "
-                    f"`trawl crawl --resume {run_id}` continues the run",
+                    f"{left} URLs not done after the shards ended; `trawl crawl --resume {run_id}` continues the run",
                 )
             )
         try:
@@ -208,6 +235,27 @@ async def _crawl_sharded(
         result.seconds = time.monotonic() - started
         result.stats["shard_replacements"] = replaced
         return result
+
+
+class _ShardLost(Exception):
+    """A shard run failed or crashed once more than ``shard_replacements`` allows."""
+
+
+async def _mark_lost(flow_runs: list[Any]) -> None:
+    """Shard runs still ``Running`` after the crawl finished without them: their machine vanished (no state report
+    came, their hosts were taken over when the leases expired). Say so in Prefect rather than leave them running."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    async with get_client() as client:
+        for fr in flow_runs:
+            log.warning("shard run lost without a state report; its hosts were taken over", flow_run=fr.name)
+            with contextlib.suppress(Exception):
+                await client.set_flow_run_state(
+                    fr.id,
+                    Crashed(message="lost: no heartbeat; its hosts were taken over by the live shards"),
+                    force=True,
+                )
 
 
 def _completed(flow_run: Any) -> bool:

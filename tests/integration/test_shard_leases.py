@@ -157,7 +157,7 @@ async def test_vanished_shard_hosts_are_taken_over_when_leases_expire(sharded_se
         assert (await asyncio.wait_for(child.stdout.readline(), 30)).strip() == b"started"
         # Once the child is well into its hosts, it vanishes.
         deadline = time.monotonic() + 30
-        while len(site.requests) < 200 and time.monotonic() < deadline:
+        while len(site.requests) < 200 and time.monotonic() < deadline:  # noqa: ASYNC110 - the site's counter
             await asyncio.sleep(0.05)
         own = asyncio.create_task(_shard(src, run_id, settings, 0))
         await asyncio.sleep(0.3)

@@ -145,10 +145,14 @@ async def _crawl_sharded(
                     timeout=0,  # polled here: a run whose machine vanished never reaches a final state
                 )
                 runs[i] = fr
+                asked = time.monotonic()
                 async with get_client() as client:
                     while not (fr.state and fr.state.is_final()):
                         await asyncio.sleep(1)
                         fr = await client.read_flow_run(fr.id)
+                        waiting = fr.state is not None and (fr.state.is_scheduled() or fr.state.is_pending())
+                        if waiting and time.monotonic() - asked < _PROMPT_START:
+                            await frontier.still_scheduled(i)  # on its way: the others leave it its share
                 if _completed(fr):
                     return
                 state = fr.state.name if fr.state else "no state"
@@ -235,6 +239,10 @@ async def _crawl_sharded(
         result.seconds = time.monotonic() - started
         result.stats["shard_replacements"] = replaced
         return result
+
+
+_PROMPT_START = 120.0
+"""Seconds a shard run Prefect has not started yet keeps its share of the hosts (after that, the others take them)."""
 
 
 class _ShardLost(Exception):

@@ -137,11 +137,24 @@ async def _finish(
     return [x for x in lines if isinstance(x, dict)], seen
 
 
-async def _well_into(site: TreeSite) -> None:
-    """Until a quarter of the pages are fetched (at most a minute)."""
+async def _well_into(stack: PrefectStack, site: TreeSite, name: str) -> None:
+    """Until a quarter of the pages are fetched and shard 1 holds hosts (at most a minute)."""
     deadline = time.monotonic() + 60
-    while len(site.requests) < PAGES and time.monotonic() < deadline:  # noqa: ASYNC110 - the site's counter
-        await asyncio.sleep(0.1)
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        while time.monotonic() < deadline:
+            held = await conn.fetchval(
+                "SELECT count(*) FROM trawl._frontier_hosts h JOIN trawl._frontier_shards s "
+                "ON s.run_id = h.run_id AND s.source = h.source AND s.owner = h.owner "
+                "WHERE h.source = $1 AND s.shard = 1",
+                name,
+            )
+            if held and len(site.requests) >= PAGES:
+                return
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+    raise AssertionError("shard 1 never held a host")
 
 
 async def _check_data(stack: PrefectStack, site: TreeSite, name: str) -> None:
@@ -170,7 +183,7 @@ async def test_crashed_shard_is_replaced_at_once(
     async with TreeSite(hosts, pages=PAGES, delay=0.01, own_tree=True) as site:
         proc, log = await _start(stack, site, tmp_path, "crashy")
         run = await _shard_run(stack, "crashy")
-        await _well_into(site)
+        await _well_into(stack, site, "crashy")
         for pid in await asyncio.to_thread(_processes_of, str(run.id)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -196,7 +209,7 @@ async def test_vanished_machine_leases_expire_and_are_taken_over(
     async with TreeSite(hosts, pages=PAGES, delay=0.01, own_tree=True) as site:
         proc, log = await _start(stack, site, tmp_path, "vanish")
         run = await _shard_run(stack, "vanish")
-        await _well_into(site)
+        await _well_into(stack, site, "vanish")
         # The worker that runs it goes with it, as a machine would: nobody reports the run's end.
         name = next(n for n in workers if str(run.id) in stack.log(n))
         with contextlib.suppress(ProcessLookupError):

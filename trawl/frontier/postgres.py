@@ -262,6 +262,8 @@ class PgFrontier:
         """Hosts are leased (a sharded run): URLs are claimed from the hosts this crawler holds."""
         self.held: set[str] = set()
         """Hosts whose lease this crawler holds (leasing only)."""
+        self.draining: set[str] = set()
+        """Held hosts no longer claimed from: given back once their URLs in flight are done (to a shard with fewer)."""
         self._h = f"{s}._frontier_hosts"
         self._known_hosts: set[str] = set()  # hosts known to have their row in _frontier_hosts
         self._flushing = asyncio.Lock()  # a checkpoint waits for an insert under way (its links precede the done marks)
@@ -462,9 +464,10 @@ class PgFrontier:
     async def _claim_from_hosts(self, n: int) -> list[asyncpg.Record]:
         """Lease up to ``n`` rows of the hosts this crawler holds, shared out evenly between them (each host's best
         first, through the per-host index: the cost follows the batch, not the hosts' sizes)."""
-        if not self.held or n <= 0:
+        claiming = self.held - self.draining
+        if not claiming or n <= 0:
             return []
-        per_host = -(-n // len(self.held))
+        per_host = -(-n // len(claiming))
         rows = await self.pool.fetch(
             f"""
             WITH c AS (
@@ -486,7 +489,7 @@ class PgFrontier:
             """,
             self.run_id,
             self.source,
-            sorted(self.held),
+            sorted(claiming),
             per_host,
             self.owner,
             self.lease_seconds,
@@ -546,6 +549,7 @@ class PgFrontier:
             [None if hosts[h] is None else orjson.dumps(hosts[h]).decode() for h in names],
         )
         self.held.difference_update(names)
+        self.draining.difference_update(names)
 
     async def dry_hosts(self) -> set[str]:
         """Held hosts with no URL left to claim (the crawl loop gives back those with none in flight either)."""
@@ -566,8 +570,9 @@ class PgFrontier:
         )
         return {r["host"] for r in rows}
 
-    async def host_load(self) -> tuple[int, int, int]:
-        """(hosts with URLs not done, live shards, hosts with URLs not done held by another live owner)."""
+    async def host_load(self) -> tuple[int, int, int, int]:
+        """(hosts with URLs not done, live shards (scheduled or running), hosts with URLs not done held by other live owners, the
+        most such hosts one other live owner holds)."""
         row = await self.pool.fetchrow(
             f"""
             WITH w AS (
@@ -581,7 +586,10 @@ class PgFrontier:
                    (SELECT count(*) FROM {self._shards_t}
                     WHERE run_id = $1 AND source = $2 AND status IN ('scheduled', 'running')
                       AND updated_at > now() - make_interval(secs => $4)) AS shards,
-                   (SELECT count(*) FROM w WHERE owner IS NOT NULL AND owner <> $3 AND lease_until > now()) AS others
+                   (SELECT count(*) FROM w WHERE owner IS NOT NULL AND owner <> $3 AND lease_until > now()) AS others,
+                   (SELECT coalesce(max(n), 0) FROM (
+                        SELECT count(*) AS n FROM w WHERE owner IS NOT NULL AND owner <> $3 AND lease_until > now()
+                        GROUP BY owner) o) AS most
             """,
             self.run_id,
             self.source,
@@ -589,7 +597,7 @@ class PgFrontier:
             self.lease_seconds,
         )
         assert row is not None
-        return row["hosts"], row["shards"], row["others"]
+        return row["hosts"], row["shards"], row["others"], row["most"]
 
     async def heartbeat(self, hosts: dict[str, dict[str, Any]] | None = None) -> None:
         """Extend this crawler's URL and host leases (saving the hosts' states when given) and say it is alive."""
@@ -657,6 +665,16 @@ class PgFrontier:
             list(shards),
             status,
             owner,
+        )
+
+    async def still_scheduled(self, shard: int) -> None:
+        """A shard run Prefect has not started yet is still coming: it keeps counting in the hosts' fair share."""
+        await self.pool.execute(
+            f"UPDATE {self._shards_t} SET updated_at = now() WHERE run_id = $1 AND source = $2 AND shard = $3 "
+            "AND status = 'scheduled'",
+            self.run_id,
+            self.source,
+            shard,
         )
 
     async def shards_pending(self) -> list[int]:
@@ -1019,10 +1037,21 @@ class DurableFrontier:
         if dry:
             await store.release_hosts(self._states(dry))
             log.info("hosts given back", hosts=sorted(dry), held=len(store.held))
-        hosts, shards, _ = await store.host_load()
+        gone = {h for h in store.draining if not self._busy[h]}
+        if gone:
+            await store.release_hosts(self._states(gone))
+            log.info("hosts handed over", hosts=sorted(gone), held=len(store.held))
+        hosts, shards, _, _ = await store.host_load()
         capacity = max(1, -(-workers // self._per_host))
-        share = -(-hosts // max(1, shards))
-        want = max(1, min(capacity, share)) - len(store.held)
+        share = max(1, min(capacity, -(-hosts // max(1, shards))))
+        excess = len(store.held) - len(store.draining) - share
+        if excess > 0:
+            # A shard started after this one took what it could: hand it hosts, the least busy first, each once
+            # its URLs in flight are done (one owner at a time: the host's cap holds across the move).
+            keep = sorted(store.held - store.draining, key=lambda h: self._busy[h])
+            store.draining.update(keep[:excess])
+            return
+        want = share - len(store.held)
         if want <= 0:
             return
         got = await store.claim_hosts(want)
@@ -1039,12 +1068,16 @@ class DurableFrontier:
         store = self.store
         if store.held:
             return False
-        hosts, _, others = await store.host_load()
+        hosts, shards, others, most = await store.host_load()
         if hosts == 0:
             return True
         if self._keeper:
             return False
-        return others == 0 or self._links_stay
+        if others == 0:
+            return True
+        # Links stay on their host: no shard can queue work for this one, but one holding more than its share hands
+        # hosts over (a shard that started late waits for them; one of more shards than hosts ends at once).
+        return self._links_stay and most <= -(-hosts // max(1, shards))
 
     async def _heartbeat(self) -> None:
         self._beat = time.monotonic()

@@ -68,6 +68,7 @@ bench: venv browser
 	$(MAKE) bench-load
 	$(MAKE) bench-s3
 	$(MAKE) bench-frontier
+	$(MAKE) bench-shards
 
 # trawl's full load of 1,000,000 staged records into a 1,000,000-row table vs `psql \copy` of the same rows.
 bench-load: venv
@@ -82,6 +83,13 @@ bench-s3: venv
 .PHONY: bench-frontier
 bench-frontier: venv
 	$(BIN)/python -m benchmarks.frontier --database-url '$(TEST_PG:/test=/postgres)' $(BENCH_FRONTIER_ARGS)
+
+# A sharded crawl (`shards: 2`, hosts leased from the PostgreSQL frontier) against the same crawl in one process:
+# 4 hosts x 20,000 pages, wall times and their ratio, both in one run.
+.PHONY: bench-shards
+bench-shards: venv
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { apt-get update && apt-get install -y nginx; }
+	$(BIN)/python -m benchmarks.shards --database-url '$(TEST_PG:/test=/postgres)' $(BENCH_SHARDS_ARGS)
 
 # The small in-process benchmark on the demo site.
 bench-demo: venv

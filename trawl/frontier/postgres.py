@@ -77,6 +77,12 @@ def url_key(url: str) -> int:
     return int.from_bytes(hashlib.blake2b(url.encode(), digest_size=8).digest(), "big", signed=True)
 
 
+def host_key(host: str) -> int:
+    """A host's key in a sharded run's ``shard`` column: one per host (up to hash collisions, which the claims
+    tell apart by the host itself), so claiming a host's URLs walks the claim index, with no index of its own."""
+    return shard_of(host, 2**31 - 1)
+
+
 def shard_of(host: str, shards: int) -> int:
     """The shard a host belongs to: a stable hash, the same on every machine."""
     if shards <= 1:
@@ -134,10 +140,9 @@ CREATE TABLE IF NOT EXISTS {s}._frontier_hosts (
     lease_until timestamptz,
     state jsonb NOT NULL DEFAULT '{{}}',
     moves integer NOT NULL DEFAULT 0,
+    hkey integer NOT NULL DEFAULT 0,
     PRIMARY KEY (run_id, source, host)
 );
-CREATE INDEX IF NOT EXISTS _frontier_host_claim ON {s}._frontier (run_id, source, host, priority DESC, depth)
-    WHERE state <> 'done';
 CREATE TABLE IF NOT EXISTS {s}._frontier_parts (
     run_id text NOT NULL,
     source text NOT NULL,
@@ -393,7 +398,7 @@ class PgFrontier:
             keys.append(url_key(url))
             urls.append(url)
             hosts.append(host)
-            shards.append(shard_of(host, self.shards))
+            shards.append(host_key(host) if self.leasing else shard_of(host, self.shards))
             depths.append(depth)
         result: str = await conn.execute(
             f"INSERT INTO {self._t} (run_id, source, url_hash, url, host, shard, depth) "
@@ -417,10 +422,12 @@ class PgFrontier:
         if not new:
             return
         await conn.execute(
-            f"INSERT INTO {self._h} (run_id, source, host) SELECT $1, $2, unnest($3::text[]) ON CONFLICT DO NOTHING",
+            f"INSERT INTO {self._h} (run_id, source, host, hkey) SELECT $1, $2, unnest($3::text[]), unnest($4::int[]) "
+            "ON CONFLICT DO NOTHING",
             self.run_id,
             self.source,
             new,
+            [host_key(h) for h in new],
         )
         self._known_hosts.update(new)
 
@@ -471,10 +478,10 @@ class PgFrontier:
         rows = await self.pool.fetch(
             f"""
             WITH c AS (
-                SELECT x.ctid FROM unnest($3::text[]) AS h(host)
+                SELECT x.ctid FROM unnest($3::text[], $7::int[]) AS h(host, hkey)
                 CROSS JOIN LATERAL (
                     SELECT ctid FROM {self._t}
-                    WHERE run_id = $1 AND source = $2 AND host = h.host AND state <> 'done'
+                    WHERE run_id = $1 AND source = $2 AND shard = h.hkey AND host = h.host AND state <> 'done'
                       AND (state = 'queued' OR lease_until < now())
                     ORDER BY priority DESC, depth
                     LIMIT $4
@@ -493,6 +500,7 @@ class PgFrontier:
             per_host,
             self.owner,
             self.lease_seconds,
+            [host_key(h) for h in sorted(claiming)],
         )
         return sorted(rows, key=lambda r: (-r["priority"], r["depth"]))
 
@@ -510,7 +518,8 @@ class PgFrontier:
                 WHERE h.run_id = $1 AND h.source = $2 AND (h.owner IS NULL OR h.lease_until < now())
                   AND EXISTS (
                       SELECT 1 FROM {self._t} f
-                      WHERE f.run_id = h.run_id AND f.source = h.source AND f.host = h.host AND f.state <> 'done'
+                      WHERE f.run_id = h.run_id AND f.source = h.source AND f.shard = h.hkey AND f.host = h.host
+                        AND f.state <> 'done'
                         AND (f.state = 'queued' OR f.lease_until < now())
                   )
                 ORDER BY h.host
@@ -557,16 +566,17 @@ class PgFrontier:
             return set()
         rows = await self.pool.fetch(
             f"""
-            SELECT h.host FROM unnest($3::text[]) AS h(host)
+            SELECT h.host FROM unnest($3::text[], $4::int[]) AS h(host, hkey)
             WHERE NOT EXISTS (
                 SELECT 1 FROM {self._t} f
-                WHERE f.run_id = $1 AND f.source = $2 AND f.host = h.host AND f.state <> 'done'
+                WHERE f.run_id = $1 AND f.source = $2 AND f.shard = h.hkey AND f.host = h.host AND f.state <> 'done'
                   AND (f.state = 'queued' OR f.lease_until < now())
             )
             """,
             self.run_id,
             self.source,
             sorted(self.held),
+            [host_key(h) for h in sorted(self.held)],
         )
         return {r["host"] for r in rows}
 
@@ -579,7 +589,8 @@ class PgFrontier:
                 SELECT h.owner, h.lease_until FROM {self._h} h
                 WHERE h.run_id = $1 AND h.source = $2 AND EXISTS (
                     SELECT 1 FROM {self._t} f
-                    WHERE f.run_id = h.run_id AND f.source = h.source AND f.host = h.host AND f.state <> 'done'
+                    WHERE f.run_id = h.run_id AND f.source = h.source AND f.shard = h.hkey AND f.host = h.host
+                        AND f.state <> 'done'
                 )
             )
             SELECT (SELECT count(*) FROM w) AS hosts,

@@ -641,27 +641,6 @@ class PgFrontier:
         )
         return n
 
-    async def others_busy(self) -> int:
-        """URLs not done of other shards whose crawler is scheduled or running (and alive): they may link here.
-
-        A shard is alive while its last sign of life (start, checkpoint) is younger
-        than a lease; one scheduled by the crawl flow counts from when it was scheduled.
-        """
-        n: int = await self.pool.fetchval(
-            f"""
-            SELECT count(*) FROM {self._t} f
-            JOIN {self._shards_t} s USING (run_id, source, shard)
-            WHERE f.run_id = $1 AND f.source = $2 AND f.shard <> $3 AND f.state <> 'done'
-              AND s.status IN ('scheduled', 'running')
-              AND s.updated_at > now() - make_interval(secs => $4)
-            """,
-            self.run_id,
-            self.source,
-            self.shard,
-            self.lease_seconds,
-        )
-        return n
-
     async def set_shards(self, shards: Sequence[int], status: str) -> None:
         """Record shards as ``scheduled`` (by the crawl flow), ``running`` or ``finished`` (by their crawler; a
         running shard's owner is this crawler: its leases are the ones a replacement takes back)."""
@@ -687,15 +666,6 @@ class PgFrontier:
             self.source,
             shard,
         )
-
-    async def shards_pending(self) -> list[int]:
-        """The shards that still have URLs not done (a sharded crawl runs them again until none has)."""
-        rows = await self.pool.fetch(
-            f"SELECT DISTINCT shard FROM {self._t} WHERE run_id = $1 AND source = $2 AND state <> 'done' ORDER BY 1",
-            self.run_id,
-            self.source,
-        )
-        return [r["shard"] for r in rows]
 
     async def counts(self) -> dict[str, int]:
         """URLs of this run by state (every shard)."""
@@ -932,10 +902,14 @@ class DurableFrontier:
     and outcome the crawl yields a :class:`Settled` marker: the URL is marked done
     at the next checkpoint, which also records the closed parts. Memory does not
     grow with the frontier: the loop keeps only a bounded set of recent link hashes.
-    The crawl ends when none of its shard's URLs is left to claim and no other shard
-    that is scheduled or running has URLs left (it may still discover links for this
-    one). A shard that ends while another later queues URLs for it is run again by
-    the crawl flow (see ``flows.crawl``).
+    A crawl of one process ends when no URL is left to claim. In a sharded run the
+    crawl leases hosts (:meth:`PgFrontier.claim_hosts`) as it needs them, gives back
+    those that run dry and hands hosts over to a shard that holds fewer than its
+    share; a shard ends when it holds no host, none is left to take and no live
+    shard can queue more for it. Shard 0 (the crawl flow's own) stays while any host
+    has work, so it takes over the hosts of a shard that vanished once their leases
+    expire. What the crawl learned of a host (``hosts``: the Fetcher) is saved with
+    the host at every checkpoint and heartbeat, and restored by its next owner.
     """
 
     name = "postgres"
@@ -1010,15 +984,10 @@ class DurableFrontier:
                 if claimed:
                     continue
                 if self._inflight == 0 and not store.queued_links:
-                    if store.shards == 1:
+                    if not store.leasing or await self._finished():
                         return
-                    if store.leasing:
-                        if await self._finished():
-                            return
-                    elif await store.others_busy() == 0:
-                        return
-                    # Other shards are at work and may queue URLs for this one; they wait on this one's
-                    # settled URLs being checkpointed done just as it waits on theirs.
+                    # Other shards are at work and may queue URLs or hand hosts over to this one; they wait on this
+                    # one's settled URLs being checkpointed done just as it waits on theirs.
                     await out.put(Idle())
                     await asyncio.sleep(0.5)
                     continue

@@ -68,6 +68,7 @@ bench: venv browser
 	$(MAKE) bench-load
 	$(MAKE) bench-s3
 	$(MAKE) bench-frontier
+	$(MAKE) bench-shards
 
 # trawl's full load of 1,000,000 staged records into a 1,000,000-row table vs `psql \copy` of the same rows.
 bench-load: venv
@@ -83,6 +84,13 @@ bench-s3: venv
 bench-frontier: venv
 	$(BIN)/python -m benchmarks.frontier --database-url '$(TEST_PG:/test=/postgres)' $(BENCH_FRONTIER_ARGS)
 
+# A sharded crawl (`shards: 2`, hosts leased from the PostgreSQL frontier) against the same crawl in one process:
+# 4 hosts x 20,000 pages, wall times and their ratio, both in one run.
+.PHONY: bench-shards
+bench-shards: venv
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { apt-get update && apt-get install -y nginx; }
+	$(BIN)/python -m benchmarks.shards --database-url '$(TEST_PG:/test=/postgres)' $(BENCH_SHARDS_ARGS)
+
 # The small in-process benchmark on the demo site.
 bench-demo: venv
 	$(BIN)/python -m benchmarks.crawl_demo
@@ -93,8 +101,12 @@ server: venv
 
 # A process worker for the `trawl` pool (created if missing); flow runs inherit this shell's TRAWL_* settings.
 # WORKER_ARGS passes more options, e.g. WORKER_ARGS="--limit 1 --name shard-a".
+# It polls for runs every 2 s (Prefect's default is 10 s): shard runs, and the replacement of a crashed one, start
+# within seconds of the crawl flow asking for them.
+WORKER_QUERY_SECONDS ?= 2
 worker: venv
 	@api=$(PREFECT_API); \
+	export PREFECT_WORKER_QUERY_SECONDS="$${PREFECT_WORKER_QUERY_SECONDS:-$(WORKER_QUERY_SECONDS)}"; \
 	exec $(BIN)/prefect worker start --pool trawl $(WORKER_ARGS)
 
 # Every deployment in prefect.yaml (the `trawl` pool is created if missing).

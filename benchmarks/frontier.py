@@ -188,7 +188,7 @@ async def _pg_case(dsn: str, urls: list[str], batch: int, claimers: int, claim_s
 
     schema = f"bench_b{batch}_c{claimers}"
     run_id = f"bench-b{batch}-c{claimers}"
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=claimers + 1)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=claimers + 1)  # one connection per claimer, as crawlers
     try:
         frontiers = [
             PgFrontier(pool, schema, run_id, SOURCE, owner=f"claimer-{k}", lease_seconds=3600) for k in range(claimers)
@@ -264,13 +264,20 @@ async def _planner_case(dsn: str, sizes: list[int], batch: int) -> list[dict[str
     return out
 
 
-def _bench_pg(dsn: str, n: int, batches: list[int], claim_seconds: float, planner_sizes: list[int]) -> bool:
+def _bench_pg(
+    dsn: str,
+    n: int,
+    batches: list[int],
+    claim_seconds: float,
+    planner_sizes: list[int],
+    claimer_counts: Sequence[int] = (1, 2, 4, 8),
+) -> bool:
     """Part 1; False when a check failed (a URL handed out twice, not marked done, or not added)."""
     urls = [_url(i) for i in range(n)]
     rows = []
     ok = True
     for batch in batches:
-        for claimers in (1, 2):
+        for claimers in claimer_counts:
             r = asyncio.run(_pg_case(dsn, urls, batch, claimers, claim_seconds))
             good = r["duplicates"] == 0 and r["done_in_db"] == r["claimed"] and r["inserted"] == n
             ok &= good
@@ -327,6 +334,130 @@ def _bench_pg(dsn: str, n: int, batches: list[int], claim_seconds: float, planne
                 [[_n(r["rows"]), r["stats"], f"{r['ms']:,.1f}", r["n"]] for r in p],
             )
         )
+    return ok
+
+
+# ---- 1c. host leases (sharded runs) ----------------------------------------------------------------------------
+
+
+async def _hosts_case(dsn: str, hosts: int, claimers: int, held: int, seconds: float) -> dict[str, Any]:
+    """``claimers`` shards leasing hosts of one run: claim_hosts(1) until none is left, then, holding ``held`` hosts
+    each, heartbeats (renew every held host's lease, saving its state), then release_hosts of everything held."""
+    from trawl.frontier import PgFrontier
+    from trawl.records import utcnow
+
+    schema = f"bench_hosts_c{claimers}"
+    run_id = f"bench-hosts-c{claimers}"
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=claimers + 1)
+    state = {"rate": {"limit": 4.0, "extra": 0.0, "delay": 0.0, "windows": 0}, "breaker": {"state": "closed"}}
+    try:
+        shards = [
+            PgFrontier(pool, schema, run_id, SOURCE, shard=k, shards=max(2, claimers), owner=f"s{k}")
+            for k in range(claimers)
+        ]
+        await shards[0].setup()
+        await shards[0].begin(utcnow(), [f"http://h{i}.bench/p/0" for i in range(hosts)])
+        await pool.execute(f"ANALYZE {schema}._frontier; ANALYZE {schema}._frontier_hosts")
+
+        async def claim(f: PgFrontier) -> tuple[int, int]:
+            got = calls = 0
+            deadline = time.perf_counter() + seconds
+            while time.perf_counter() < deadline:
+                n = len(await f.claim_hosts(1))
+                calls += 1
+                if not n:
+                    break
+                got += n
+            return got, calls
+
+        t0 = time.perf_counter()
+        claimed = await asyncio.gather(*(claim(f) for f in shards))
+        claim_s = time.perf_counter() - t0
+        total = sum(g for g, _ in claimed)
+        owners = await pool.fetchval(
+            f"SELECT count(*) FROM {schema}._frontier_hosts WHERE run_id = $1 AND owner IS NOT NULL", run_id
+        )
+        for f in shards:  # each keeps `held` hosts for the renew/release phases
+            f.held = set(sorted(f.held)[:held])
+
+        async def renew(f: PgFrontier) -> int:
+            n = 0
+            deadline = time.perf_counter() + min(seconds, 5.0)
+            states = dict.fromkeys(f.held, state)
+            while time.perf_counter() < deadline:
+                await f.heartbeat(states)
+                n += 1
+            return n
+
+        t0 = time.perf_counter()
+        beats = sum(await asyncio.gather(*(renew(f) for f in shards)))
+        renew_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        released = 0
+        for f in shards:
+            released += len(f.held)
+        await asyncio.gather(*(f.release_hosts(dict.fromkeys(f.held, state)) for f in shards))
+        release_s = time.perf_counter() - t0
+        return {
+            "claimers": claimers,
+            "hosts": hosts,
+            "claimed": total,
+            "twice": total - owners,
+            "claim_s": claim_s,
+            "claims_per_s": sum(c for _, c in claimed) / claim_s,
+            "held": held,
+            "heartbeats_per_s": beats / renew_s,
+            "host_renewals_per_s": beats * held / renew_s,
+            "released": released,
+            "releases_per_s": released / release_s,
+        }
+    finally:
+        await pool.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await pool.close()
+
+
+def _bench_hosts(dsn: str, hosts: int, claimer_counts: Sequence[int], seconds: float) -> bool:
+    rows = []
+    ok = True
+    for claimers in claimer_counts:
+        r = asyncio.run(_hosts_case(dsn, hosts, claimers, 50, seconds))
+        good = r["twice"] == 0
+        ok &= good
+        rows.append(
+            [
+                claimers,
+                _n(r["claimed"]),
+                _n(r["claims_per_s"]),
+                _n(r["heartbeats_per_s"]),
+                _n(r["host_renewals_per_s"]),
+                _n(r["releases_per_s"]),
+                r["twice"],
+                "ok" if good else "FAILED",
+            ]
+        )
+        _detail(f"hosts claimers={claimers}", r)
+    print(f"\n### 1c. Host leases of a sharded run: {_n(hosts)} hosts with one queued URL each\n")
+    print(
+        _table(
+            [
+                "shards",
+                "hosts leased",
+                "host claims/s",
+                "heartbeats/s (50 hosts each)",
+                "host leases renewed/s",
+                "hosts released/s",
+                "leased twice",
+                "check",
+            ],
+            rows,
+        )
+    )
+    print(
+        "\nclaim_hosts(1) in a loop per shard until no host is left (or the time budget); then each shard keeps 50 "
+        "hosts and heartbeats (URL leases, 50 host leases with their saved state, its sign of life) for 5 s; then "
+        "every shard gives its 50 hosts back at once with their state. A real shard claims hosts a few times a "
+        "minute and heartbeats every 10 s: these rates are the ceiling, not the load."
+    )
     return ok
 
 
@@ -705,7 +836,13 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("TRAWL_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
         help="a server where a scratch database may be created (default: the local test server)",
     )
-    parser.add_argument("--only", default="pg,crawl,memory", help="comma-separated subset of: pg,crawl,memory")
+    parser.add_argument(
+        "--only", default="pg,hosts,crawl,memory", help="comma-separated subset of: pg,hosts,crawl,memory"
+    )
+    parser.add_argument(
+        "--claimers", default="1,2,4,8", help="concurrent claimers (each its own connection) in parts 1 and 1c"
+    )
+    parser.add_argument("--hosts", type=int, default=10_000, help="hosts of the run whose leases part 1c measures")
     parser.add_argument("--urls", type=int, default=1_000_000, help="distinct URLs added (1) and scheduled (3)")
     parser.add_argument(
         "--batch",
@@ -756,8 +893,11 @@ def main(argv: list[str] | None = None) -> int:
             f"## trawl frontier benchmark: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {server}\n",
             flush=True,
         )
+        claimer_counts = [int(c) for c in args.claimers.split(",") if c.strip()]
         if "pg" in only:
-            ok &= _bench_pg(dsn, args.urls, batches, args.claim_seconds, planner_sizes)
+            ok &= _bench_pg(dsn, args.urls, batches, args.claim_seconds, planner_sizes, claimer_counts)
+        if "hosts" in only:
+            ok &= _bench_hosts(dsn, args.hosts, claimer_counts, args.claim_seconds)
         if "crawl" in only:
             ok &= _bench_crawl(dsn, args, targets)
         if "memory" in only:

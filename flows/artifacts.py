@@ -135,6 +135,17 @@ def summary_markdown(run_id: str, crawl: Sequence[Mapping[str, Any]], load: Mapp
             src.get("seconds", 0.0),
         ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    for src in crawl:  # a sharded source: each shard's share (its hosts moved between shards as they were leased)
+        per_shard = src.get("per_shard")
+        if not per_shard:
+            continue
+        lines += ["", f"**{_cell(src['source'])}** by shard ({src.get('host_moves', 0)} host moves):", ""]
+        lines += ["| shard | pages | records | outcomes |", "|--:|--:|--:|:--|"]
+        for shard, st in sorted(per_shard.items(), key=lambda kv: int(kv[0])):
+            outcomes = ", ".join(f"{k} {n}" for k, n in sorted((st.get("outcomes") or {}).items())) or "none"
+            lines.append(f"| {shard} | {st.get('pages', 0)} | {st.get('records', 0)} | {_cell(outcomes)} |")
+        if src.get("shard_replacements"):
+            lines.append(f"\nShard runs replaced: {_cell('; '.join(src['shard_replacements']))}")
     if load:
         lines += [
             "",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import time
 from typing import Any
 
 import structlog
@@ -46,6 +48,7 @@ from trawl.incremental import CursorValue, CursorWindow, window_for
 from trawl.logs import bind, redact
 from trawl.metrics import push_spool
 from trawl.progress import Progress, show_progress
+from trawl.records import utcnow
 from trawl.settings import Settings
 from trawl.staging import Stager
 
@@ -82,7 +85,7 @@ async def crawl_source_task(
     """
     async with source_lock(name, settings, takeover=resume):
         if sharded(source):
-            return await _crawl_sharded(source, run_id, settings, stager, resume=resume)
+            return await _crawl_sharded(source, run_id, settings, stager, fetcher, resume=resume)
         return await crawl_source(
             source,
             run_id=run_id,
@@ -99,19 +102,24 @@ async def crawl_source_task(
 
 
 async def _crawl_sharded(
-    source: HtmlSource, run_id: str, settings: Settings, stager: Stager, *, resume: bool
+    source: HtmlSource, run_id: str, settings: Settings, stager: Stager, fetcher: Fetcher, *, resume: bool
 ) -> SourceResult:
-    """Fan a source out into ``shards`` flow runs of the shard deployment, wait for them, then commit.
+    """Crawl a source with ``shards: N`` as up to N shards leasing hosts from one frontier, then commit.
 
-    Each shard lands on whichever worker of the pool is free (``run_deployment``)
-    and crawls the hosts of its shard from the shared frontier. A shard ends when it
-    has nothing to claim and no other shard is at work; if another shard queued
-    URLs for it after that (or it never got a worker while the others ran), it is
-    run again, until no shard has URLs left. The manifest is written here, listing
-    every shard's parts.
+    This flow run crawls as shard 0 itself (it holds a worker slot anyway) while
+    shards 1..N-1 run as flow runs of the shard deployment, on whichever worker of
+    the pool is free (``run_deployment``). Shards lease hosts, not hashes: each
+    claims hosts with work and no live owner, so every shard stays busy while hosts
+    are left. A shard run that Prefect reports ``Crashed`` or ``Failed`` is
+    replaced at once, resuming from its last checkpoint with its leases taken back
+    (up to ``shard_replacements`` times); a shard whose machine vanished leaves
+    leases that expire, and the live shards (this one at least) take its hosts.
+    The manifest is written here, listing every shard's parts.
     """
+    from prefect.client.orchestration import get_client
     from prefect.deployments.flow_runs import arun_deployment
 
+    started = time.monotonic()
     async with whole_frontier(source, run_id, settings) as frontier:
         await begin_sharded(frontier, source, resume=resume)
         inherited = _SHARD_PARAMS.get()
@@ -122,48 +130,142 @@ async def _crawl_sharded(
             "shards": source.shards,
             "staging": stager.uri,
         }
-        todo = list(range(source.shards))
-        for round_ in range(1, settings.shard_rounds + 1):
-            log.info("shards started", shards=todo, round=round_, deployment=settings.shard_deployment)
-            await frontier.set_shards(todo, "scheduled")  # until they finish, the others wait on their links
-            runs = await asyncio.gather(
-                *(
-                    arun_deployment(
-                        settings.shard_deployment,
-                        parameters={**params, "shard": i, "resume": resume or round_ > 1},
-                        flow_run_name=f"{source.name}-{run_id}-shard-{i}" + (f"-{round_}" if round_ > 1 else ""),
-                        timeout=None,
-                        poll_interval=1,
-                    )
-                    for i in todo
+        remote = list(range(1, source.shards))
+        await frontier.set_shards([0, *remote], "scheduled")  # live from now: the fair share counts them
+        replaced: list[str] = []
+        runs: dict[int, Any] = {}  # shard → its current flow run
+
+        async def run_shard(i: int) -> None:
+            """One shard run, replaced at once while Prefect reports it crashed or failed; raises _ShardLost past
+            ``shard_replacements``."""
+            attempt = 0
+            while True:
+                fr = await arun_deployment(
+                    settings.shard_deployment,
+                    parameters={**params, "shard": i, "resume": resume or attempt > 0},
+                    flow_run_name=f"{source.name}-{run_id}-shard-{i}" + (f"-{attempt + 1}" if attempt else ""),
+                    timeout=0,  # polled here: a run whose machine vanished never reaches a final state
+                )
+                runs[i] = fr
+                asked = time.monotonic()
+                async with get_client() as client:
+                    while not (fr.state and fr.state.is_final()):
+                        await asyncio.sleep(1)
+                        fr = await client.read_flow_run(fr.id)
+                        waiting = fr.state is not None and (fr.state.is_scheduled() or fr.state.is_pending())
+                        if waiting and time.monotonic() - asked < _PROMPT_START:
+                            await frontier.still_scheduled(i)  # on its way: the others leave it its share
+                if _completed(fr):
+                    return
+                state = fr.state.name if fr.state else "no state"
+                if len(replaced) >= settings.shard_replacements:
+                    await frontier.set_shards([i], "failed")
+                    raise _ShardLost(f"{fr.name}: {state}")
+                requeued = await frontier.take_back(i)
+                since = (utcnow() - fr.state.timestamp).total_seconds() if fr.state and fr.state.timestamp else None
+                replaced.append(f"{fr.name}: {state}")
+                attempt += 1
+                log.warning(
+                    "shard replaced",
+                    shard=i,
+                    flow_run=fr.name,
+                    state=state,
+                    requeued_urls=requeued,
+                    takeover_s=None if since is None else round(since, 3),
+                    replacements=len(replaced),
+                )
+                await frontier.set_shards([i], "scheduled")
+
+        own_task = asyncio.create_task(
+            crawl_source(
+                source,
+                run_id=run_id,
+                settings=settings,
+                fetcher=fetcher,
+                stager=stager,
+                flow_run_id=current_flow_run_id(),
+                validators=await _validators(settings, source.name),
+                resume=resume,
+                shard=0,
+            )
+        )
+        shard_of_task = {asyncio.create_task(run_shard(i)): i for i in remote}
+        watched = set(shard_of_task)
+        try:
+            while not own_task.done():
+                done, _ = await asyncio.wait({own_task, *watched}, return_when=asyncio.FIRST_COMPLETED)
+                for t in done - {own_task}:
+                    watched.discard(t)
+                    if isinstance(t.exception(), _ShardLost):
+                        own_task.cancel()
+                        with contextlib.suppress(BaseException):
+                            await own_task
+                        raise SourceFailed(
+                            SourceResult(
+                                source.name,
+                                "failed",
+                                time.monotonic() - started,
+                                {"shard_replacements": replaced},
+                                f"shard run lost past shard_replacements={settings.shard_replacements} "
+                                f"({t.exception()}); `trawl crawl --resume {run_id}` continues the run",
+                            )
+                        )
+                    t.result()  # another error of the supervision: the source's task fails with it
+            own = own_task.result()  # shard 0 stays while any host has work: its end is the crawl's
+            if watched:  # every URL is done; the other shards end on their own (a vanished one never does)
+                _, late = await asyncio.wait(watched, timeout=settings.frontier_lease_seconds)
+                await _mark_lost([runs[shard_of_task[t]] for t in late if shard_of_task[t] in runs])
+        finally:
+            for t in (own_task, *watched):
+                t.cancel()
+            await asyncio.gather(own_task, *watched, return_exceptions=True)
+        left = await frontier.pending()
+        if left:
+            raise SourceFailed(
+                SourceResult(
+                    source.name,
+                    "failed",
+                    time.monotonic() - started,
+                    {"shard_replacements": replaced, **own.stats},
+                    f"{left} URLs not done after the shards ended; `trawl crawl --resume {run_id}` continues the run",
                 )
             )
-            failed = [f"{fr.name}: {fr.state.name if fr.state else 'no state'}" for fr in runs if not _completed(fr)]
-            if failed:
-                raise SourceFailed(
-                    SourceResult(
-                        source.name,
-                        "failed",
-                        0.0,
-                        {},
-                        f"shard run failed ({'; '.join(failed)}); `trawl crawl --resume {run_id}` continues the run",
-                    )
+        try:
+            result = await commit_sharded(
+                frontier, source, stager, flow_run_id=current_flow_run_id(), settings=settings
+            )
+        except SourceFailed as exc:
+            exc.result.seconds = time.monotonic() - started
+            exc.result.stats["shard_replacements"] = replaced
+            raise
+        result.seconds = time.monotonic() - started
+        result.stats["shard_replacements"] = replaced
+        return result
+
+
+_PROMPT_START = 120.0
+"""Seconds a shard run Prefect has not started yet keeps its share of the hosts (after that, the others take them)."""
+
+
+class _ShardLost(Exception):
+    """A shard run failed or crashed once more than ``shard_replacements`` allows."""
+
+
+async def _mark_lost(flow_runs: list[Any]) -> None:
+    """Shard runs still ``Running`` after the crawl finished without them: their machine vanished (no state report
+    came, their hosts were taken over when the leases expired). Say so in Prefect rather than leave them running."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    async with get_client() as client:
+        for fr in flow_runs:
+            log.warning("shard run lost without a state report; its hosts were taken over", flow_run=fr.name)
+            with contextlib.suppress(Exception):
+                await client.set_flow_run_state(
+                    fr.id,
+                    Crashed(message="lost: no heartbeat; its hosts were taken over by the live shards"),
+                    force=True,
                 )
-            todo = await frontier.shards_pending()
-            if not todo:
-                return await commit_sharded(
-                    frontier, source, stager, flow_run_id=current_flow_run_id(), settings=settings
-                )
-    raise SourceFailed(
-        SourceResult(
-            source.name,
-            "failed",
-            0.0,
-            {},
-            f"shards {todo} still had URLs after {settings.shard_rounds} rounds; "
-            f"`trawl crawl --resume {run_id}` continues the run",
-        )
-    )
 
 
 def _completed(flow_run: Any) -> bool:

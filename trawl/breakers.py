@@ -20,8 +20,9 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pybreaker
 import structlog
@@ -104,6 +105,25 @@ class HostBreaker:
             self._cb.half_open()
         return True
 
+    def saved(self) -> dict[str, Any]:
+        """The breaker as JSON, for another process to take over (:meth:`restore`)."""
+        return {
+            "state": self.state,
+            "failures": self._cb.fail_counter,
+            "open_s": self._remaining() if self.state == pybreaker.STATE_OPEN else None,
+        }
+
+    def restore(self, saved: Mapping[str, Any]) -> None:
+        """Continue from another process's breaker of this host: its consecutive failures, and an open breaker's
+        remaining time (a half-open one is open with nothing left: the next request is the probe)."""
+        storage = self._cb._state_storage
+        for _ in range(max(0, int(saved.get("failures", 0)) - self._cb.fail_counter)):
+            storage.increment_counter()
+        if saved.get("state") in (pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN) and self.state == "closed":
+            self._cb.open()
+            left = float(saved.get("open_s") or 0.0)
+            storage.opened_at = datetime.now(UTC) - timedelta(seconds=max(0.0, self._cb.reset_timeout - left))
+
     def release(self, probe: bool) -> None:
         """End an admitted request that has no verdict (it was cancelled)."""
         if probe:
@@ -141,6 +161,10 @@ class BreakerRegistry:
             breaker = self._breakers[host] = HostBreaker(host, self.fail_max, self.reset_timeout, self._changed)
             METRICS.breaker_added(host)  # the series exists from the first request
         return breaker
+
+    def known(self, host: str) -> HostBreaker | None:
+        """The host's breaker if a request made one (None: nothing learned of it here)."""
+        return self._breakers.get(host)
 
     def states(self) -> dict[str, str]:
         """Every known host's breaker state."""

@@ -344,8 +344,9 @@ class HtmlSource(_Model):
         default=1,
         ge=1,
         le=64,
-        description="Fan the crawl out into this many Prefect flow runs (the `shard_deployment`), hosts assigned "
-        "to shards by a stable hash; implies the `postgres` frontier.",
+        description="Crawl with up to this many shards: the crawl flow run itself and N-1 flow runs of the "
+        "`shard_deployment`, each leasing hosts from the shared frontier (a host is never split across processes); "
+        "implies the `postgres` frontier.",
     )
     content_types: list[str] = Field(
         default_factory=lambda: ["text/html", "application/xhtml+xml"],

@@ -150,7 +150,7 @@ async def crawl_source(
     stats = stats or SourceStats()
     bind(source=source.name)
     try:
-        async with open_frontier(source, run_id, settings, resume=resume, shard=shard) as frontier:
+        async with open_frontier(source, run_id, settings, resume=resume, shard=shard, hosts=fetcher) as frontier:
             stage = await frontier.open_stage(stager, stats, utcnow())
             # What the summary counts as records: rows staged (a resumed run's checkpointed parts included), not
             # records extracted, which counts again the pages a crash made it fetch twice.
@@ -306,8 +306,14 @@ async def commit_sharded(
     left = await frontier.pending()
     if left:
         raise StagingError(f"source {source.name}: {left} URLs of run {run_id} are not done; nothing committed")
-    shard_stats = list((await frontier.saved_stats()).values())
-    summary = merge_stats(shard_stats)
+    saved = await frontier.saved_stats()
+    summary = merge_stats(list(saved.values()))
+    # Each shard's share, for the result and the summary artifact (hosts moved between shards as they were leased).
+    summary["per_shard"] = {
+        str(k): {"pages": st.get("pages", 0), "records": st.get("records", 0), "outcomes": st.get("outcomes", {})}
+        for k, st in sorted(saved.items())
+    }
+    summary["host_moves"] = sum(h["moves"] for h in (await frontier.hosts()).values())
     error = verdict(summary, failed_ratio_limit(source, settings))
     status: Literal["complete", "failed"] = "failed" if error else "complete"
     uri = ""

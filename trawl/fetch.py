@@ -743,6 +743,7 @@ class Fetcher:
         self._settings = settings
         self._guard = NetworkGuard(settings.allowed_networks, resolver=resolver)
         self._gates: dict[str, _HostGate] = {}
+        self._restored: dict[str, dict[str, Any]] = {}  # hosts' rates taken over from another shard, applied lazily
         self._transports: dict[tuple[str, str | None], _Transport] = {}
         self.breakers = breakers or BreakerRegistry(settings.breaker_fail_max, settings.breaker_reset_timeout)
         self.proxy_breakers = BreakerRegistry(settings.breaker_fail_max, settings.breaker_reset_timeout)
@@ -834,6 +835,46 @@ class Fetcher:
         """Throttle signals (429, 503 with Retry-After) a source's requests met, per host (hosts with none left out)."""
         return {h: n for h in sorted(hosts) if (gate := self._gates.get(h)) is not None and (n := gate.signals[source])}
 
+    def host_state(self, host: str) -> dict[str, Any]:
+        """What this process learned of a host, as JSON: its rate (AIMD), its breaker, its robots.txt.
+
+        Saved with the host's lease in a sharded crawl, so the shard that takes the host over starts where this one
+        left it (:meth:`restore_host`); times are kept as seconds from now, monotonic clocks differ between machines.
+        """
+        now = time.monotonic()
+        state: dict[str, Any] = {}
+        gate = self._gates.get(host)
+        if gate is not None:
+            state["rate"] = {
+                "limit": gate.limit,
+                "extra": gate.extra,
+                "delay": gate.delay,
+                "windows": gate.windows,
+                "throttling": gate.throttling,
+                "paused_s": max(0.0, gate.paused_until - now),
+                "throttled_s": None if gate.throttled_since is None else now - gate.throttled_since,
+                "given_up_s": max(0.0, gate.given_up_until - now) if gate.given_up else None,
+                "last_status": gate.last_status,
+            }
+        breaker = self.breakers.known(host)
+        if breaker is not None:
+            state["breaker"] = breaker.saved()
+        robots = self.robots.saved(host)
+        if robots:
+            state["robots"] = robots
+        return state
+
+    def restore_host(self, host: str, state: Mapping[str, Any]) -> None:
+        """Take over what another process learned of a host (:meth:`host_state`) before the first request to it."""
+        if rate := state.get("rate"):
+            self._restored[host] = dict(rate)
+            if (gate := self._gates.get(host)) is not None:
+                _restore_rate(gate, self._restored.pop(host))
+        if breaker := state.get("breaker"):
+            self.breakers.get(host).restore(breaker)
+        if robots := state.get("robots"):
+            self.robots.restore(robots)
+
     async def __aenter__(self) -> Fetcher:
         return self
 
@@ -880,6 +921,8 @@ class Fetcher:
                 host, concurrency or s.per_host_concurrency, s.per_host_delay if delay is None else delay, s
             )
             self._gates[host] = gate
+            if (saved := self._restored.pop(host, None)) is not None:
+                _restore_rate(gate, saved)
         return gate
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
@@ -1181,6 +1224,25 @@ def _through(pool: ProxyPool | None, url: str) -> Iterator[Proxy | None]:
         breaker.release(probe)
         raise
     breaker.record(True, probe)
+
+
+def _restore_rate(gate: _HostGate, saved: Mapping[str, Any]) -> None:
+    """Put a host's learned rate (saved by another process) into this process's gate for it."""
+    now = time.monotonic()
+    gate.limit = min(float(gate.cap), max(1.0, float(saved.get("limit", gate.cap))))
+    gate.extra = float(saved.get("extra", 0.0))
+    gate.raise_delay(float(saved.get("delay", 0.0)))
+    gate.windows = int(saved.get("windows", 0))
+    gate.throttling = bool(saved.get("throttling", False))
+    if gate.throttling:
+        gate.throttled_at = now
+    gate.paused_until = max(gate.paused_until, now + float(saved.get("paused_s", 0.0)))
+    if (since := saved.get("throttled_s")) is not None:
+        gate.throttled_since = now - float(since)
+    if (given_up := saved.get("given_up_s")) is not None:
+        gate.given_up, gate.given_up_until = True, now + float(given_up)
+    gate.last_status = saved.get("last_status")
+    gate._show()
 
 
 def _http_host(url: str) -> str:

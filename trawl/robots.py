@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -58,6 +58,8 @@ class RobotsRules:
     status: int | None = None
     throttled: bool = False
     expires: float | None = None
+    body: bytes | None = None
+    """The file as read (its rules' first 500 KiB), kept so another process can take the host over without it."""
 
     def allows(self, url: str, agent: str) -> bool:
         if self.deny_all or self.throttled:
@@ -90,7 +92,7 @@ class RobotsCache:
         self.agent = agent
         self._unavailable_denies = unavailable == "disallow"
         self._failure_ttl = failure_ttl
-        self._rules: dict[str, asyncio.Task[RobotsRules]] = {}
+        self._rules: dict[str, asyncio.Future[RobotsRules]] = {}
 
     async def rules(self, url: str, fetch: RobotsFetch) -> RobotsRules:
         """The rules for ``url``'s origin; the first asker's ``fetch`` gets the file, later askers wait for it."""
@@ -133,7 +135,31 @@ class RobotsCache:
             )
         if not 200 <= status < 300:
             return RobotsRules(None)
-        return RobotsRules(parse_robots(body))
+        head = body[:ROBOTS_MAX_BYTES]
+        return RobotsRules(parse_robots(head), body=head)
+
+    def saved(self, host: str) -> dict[str, str | None]:
+        """The robots.txt files read for ``host``'s origins (None: absent, allow all), as JSON; failed reads are
+        left out (the next process asks again)."""
+        out: dict[str, str | None] = {}
+        for origin, task in self._rules.items():
+            if urlsplit(origin).netloc != host or not task.done() or task.cancelled() or task.exception():
+                continue
+            rules = task.result()
+            if rules.expires is None and not rules.deny_all:
+                out[origin] = None if rules.body is None else rules.body.decode("utf-8", errors="replace")
+        return out
+
+    def restore(self, saved: Mapping[str, str | None]) -> None:
+        """Use robots.txt files another process read (:meth:`saved`) instead of fetching them again."""
+        loop = asyncio.get_running_loop()
+        for origin, text in saved.items():
+            if origin in self._rules:
+                continue
+            future: asyncio.Future[RobotsRules] = loop.create_future()
+            body = None if text is None else text.encode()
+            future.set_result(RobotsRules(None if body is None else parse_robots(body), body=body))
+            self._rules[origin] = future
 
     def _expiry(self, exc: FetchError) -> float:
         wait = self._failure_ttl if exc.retry_after is None else min(self._failure_ttl, exc.retry_after)

@@ -237,10 +237,11 @@ class Settings(BaseSettings):
         description="URLs claimed from (and links inserted into) the durable frontier at once.",
     )
     frontier_lease_seconds: float = Field(
-        default=300.0,
+        default=30.0,
         gt=0,
-        description="How long a claimed URL stays with its crawler before another may take it (renewed at each "
-        "checkpoint).",
+        description="How long a claimed URL (and, in a sharded crawl, a host) stays with its crawler before another "
+        "may take it: a crawler renews its leases every third of this and at each checkpoint, so a machine that "
+        "vanishes has its work taken over by the live shards within this time.",
     )
     frontier_checkpoint_seconds: float = Field(
         default=5.0,
@@ -252,11 +253,11 @@ class Settings(BaseSettings):
         default="crawl-shard/default",
         description="The deployment (`FLOW/NAME`) that runs one shard of a source with `shards: N`.",
     )
-    shard_rounds: int = Field(
-        default=20,
-        ge=1,
-        description="A sharded crawl runs the shards that still have URLs again (one that ended before another "
-        "queued URLs for it) up to this many times.",
+    shard_replacements: int = Field(
+        default=3,
+        ge=0,
+        description="A shard run that Prefect reports `Crashed` or `Failed` is replaced at once (resuming from its "
+        "last checkpoint) up to this many times per source; past it the source fails with the reason.",
     )
     max_pages: int | None = Field(
         default=None, ge=1, description="Stop each source after this many fetched pages (None: no limit)."

@@ -1,4 +1,5 @@
-"""A source with `shards: 2` fanned out over two Prefect process workers, 6 loopback hosts, one frontier."""
+"""A source with `shards: 3`: the crawl flow crawls as shard 0, two shard runs on two Prefect process workers, 6 loopback
+hosts leased from one frontier."""
 
 from __future__ import annotations
 
@@ -38,17 +39,17 @@ def workers(prefect_stack: PrefectStack) -> PrefectStack:
     return prefect_stack
 
 
-def _balanced_port() -> int:
-    """A port at which the 6 hosts split 3/3 between the two shards (the hash covers host:port)."""
+def _colliding_port() -> int:
+    """A port at which the old host hash would have put 4 of the 6 hosts in one of 3 shards: leases do not care."""
     while True:
         port = free_port(HOSTS[0])
-        if sum(shard_of(f"{h}:{port}", 2) for h in HOSTS) == 3:
+        if max(sum(shard_of(f"{h}:{port}", 3) == k for h in HOSTS) for k in range(3)) >= 4:
             return port
 
 
 async def test_two_workers_crawl_two_shards_politely_and_completely(workers: PrefectStack, tmp_path: Path) -> None:
     stack = workers
-    async with TreeSite(HOSTS, pages=PAGES, delay=0.01, port=_balanced_port()) as site:
+    async with TreeSite(HOSTS, pages=PAGES, delay=0.01, port=_colliding_port()) as site:
         sources = tmp_path / "tree.yaml"
         await asyncio.to_thread(
             sources.write_text,
@@ -58,7 +59,7 @@ async def test_two_workers_crawl_two_shards_politely_and_completely(workers: Pre
                         {
                             "name": "tree",
                             "kind": "html",
-                            "shards": 2,
+                            "shards": 3,
                             "start_urls": [site.url(0)],
                             "follow": {"allow": [r"/p/\d+$"], "max_depth": 100, "same_host": False},
                             "key": "n",
@@ -101,7 +102,7 @@ async def test_two_workers_crawl_two_shards_politely_and_completely(workers: Pre
     try:
         assert await conn.fetchval("SELECT count(DISTINCT _key) FROM trawl.tree") == PAGES
         parts = await conn.fetch("SELECT DISTINCT shard FROM trawl._frontier_parts WHERE source = 'tree'")
-        assert {r["shard"] for r in parts} == {0, 1}
+        assert {r["shard"] for r in parts} == {0, 1, 2}
     finally:
         await conn.close()
     # Both workers took a shard.

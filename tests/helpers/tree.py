@@ -27,8 +27,19 @@ __all__ = ["TreeSite"]
 class TreeSite:
     """``pages`` pages over ``hosts``, each linking to its ``fanout`` children; answers after ``delay`` seconds."""
 
-    def __init__(self, hosts: list[str], *, pages: int, fanout: int = 2, delay: float = 0.0, port: int = 0) -> None:
+    def __init__(
+        self,
+        hosts: list[str],
+        *,
+        pages: int,
+        fanout: int = 2,
+        delay: float = 0.0,
+        port: int = 0,
+        own_tree: bool = False,
+    ) -> None:
         self.hosts = hosts
+        self.own_tree = own_tree
+        """Each host serves a tree of its own (``pages`` pages, links stay on the host) instead of a share of one."""
         self.pages = pages
         self.fanout = fanout
         self.delay = delay
@@ -57,7 +68,10 @@ class TreeSite:
             if n >= self.pages:
                 raise web.HTTPNotFound()
             children = range(n * self.fanout + 1, min(n * self.fanout + self.fanout, self.pages - 1) + 1)
-            links = "".join(f'<a href="{self.url(c)}">{c}</a>' for c in children)
+            if self.own_tree:
+                links = "".join(f'<a href="/p/{c}">{c}</a>' for c in children)
+            else:
+                links = "".join(f'<a href="{self.url(c)}">{c}</a>' for c in children)
             body = f'<html><body><h1 class="n">{n}</h1><p class="host">{host}</p>{links}</body></html>'
             return web.Response(text=body, content_type="text/html")
         finally:

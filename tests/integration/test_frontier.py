@@ -181,8 +181,6 @@ async def test_shards_in_one_process_split_hosts_and_commit_one_manifest(setting
     settings = settings.model_copy(update={"database_url": SecretStr(database_url), "frontier_checkpoint_seconds": 0.2})
     hosts = [f"127.0.0.{i}" for i in range(51, 55)]
     port = free_port(hosts[0])
-    while len({shard_of(f"{h}:{port}", 2) for h in hosts}) < 2:  # the hash covers host:port: both shards get hosts
-        port = free_port(hosts[0])
     async with TreeSite(hosts, pages=800, delay=0.002, port=port) as site:
         src = HtmlSource.model_validate(
             {
@@ -215,7 +213,7 @@ async def test_shards_in_one_process_split_hosts_and_commit_one_manifest(setting
             whole_frontier(src, run_id, settings) as whole,
             await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager,
         ):
-            assert await whole.shards_pending() == []
+            assert await whole.pending() == 0
             committed = await commit_sharded(whole, src, stager, flow_run_id=None, settings=settings)
             (m,) = await stager.manifests("raw")
             staged = [
@@ -226,8 +224,6 @@ async def test_shards_in_one_process_split_hosts_and_commit_one_manifest(setting
     assert max(site.max_inflight.values()) <= 2
     assert {p.uri.rsplit("/", 1)[1][:8] for p in m.parts} == {"part-s00", "part-s01"}
     assert sorted(int(r["data"]["n"]) for _, r in staged) == list(range(800))  # typed at load, text here
-    # Each host was crawled by exactly one shard, and each shard had hosts.
-    shards_of_host: dict[str, set[str]] = {}
-    for tag, r in staged:
-        shards_of_host.setdefault(r["data"]["host"], set()).add(tag)
-    assert all(len(tags) == 1 for tags in shards_of_host.values()), shards_of_host
+    # Each shard had hosts. Hosts are leased, so one may move between shards as it runs dry and gets links again
+    # (never two owners at once: the cap above held); tests/integration/test_shard_leases.py covers the leases.
+    assert {tag for tag, _ in staged} == {"part-s00", "part-s01"}

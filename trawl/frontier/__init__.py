@@ -15,7 +15,7 @@ from typing import TypeGuard
 
 from trawl.config import AnySource, HtmlSource, SpiderSource
 from trawl.errors import ConfigError
-from trawl.frontier.base import Claim, Counts, Frontier, Idle, Settled
+from trawl.frontier.base import Claim, Counts, Frontier, HostMemory, Idle, Settled
 from trawl.frontier.memory import MemoryFrontier
 from trawl.frontier.postgres import DurableFrontier, PgFrontier, open_store
 from trawl.settings import Settings
@@ -51,13 +51,21 @@ def durable(source: AnySource, settings: Settings) -> bool:
 
 @contextlib.asynccontextmanager
 async def open_frontier(
-    source: AnySource, run_id: str, settings: Settings, *, resume: bool = False, shard: int | None = None
+    source: AnySource,
+    run_id: str,
+    settings: Settings,
+    *,
+    resume: bool = False,
+    shard: int | None = None,
+    hosts: HostMemory | None = None,
 ) -> AsyncIterator[Frontier]:
     """The frontier one source's crawl runs on, for as long as the crawl runs.
 
     ``resume`` continues a durable run that died; ``shard`` crawls one shard of a
     sharded run (which commits no manifest: the parent writes it once every shard
-    is done).
+    is done). ``hosts`` (the Fetcher) saves and restores what is learned of a host
+    as its lease moves between shards. Shard 0 is the crawl flow's own: it stays
+    while any host has work, to take over the hosts of a shard that vanished.
     """
     if not durable(source, settings):
         if shard is not None:
@@ -71,7 +79,18 @@ async def open_frontier(
     # A spider's start requests come through its scheduler (PgScheduler) instead of seeds.
     seeds = list(source.urls) + list(source.start_urls) if isinstance(source, HtmlSource) else []
     async with open_store(source.name, run_id, settings, shard=shard or 0, shards=shards) as store:
-        frontier = DurableFrontier(store, settings, seeds=seeds, resume=resume, sharded=is_sharded)
+        frontier = DurableFrontier(
+            store,
+            settings,
+            seeds=seeds,
+            resume=resume,
+            sharded=is_sharded,
+            hosts=hosts,
+            per_host=(source.politeness.concurrency if isinstance(source, HtmlSource) else None)
+            or settings.per_host_concurrency,
+            keeper=is_sharded and not shard,
+            links_stay=isinstance(source, HtmlSource) and (not source.start_urls or source.follow.same_host),
+        )
         try:
             yield frontier
         finally:

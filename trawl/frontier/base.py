@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
 
 from trawl.staging import SourceStage, Stager
 
-__all__ = ["Claim", "Counts", "Frontier", "Idle", "Settled"]
+__all__ = ["Claim", "Counts", "Frontier", "HostMemory", "Idle", "Settled"]
 
 
 class Claim(NamedTuple):
@@ -39,6 +40,15 @@ class Counts(Protocol):
     def saved(self) -> dict[str, Any]: ...
 
     def restore(self, saved: dict[str, Any]) -> None: ...
+
+
+class HostMemory(Protocol):
+    """What a process learned of a host (rate, breaker, robots.txt), saved with the host's lease in a sharded crawl
+    and taken over by its next owner (the Fetcher is one)."""
+
+    def host_state(self, host: str) -> dict[str, Any]: ...
+
+    def restore_host(self, host: str, state: Mapping[str, Any]) -> None: ...
 
 
 class Frontier(Protocol):

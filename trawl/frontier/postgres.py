@@ -14,8 +14,16 @@ priority, state (``queued`` → ``leased`` → ``done``), attempts and lease exp
   whose records and outcomes are in them ``done``. A crawler killed at any point
   loses only what it fetched since its last checkpoint, and a resumed run
   fetches exactly the URLs not ``done``.
-- **Shards**: a host belongs to shard ``stable_hash(host) % shards``, so every
-  host is crawled by one process and its politeness holds across the whole crawl.
+- **Shards lease hosts**: in a sharded run (``shards`` > 1) each host has a row in
+  ``_frontier_hosts`` with its owner and lease. A shard claims hosts that have
+  work and no live owner (``FOR UPDATE SKIP LOCKED``), as many as it keeps busy
+  and its fair share; claims URLs of those hosts only; renews the host leases
+  with its URL leases (a heartbeat, and every checkpoint); gives a host back
+  when it runs dry. What the shard learned of a host (rate, breaker, robots.txt)
+  is saved on the host's row, so the next owner starts from it. One owner per
+  host at a time: politeness holds across the whole crawl, and a host is never
+  split across processes. A shard that dies leaves its leases to expire (or the
+  crawl flow takes them back at once when Prefect reports it crashed).
 
 The tables live in the loader's schema (``trawl`` by default) next to ``_loads``.
 """
@@ -27,7 +35,8 @@ import contextlib
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -38,7 +47,7 @@ import structlog
 
 from trawl.database import open_pool
 from trawl.errors import ConfigError
-from trawl.frontier.base import Claim, Counts, Idle, Settled
+from trawl.frontier.base import Claim, Counts, HostMemory, Idle, Settled
 from trawl.logs import bind, unbind
 from trawl.settings import Settings
 from trawl.staging import SourceStage, StagedPart, Stager, StreamKind
@@ -66,6 +75,12 @@ def _q(name: str) -> str:
 def url_key(url: str) -> int:
     """A URL's 64-bit key (signed, for ``bigint``): stable across processes and machines, unlike ``hash()``."""
     return int.from_bytes(hashlib.blake2b(url.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+def host_key(host: str) -> int:
+    """A host's key in a sharded run's ``shard`` column: one per host (up to hash collisions, which the claims
+    tell apart by the host itself), so claiming a host's URLs walks the claim index, with no index of its own."""
+    return shard_of(host, 2**31 - 1)
 
 
 def shard_of(host: str, shards: int) -> int:
@@ -116,6 +131,18 @@ CREATE TABLE IF NOT EXISTS {s}._frontier_shards (
     PRIMARY KEY (run_id, source, shard)
 );
 ALTER TABLE {s}._frontier_shards ADD COLUMN IF NOT EXISTS status text NOT NULL DEFAULT 'running';
+ALTER TABLE {s}._frontier_shards ADD COLUMN IF NOT EXISTS owner text;
+CREATE TABLE IF NOT EXISTS {s}._frontier_hosts (
+    run_id text NOT NULL,
+    source text NOT NULL,
+    host text NOT NULL,
+    owner text,
+    lease_until timestamptz,
+    state jsonb NOT NULL DEFAULT '{{}}',
+    moves integer NOT NULL DEFAULT 0,
+    hkey integer NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, source, host)
+);
 CREATE TABLE IF NOT EXISTS {s}._frontier_parts (
     run_id text NOT NULL,
     source text NOT NULL,
@@ -236,6 +263,14 @@ class PgFrontier:
         self._shards_t = f"{s}._frontier_shards"
         self._parts = f"{s}._frontier_parts"
         self._links: list[tuple[str, int]] = []
+        self.leasing = shards > 1
+        """Hosts are leased (a sharded run): URLs are claimed from the hosts this crawler holds."""
+        self.held: set[str] = set()
+        """Hosts whose lease this crawler holds (leasing only)."""
+        self.draining: set[str] = set()
+        """Held hosts no longer claimed from: given back once their URLs in flight are done (to a shard with fewer)."""
+        self._h = f"{s}._frontier_hosts"
+        self._known_hosts: set[str] = set()  # hosts known to have their row in _frontier_hosts
         self._flushing = asyncio.Lock()  # a checkpoint waits for an insert under way (its links precede the done marks)
 
     # ---- the run ---------------------------------------------------------------------------------------------
@@ -279,12 +314,42 @@ class PgFrontier:
 
     async def release(self) -> int:
         """Give back every lease of this shard at once (``--resume``: the process holding them is gone)."""
+        if self.leasing and self.shard is not None:
+            return await self.take_back(self.shard)
         result: str = await self.pool.execute(
             f"UPDATE {self._t} SET state = 'queued', lease_until = NULL, lease_owner = NULL "
             f"WHERE run_id = $1 AND source = $2 AND state = 'leased'"
             + (" AND shard = $3" if self.shard is not None else ""),
             *self._ident(),
         )
+        return int(result.split()[-1])
+
+    async def take_back(self, shard: int) -> int:
+        """Take back every URL and host lease of the process that last ran ``shard`` (it crashed): queued and free
+        for any shard at once, instead of at their lease's expiry. Returns how many URLs were requeued."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            owner = await conn.fetchval(
+                f"SELECT owner FROM {self._shards_t} WHERE run_id = $1 AND source = $2 AND shard = $3",
+                self.run_id,
+                self.source,
+                shard,
+            )
+            if owner is None or owner == self.owner:
+                return 0
+            result: str = await conn.execute(
+                f"UPDATE {self._t} SET state = 'queued', lease_until = NULL, lease_owner = NULL "
+                "WHERE run_id = $1 AND source = $2 AND state = 'leased' AND lease_owner = $3",
+                self.run_id,
+                self.source,
+                owner,
+            )
+            await conn.execute(
+                f"UPDATE {self._h} SET owner = NULL, lease_until = NULL "
+                "WHERE run_id = $1 AND source = $2 AND owner = $3",
+                self.run_id,
+                self.source,
+                owner,
+            )
         return int(result.split()[-1])
 
     async def give_back(self) -> int:
@@ -296,6 +361,8 @@ class PgFrontier:
             self.source,
             self.owner,
         )
+        if self.leasing and self.held:
+            await self.release_hosts(dict.fromkeys(self.held))
         return int(result.split()[-1])
 
     def _ident(self) -> tuple[Any, ...]:
@@ -331,7 +398,7 @@ class PgFrontier:
             keys.append(url_key(url))
             urls.append(url)
             hosts.append(host)
-            shards.append(shard_of(host, self.shards))
+            shards.append(host_key(host) if self.leasing else shard_of(host, self.shards))
             depths.append(depth)
         result: str = await conn.execute(
             f"INSERT INTO {self._t} (run_id, source, url_hash, url, host, shard, depth) "
@@ -345,7 +412,24 @@ class PgFrontier:
             shards,
             depths,
         )
+        if self.leasing:
+            await self._insert_hosts(conn, hosts)
         return int(result.split()[-1])
+
+    async def _insert_hosts(self, conn: asyncpg.Connection, hosts: Iterable[str]) -> None:
+        """Give each new host its row in the host table (unowned): then a shard can lease it."""
+        new = sorted(set(hosts) - self._known_hosts)  # sorted: concurrent inserts of the same hosts cannot deadlock
+        if not new:
+            return
+        await conn.execute(
+            f"INSERT INTO {self._h} (run_id, source, host, hkey) SELECT $1, $2, unnest($3::text[]), unnest($4::int[]) "
+            "ON CONFLICT DO NOTHING",
+            self.run_id,
+            self.source,
+            new,
+            [host_key(h) for h in new],
+        )
+        self._known_hosts.update(new)
 
     async def claim(self, n: int) -> list[Claimed]:
         """Lease up to ``n`` URLs of this shard (highest priority, then shallowest first)."""
@@ -354,6 +438,8 @@ class PgFrontier:
     async def _claim(self, n: int) -> list[asyncpg.Record]:
         """Lease up to ``n`` rows of this shard; they come back in claim order (priority, then depth)."""
         assert self.shard is not None, "the whole-frontier view does not crawl"
+        if self.leasing:
+            return await self._claim_from_hosts(n)
         # By ctid: a TID scan whatever the planner knows of a new run (a join on url_hash without statistics
         # scans every row of the run per claim).
         rows = await self.pool.fetch(
@@ -382,6 +468,170 @@ class PgFrontier:
         # RETURNING does not keep the CTE's order: put the batch back in claim order.
         return sorted(rows, key=lambda r: (-r["priority"], r["depth"]))
 
+    async def _claim_from_hosts(self, n: int) -> list[asyncpg.Record]:
+        """Lease up to ``n`` rows of the hosts this crawler holds, shared out evenly between them (each host's best
+        first, through the per-host index: the cost follows the batch, not the hosts' sizes)."""
+        claiming = self.held - self.draining
+        if not claiming or n <= 0:
+            return []
+        per_host = -(-n // len(claiming))
+        rows = await self.pool.fetch(
+            f"""
+            WITH c AS (
+                SELECT x.ctid FROM unnest($3::text[], $7::int[]) AS h(host, hkey)
+                CROSS JOIN LATERAL (
+                    SELECT ctid FROM {self._t}
+                    WHERE run_id = $1 AND source = $2 AND shard = h.hkey AND host = h.host AND state <> 'done'
+                      AND (state = 'queued' OR lease_until < now())
+                    ORDER BY priority DESC, depth
+                    LIMIT $4
+                    FOR UPDATE SKIP LOCKED
+                ) x
+            )
+            UPDATE {self._t} f
+            SET state = 'leased', attempts = f.attempts + 1, lease_owner = $5,
+                lease_until = now() + make_interval(secs => $6)
+            WHERE f.ctid = ANY(ARRAY(SELECT ctid FROM c))
+            RETURNING f.url_hash, f.url, f.depth, f.payload, f.priority
+            """,
+            self.run_id,
+            self.source,
+            sorted(claiming),
+            per_host,
+            self.owner,
+            self.lease_seconds,
+            [host_key(h) for h in sorted(claiming)],
+        )
+        return sorted(rows, key=lambda r: (-r["priority"], r["depth"]))
+
+    # ---- hosts (sharded runs) --------------------------------------------------------------------------------
+
+    async def claim_hosts(self, k: int) -> dict[str, dict[str, Any]]:
+        """Lease up to ``k`` hosts that have URLs to claim and no live owner; returns each with the state its last
+        owner saved (its rate, breaker, robots.txt)."""
+        if k <= 0:
+            return {}
+        rows = await self.pool.fetch(
+            f"""
+            WITH c AS (
+                SELECT h.host FROM {self._h} h
+                WHERE h.run_id = $1 AND h.source = $2 AND (h.owner IS NULL OR h.lease_until < now())
+                  AND EXISTS (
+                      SELECT 1 FROM {self._t} f
+                      WHERE f.run_id = h.run_id AND f.source = h.source AND f.shard = h.hkey AND f.host = h.host
+                        AND f.state <> 'done'
+                        AND (f.state = 'queued' OR f.lease_until < now())
+                  )
+                ORDER BY h.host
+                LIMIT $3
+                FOR UPDATE OF h SKIP LOCKED
+            )
+            UPDATE {self._h} h
+            SET owner = $4, lease_until = now() + make_interval(secs => $5),
+                moves = h.moves + (h.owner IS NOT NULL OR h.state <> '{{}}'::jsonb)::int
+            FROM c WHERE h.run_id = $1 AND h.source = $2 AND h.host = c.host
+            RETURNING h.host, h.state
+            """,
+            self.run_id,
+            self.source,
+            k,
+            self.owner,
+            self.lease_seconds,
+        )
+        got = {r["host"]: orjson.loads(r["state"]) for r in rows}
+        self.held.update(got)
+        return got
+
+    async def release_hosts(self, hosts: Mapping[str, dict[str, Any] | None]) -> None:
+        """Give hosts back (they ran dry, or this crawler stops), each with its state when given."""
+        if not hosts:
+            return
+        names = sorted(hosts)
+        await self.pool.execute(
+            f"UPDATE {self._h} h SET owner = NULL, lease_until = NULL, state = COALESCE(t.state::jsonb, h.state) "
+            "FROM unnest($3::text[], $5::text[]) AS t(host, state) "
+            "WHERE h.run_id = $1 AND h.source = $2 AND h.host = t.host AND h.owner = $4",
+            self.run_id,
+            self.source,
+            names,
+            self.owner,
+            [None if hosts[h] is None else orjson.dumps(hosts[h]).decode() for h in names],
+        )
+        self.held.difference_update(names)
+        self.draining.difference_update(names)
+
+    async def dry_hosts(self) -> set[str]:
+        """Held hosts with no URL left to claim (the crawl loop gives back those with none in flight either)."""
+        if not self.held:
+            return set()
+        rows = await self.pool.fetch(
+            f"""
+            SELECT h.host FROM unnest($3::text[], $4::int[]) AS h(host, hkey)
+            WHERE NOT EXISTS (
+                SELECT 1 FROM {self._t} f
+                WHERE f.run_id = $1 AND f.source = $2 AND f.shard = h.hkey AND f.host = h.host AND f.state <> 'done'
+                  AND (f.state = 'queued' OR f.lease_until < now())
+            )
+            """,
+            self.run_id,
+            self.source,
+            sorted(self.held),
+            [host_key(h) for h in sorted(self.held)],
+        )
+        return {r["host"] for r in rows}
+
+    async def host_load(self) -> tuple[int, int, int, int]:
+        """(hosts with URLs not done, live shards (scheduled or running), hosts with URLs not done held by other live owners, the
+        most such hosts one other live owner holds)."""
+        row = await self.pool.fetchrow(
+            f"""
+            WITH w AS (
+                SELECT h.owner, h.lease_until FROM {self._h} h
+                WHERE h.run_id = $1 AND h.source = $2 AND EXISTS (
+                    SELECT 1 FROM {self._t} f
+                    WHERE f.run_id = h.run_id AND f.source = h.source AND f.shard = h.hkey AND f.host = h.host
+                        AND f.state <> 'done'
+                )
+            )
+            SELECT (SELECT count(*) FROM w) AS hosts,
+                   (SELECT count(*) FROM {self._shards_t}
+                    WHERE run_id = $1 AND source = $2 AND status IN ('scheduled', 'running')
+                      AND updated_at > now() - make_interval(secs => $4)) AS shards,
+                   (SELECT count(*) FROM w WHERE owner IS NOT NULL AND owner <> $3 AND lease_until > now()) AS others,
+                   (SELECT coalesce(max(n), 0) FROM (
+                        SELECT count(*) AS n FROM w WHERE owner IS NOT NULL AND owner <> $3 AND lease_until > now()
+                        GROUP BY owner) o) AS most
+            """,
+            self.run_id,
+            self.source,
+            self.owner,
+            self.lease_seconds,
+        )
+        assert row is not None
+        return row["hosts"], row["shards"], row["others"], row["most"]
+
+    async def heartbeat(self, hosts: dict[str, dict[str, Any]] | None = None) -> None:
+        """Extend this crawler's URL and host leases (saving the hosts' states when given) and say it is alive."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._renew(conn, hosts)
+
+    async def hosts(self) -> dict[str, dict[str, Any]]:
+        """Every host of the run with its owner, lease and how often it moved (for tests and the summary)."""
+        rows = await self.pool.fetch(
+            f"SELECT host, owner, lease_until, moves, state FROM {self._h} WHERE run_id = $1 AND source = $2",
+            self.run_id,
+            self.source,
+        )
+        return {
+            r["host"]: {
+                "owner": r["owner"],
+                "lease_until": r["lease_until"],
+                "moves": r["moves"],
+                "state": orjson.loads(r["state"]),
+            }
+            for r in rows
+        }
+
     async def pending(self) -> int:
         """URLs of the whole run (every shard) not yet done: queued, or leased by anyone (``not_mine``: by others)."""
         n: int = await self.pool.fetchval(
@@ -391,46 +641,31 @@ class PgFrontier:
         )
         return n
 
-    async def others_busy(self) -> int:
-        """URLs not done of other shards whose crawler is scheduled or running (and alive): they may link here.
-
-        A shard is alive while its last sign of life (start, checkpoint) is younger
-        than a lease; one scheduled by the crawl flow counts from when it was scheduled.
-        """
-        n: int = await self.pool.fetchval(
-            f"""
-            SELECT count(*) FROM {self._t} f
-            JOIN {self._shards_t} s USING (run_id, source, shard)
-            WHERE f.run_id = $1 AND f.source = $2 AND f.shard <> $3 AND f.state <> 'done'
-              AND s.status IN ('scheduled', 'running')
-              AND s.updated_at > now() - make_interval(secs => $4)
-            """,
-            self.run_id,
-            self.source,
-            self.shard,
-            self.lease_seconds,
-        )
-        return n
-
     async def set_shards(self, shards: Sequence[int], status: str) -> None:
-        """Record shards as ``scheduled`` (by the crawl flow), ``running`` or ``finished`` (by their crawler)."""
+        """Record shards as ``scheduled`` (by the crawl flow), ``running`` or ``finished`` (by their crawler; a
+        running shard's owner is this crawler: its leases are the ones a replacement takes back)."""
+        owner = self.owner if status == "running" else None
         await self.pool.execute(
-            f"INSERT INTO {self._shards_t} (run_id, source, shard, status) SELECT $1, $2, unnest($3::int[]), $4 "
-            f"ON CONFLICT (run_id, source, shard) DO UPDATE SET status = EXCLUDED.status, updated_at = now()",
+            f"INSERT INTO {self._shards_t} (run_id, source, shard, status, owner) "
+            "SELECT $1, $2, unnest($3::int[]), $4, $5 "
+            "ON CONFLICT (run_id, source, shard) DO UPDATE SET status = EXCLUDED.status, updated_at = now(), "
+            f"owner = COALESCE(EXCLUDED.owner, {self._shards_t}.owner)",
             self.run_id,
             self.source,
             list(shards),
             status,
+            owner,
         )
 
-    async def shards_pending(self) -> list[int]:
-        """The shards that still have URLs not done (a sharded crawl runs them again until none has)."""
-        rows = await self.pool.fetch(
-            f"SELECT DISTINCT shard FROM {self._t} WHERE run_id = $1 AND source = $2 AND state <> 'done' ORDER BY 1",
+    async def still_scheduled(self, shard: int) -> None:
+        """A shard run Prefect has not started yet is still coming: it keeps counting in the hosts' fair share."""
+        await self.pool.execute(
+            f"UPDATE {self._shards_t} SET updated_at = now() WHERE run_id = $1 AND source = $2 AND shard = $3 "
+            "AND status = 'scheduled'",
             self.run_id,
             self.source,
+            shard,
         )
-        return [r["shard"] for r in rows]
 
     async def counts(self) -> dict[str, int]:
         """URLs of this run by state (every shard)."""
@@ -517,7 +752,11 @@ class PgFrontier:
     # ---- checkpoints -----------------------------------------------------------------------------------------
 
     async def checkpoint(
-        self, parts: Sequence[tuple[StreamKind, int, StagedPart]], done: Sequence[int], stats: dict[str, Any]
+        self,
+        parts: Sequence[tuple[StreamKind, int, StagedPart]],
+        done: Sequence[int],
+        stats: dict[str, Any],
+        hosts: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         """In one transaction: insert buffered links, record closed parts (kind, seq, part), mark URLs done, keep
         stats, renew this crawler's leases. A URL is only done once the links it led to are in the frontier.
@@ -525,10 +764,14 @@ class PgFrontier:
         Shielded from cancellation: a transaction cut off mid-way would leave its
         connection holding row locks that the crawler's last act (``give_back``) waits on.
         """
-        await asyncio.shield(self._checkpoint(parts, done, stats))
+        await asyncio.shield(self._checkpoint(parts, done, stats, hosts))
 
     async def _checkpoint(
-        self, parts: Sequence[tuple[StreamKind, int, StagedPart]], done: Sequence[int], stats: dict[str, Any]
+        self,
+        parts: Sequence[tuple[StreamKind, int, StagedPart]],
+        done: Sequence[int],
+        stats: dict[str, Any],
+        hosts: dict[str, dict[str, Any]] | None,
     ) -> None:
         assert self.shard is not None
         async with self._flushing, self.pool.acquire() as conn, conn.transaction():
@@ -548,7 +791,7 @@ class PgFrontier:
                 )
             if done:
                 await self._mark_done(conn, done)
-            await self._renew(conn)
+            await self._renew(conn, hosts)
             await conn.execute(
                 f"INSERT INTO {self._shards_t} (run_id, source, shard, stats, checkpoints) VALUES ($1, $2, $3, $4, 1) "
                 "ON CONFLICT (run_id, source, shard) DO UPDATE SET stats = EXCLUDED.stats, "
@@ -572,8 +815,9 @@ class PgFrontier:
             self.owner,
         )
 
-    async def _renew(self, conn: asyncpg.Connection) -> None:
-        """Extend every lease this crawler holds."""
+    async def _renew(self, conn: asyncpg.Connection, hosts: dict[str, dict[str, Any]] | None = None) -> None:
+        """Extend every lease this crawler holds: its URLs', and in a sharded run its hosts' (saving their states
+        when given) and its shard's sign of life."""
         await conn.execute(
             f"UPDATE {self._t} SET lease_until = now() + make_interval(secs => $4) "
             "WHERE run_id = $1 AND source = $2 AND lease_owner = $3 AND state = 'leased'",
@@ -581,6 +825,30 @@ class PgFrontier:
             self.source,
             self.owner,
             self.lease_seconds,
+        )
+        if not self.leasing or self.shard is None:
+            return
+        if self.held:
+            names = sorted(self.held)
+            states = [None if not hosts or h not in hosts else orjson.dumps(hosts[h]).decode() for h in names]
+            await conn.execute(
+                f"UPDATE {self._h} h SET lease_until = now() + make_interval(secs => $4), "
+                "state = COALESCE(t.state::jsonb, h.state) FROM unnest($5::text[], $6::text[]) AS t(host, state) "
+                "WHERE h.run_id = $1 AND h.source = $2 AND h.owner = $3 AND h.host = t.host",
+                self.run_id,
+                self.source,
+                self.owner,
+                self.lease_seconds,
+                names,
+                states,
+            )
+        await conn.execute(
+            f"UPDATE {self._shards_t} SET updated_at = now() WHERE run_id = $1 AND source = $2 AND shard = $3 "
+            "AND owner = $4",
+            self.run_id,
+            self.source,
+            self.shard,
+            self.owner,
         )
 
     async def parts(self, kind: StreamKind) -> list[tuple[int, int, StagedPart]]:
@@ -634,10 +902,14 @@ class DurableFrontier:
     and outcome the crawl yields a :class:`Settled` marker: the URL is marked done
     at the next checkpoint, which also records the closed parts. Memory does not
     grow with the frontier: the loop keeps only a bounded set of recent link hashes.
-    The crawl ends when none of its shard's URLs is left to claim and no other shard
-    that is scheduled or running has URLs left (it may still discover links for this
-    one). A shard that ends while another later queues URLs for it is run again by
-    the crawl flow (see ``flows.crawl``).
+    A crawl of one process ends when no URL is left to claim. In a sharded run the
+    crawl leases hosts (:meth:`PgFrontier.claim_hosts`) as it needs them, gives back
+    those that run dry and hands hosts over to a shard that holds fewer than its
+    share; a shard ends when it holds no host, none is left to take and no live
+    shard can queue more for it. Shard 0 (the crawl flow's own) stays while any host
+    has work, so it takes over the hosts of a shard that vanished once their leases
+    expire. What the crawl learned of a host (``hosts``: the Fetcher) is saved with
+    the host at every checkpoint and heartbeat, and restored by its next owner.
     """
 
     name = "postgres"
@@ -652,8 +924,20 @@ class DurableFrontier:
         seeds: Sequence[str],
         resume: bool,
         sharded: bool,
+        hosts: HostMemory | None = None,
+        per_host: int = 1,
+        keeper: bool = False,
+        links_stay: bool = False,
     ) -> None:
         self.store = store
+        self._memory = hosts
+        self._per_host = max(1, per_host)
+        self._keeper = keeper  # the crawl flow's own shard: it stays while any host has work (it takes over the lost)
+        self._links_stay = links_stay  # links never leave their host: a shard holding none can add no work
+        self._host_of: dict[int, str] = {}  # claimed and not yet settled: key → host
+        self._busy: Counter[str] = Counter()  # URLs in flight per held host
+        self._beat = time.monotonic()
+        self._balanced = 0.0
         self.settings = settings
         self.claims: asyncio.Queue[Claim] = asyncio.Queue()
         self.commits = not sharded
@@ -682,21 +966,28 @@ class DurableFrontier:
         store, claims = self.store, self.claims
         batch = self.settings.frontier_batch
         while True:
+            if time.monotonic() - self._beat >= store.lease_seconds / 3:  # a heartbeat well inside the lease
+                await self._heartbeat()
             room = max(batch, workers * 2) - claims.qsize()
             if store.queued_links >= batch or claims.qsize() <= workers:
                 await store.flush()
             if claims.qsize() <= workers:
+                if store.leasing:
+                    await self._lease_hosts(workers)
                 claimed = await store.claim(room)
                 for c in claimed:
                     claims.put_nowait(Claim(c.url, c.depth, c.key))
+                    if store.leasing:
+                        host = self._host_of[c.key] = host_of(c.url)
+                        self._busy[host] += 1
                 self._inflight += len(claimed)
                 if claimed:
                     continue
                 if self._inflight == 0 and not store.queued_links:
-                    if store.shards == 1 or await store.others_busy() == 0:
+                    if not store.leasing or await self._finished():
                         return
-                    # Other shards are at work and may queue URLs for this one; they wait on this one's
-                    # settled URLs being checkpointed done just as it waits on theirs.
+                    # Other shards are at work and may queue URLs or hand hosts over to this one; they wait on this
+                    # one's settled URLs being checkpointed done just as it waits on theirs.
                     await out.put(Idle())
                     await asyncio.sleep(0.5)
                     continue
@@ -707,6 +998,70 @@ class DurableFrontier:
                 await asyncio.wait([waiter], timeout=0.5)
             finally:
                 waiter.cancel()
+
+    # ---- hosts (sharded runs) --------------------------------------------------------------------------------
+
+    def _states(self, hosts: Iterable[str]) -> dict[str, dict[str, Any]]:
+        memory = self._memory
+        return {} if memory is None else {h: memory.host_state(h) for h in hosts}
+
+    async def _lease_hosts(self, workers: int) -> None:
+        """Give back held hosts that ran dry, and claim hosts up to what this crawler keeps busy and its fair share
+        of the hosts with work (at most once a second while it has hosts; at once when it has none)."""
+        store = self.store
+        now = time.monotonic()
+        if store.held and now - self._balanced < 1.0:
+            return
+        self._balanced = now
+        dry = {h for h in await store.dry_hosts() if not self._busy[h]}
+        if dry:
+            await store.release_hosts(self._states(dry))
+            log.info("hosts given back", hosts=sorted(dry), held=len(store.held))
+        gone = {h for h in store.draining if not self._busy[h]}
+        if gone:
+            await store.release_hosts(self._states(gone))
+            log.info("hosts handed over", hosts=sorted(gone), held=len(store.held))
+        hosts, shards, _, _ = await store.host_load()
+        capacity = max(1, -(-workers // self._per_host))
+        share = max(1, min(capacity, -(-hosts // max(1, shards))))
+        excess = len(store.held) - len(store.draining) - share
+        if excess > 0:
+            # A shard started after this one took what it could: hand it hosts, the least busy first, each once
+            # its URLs in flight are done (one owner at a time: the host's cap holds across the move).
+            keep = sorted(store.held - store.draining, key=lambda h: self._busy[h])
+            store.draining.update(keep[:excess])
+            return
+        want = share - len(store.held)
+        if want <= 0:
+            return
+        got = await store.claim_hosts(want)
+        if got:
+            for host, state in got.items():
+                if state and self._memory is not None:
+                    self._memory.restore_host(host, state)
+            log.info("hosts leased", hosts=sorted(got), held=len(store.held), moved=[h for h, st in got.items() if st])
+
+    async def _finished(self) -> bool:
+        """A shard with nothing in flight and nothing to claim ends when no host is left to take and no live shard
+        can queue more for it; the crawl flow's own shard stays while any host has work (it takes over the hosts
+        of a shard that vanished, once their leases expire)."""
+        store = self.store
+        if store.held:
+            return False
+        hosts, shards, others, most = await store.host_load()
+        if hosts == 0:
+            return True
+        if self._keeper:
+            return False
+        if others == 0:
+            return True
+        # Links stay on their host: no shard can queue work for this one, but one holding more than its share hands
+        # hosts over (a shard that started late waits for them; one of more shards than hosts ends at once).
+        return self._links_stay and most <= -(-hosts // max(1, shards))
+
+    async def _heartbeat(self) -> None:
+        self._beat = time.monotonic()
+        await self.store.heartbeat(self._states(self.store.held))
 
     # ---- the source driver's side ----------------------------------------------------------------------------
 
@@ -725,12 +1080,12 @@ class DurableFrontier:
                 f"`trawl crawl --resume {run_id}`"
             )
         shard = store.shard or 0
+        if self._resume:  # before this crawler becomes the shard's owner: the leases of the one before it go back
+            released = await store.release()
+            log.info("run resumed", run_id=run_id, released_leases=released, **await store.counts())
         if self._sharded:
             await store.set_shards([shard], "running")
             bind(shard=shard)
-        if self._resume:
-            released = await store.release()
-            log.info("run resumed", run_id=run_id, released_leases=released, **await store.counts())
         stage = stager.open_source(source, run_id, run.started_at)
         tag = f"s{shard:02d}-" if self._sharded else ""
         for kind, writer in stage.streams():
@@ -744,6 +1099,8 @@ class DurableFrontier:
 
     async def settled(self, marker: Settled) -> None:
         self._done.append(marker.key)
+        if (host := self._host_of.pop(marker.key, None)) is not None:
+            self._busy[host] -= 1
         if time.monotonic() - self._last >= self.settings.frontier_checkpoint_seconds:
             await self.checkpoint()
 
@@ -767,7 +1124,8 @@ class DurableFrontier:
             new += [(kind, seq, p) for seq, p in enumerate(parts, 1) if seq > self._recorded[kind]]
         done, self._done = self._done, []
         try:
-            await self.store.checkpoint(new, done, self._counts.saved())
+            self._beat = time.monotonic()
+            await self.store.checkpoint(new, done, self._counts.saved(), self._states(self.store.held))
         except BaseException:
             self._done[:0] = done
             raise
@@ -784,6 +1142,8 @@ class DurableFrontier:
             unbind("shard")
         try:
             async with asyncio.timeout(10):
+                if self.store.held:  # what this shard learned of its hosts goes with them
+                    await self.store.release_hosts(self._states(self.store.held))
                 await self.store.give_back()
                 if self._sharded:
                     await self.store.set_shards([self.store.shard or 0], "finished")

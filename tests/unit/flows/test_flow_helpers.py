@@ -187,3 +187,28 @@ def test_flow_forms_expose_the_incremental_overrides() -> None:
         override = schema["definitions"]["IncrementalOverride"]
         assert set(override["properties"]) == {"initial_value", "end_value"}
         assert "back-fill" in override["properties"]["end_value"]["description"]
+
+
+def test_summary_shows_each_shard_of_a_sharded_source() -> None:
+    crawl = [
+        {
+            "source": "big",
+            "status": "complete",
+            "pages": 10,
+            "records": 9,
+            "seconds": 42.5,
+            "outcomes": {"fetched": 10},
+            "top_errors": [],
+            "host_moves": 3,
+            "shard_replacements": ["big-r-shard-1: Crashed"],
+            "per_shard": {
+                "0": {"pages": 6, "records": 5, "outcomes": {"fetched": 6}},
+                "1": {"pages": 4, "records": 4, "outcomes": {"fetched": 4}},
+            },
+        }
+    ]
+    md = summary_markdown("r1", crawl, None)
+    assert "| big | complete | 10 | 9 |" in md and "| 42.5 |" in md  # the source's real duration
+    assert "**big** by shard (3 host moves):" in md
+    assert "| 0 | 6 | 5 | fetched 6 |" in md and "| 1 | 4 | 4 | fetched 4 |" in md
+    assert "Shard runs replaced: big-r-shard-1: Crashed" in md

@@ -140,8 +140,9 @@ def _sources(path: Path, site: MisbehavingSite, *, dead_fixed: bool = False) -> 
                 "urls": [f"{site.url('throttle')}/t/{i}" for i in range(6)],
                 "fields": title,
                 "robots": False,
-                # One at a time: the refusals come one pause apart, over several scrapes (a rate to see).
-                "politeness": {"concurrency": 1},
+                # One at a time, a second apart (TRAWL_BACKOFF_MAX caps the pauses at 0.2 s here): the refusals
+                # come over several scrapes, so rate() has an increase to see.
+                "politeness": {"concurrency": 1, "delay": 1.0},
             },
             # Nothing listens: robots.txt and the page fail to connect; it fetches nothing.
             {"name": "dead", "kind": "html", "urls": [dead], "fields": title},

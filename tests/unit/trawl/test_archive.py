@@ -112,7 +112,13 @@ class _Sink:
         return "mem://part-00001.warc.gz", offset
 
 
+def started(before: set[threading.Thread]) -> list[threading.Thread]:
+    """Threads alive now that were not before (other tests' crawls may leave their own behind)."""
+    return [t for t in threading.enumerate() if t not in before]
+
+
 async def test_archiver_thread_gives_each_page_its_offset_in_order_of_the_stream() -> None:
+    before = set(threading.enumerate())
     sink = _Sink()
     archiver = Archiver(sink, 1 << 20)
     futures = [archiver.write(_exchange(i, rendered=b"<dom/>" if i % 7 == 0 else None)) for i in range(200)]
@@ -124,12 +130,13 @@ async def test_archiver_thread_gives_each_page_its_offset_in_order_of_the_stream
         assert page.url == f"http://shop.test/p/{i}" and page.offset == w["offset"] and page.length == w["length"]
         assert page.rendered == (b"<dom/>" if i % 7 == 0 else None)
     assert len(list(ArchiveIterator(io.BytesIO(sink.data)))) == 200 * 2 + len(range(0, 200, 7))
-    assert not any(t.name == "trawl-archive" for t in threading.enumerate())  # aclose stopped the writer
+    assert archiver._thread is None and not any(t.name == "trawl-archive" for t in started(before))  # stopped
 
 
 async def test_a_page_queued_while_the_archiver_closes_neither_hangs_the_close_nor_is_lost() -> None:
     # A worker still finishing its page writes while a checkpoint's aclose() waits for the writer: the new
     # writer thread must not take the old one's stop (the old one would then wait on the queue for ever).
+    before = set(threading.enumerate())
     sink = _Sink()
     archiver = Archiver(sink, 1 << 20)
     for round_ in range(20):
@@ -143,7 +150,7 @@ async def test_a_page_queued_while_the_archiver_closes_neither_hangs_the_close_n
             w = await fut
             assert read_member(sink.data, w["offset"], w["warc"]).url == f"http://shop.test/p/{i}"
     assert archiver.pages == 40
-    assert not any(t.name == "trawl-archive" for t in threading.enumerate())
+    assert not any(t.name == "trawl-archive" for t in started(before))
 
 
 async def test_archiver_failure_fails_the_pages_and_the_close() -> None:

@@ -12,6 +12,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from tests.helpers.net import start_app
 from trawl.errors import BreakerOpen, FetchError
 from trawl.fetch import Fetcher
 from trawl.settings import Settings
@@ -40,12 +41,7 @@ class Host:
         return web.Response(text="ok")
 
     async def __aenter__(self) -> Host:
-        app = web.Application()
-        app.router.add_get("/{tail:.*}", self.handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.port = int(self._runner.addresses[0][1])
+        self._runner, self.port = await start_app(self.handle)
         return self
 
     async def __aexit__(self, *exc: Any) -> None:

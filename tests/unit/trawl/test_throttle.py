@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from tests.helpers.net import start_app
 from trawl.errors import BreakerOpen, HostBusy, ThrottleBudgetSpent, TransientFetchError
 from trawl.fetch import Fetcher, _HostGate
 from trawl.metrics import METRICS
@@ -48,12 +49,7 @@ class Throttling:
         return web.Response(status=503 if self.mode == "503-bare" else 500)
 
     async def __aenter__(self) -> Throttling:
-        app = web.Application()
-        app.router.add_get("/{tail:.*}", self.handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.port = int(self._runner.addresses[0][1])
+        self._runner, self.port = await start_app(self.handle)
         return self
 
     async def __aexit__(self, *exc: Any) -> None:

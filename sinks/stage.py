@@ -44,6 +44,11 @@ __all__ = ["LocalStager", "PartWriter"]
 _FLUSH_BYTES = 256 * 1024  # uncompressed bytes buffered before a compress+write round trip to a thread
 
 
+def _drop(file: Any) -> None:
+    file.close()
+    Path(file.name).unlink(missing_ok=True)
+
+
 class PartWriter:
     """Writes envelopes into gzip JSON Lines parts, rolling at a row or byte threshold."""
 
@@ -173,6 +178,15 @@ class PartWriter:
             if self._rows >= self._max_rows or self._written >= self._max_bytes:
                 await self._close_part()
         return uri, offset
+
+    async def discard(self) -> None:
+        """Drop the open part (a crawl cancelled or broken off before it closed): its file is closed and removed,
+        the buffered rows are dropped. Parts already closed stay; a resumed run numbers new ones after them."""
+        self._buf, self._buf_bytes, self._rows = [], 0, 0
+        file, self._file, self._zip, self._sha = self._file, None, None, None
+        self._written = 0
+        if file is not None:
+            await asyncio.to_thread(_drop, file)
 
     async def close(self) -> list[StagedPart]:
         """Close the open part (if any rows are pending) and return every part written."""

@@ -152,51 +152,59 @@ async def crawl_source(
     try:
         async with open_frontier(source, run_id, settings, resume=resume, shard=shard, hosts=fetcher) as frontier:
             stage = await frontier.open_stage(stager, stats, utcnow())
-            # What the summary counts as records: rows staged (a resumed run's checkpointed parts included), not
-            # records extracted, which counts again the pages a crash made it fetch twice.
-            staged_rows = sum(p.rows for p in stage.records.parts)
-
-            async def emit(outcome: Outcome) -> None:
-                await stage.outcomes.write(outcome.envelope())
-
-            archiver = Archiver(stage.archive, source.archive_max_bytes) if source.archive and stage.archive else None
-            ctx = SourceContext(
-                run_id,
-                settings,
-                fetcher,
-                emit,
-                stats=stats,
-                validators=validators or {},
-                incremental=incremental,
-                archiver=archiver,
-                lastmods=lastmods or {},
-            )
-            log.info("source started", kind=source.kind, frontier=frontier.name, resume=resume)
-            error: str | None = None
             try:
-                staged = METRICS.records_staged.labels(source.name)
-                for kind in OutcomeKind:  # from 0: increase() sees a short crawl's outcomes too
-                    METRICS.outcomes.labels(source.name, kind.value)
-                async for item in connector_for(source, ctx, frontier).fetch():
-                    if isinstance(item, Settled):
-                        await frontier.settled(item)
-                    elif isinstance(item, Idle):
-                        await frontier.idle()
-                    else:
-                        await stage.records.write(item.envelope())
-                        staged.inc()
-                        staged_rows += 1
-            except TrawlError as exc:
-                error = redact(str(exc))  # it is shown in logs, the UI and the CLI: no tokens from URLs
-            except Exception as exc:  # a bug in one source must not take the others down
-                log.exception("source crashed")
-                error = redact(f"{type(exc).__name__}: {exc}")
-            finally:
-                if archiver is not None:
-                    await archiver.aclose()  # every queued page in its stream before the checkpoint closes it
-            return await _finish(
-                source, frontier, stage, fetcher, stats, started, error, flow_run_id, settings, staged_rows
-            )
+                # What the summary counts as records: rows staged (a resumed run's checkpointed parts included), not
+                # records extracted, which counts again the pages a crash made it fetch twice.
+                staged_rows = sum(p.rows for p in stage.records.parts)
+
+                async def emit(outcome: Outcome) -> None:
+                    await stage.outcomes.write(outcome.envelope())
+
+                archiver = (
+                    Archiver(stage.archive, source.archive_max_bytes) if source.archive and stage.archive else None
+                )
+                ctx = SourceContext(
+                    run_id,
+                    settings,
+                    fetcher,
+                    emit,
+                    stats=stats,
+                    validators=validators or {},
+                    incremental=incremental,
+                    archiver=archiver,
+                    lastmods=lastmods or {},
+                )
+                log.info("source started", kind=source.kind, frontier=frontier.name, resume=resume)
+                error: str | None = None
+                try:
+                    staged = METRICS.records_staged.labels(source.name)
+                    for kind in OutcomeKind:  # from 0: increase() sees a short crawl's outcomes too
+                        METRICS.outcomes.labels(source.name, kind.value)
+                    async for item in connector_for(source, ctx, frontier).fetch():
+                        if isinstance(item, Settled):
+                            await frontier.settled(item)
+                        elif isinstance(item, Idle):
+                            await frontier.idle()
+                        else:
+                            await stage.records.write(item.envelope())
+                            staged.inc()
+                            staged_rows += 1
+                except TrawlError as exc:
+                    error = redact(str(exc))  # it is shown in logs, the UI and the CLI: no tokens from URLs
+                except Exception as exc:  # a bug in one source must not take the others down
+                    log.exception("source crashed")
+                    error = redact(f"{type(exc).__name__}: {exc}")
+                finally:
+                    if archiver is not None:
+                        await archiver.aclose()  # every queued page in its stream before the checkpoint closes it
+                return await _finish(
+                    source, frontier, stage, fetcher, stats, started, error, flow_run_id, settings, staged_rows
+                )
+            except BaseException:
+                # Cancelled (or broken) before the streams were closed: their open parts' files are closed and
+                # dropped here, not left to the garbage collector (a checkpointed part stays; resume refetches the rest).
+                await stage.discard()
+                raise
     finally:
         unbind("source")
 

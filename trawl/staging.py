@@ -193,6 +193,9 @@ class PartSink(Protocol):
 
     async def close(self) -> list[StagedPart]: ...
 
+    async def discard(self) -> None:
+        """Drop the open part's file and rows (closed parts stay): the crawl broke off before it closed."""
+
     async def wait_durable(self) -> bool: ...
 
     def resume_from(self, parts: list[StagedPart], tag: str = "") -> None: ...
@@ -265,6 +268,11 @@ class SourceStage:
         part never points into an archive part that is still open (a record is written after its page)."""
         archive: tuple[tuple[StreamKind, PartSink], ...] = (("archive", self.archive),) if self.archive else ()
         return (("outcomes", self.outcomes), ("raw", self.records), *archive)
+
+    async def discard(self) -> None:
+        """Drop every stream's open part: the crawl was cancelled (or broke) before it could close them."""
+        for _, writer in self.streams():
+            await writer.discard()
 
     async def commit(
         self,

@@ -139,6 +139,33 @@ async def test_a_crawl_that_died_midway_resumes_where_its_checkpoint_left_it(
     assert sum(demo_site.requests.values()) - requests_before <= total - done_before + 1
 
 
+@pytest.mark.parametrize("frontier", ["memory", "postgres"])
+async def test_a_cancelled_crawl_closes_and_drops_its_open_parts(
+    demo_site: DemoSite, settings: Settings, database_url: str, frontier: str
+) -> None:
+    """A crawl cancelled mid-way leaves no open part file behind: not for the garbage collector to close during
+    some later code (an unraisable ResourceWarning there), nor as a ``.partial`` on disk."""
+    settings = settings.model_copy(update={"database_url": SecretStr(database_url), "frontier_checkpoint_seconds": 60})
+    src = await _products(demo_site.url, frontier=frontier, archive=True)
+    stats = SourceStats()
+
+    async def crawl() -> None:
+        async with (
+            await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager,
+            Fetcher(settings) as fetcher,
+        ):
+            await crawl_source(src, run_id=new_run_id(), settings=settings, fetcher=fetcher, stager=stager, stats=stats)
+
+    task = asyncio.create_task(crawl())
+    while stats.records < PRODUCT_COUNT // 3:  # noqa: ASYNC110 - polls the crawl's own counter
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    staging = Path(settings.staging.removeprefix("file://"))
+    assert await asyncio.to_thread(lambda: list(staging.rglob("*.partial"))) == []
+
+
 async def test_resume_of_an_unknown_run_is_refused(
     monkeypatch: pytest.MonkeyPatch, prefect_api: str, database_url: str, tmp_path: Path
 ) -> None:

@@ -17,29 +17,24 @@ like everything trawl writes (:mod:`trawl.masking`); credentials configured for
 a source are never stored (``Authorization``, ``Cookie`` and the source's own
 header names are replaced by ``***``).
 
-Writing is off the event loop where it can be: the loop builds the masked HTTP
-headers (~11 µs of Python per page), one writer thread per stream compresses each
-response record with ISA-L (which releases the GIL, so it runs beside the
-CPU-bound loop), and the loop appends the members to the archive part as the
-thread hands them back. The WARC header is written here, not by warcio or
-fastwarc: both build records holding the GIL (fastwarc ~30 µs, warcio ~250 µs of
-Python per page, ``python -m benchmarks.archive``), which a crawl's event loop
-then waits for. Every GIL hand-over between the writer and a busy loop costs the
-loop (profiled: its socket sends and HTML parses, which release the GIL, came
-back late), so the writer hands over once per page: no WARC digests (optional in
-ISO 28500; each member's CRC-32 and each part's sha256 in the manifest cover the
-bytes), the small request record as a stored gzip member, record ids from a
-seeded PRNG rather than ``os.urandom``.
+The records are built on the event loop: the masked HTTP headers (~14 µs of
+Python per page) and ISA-L's level-1 compression of the response (~50 µs for a
+22 KB page); the loop appends the members of the pages queued meanwhile to the
+archive part in one go. The WARC header is written here, not by warcio or
+fastwarc (fastwarc ~30 µs, warcio ~250 µs of Python per page, ``python -m
+benchmarks.archive``): no WARC digests (optional in ISO 28500; each member's
+CRC-32 and each part's sha256 in the manifest cover the bytes), the small
+request record as a stored gzip member, record ids from a seeded PRNG rather
+than ``os.urandom``. A writer thread was measured and dropped: beside a CPU-bound
+loop on 2 cores its GIL hand-overs cost the loop as much as the compression it
+took away.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import queue
 import random
 import struct
-import threading
 import uuid
 import zlib
 from collections.abc import Iterator, Mapping
@@ -115,11 +110,7 @@ The output is a standard gzip member; ISA-L releases the GIL while it compresses
 
 @dataclass(slots=True)
 class _Job:
-    """One exchange ready for the writer thread: every header already built and masked on the event loop.
-
-    The thread only joins and compresses (ISA-L releases the GIL), so it runs on the other core while the event
-    loop goes on.
-    """
+    """One exchange ready to be written: every header already built and masked."""
 
     url: str
     at: str
@@ -136,7 +127,7 @@ def _prepare(ex: Exchange, max_bytes: int) -> _Job:
     body: bytes | memoryview = ex.body
     truncated = len(body) > max_bytes
     if truncated:
-        body = memoryview(ex.body)[:max_bytes]  # no copy: the thread reads it from the response's bytes
+        body = memoryview(ex.body)[:max_bytes]  # no copy: compressed from the response's bytes
     try:
         reason = HTTPStatus(ex.status).phrase
     except ValueError:
@@ -183,9 +174,9 @@ def _warc(
     """One WARC/1.1 record as a gzip member: header, block (``chunks``), the two closing CRLFs.
 
     No WARC-Block-Digest / WARC-Payload-Digest (both optional in ISO 28500): hashing a page twice costs the
-    writer two more GIL round trips per page beside the event loop; each member's CRC-32 and each part's
+    loop two more passes over each page; each member's CRC-32 and each part's
     sha256 in the manifest already say whether the bytes are the ones written. ``stored``: a small record
-    (the request) goes into an uncompressed gzip member built here, without a call that releases the GIL.
+    (the request) goes into an uncompressed gzip member built here.
     """
     length = sum(len(c) for c in chunks)
     header = (
@@ -225,7 +216,7 @@ def _record_id() -> str:
 def _compress(job: _Job) -> tuple[bytes, int]:
     """The gzip members of one exchange (response, request, conversion) and the response member's length.
 
-    Runs on the writer thread: the response comes first, so the offset of the returned bytes is the response's.
+    The response comes first, so the offset of the returned bytes is the response's.
     """
     extra = "WARC-Truncated: length\r\n" if job.truncated else ""
     response_id = _record_id()
@@ -252,23 +243,22 @@ _Done = tuple[Any, Any, int]  # (future, members or the exception building them,
 class Archiver:
     """Writes one source's exchanges into its archive stream; tells each page where its response landed.
 
-    One writer thread per archive stream, fed by a ``SimpleQueue`` (no per-page executor hop): the event loop
-    builds the (masked) headers, the thread compresses and hands the members back with at most one pending
-    ``call_soon_threadsafe`` (a busy loop takes whatever is done in one go); the loop appends them to the stream,
-    so each response's offset is known before any record points at it. A record is written only after its page's offset is known
-    and a checkpoint closes the records before the archive, so a closed records part never points into an
-    archive part that is still open.
+    Each page's members are built and compressed on the event loop as it is queued (``write``: ~80 µs for a
+    22 KB page, ISA-L level 1); the loop appends what was queued meanwhile to the stream in one go, soon after,
+    so each response's offset is known before any record points at it. A record is written only after its
+    page's offset is known and a checkpoint closes the records before the archive, so a closed records part
+    never points into an archive part that is still open.
+
+    Measured against a writer thread (``python -m benchmarks.archive``): on 2 cores with a CPU-bound loop the
+    thread's every GIL hand-over cost the loop as much as the compression it took off it, and the crawl was
+    slower (1,031 vs 1,138 pages/s) for more CPU (1.05 vs 0.89 ms per page).
     """
 
     def __init__(self, sink: ArchiveSink, max_bytes: int) -> None:
         self._sink = sink
         self._max_bytes = max_bytes
-        self._queue: queue.SimpleQueue[tuple[asyncio.Future[dict[str, Any]], _Job] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._appending: set[asyncio.Task[None]] = set()
-        self._done: collections.deque[_Done] = collections.deque()
-        self._waking = False
+        self._done: list[_Done] = []
         self._failure: StagingError | None = None
         self.pages = 0
         self.bytes = 0
@@ -278,53 +268,30 @@ class Archiver:
         ``length``) once its members are in the stream."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
-        job = _prepare(ex, self._max_bytes)
-        if self._thread is None:
-            # Each writer thread has a queue of its own: a page queued after aclose() (a worker still finishing)
-            # starts a new thread and never lets the old one take the new one's work (or its stop).
-            self._loop = loop
-            self._queue = queue.SimpleQueue()
-            self._thread = threading.Thread(target=self._run, args=(self._queue,), name="trawl-archive", daemon=True)
-            self._thread.start()
-        self._queue.put((fut, job))
+        try:
+            members, length = _compress(_prepare(ex, self._max_bytes))
+            item: _Done = (fut, members, length)
+        except Exception as exc:
+            item = (fut, exc, 0)
+        if not self._done:
+            loop.call_soon(self._drain)  # after the pages the loop is at now: one append for all of them
+        self._done.append(item)
         return fut
 
     async def aclose(self) -> None:
-        """Stop the writer thread once it has done what is queued, and wait until all of it is in the stream
-        (before the stream closes: nothing is appended to an archive part after its checkpoint)."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            self._queue.put(None)  # this thread's own queue: a later write() gets a new one
-            await asyncio.to_thread(thread.join)  # its deliveries were queued on the loop before this wakes up
-        if self._appending:
-            await asyncio.gather(*self._appending, return_exceptions=True)
+        """Wait until every page queued so far is in the stream (before the stream closes: nothing is appended to
+        an archive part after its checkpoint); raises the archive's failure, if it had one."""
+        while True:
+            self._drain()  # pages queued since (a worker finishing its page) too
+            pending = [t for t in self._appending if not t.done()]
+            if not pending:
+                break
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._failure is not None:  # also for pages nobody awaited (a list page gives no records)
             raise self._failure
 
-    def _run(self, jobs: queue.SimpleQueue[tuple[asyncio.Future[dict[str, Any]], _Job] | None]) -> None:
-        """The writer thread: compress each job as it comes and hand it to the loop, waking the loop only when
-        no wake-up is pending already (a busy loop takes whatever is done in one go)."""
-        get, done, loop = jobs.get, self._done, self._loop
-        assert loop is not None
-        while (item := get()) is not None:
-            fut, job = item
-            try:
-                members, length = _compress(job)
-                done.append((fut, members, length))
-            except Exception as exc:
-                done.append((fut, exc, 0))
-            if not self._waking:
-                self._waking = True
-                try:
-                    loop.call_soon_threadsafe(self._drain)
-                except RuntimeError:  # the loop is closed: nobody awaits these any more
-                    return
-
     def _drain(self) -> None:
-        self._waking = False  # first: what the thread adds from now on gets a wake-up of its own
-        batch, done = [], self._done
-        while done:
-            batch.append(done.popleft())
+        batch, self._done = self._done, []
         if batch:
             self._deliver(batch)
 

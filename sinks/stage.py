@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import orjson
+from isal import isal_zlib
 
 from trawl.errors import StagingError
 from trawl.staging import (
@@ -97,7 +98,8 @@ class PartWriter:
     def _open_sync(self) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self._dir / f"{self._name()}.partial", "wb")  # noqa: SIM115 - closed in _close_sync
-        self._zip = None if self._members else zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: gzip container
+        # ISA-L level 2, wbits 31 (a gzip container): zlib level 6's ratio on staged JSON Lines at 10x its speed.
+        self._zip = None if self._members else isal_zlib.compressobj(2, isal_zlib.DEFLATED, 31)
         self._sha = hashlib.sha256()
         self._written = 0
 
@@ -154,6 +156,18 @@ class PartWriter:
     async def write(self, envelope: Mapping[str, Any]) -> None:
         """Append one envelope; closes the current part when it reaches a threshold."""
         line = orjson.dumps(envelope, option=orjson.OPT_APPEND_NEWLINE)
+        size = len(line)
+        if (
+            not self._lock.locked()
+            and self._buf_bytes + size < min(_FLUSH_BYTES, self._max_bytes)
+            and self._rows + 1 < self._max_rows
+            and self._written < self._max_bytes
+        ):
+            # Into the buffer, nothing else due: no lock to take (most rows; a flush or a part to close takes it).
+            self._buf.append(line)
+            self._buf_bytes += size
+            self._rows += 1
+            return
         async with self._lock:
             self._buf.append(line)
             self._buf_bytes += len(line)
@@ -162,6 +176,23 @@ class PartWriter:
                 await self._flush()
             if self._rows >= self._max_rows or self._written >= self._max_bytes:
                 await self._close_part()
+
+    def append_nowait(self, members: bytes) -> tuple[str, int] | None:
+        """:meth:`append` without waiting, when the members only go into the buffer (no flush or part to close is
+        due, no append under way): (part uri, their offset); None when the caller must ``await append()``."""
+        size = len(members)
+        if (
+            self._lock.locked()
+            or self._buf_bytes + size >= min(_FLUSH_BYTES, self._max_bytes)
+            or self._rows + 1 >= self._max_rows
+            or self._written >= self._max_bytes
+        ):
+            return None
+        where = f"{self._uri_prefix}/{self._name()}", self._written + self._buf_bytes
+        self._buf.append(members)
+        self._buf_bytes += size
+        self._rows += 1
+        return where
 
     async def append(self, members: bytes) -> tuple[str, int]:
         """Archive streams: append whole gzip members (one exchange's WARC records); (part uri, their offset).

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
-import uuid
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -70,6 +69,10 @@ class ArchiveSink(Protocol):
         """Append whole gzip members; returns (part uri, offset of the first member in it)."""
         ...
 
+    def append_nowait(self, members: bytes) -> tuple[str, int] | None:
+        """:meth:`append` when it needs no wait (the members only go into a buffer); None: ``await append()``."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Exchange:
@@ -93,7 +96,9 @@ def _now() -> datetime:
 
 
 def _warc_date(at: datetime) -> str:
-    return at.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"  # strftime: 5x slower
+    if at.tzinfo is not UTC:
+        at = at.astimezone(UTC)
+    return at.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"  # strftime: 5x slower
 
 
 def _header_value(name: str, value: str, secret: frozenset[str]) -> str:
@@ -209,8 +214,14 @@ def _stored_member(data: bytes) -> bytes:
 _ids = random.Random()
 
 
+_V4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_V4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
 def _record_id() -> str:
-    return f"<urn:uuid:{uuid.UUID(int=_ids.getrandbits(128), version=4)}>"
+    """A random (version 4, RFC 9562) UUID URN, spelled as ``uuid.UUID`` would, without building one (~4x faster)."""
+    h = f"{_ids.getrandbits(128) & _V4_CLEAR | _V4_SET:032x}"
+    return f"<urn:uuid:{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}>"
 
 
 def _compress(job: _Job) -> tuple[bytes, int]:
@@ -260,19 +271,29 @@ class Archiver:
         self._appending: set[asyncio.Task[None]] = set()
         self._done: list[_Done] = []
         self._failure: StagingError | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.pages = 0
         self.bytes = 0
 
     def write(self, ex: Exchange) -> asyncio.Future[dict[str, Any]]:
         """Queue one exchange for the archive; resolves to its response's location (``warc``, ``offset``,
         ``length``) once its members are in the stream."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # an archiver serves one crawl in one loop (get_running_loop costs a getpid() syscall)
+            loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         try:
             members, length = _compress(_prepare(ex, self._max_bytes))
             item: _Done = (fut, members, length)
         except Exception as exc:
             item = (fut, exc, 0)
+        else:
+            where = None if self._done or self._failure else self._sink.append_nowait(members)
+            if where is not None:  # the common case: into the stream's buffer at once, the page need not wait
+                self.pages += 1
+                self.bytes += len(members)
+                fut.set_result({"warc": where[0], "offset": where[1], "length": length})
+                return fut
         if not self._done:
             loop.call_soon(self._drain)  # after the pages the loop is at now: one append for all of them
         self._done.append(item)

@@ -89,7 +89,7 @@ class HostBreaker:
 
     def admit(self, url: str) -> bool:
         """Let a request through, or raise BreakerOpen; True when it is the half-open probe."""
-        state = self.state
+        state = self._cb.current_state
         if state == pybreaker.STATE_CLOSED:
             return False
         remaining = self._remaining() if state == pybreaker.STATE_OPEN else 0.0
@@ -133,6 +133,8 @@ class HostBreaker:
         """Feed a request's result to the state machine (and end the probe it was, if any)."""
         if probe:
             self._probing = False
+        elif success and self._cb._state_storage.counter == 0 and self._cb.current_state == pybreaker.STATE_CLOSED:
+            return  # a healthy host's success changes nothing: no lock, no pybreaker state call per request
         # A failure is counted by pybreaker as it re-raises; results arriving while open change nothing.
         with contextlib.suppress(_Failure, pybreaker.CircuitBreakerError):
             self._cb.call(_ok if success else _fail)

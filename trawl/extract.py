@@ -15,9 +15,9 @@ from trawl.config import HtmlField
 __all__ = ["extract_fields", "extract_items", "extract_links", "get_path", "parse_html"]
 
 
-def parse_html(text: str) -> LexborHTMLParser:
-    """Parse a page; Lexbor never raises on malformed markup."""
-    return LexborHTMLParser(text)
+def parse_html(markup: str | bytes) -> LexborHTMLParser:
+    """Parse a page (text, or UTF-8 bytes); Lexbor never raises on malformed markup."""
+    return LexborHTMLParser(markup)
 
 
 _SKIP_SCHEMES = ("#", "mailto:", "javascript:", "tel:", "data:")

@@ -16,7 +16,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import urljoin, urlsplit
 
@@ -48,7 +48,7 @@ from trawl.proxies import Proxy, ProxyPool, ProxyRotation, proxy_label
 from trawl.retry import full_jitter, is_throttle, is_transient_status, retry_after, status_error
 from trawl.robots import ROBOTS_MAX_BYTES, RobotsCache
 from trawl.settings import Settings
-from trawl.urls import host_of, origin_of
+from trawl.urls import host_of, origin_of, split_plain
 
 __all__ = ["Fetcher", "HostTurn", "Response", "TransportName"]
 
@@ -61,6 +61,8 @@ TransportName = Literal["aiohttp", "httpx"]
 _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 _PROXY_RETRIES = 16  # proxy failures one URL may meet before the last one ends it
 _CHUNK = 64 * 1024
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+_UTF8 = frozenset({"utf-8", "utf8"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,18 +104,28 @@ class Response:
         except orjson.JSONDecodeError as exc:
             raise PermanentFetchError(f"invalid JSON: {exc}", url=self.url, status=self.status) from None
 
-    def text(self) -> str:
-        """The body decoded with the declared charset (UTF-8 default), never raising."""
+    @property
+    def charset(self) -> str:
+        """The declared charset (``Content-Type``), UTF-8 when none is."""
         ctype = self.headers.get("content-type", "")
         charset = "utf-8"
         for part in ctype.split(";")[1:]:
             k, _, v = part.strip().partition("=")
             if k.lower() == "charset" and v:
                 charset = v.strip('"')
+        return charset
+
+    def text(self) -> str:
+        """The body decoded with the declared charset (UTF-8 default), never raising."""
         try:
-            return self.body.decode(charset, errors="replace")
+            return self.body.decode(self.charset, errors="replace")
         except LookupError:
             return self.body.decode("utf-8", errors="replace")
+
+    def markup(self) -> str | bytes:
+        """What the HTML parser is given: the body as it is when it is UTF-8 (Lexbor reads UTF-8 bytes as
+        :meth:`text` would decode them, without the copy), else :meth:`text`."""
+        return self.body if self.charset.lower() in _UTF8 else self.text()
 
 
 # A throttle signal's first raise of a host's delay (seconds between request starts); each further one doubles it.
@@ -122,6 +134,29 @@ _THROTTLE_STEP = 0.1
 # and this many seconds above it (loopback and busy event loops jitter by milliseconds, not by half a second).
 _SLOW_RATIO = 3.0
 _SLOW_MARGIN = 0.5
+
+
+class _Meters:
+    """One source's request metrics at one host, their label children looked up once (``labels()`` costs a lock,
+    a tuple and a dict lookup: once per source and host instead of three times per request)."""
+
+    __slots__ = ("_by_class", "_label", "_source", "in_flight", "seconds")
+
+    def __init__(self, source: str, label: str) -> None:
+        self._source, self._label = source, label
+        self.in_flight = METRICS.in_flight.labels(source, label)
+        self.seconds = METRICS.request_seconds.labels(source, label)
+        self._by_class: dict[str, Any] = {}
+
+    def answered(self, status: int, latency: float) -> None:
+        """A request ended: its latency and its status class counted."""
+        self.in_flight.dec()
+        self.seconds.observe(latency)
+        cls = status_class(status)
+        counter = self._by_class.get(cls)
+        if counter is None:
+            counter = self._by_class[cls] = METRICS.requests.labels(self._source, self._label, cls)
+        counter.inc()
 
 
 class _HostGate:
@@ -145,6 +180,7 @@ class _HostGate:
 
     __slots__ = (
         "_label",
+        "_meters",
         "_parked",
         "_settings",
         "_timer",
@@ -197,12 +233,24 @@ class _HostGate:
         self.signals: Counter[str] = Counter()  # throttle signals per source
         self.ewma: float | None = None  # smoothed response time (adaptive sources only)
         self.baseline: float | None = None  # the host's usual response time
+        self._meters: dict[str, _Meters] = {}
         self._show()
 
     @property
     def label(self) -> str:
         """The host's metrics label (``other`` past the host cap)."""
         return self._label
+
+    def meters(self, source: str) -> _Meters:
+        """``source``'s request metrics at this host; the first time, its throttle counter is made too (at 0, so a
+        burst of signals inside one scrape shows as an increase, not as a new series)."""
+        m = self._meters.get(source)
+        if m is None:
+            m = self._meters[source] = _Meters(source, self._label)
+            if source not in self.signals:
+                self.signals[source] = 0
+                METRICS.throttle_signals.labels(source, self._label).inc(0)
+        return m
 
     @property
     def slots(self) -> int:
@@ -431,8 +479,7 @@ class HostTurn:
         "_adaptive",
         "_breaker",
         "_gate",
-        "_in_flight",
-        "_label",
+        "_meters",
         "_park",
         "_probe",
         "_sent",
@@ -448,7 +495,6 @@ class HostTurn:
         gate: _HostGate,
         breaker: HostBreaker,
         url: str,
-        label: str,
         source: str,
         *,
         adaptive: bool = True,
@@ -457,7 +503,7 @@ class HostTurn:
         self._gate = gate
         self._breaker = breaker
         self._url = url
-        self._label = label
+        self._meters = gate.meters(source)
         self._source = source
         self._adaptive = adaptive
         self._park = park
@@ -493,8 +539,7 @@ class HostTurn:
             self._breaker.release(self._probe)
             gate.release()
             raise
-        self._in_flight = METRICS.in_flight.labels(self._source, self._label)
-        self._in_flight.inc()
+        self._meters.in_flight.inc()
         self._sent = time.monotonic()
         return self
 
@@ -513,16 +558,13 @@ class HostTurn:
             elif isinstance(exc, FetchError):
                 self.ok = not exc.transient
                 self.status = exc.status or self.status
-            source, label = self._source, self._label
-            self._in_flight.dec()
             latency = time.monotonic() - self._sent
-            METRICS.request_seconds.labels(source, label).observe(latency)
-            METRICS.requests.labels(source, label, status_class(self.status)).inc()
+            self._meters.answered(self.status, latency)
             if self._throttle is not None:
                 # Neither a success nor a failure for the breaker (a half-open probe waits for its verdict); the
                 # gate pauses and slows the host.
                 self._breaker.release(self._probe)
-                gate.throttled(self.status, self._throttle[0], self._sent, source)
+                gate.throttled(self.status, self._throttle[0], self._sent, self._source)
             elif self.ok is None:
                 self._breaker.release(self._probe)
             else:
@@ -757,6 +799,10 @@ class Fetcher:
         self.resources: dict[str, Any] = {}
         """Things other request paths share through this Fetcher (the browser pool), closed with it."""
         self._closers: list[Callable[[], Awaitable[None]]] = []
+        self._client_headers: Mapping[str, str] = MappingProxyType(
+            {"User-Agent": settings.user_agent, "Accept-Encoding": ACCEPT_ENCODING}
+        )
+        """What the HTTP clients send on every request themselves (the archive's request records show it)."""
 
     @property
     def settings(self) -> Settings:
@@ -817,19 +863,8 @@ class Fetcher:
         ``adaptive``: the response time feeds the host's rate (politeness ``adaptive``); ``park``: a throttled host
         with no room raises HostBusy instead of holding the caller.
         """
-        gate = self._gate(host, concurrency, delay)
-        if source not in gate.signals:  # once per source and host: its throttle counter exists (at 0) before a signal
-            gate.signals[source] = 0
-            METRICS.throttle_signals.labels(source, gate.label).inc(0)
-        return HostTurn(
-            gate,
-            self.breakers.get(host),
-            url,
-            METRICS.host(host),
-            source,
-            adaptive=adaptive,
-            park=park,
-        )
+        gate = self._gates.get(host) or self._gate(host, concurrency, delay)
+        return HostTurn(gate, self.breakers.get(host), url, source, adaptive=adaptive, park=park)
 
     def throttle_signals(self, source: str, hosts: set[str]) -> dict[str, int]:
         """Throttle signals (429, 503 with Retry-After) a source's requests met, per host (hosts with none left out)."""
@@ -1150,7 +1185,7 @@ class Fetcher:
         pool: ProxyPool | None = None,
         proxies: Sequence[str] | None = None,
         rotation: ProxyRotation | None = None,
-    ) -> tuple[str, int, dict[str, str], bytes, tuple[str, dict[str, str]], str | None]:
+    ) -> tuple[str, int, dict[str, str], bytes, tuple[str, Mapping[str, str]], str | None]:
         s = self._settings
         current = url
         for hop in range(s.max_redirects + 1):
@@ -1159,6 +1194,8 @@ class Fetcher:
             if hop and robots:  # a redirect target answers to its own robots.txt (as in Scrapy)
                 await self._obey_robots(current, concurrency, delay, proxies, rotation)
             proxy: Proxy | None = None
+            # Credentials stay at home: only the source's own origins get its headers.
+            sent = headers if headers and origin_of(current) in origins else _NO_HEADERS
             async with self.turn(
                 host_of(current),
                 current,
@@ -1170,14 +1207,18 @@ class Fetcher:
             ) as turn:
                 try:
                     async with asyncio.timeout(s.total_timeout):
-                        sent = headers if origin_of(current) in origins else {}  # credentials stay at home
-                        with _through(pool, current) as proxy:
-                            via = proxy.url if proxy is not None else None
-                            if proxy is not None:
-                                await self.check_proxy(proxy, current)
-                            status, hdrs, content = await self._transport(transport, via).get(
-                                current, sent, max_bytes, truncate=truncate, method=method, body=body, proxy=via
+                        if pool is None:  # direct: no proxy to pick and tell (the common case, without a generator)
+                            status, hdrs, content = await self._transport(transport).get(
+                                current, sent, max_bytes, truncate=truncate, method=method, body=body
                             )
+                        else:
+                            with _through(pool, current) as proxy:
+                                via = proxy.url if proxy is not None else None
+                                if proxy is not None:
+                                    await self.check_proxy(proxy, current)
+                                status, hdrs, content = await self._transport(transport, via).get(
+                                    current, sent, max_bytes, truncate=truncate, method=method, body=body, proxy=via
+                                )
                 except TimeoutError:
                     raise TransientFetchError(f"timed out after {s.total_timeout}s", url=current) from None
                 except FetchError:
@@ -1194,13 +1235,12 @@ class Fetcher:
                         f"{status} redirect to {current}: the request body is not resent to another origin", url=url
                     )
                 continue
-            defaults = {"User-Agent": s.user_agent, "Accept-Encoding": ACCEPT_ENCODING}  # the clients' own
             return (
                 current,
                 status,
                 hdrs,
                 content,
-                (method, {**defaults, **sent}),
+                (method, {**self._client_headers, **sent} if sent else self._client_headers),
                 proxy.label if proxy is not None else None,
             )
         raise PermanentFetchError(f"more than {s.max_redirects} redirects", url=url)
@@ -1248,6 +1288,9 @@ def _restore_rate(gate: _HostGate, saved: Mapping[str, Any]) -> None:
 def _http_host(url: str) -> str:
     """The host name of an http(s) URL; PermanentFetchError naming the URL when it is not one trawl can request
     (another scheme, no host, a malformed host or port)."""
+    plain = split_plain(url)
+    if plain is not None:
+        return plain[1]
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 (validates the port: a number in 0-65535)

@@ -141,6 +141,8 @@ class SourceContext:
     """`api` sources with `incremental`: the window this run asks for (from the stored state)."""
     archiver: Archiver | None = None
     """The source's page archive (sources with ``archive: true``): every response it fetched goes there."""
+    _counters: dict[tuple[str, str], Any] = field(default_factory=dict, init=False, repr=False)
+    """``trawl_url_outcomes_total`` children by (source, outcome): looked up once, not per URL."""
 
     def archive(self, resp: Response) -> Response:
         """``resp`` queued for the page archive (written off the event loop), as is without one.
@@ -290,7 +292,10 @@ class SourceContext:
         stats = self.stats
         kind = outcome.outcome.value
         stats.outcomes[kind] += 1
-        METRICS.outcomes.labels(outcome.source, kind).inc()
+        counter = self._counters.get((outcome.source, kind))
+        if counter is None:
+            counter = self._counters[(outcome.source, kind)] = METRICS.outcomes.labels(outcome.source, kind)
+        counter.inc()
         stats.hosts.add(host_of(outcome.url))
         if outcome.outcome not in (OutcomeKind.FETCHED, OutcomeKind.NOT_MODIFIED):
             error = outcome.error or (f"HTTP {outcome.http_status}" if outcome.http_status else kind)

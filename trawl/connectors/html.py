@@ -313,9 +313,7 @@ class HtmlConnector:
 
     async def _process(self, url: str, depth: int, resp: Response, out: asyncio.Queue[object]) -> None:
         src = self.source
-        # Wait for the page archive's writer before parsing: measured, a loop that parses meanwhile keeps the GIL
-        # busy and makes the writer thread's every hand-over cost it more than the wait does.
-        archived = await resp.where_archived()
+        archived = await resp.where_archived()  # at once, unless the archive's stream is flushing a part
         lastmod = self._lastmod.pop(url, None) if self._lastmod else None
         if resp.status == 304:
             await self.ctx.fetched(src.name, url, resp, lastmod=lastmod)
@@ -327,7 +325,7 @@ class HtmlConnector:
             await self.ctx.fetched(src.name, url, resp, OutcomeKind.FILTERED, f"content-type {ctype} is not allowed")
             return
         fetched_at = resp.archived_at or utcnow()
-        tree = parse_html(resp.text())
+        tree = parse_html(resp.markup())
         if self._record_re is None or self._record_re.search(resp.url):
             for data in extract_items(tree, src.item_selector, src.fields):
                 await out.put(

@@ -173,7 +173,9 @@ async def test_parts_roll_at_part_max_bytes(tmp_path: Path) -> None:
     sizes = [p.bytes for p in raw.parts]
     assert len(raw.parts) >= 5, sizes
     assert sum(p.rows for p in raw.parts) == n
-    assert all(max_bytes <= size < max_bytes + 64 * 1024 for size in sizes[:-1]), sizes
+    # A part closes at the first flush past max_bytes; the compressor (ISA-L) holds up to ~100 KB of its input
+    # before it emits, so a part can overshoot by that much.
+    assert all(max_bytes <= size < max_bytes + 128 * 1024 for size in sizes[:-1]), sizes
     # A part closed by size must not leave the next one closing after a single row.
     assert all(p.rows > 1 for p in raw.parts), [p.rows for p in raw.parts]
     assert [p.bytes for p in raw.parts] == [(await asyncio.to_thread(local(p.uri).stat)).st_size for p in raw.parts]

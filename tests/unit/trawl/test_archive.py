@@ -110,6 +110,9 @@ class _Sink:
         self.data += members
         return "mem://part-00001.warc.gz", offset
 
+    def append_nowait(self, members: bytes) -> tuple[str, int] | None:
+        return None  # always the awaited path here (the stream's own buffer is tested with the stager)
+
 
 async def test_archiver_gives_each_page_its_offset_in_order_of_the_stream() -> None:
     sink = _Sink()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -28,18 +28,37 @@ def _regex(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
-def _text(node: LexborNode) -> str:
-    # Whitespace collapsed over the whole subtree; `text(strip=True)` strips each text node
-    # and glues them, so `Price: <b>$5</b> each` would read `Price:$5each`.
-    return " ".join(node.text().split())
+# A field's text is its whitespace collapsed over the whole subtree (`_value`); `text(strip=True)` strips each
+# text node and glues them, so `Price: <b>$5</b> each` would read `Price:$5each`.
 
 
-def _value(node: LexborNode, spec: HtmlField) -> str | None:
-    raw = node.attributes.get(spec.attr) if spec.attr else _text(node)
+_Plan = tuple[tuple[str, str, str | None, "re.Pattern[str] | None", bool], ...]
+"""A fields mapping as the extraction reads it: (name, selector, attr, compiled regex, all) per field."""
+
+_plans: dict[int, tuple[Mapping[str, HtmlField], _Plan]] = {}
+
+
+def _plan(fields: Mapping[str, HtmlField]) -> _Plan:
+    """The fields' specs read once per mapping (a source's), not once per page (model attributes, regex cache)."""
+    cached = _plans.get(id(fields))
+    if cached is not None and cached[0] is fields:
+        return cached[1]
+    plan = tuple(
+        (name, spec.selector, spec.attr, _regex(spec.regex) if spec.regex else None, spec.all)
+        for name, spec in fields.items()
+    )
+    if len(_plans) > 1024:  # sources come and go in a long-lived process (tests, `trawl try`): stay bounded
+        _plans.clear()
+    _plans[id(fields)] = (fields, plan)  # the mapping is kept alive with it, so its id is not reused meanwhile
+    return plan
+
+
+def _value(node: LexborNode, attr: str | None, regex: re.Pattern[str] | None) -> str | None:
+    raw = node.attributes.get(attr) if attr else " ".join(node.text().split())
     if raw is None:
         return None
-    if spec.regex:
-        m = _regex(spec.regex).search(raw)
+    if regex is not None:
+        m = regex.search(raw)
         if not m:
             return None
         return m.group(1) if m.groups() else m.group(0)
@@ -49,13 +68,13 @@ def _value(node: LexborNode, spec: HtmlField) -> str | None:
 def extract_fields(root: LexborHTMLParser | LexborNode, fields: Mapping[str, HtmlField]) -> dict[str, Any]:
     """Each declared field's value: a string, a list of strings (``all``), or None."""
     out: dict[str, Any] = {}
-    for name, spec in fields.items():
-        if spec.all:
-            values = [_value(n, spec) for n in root.css(spec.selector)]
+    for name, selector, attr, regex, every in _plan(fields):
+        if every:
+            values = [_value(n, attr, regex) for n in root.css(selector)]
             out[name] = [v for v in values if v is not None]
         else:
-            node = root.css_first(spec.selector)
-            out[name] = _value(node, spec) if node is not None else None
+            node = root.css_first(selector)
+            out[name] = _value(node, attr, regex) if node is not None else None
     return out
 
 
@@ -68,8 +87,9 @@ def extract_items(
     return [extract_fields(node, fields) for node in tree.css(item_selector)]
 
 
-def extract_links(tree: LexborHTMLParser, base_url: str) -> list[str]:
-    """Absolute http(s) links of the page, fragments removed, in document order."""
+def extract_links(tree: LexborHTMLParser, base_url: str, seen: Container[int] = ()) -> list[str]:
+    """Absolute http(s) links of the page, fragments removed, in document order; without those whose ``hash()``
+    is in ``seen`` (a crawl's seen set: most of a page's links, dropped here before anything else is done)."""
     base = base_url
     base_node = tree.css_first("base[href]")
     if base_node is not None and base_node.attributes.get("href"):
@@ -91,7 +111,7 @@ def extract_links(tree: LexborHTMLParser, base_url: str) -> list[str]:
         else:
             url = urljoin(base, href)
         url = url.partition("#")[0]
-        if url.startswith(("http://", "https://")):
+        if url.startswith(("http://", "https://")) and hash(url) not in seen:
             links.append(url)
     return links
 

@@ -48,7 +48,8 @@ OUTCOME_OF: dict[type[FetchError], OutcomeKind] = {
 
 def url_hash(url: str) -> int:
     """A URL in a seen set: 64-bit hashes, not strings (~80 B per URL instead of ~150, FIELD-NOTES). str's own hash
-    is 64-bit, cached on the string and per-process salted: fine for a set that lives in one process."""
+    is 64-bit, cached on the string and per-process salted: fine for a set that lives in one process.
+    :func:`trawl.extract.extract_links` checks a seen set with ``hash()`` directly: keep the two the same."""
     return hash(url)
 
 

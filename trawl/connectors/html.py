@@ -333,9 +333,7 @@ class HtmlConnector:
                 )
                 self.ctx.stats.records += 1
         if self._crawl and depth < src.follow.max_depth:
-            seen = self._seen
-            for link in extract_links(tree, resp.url):
-                h = url_hash(link)
-                if h not in seen and self._follow(link):  # most links are seen already: check that first
-                    self._schedule(link, depth + 1, h)
+            for link in extract_links(tree, resp.url, self._seen):  # most links are seen already: dropped there
+                if self._follow(link):
+                    self._schedule(link, depth + 1)
         await self.ctx.fetched(src.name, url, resp, lastmod=lastmod)

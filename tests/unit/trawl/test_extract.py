@@ -140,6 +140,29 @@ def test_links_resolved_filtered_and_defragmented() -> None:
     ]
 
 
+def test_links_already_seen_are_left_out() -> None:
+    tree = parse_html('<a href="/a">a</a><a href="/b#x">b</a><a href="/c">c</a><a href="/a">again</a>')
+    seen = {hash("http://shop.test/b"), hash("http://shop.test/c")}
+    assert extract_links(tree, "http://shop.test/", seen) == ["http://shop.test/a", "http://shop.test/a"]
+
+
+def test_utf8_pages_parse_from_their_bytes_and_others_from_their_text() -> None:
+    from trawl.fetch import Response
+
+    body = "<h1>café \u2014 Nº 5</h1>"
+    utf8 = Response("http://x.test/", 200, {"content-type": "text/html; charset=UTF-8"}, body.encode(), 1, 0)
+    bare = Response("http://x.test/", 200, {"content-type": "text/html"}, b"<h1>caf\xc3\xa9 \xff</h1>", 1, 0)
+    latin = Response(
+        "http://x.test/", 200, {"content-type": "text/html; charset=iso-8859-1"}, b"<h1>caf\xe9</h1>", 1, 0
+    )
+    assert isinstance(utf8.markup(), bytes) and isinstance(bare.markup(), bytes)
+    assert isinstance(latin.markup(), str)
+    for resp, want in ((utf8, "café \u2014 Nº 5"), (bare, "café \ufffd"), (latin, "café")):
+        fields = {"t": HtmlField(selector="h1")}
+        assert extract_fields(parse_html(resp.markup()), fields) == {"t": want}
+        assert extract_fields(parse_html(resp.text()), fields) == {"t": want}  # the same as from the text
+
+
 def test_links_honour_base_href() -> None:
     tree = parse_html('<head><base href="/sub/"></head><body><a href="a">a</a><a href="/b">b</a></body>')
     assert extract_links(tree, "http://shop.test/x/y") == ["http://shop.test/sub/a", "http://shop.test/b"]

@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 from isal import isal_zlib
 
 from trawl.errors import StagingError
-from trawl.masking import MASK, mask_text, mask_url
+from trawl.masking import MASK, generation, mask_text, mask_url
 
 __all__ = [
     "ArchiveSink",
@@ -133,11 +133,7 @@ def _prepare(ex: Exchange, max_bytes: int) -> _Job:
     truncated = len(body) > max_bytes
     if truncated:
         body = memoryview(ex.body)[:max_bytes]  # no copy: compressed from the response's bytes
-    try:
-        reason = HTTPStatus(ex.status).phrase
-    except ValueError:
-        reason = ""
-    head = [f"HTTP/1.1 {ex.status} {reason}".rstrip()]
+    head = [f"HTTP/1.1 {ex.status} {_REASONS.get(ex.status, '')}".rstrip()]
     for name, value in ex.headers.items():
         low = name.lower()
         if low == "content-encoding":
@@ -147,23 +143,44 @@ def _prepare(ex: Exchange, max_bytes: int) -> _Job:
     head.append(f"Content-Length: {len(body)}\r\n\r\n")
     parts = urlsplit(ex.url)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    req = [f"{ex.method} {mask_text(target)} HTTP/1.1", f"Host: {parts.netloc.rpartition('@')[2]}"]
-    secret = ex.secret_headers
-    req += [
-        f"{name}: {_header_value(name.lower(), value, secret)}"
-        for name, value in ex.request_headers.items()
-        if name.lower() != "host"
-    ]
-    req.append("\r\n")
+    req = f"{ex.method} {mask_text(target)} HTTP/1.1\r\nHost: {parts.netloc.rpartition('@')[2]}\r\n"
+    req += _request_lines(ex.request_headers, ex.secret_headers)
     return _Job(
         mask_url(ex.url).replace("\r", "%0D").replace("\n", "%0A").replace(" ", "%20"),
         _warc_date(ex.fetched_at or _now()),
         "\r\n".join(head).encode("utf-8", "replace"),
         body,
         truncated,
-        "\r\n".join(req).encode("utf-8", "replace"),
+        req.encode("utf-8", "replace"),
         ex.rendered,
     )
+
+
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+_request_cache: dict[tuple[tuple[tuple[str, str], ...], frozenset[str]], str] = {}
+
+
+def _request_lines(headers: Mapping[str, str], secret: frozenset[str]) -> str:
+    """A request's header lines after ``Host`` (masked), ending the head: most requests of a crawl send the same
+    headers, so each set is built once (while the secret registry is unchanged)."""
+    key = (tuple(headers.items()), secret)
+    registered = generation()
+    cached = _request_cache.get(key)
+    if cached is not None and _request_cache_secrets[0] == registered:
+        return cached
+    if _request_cache_secrets[0] != registered or len(_request_cache) > 256:
+        _request_cache.clear()
+        _request_cache_secrets[0] = registered
+    lines = "".join(
+        f"{name}: {_header_value(name.lower(), value, secret)}\r\n"
+        for name, value in headers.items()
+        if name.lower() != "host"
+    )
+    _request_cache[key] = lines = lines + "\r\n"
+    return lines
+
+
+_request_cache_secrets = [-1]  # the secret registry's generation the cache was built with
 
 
 def _warc(

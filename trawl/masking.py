@@ -22,6 +22,7 @@ __all__ = [
     "MASK",
     "MIN_SECRET_LENGTH",
     "clear_secrets",
+    "generation",
     "mask",
     "mask_text",
     "mask_url",
@@ -39,6 +40,7 @@ _USERINFO_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/@\s:?#]*):[^/\
 _lock = threading.Lock()
 _values: set[str] = set()
 _pattern: re.Pattern[str] | None = None
+_generation = 0
 
 
 def register_secret(value: str) -> None:
@@ -51,6 +53,8 @@ def register_secret(value: str) -> None:
         if spellings <= _values:
             return
         _values.update(spellings)
+        global _generation
+        _generation += 1
         # Longest first: a secret that contains another is masked whole.
         _pattern = re.compile("|".join(re.escape(v) for v in sorted(_values, key=len, reverse=True)))
 
@@ -58,9 +62,16 @@ def register_secret(value: str) -> None:
 def clear_secrets() -> None:
     """Forget every registered value (tests)."""
     global _pattern
+    global _generation
     with _lock:
         _values.clear()
         _pattern = None
+        _generation += 1
+
+
+def generation() -> int:
+    """Changes whenever the registry does: what was masked before may need masking again (caches key on it)."""
+    return _generation
 
 
 def secret_count() -> int:

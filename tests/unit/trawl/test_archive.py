@@ -69,6 +69,20 @@ def test_request_headers_are_masked() -> None:
     assert request.http_headers.get_header("Authorization") == "***"
 
 
+def test_a_secret_registered_later_is_masked_in_request_headers_archived_before() -> None:
+    # The same request headers are built once for many pages: a secret known only later is masked from then on.
+    headers = {"X-Key": "later-known-secret"}
+    members, _ = warc_members(_exchange(1, request_headers=headers), 1 << 20)
+    assert b"later-known-secret" in members  # not a secret yet
+    register_secret("later-known-secret")
+    try:
+        members, _ = warc_members(_exchange(2, request_headers=headers), 1 << 20)
+    finally:
+        clear_secrets()
+    [_, request] = list(ArchiveIterator(io.BytesIO(members)))
+    assert request.http_headers.get_header("X-Key") == "***"
+
+
 def test_a_body_over_the_cap_is_cut_and_marked() -> None:
     members, _ = warc_members(_exchange(1, body=b"x" * 5000), 1024)
     response = next(iter(ArchiveIterator(io.BytesIO(members))))  # read before the iterator moves on

@@ -24,7 +24,7 @@ import structlog
 from protego import Protego
 
 from trawl.errors import BlockedNetworkError, BreakerOpen, FetchError, PermanentFetchError
-from trawl.urls import host_of
+from trawl.urls import host_of, split_plain
 
 __all__ = ["ROBOTS_MAX_BYTES", "RobotsCache", "RobotsRules", "origin_of"]
 
@@ -39,7 +39,9 @@ _BOM = b"\xef\xbb\xbf"
 
 def origin_of(url: str) -> str:
     """``scheme://host[:port]`` (no credentials): where a URL's robots.txt is."""
-    return f"{urlsplit(url).scheme.lower()}://{host_of(url)}"
+    plain = split_plain(url)
+    scheme = plain[0] if plain is not None else urlsplit(url).scheme.lower()
+    return f"{scheme}://{host_of(url)}"
 
 
 @dataclass(frozen=True, slots=True)

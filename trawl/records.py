@@ -63,7 +63,7 @@ class Record:
         the masked URL, so what lands in tables, lineage and rejects never holds a token.
         """
         url = mask_url(self.url)
-        return {
+        out: dict[str, Any] = {
             "source": self.source,
             "key": url if self.key == self.url else (mask_text(self.key) if self.key is not None else None),
             "url": url,
@@ -71,8 +71,10 @@ class Record:
             "run_id": self.run_id,
             "content_hash": self.content_hash,
             "data": self.data,
-            **({"archive": self.archived} if self.archived is not None else {}),
         }
+        if self.archived is not None:
+            out["archive"] = self.archived
+        return out
 
 
 class OutcomeKind(StrEnum):
@@ -110,7 +112,7 @@ class Outcome:
 
     def envelope(self) -> dict[str, Any]:
         """The JSON object staged for this outcome (URL and error with secrets masked)."""
-        return {
+        out: dict[str, Any] = {
             "run_id": self.run_id,
             "source": self.source,
             "url": mask_url(self.url),
@@ -123,7 +125,10 @@ class Outcome:
             "at": self.at,
             "etag": self.etag,
             "last_modified": self.last_modified,
-            # Only when set: most outcomes have neither, and older staged outcomes have no such keys at all.
-            **({"lastmod": self.lastmod} if self.lastmod is not None else {}),
-            **({"proxy": self.proxy} if self.proxy is not None else {}),
         }
+        # Only when set: most outcomes have neither, and older staged outcomes have no such keys at all.
+        if self.lastmod is not None:
+            out["lastmod"] = self.lastmod
+        if self.proxy is not None:
+            out["proxy"] = self.proxy
+        return out

@@ -13,9 +13,9 @@ baseline as users have it.
 ``-a tuned=1`` (the runner's ``scrapy-tuned``) is the same spider as someone
 who profiled it would write it: ``CONCURRENT_ITEMS=10`` (Scrapy starts that many
 tasks per response's callback output, 100 by default) and the spider's own set
-of URLs already requested, checked before a ``Request`` is built, so the ~30
-links a page repeats cost a set lookup instead of a ``Request``, its fingerprint
-and the dupefilter. FIELD-NOTES measured the pair at 3x the plain spider's
+of URLs already requested, checked before a ``Request`` is built, so a link
+seen before (most of a page's) costs a set lookup instead of a ``Request``, its
+fingerprint and the dupefilter. FIELD-NOTES measured the pair at 3x the plain spider's
 pages/s; it is the fairest Scrapy to hold trawl against.
 
 One correctness fix every real spider needs: ``response.follow_all`` raises on

@@ -59,10 +59,13 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
-# trawl vs Scrapy vs a minimal aiohttp+selectolax crawler on a generated 20,000-page site served by nginx.
+# trawl vs a minimal aiohttp+selectolax crawler (the ceiling) vs Scrapy tuned and plain, on three generated
+# 20,000-page sites (default 15-30 KB pages, large ~60 KB, small ~5 KB) served by nginx, one table per site.
+# BENCH_ARGS passes options, e.g. BENCH_ARGS='--sites default --repeat 3' (python -m benchmarks.run --help).
 bench: venv browser
 	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { apt-get update && apt-get install -y nginx; }
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+	$(MAKE) bench-startup
 	$(BIN)/python -m benchmarks.browser
 	$(BIN)/python -m benchmarks.trawl_spider
 	$(MAKE) bench-load
@@ -90,6 +93,11 @@ bench-frontier: venv
 bench-shards: venv
 	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { apt-get update && apt-get install -y nginx; }
 	$(BIN)/python -m benchmarks.shards --database-url '$(TEST_PG:/test=/postgres)' $(BENCH_SHARDS_ARGS)
+
+# `trawl crawl` from launch to its first request: Prefect's temporary server vs a running `prefect server start`.
+.PHONY: bench-startup
+bench-startup: venv
+	$(BIN)/python -m benchmarks.startup $(BENCH_STARTUP_ARGS)
 
 # The small in-process benchmark on the demo site.
 bench-demo: venv

@@ -11,7 +11,7 @@ retries, per-host politeness, a network guard, circuit breakers, staging with
 manifests, structured logs.
 
 Writes ``DIR/records.jsonl`` and ``DIR/report.json`` (timing of the crawl itself,
-without interpreter start-up, and pages per HTTP status).
+without interpreter start-up, pages per HTTP status, the process's peak RSS).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import orjson
 from protego import Protego
 from selectolax.lexbor import LexborHTMLParser
 
+from benchmarks.rss import peak_rss_mb
 from benchmarks.site import FIELD_SELECTORS, FOLLOW_ALLOW, RECORD_URLS
 
 __all__ = ["crawl", "main"]
@@ -170,6 +171,7 @@ async def crawl(
         "statuses_by_origin": {origin: dict(n) for origin, n in c.statuses.items()},
         "records": c.records,
         "discovered": len(c.seen),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 

@@ -1,15 +1,23 @@
 """The benchmark site: a deterministic catalogue of static HTML pages for nginx to serve.
 
-    python -m benchmarks.site [--pages 20000] [--seed 1128] [--dir .trawl/bench/site]
+    python -m benchmarks.site [--site default|large|small] [--pages 20000] [--seed 1128] [--dir DIR]
 
 Page 0 is ``/index.html`` (the home page, no product fields); pages 1..N-1 are
 products at ``/p/NNNNNN.html`` carrying the four fields every contender
 extracts (``h1.name``, ``span.sku``, ``p.price[data-amount]``,
-``span.category``). Each page is 15-30 KB and has 20-40 links to other pages:
-its children in a spanning 20-ary tree (so every page is reachable from the
-index within a few hops), random pages, a link home, some with a
-``#reviews`` fragment. Each page also has a ``#top`` and a ``mailto:`` link,
-which a correct crawler must skip.
+``span.category``). Each page has a size and a number of links to other pages
+drawn from the site's ranges: its children in a spanning tree (so every page is
+reachable from the index within a few hops), random pages, a link home, some
+with a ``#reviews`` fragment. Each page also has a ``#top`` and a ``mailto:``
+link, which a correct crawler must skip.
+
+Three shapes (``SITES``), each generated into its own directory under
+``.trawl/bench/``:
+
+- ``default``: 15-30 KB pages with 20-40 links (a 20-ary tree), in ``site/``;
+- ``large``: 50-72 KB pages (~60 KB) with 90-110 links, in ``site-large/``;
+- ``small``: 3.5-7 KB pages (~5 KB) with 8-12 links (an 8-ary tree), in
+  ``site-small/``.
 
 Everything is drawn from a ``random.Random`` seeded per page, so the same
 parameters always give byte-identical files. A stamp file records the
@@ -25,25 +33,29 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import orjson
 
 __all__ = [
+    "BENCH_DIR",
     "DEFAULT_DIR",
     "DEFAULT_PAGES",
     "DEFAULT_SEED",
     "FIELD_SELECTORS",
     "FOLLOW_ALLOW",
     "RECORD_URLS",
+    "SITES",
     "Site",
     "SiteParams",
     "ensure_site",
     "page_path",
+    "site_dir",
 ]
 
-DEFAULT_DIR = Path(".trawl/bench/site")
+BENCH_DIR = Path(".trawl/bench")
+DEFAULT_DIR = BENCH_DIR / "site"
 # What every contender follows and which pages give records (searched in absolute URLs, fragments removed).
 FOLLOW_ALLOW = r"/(?:index|p/\d+)\.html$"
 RECORD_URLS = r"/p/\d+\.html$"
@@ -60,9 +72,10 @@ DEFAULT_SEED = 1128
 _VERSION = 2  # bump when the generator's output changes, so old stamps stop matching
 _STAMP = "stamp.json"
 _POOL = 4096  # filler paragraphs to draw from
-_BRANCHING = 20  # children per page in the spanning tree: depth 4 for 20,000 pages
-_MIN_LINKS, _MAX_LINKS = 20, 40
-_MIN_BYTES, _MAX_BYTES = 15 * 1024, 30_000  # inside 15-30 KB whichever K you mean
+_BRANCHING = 20  # children per page in the spanning tree (at most a page's fewest links): depth 4 for 20,000 pages
+# A page's size is drawn from [min_bytes + _HEAD_ROOM, max_bytes - _TAIL_ROOM], then filled up to it with whole
+# paragraphs, so it always lands inside [min_bytes, max_bytes].
+_HEAD_ROOM, _TAIL_ROOM = 500, 1500
 _CATEGORIES = (
     "Kitchen",
     "Garden",
@@ -96,6 +109,36 @@ class SiteParams:
     pages: int = DEFAULT_PAGES
     seed: int = DEFAULT_SEED
     version: int = _VERSION
+    min_bytes: int = 15 * 1024  # inside 15-30 KB whichever K you mean
+    max_bytes: int = 30_000
+    min_links: int = 20  # links to other pages (besides #top and mailto:)
+    max_links: int = 40
+
+    def __post_init__(self) -> None:
+        if self.pages < 2:
+            raise ValueError("a site needs at least 2 pages (the index and one product)")
+        if self.min_bytes + _HEAD_ROOM > self.max_bytes - _TAIL_ROOM:
+            raise ValueError(f"max_bytes must be at least min_bytes + {_HEAD_ROOM + _TAIL_ROOM}")
+        if not 2 <= self.min_links <= self.max_links:
+            raise ValueError("links: need 2 <= min_links <= max_links")
+
+    @property
+    def branching(self) -> int:
+        """Children per page in the spanning tree: never more than a page's fewest links, so none is cut off."""
+        return min(_BRANCHING, self.min_links)
+
+
+# The benchmark's site shapes: the same crawl over pages of different weight and fan-out.
+SITES: dict[str, SiteParams] = {
+    "default": SiteParams(),
+    "large": SiteParams(min_bytes=50_000, max_bytes=72_000, min_links=90, max_links=110),
+    "small": SiteParams(min_bytes=3_500, max_bytes=7_000, min_links=8, max_links=12),
+}
+
+
+def site_dir(name: str) -> Path:
+    """Where the site shape ``name`` is generated: ``.trawl/bench/site`` for the default, else ``site-NAME``."""
+    return DEFAULT_DIR if name == "default" else BENCH_DIR / f"site-{name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,9 +177,10 @@ def page_path(i: int) -> str:
     return "/index.html" if i == 0 else f"/p/{i:06d}.html"
 
 
-def _children(i: int, pages: int) -> range:
-    first = i * _BRANCHING + 1
-    return range(min(first, pages), min(first + _BRANCHING, pages))
+def _children(i: int, params: SiteParams) -> range:
+    branching, pages = params.branching, params.pages
+    first = i * branching + 1
+    return range(min(first, pages), min(first + branching, pages))
 
 
 def _sentence(rng: random.Random) -> str:
@@ -153,10 +197,11 @@ def _paragraphs(seed: int) -> list[str]:
     ]
 
 
-def _links(i: int, pages: int, rng: random.Random) -> list[str]:
-    """20-40 hrefs to other pages: tree children first (reachability), random pages, home."""
-    want = rng.randint(_MIN_LINKS, _MAX_LINKS)
-    targets = list(_children(i, pages))
+def _links(i: int, params: SiteParams, rng: random.Random) -> list[str]:
+    """min_links-max_links hrefs to other pages: tree children first (reachability), random pages, home."""
+    pages = params.pages
+    want = rng.randint(params.min_links, params.max_links)
+    targets = list(_children(i, params))
     if i != 0:
         targets.append(0)
     while len(targets) < want:
@@ -170,7 +215,7 @@ def _links(i: int, pages: int, rng: random.Random) -> list[str]:
 
 def _render(i: int, params: SiteParams, pool: list[str]) -> tuple[bytes, dict[str, str] | None]:
     rng = random.Random(params.seed * 1_000_003 + i)
-    target = rng.randint(_MIN_BYTES + 500, _MAX_BYTES - 1500)
+    target = rng.randint(params.min_bytes + _HEAD_ROOM, params.max_bytes - _TAIL_ROOM)
     fields: dict[str, str] | None = None
     if i == 0:
         title = "Trawl bench catalogue"
@@ -190,7 +235,7 @@ def _render(i: int, params: SiteParams, pool: list[str]) -> tuple[bytes, dict[st
             f' <span class="category">{fields["category"]}</span></div>\n'
             f'<p class="price" data-amount="{fields["price"]}">${fields["price"]}</p>\n'
         )
-    links = "".join(f'<li><a href="{h}">Item {n}</a></li>' for n, h in enumerate(_links(i, params.pages, rng)))
+    links = "".join(f'<li><a href="{h}">Item {n}</a></li>' for n, h in enumerate(_links(i, params, rng)))
     top = (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<title>{title}</title></head>\n<body><a id="top"></a>\n'
@@ -208,7 +253,7 @@ def _render(i: int, params: SiteParams, pool: list[str]) -> tuple[bytes, dict[st
         size += len(para)
     parts.append(bottom)
     data = "".join(parts).encode()
-    if not _MIN_BYTES <= len(data) <= _MAX_BYTES:  # pragma: no cover - a generator bug, not a user error
+    if not params.min_bytes <= len(data) <= params.max_bytes:  # pragma: no cover - a generator bug, not a user error
         raise AssertionError(f"page {i} is {len(data)} bytes")
     return data, fields
 
@@ -250,8 +295,6 @@ def ensure_site(params: SiteParams, directory: Path = DEFAULT_DIR) -> tuple[Site
             return site, False
     except (OSError, ValueError):
         pass
-    if params.pages < 2:
-        raise ValueError("a site needs at least 2 pages (the index and one product)")
     directory.parent.mkdir(parents=True, exist_ok=True)
     _generate(params, directory)
     return Site(params, directory), True
@@ -259,11 +302,13 @@ def ensure_site(params: SiteParams, directory: Path = DEFAULT_DIR) -> tuple[Site
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--site", choices=sorted(SITES), default="default", help="the site's shape")
     parser.add_argument("--pages", type=int, default=DEFAULT_PAGES)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    parser.add_argument("--dir", type=Path, help="where to generate it (default: the shape's own directory)")
     args = parser.parse_args()
-    site, made = ensure_site(SiteParams(args.pages, args.seed), args.dir)
+    params = replace(SITES[args.site], pages=args.pages, seed=args.seed)
+    site, made = ensure_site(params, args.dir or site_dir(args.site))
     print(f"{'generated' if made else 'reused'} {site.params.pages} pages in {site.root}")
 
 

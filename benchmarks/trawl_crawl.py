@@ -1,6 +1,7 @@
 """trawl's contender: the full `html` crawl in-process, as a flow task runs it (without Prefect).
 
     python -m benchmarks.trawl_crawl --url http://127.0.0.1:PORT/index.html --out DIR > trawl.log
+    python -m benchmarks.trawl_crawl --frontier-memory 20000,1000000
 
 An ``HtmlSource`` (start URL, follow pattern, record pattern, four fields, key
 ``sku``) crawled by ``crawl_source`` through one ``Fetcher`` (robots.txt,
@@ -9,7 +10,15 @@ JSON Lines parts and manifests under ``DIR/staging``), JSON logs at INFO on
 stdout. Per-host politeness allows 64 in flight, like the other contenders.
 
 Writes ``DIR/report.json``: timing of the crawl itself (without interpreter
-start-up and imports) and the source's stats.
+start-up and imports), the process's peak RSS and the source's stats.
+
+``--frontier-memory N[,N...]`` measures instead what the in-memory frontier
+costs per URL, with ``tracemalloc``, and prints it as JSON: the seen set (a
+``set[int]`` of ``url_hash`` values, as ``HtmlConnector`` keeps it) grown to N
+URLs, then a ``MemoryFrontier`` with the same N URLs queued. The URL strings are
+made before tracing starts: the seen set does not keep them, and a queued
+URL's string is reported on its own (its size depends on the site, not on
+trawl).
 """
 
 from __future__ import annotations
@@ -17,12 +26,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
+import sys
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from benchmarks.rss import peak_rss_mb
 from benchmarks.site import FIELD_SELECTORS, FOLLOW_ALLOW, RECORD_URLS
 from sinks.stage import LocalStager
 from trawl.config import AnySource, FollowRules, HtmlField, HtmlSource
@@ -32,7 +44,7 @@ from trawl.fetch import Fetcher
 from trawl.logs import configure_logging
 from trawl.settings import Settings
 
-__all__ = ["bench_settings", "bench_source", "crawl", "main"]
+__all__ = ["bench_settings", "bench_source", "crawl", "frontier_memory", "main"]
 
 _FIELD_TYPES = {"price": "float"}
 
@@ -105,18 +117,60 @@ async def measured_crawl(contender: str, source: AnySource, settings: Settings, 
         "status": result.status,
         "error": result.error,
         "manifest": result.manifest,
+        "peak_rss_mb": peak_rss_mb(),
         **result.stats,
+    }
+
+
+def frontier_memory(n: int) -> dict[str, Any]:
+    """Bytes per URL of the in-memory frontier at ``n`` distinct URLs: seen set, queue, the URL strings."""
+    from trawl.connectors.base import url_hash
+    from trawl.frontier.memory import MemoryFrontier
+
+    # Shaped like a crawl's URLs; built before tracing, as a crawl's parser builds them before they are scheduled.
+    urls = [f"https://shop-{i % 7}.example.com/p/{i:07d}.html" for i in range(n)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        seen: set[int] = set()
+        for url in urls:
+            seen.add(url_hash(url))
+        seen_bytes = tracemalloc.get_traced_memory()[0] - before
+        before = tracemalloc.get_traced_memory()[0]
+        frontier = MemoryFrontier("bench", "run")
+        for url in urls:
+            frontier.add(url, 1)
+        queued_bytes = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    return {
+        "urls": n,
+        "seen_set_bytes_per_url": seen_bytes / n,
+        "queued_bytes_per_url": queued_bytes / n,  # the queue's entry for a URL not yet fetched
+        "url_str_bytes": sum(map(sys.getsizeof, urls)) / n,  # kept alive by the queue, not by the seen set
+        "avg_url_chars": sum(map(len, urls)) / n,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", action="append", required=True, help="start URL (repeat for more seeds)")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--url", action="append", default=[], help="start URL (repeat for more seeds)")
+    parser.add_argument("--out", type=Path)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--settings", type=orjson.loads, default={}, help="JSON object of Settings overrides")
     parser.add_argument("--no-archive", action="store_true", help="the source with `archive: false`")
+    parser.add_argument(
+        "--frontier-memory",
+        metavar="N[,N...]",
+        help="print the in-memory frontier's bytes per URL at N distinct URLs as JSON (no crawl)",
+    )
     args = parser.parse_args()
+    if args.frontier_memory:
+        sizes = [int(n) for n in args.frontier_memory.split(",")]
+        print(orjson.dumps([frontier_memory(n) for n in sizes]).decode())
+        return
+    if not args.url or args.out is None:
+        parser.error("--url and --out are required for a crawl")
     args.out.mkdir(parents=True, exist_ok=True)
     configure_logging("json", "INFO")
     report = asyncio.run(

@@ -10,7 +10,10 @@ nginx on loopback and runs each contender in its own subprocess, one after
 another on the same site:
 
 - ``trawl``: the full `html` crawl (fetch, parse 4 fields, follow links, stage
-  gzip parts, JSON logs at INFO) — ``benchmarks/trawl_crawl.py``;
+  gzip parts, JSON logs at INFO) — ``benchmarks/trawl_crawl.py`` — with
+  ``archive: false``, as no other contender keeps a copy of the pages;
+- ``trawl+archive``: the same crawl with the `html` source's default,
+  ``archive: true`` (every response also written to the WARC page archive);
 - ``minimal``: aiohttp + selectolax in ~100 lines, the ceiling —
   ``benchmarks/minimal.py``;
 - ``scrapy-tuned``: the Scrapy spider with ``CONCURRENT_ITEMS=10`` and its own
@@ -98,7 +101,10 @@ from tests.helpers.staged import part_lines, staged_parts
 
 __all__ = ["CONTENDERS", "RunResult", "main"]
 
-CONTENDERS = ("trawl", "minimal", "scrapy-tuned", "scrapy")
+CONTENDERS = ("trawl", "trawl+archive", "minimal", "scrapy-tuned", "scrapy")
+TRAWLS = ("trawl", "trawl+archive")
+"""``trawl`` crawls with ``archive: false``, as the others keep no copy of the pages; ``trawl+archive`` is the
+`html` source's default, every response also written to the page archive (WARC)."""
 SCRAPY = ("scrapy", "scrapy-tuned")
 CHAOS = "trawl+chaos"
 # Issue 23's targets: trawl's pages/s at least this multiple of the other's, and (vs the ceiling) its CPU per page
@@ -184,8 +190,10 @@ def _chaos_seeds(fleet: ChaosFleetThread) -> list[str]:
 
 def _command(contender: str, seeds: list[str], out: Path) -> list[str]:
     py = sys.executable
-    if contender in ("trawl", CHAOS):
+    if contender in (*TRAWLS, CHAOS):
         argv = [py, "-m", "benchmarks.trawl_crawl", *(f"--url={u}" for u in seeds), f"--out={out}"]
+        if contender != "trawl+archive":
+            argv.append("--no-archive")
         if contender == CHAOS:
             argv.append(f"--settings={json.dumps(_chaos_settings())}")
         return argv
@@ -406,7 +414,7 @@ def _run_one(
     strict = len(seeds) == 1  # with chaos hosts among the seeds, failures elsewhere are expected
     base = seeds[0].rsplit("/", 1)[0]
     try:
-        if contender in ("trawl", CHAOS):
+        if contender in (*TRAWLS, CHAOS):
             _check_trawl(result, out, report, site, base, strict)
         elif contender in SCRAPY:
             _check_scrapy(result, out, report, site, base, strict)
@@ -499,25 +507,24 @@ def _table(rows: list[RunResult]) -> str:
 def _ratios(summary: dict[str, RunResult]) -> dict[str, dict[str, Any]]:
     """trawl against each other contender of the run: pages/s and CPU per page, with the issue's targets."""
     out: dict[str, dict[str, Any]] = {}
-    trawl = summary.get("trawl")
-    for other in CONTENDERS[1:]:
-        base = summary.get(other)
+    for name, other in ((t, o) for t in TRAWLS for o in CONTENDERS if o not in TRAWLS):
+        trawl, base = summary.get(name), summary.get(other)
         if trawl is None or base is None or not base.pages_per_s:
             continue
-        key = f"trawl/{other}"
+        key = f"{name}/{other}"
         ratio = trawl.pages_per_s / base.pages_per_s
         cpu = trawl.cpu_s_per_1k / base.cpu_s_per_1k if base.cpu_s_per_1k else None
         crawl_cpu = trawl.crawl_cpu_s_per_1k / base.crawl_cpu_s_per_1k if base.crawl_cpu_s_per_1k else None
-        cpu_target = CPU_TARGETS.get(key)
+        cpu_target = CPU_TARGETS.get(f"trawl/{other}")
         cpu_ok = cpu_target is None or (cpu is not None and cpu <= cpu_target)
         out[key] = {
             "valid": trawl.ok and base.ok,  # a ratio against a failed run means nothing
             "pages_per_s": round(ratio, 3),
             "cpu_per_page": round(cpu, 3) if cpu is not None else None,  # whole processes, start-up included
             "crawl_cpu_per_page": round(crawl_cpu, 3) if crawl_cpu is not None else None,
-            "target": TARGETS[key],
+            "target": TARGETS[f"trawl/{other}"],
             "cpu_target": cpu_target,
-            "meets_target": ratio >= TARGETS[key] and cpu_ok,
+            "meets_target": ratio >= TARGETS[f"trawl/{other}"] and cpu_ok,
         }
     return out
 
@@ -649,7 +656,8 @@ def _report_site(name: str, site: Site, runs: list[RunResult], contenders: list[
 
 _EPILOG = f"""\
 contenders, each in its own process on the same nginx-served site, 64 requests in flight, robots.txt obeyed:
-  trawl         the full html crawl (benchmarks/trawl_crawl.py)
+  trawl         the full html crawl (benchmarks/trawl_crawl.py), archive: false like the others
+  trawl+archive the same with the html source's default, archive: true (every response kept as WARC)
   minimal       aiohttp + selectolax, the hand-written ceiling (benchmarks/minimal.py)
   scrapy-tuned  the Scrapy spider with CONCURRENT_ITEMS=10 and a seen-set before yielding requests
   scrapy        the same spider plain (benchmarks/scrapy_baseline.py)

@@ -140,22 +140,21 @@ class _Meters:
     """One source's request metrics at one host, their label children looked up once (``labels()`` costs a lock,
     a tuple and a dict lookup: once per source and host instead of three times per request)."""
 
-    __slots__ = ("_by_class", "_label", "_source", "in_flight", "seconds")
+    __slots__ = ("_by_status", "_label", "_source", "in_flight", "seconds")
 
     def __init__(self, source: str, label: str) -> None:
         self._source, self._label = source, label
         self.in_flight = METRICS.in_flight.labels(source, label)
         self.seconds = METRICS.request_seconds.labels(source, label)
-        self._by_class: dict[str, Any] = {}
+        self._by_status: dict[int, Any] = {}
 
     def answered(self, status: int, latency: float) -> None:
         """A request ended: its latency and its status class counted."""
         self.in_flight.dec()
         self.seconds.observe(latency)
-        cls = status_class(status)
-        counter = self._by_class.get(cls)
+        counter = self._by_status.get(status)
         if counter is None:
-            counter = self._by_class[cls] = METRICS.requests.labels(self._source, self._label, cls)
+            counter = self._by_status[status] = METRICS.requests.labels(self._source, self._label, status_class(status))
         counter.inc()
 
 

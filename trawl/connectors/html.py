@@ -297,13 +297,13 @@ class HtmlConnector:
 
     async def _page(self, url: str, depth: int, out: asyncio.Queue[object]) -> None:
         src = self.source
-        is_record_page = self._record_re is None or bool(self._record_re.search(url))
+        record = self._record_re is None or self._record_re.search(url) is not None
         # Only pages we need nothing else from may come back empty (304): record pages, or every page of a list.
-        conditional = src.conditional and (not self._crawl or (self._record_re is not None and is_record_page))
+        conditional = src.conditional and (not self._crawl or (self._record_re is not None and record))
         resp = await self._get(url, self.ctx.conditional_headers(url) if conditional else None)
         if resp is None:
             return
-        await self._process(url, depth, resp, out)
+        await self._process(url, depth, resp, out, record if resp.url == url else None)
 
     async def replay(self, url: str, resp: Response, out: asyncio.Queue[object]) -> None:
         """What the crawl does with a response it already has (an archived page): the same records, outcome and
@@ -311,7 +311,10 @@ class HtmlConnector:
         here). Re-extraction and ``trawl try --from-archive`` run the source's current rules through it."""
         await self._process(url, 0, resp, out)
 
-    async def _process(self, url: str, depth: int, resp: Response, out: asyncio.Queue[object]) -> None:
+    async def _process(
+        self, url: str, depth: int, resp: Response, out: asyncio.Queue[object], record: bool | None = None
+    ) -> None:
+        """``record``: whether ``resp.url`` is a record page, when the caller knows already."""
         src = self.source
         archived = await resp.where_archived()  # at once, unless the archive's stream is flushing a part
         lastmod = self._lastmod.pop(url, None) if self._lastmod else None
@@ -326,7 +329,9 @@ class HtmlConnector:
             return
         fetched_at = resp.archived_at or utcnow()
         tree = parse_html(resp.markup())
-        if self._record_re is None or self._record_re.search(resp.url):
+        if record is None:
+            record = self._record_re is None or self._record_re.search(resp.url) is not None
+        if record:
             for data in extract_items(tree, src.item_selector, src.fields):
                 await out.put(
                     make_record(src.name, self.ctx.run_id, resp.url, fetched_at, data, src.key_fields, archived)

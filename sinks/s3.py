@@ -124,9 +124,17 @@ class S3PartWriter(PartWriter):
         self._run_key = run_key
         self._stream: _Stream | None = None
 
-    def _flush_sync(self, data: bytes) -> None:
-        super()._flush_sync(data)
+    def _write_sync(self, data: bytes) -> None:
+        super()._write_sync(data)
         self._file.flush()  # chunks are read back from the file by offset: the bytes must be in it
+
+    async def discard(self) -> None:
+        """As a local part's, and the part's streamed upload (if it began) is wound up in the background: its
+        chunk uploads finish, the multipart upload is aborted, the spool file's descriptor closed."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            self._stager._spawn(self._stager._drop_stream(stream), f"trawl-s3-drop:{stream.key}")
+        await super().discard()
 
     async def _part_opening(self) -> None:
         await self._stager._room()
@@ -408,6 +416,16 @@ class S3Stager:
             self._enqueue(pending)
         else:
             await self._uploaded(pending)
+        finally:
+            await asyncio.to_thread(os.close, stream.fd)
+
+    async def _drop_stream(self, stream: _Stream) -> None:
+        """A discarded part's upload: let the chunks under way end (they read its spool file), then abort it."""
+        try:
+            stream.failed = stream.failed or StagingError(f"s3://{self.bucket}/{stream.key}: the part was discarded")
+            await asyncio.gather(*stream.tasks, return_exceptions=True)
+            if stream.upload_id is not None:
+                await self._abort(stream.key, stream.upload_id)
         finally:
             await asyncio.to_thread(os.close, stream.fd)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
 import zlib
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
@@ -45,11 +46,6 @@ __all__ = ["LocalStager", "PartWriter"]
 _FLUSH_BYTES = 256 * 1024  # uncompressed bytes buffered before a compress+write round trip to a thread
 
 
-def _drop(file: Any) -> None:
-    file.close()
-    Path(file.name).unlink(missing_ok=True)
-
-
 class PartWriter:
     """Writes envelopes into gzip JSON Lines parts, rolling at a row or byte threshold."""
 
@@ -71,6 +67,10 @@ class PartWriter:
         self._sha: Any = None
         self._written = 0
         self._lock = asyncio.Lock()
+        self._io = threading.Lock()
+        """Held by the thread that writes, closes or drops the open part's file: a discard waits for a write still
+        under way in its thread (its task cancelled) instead of closing the file under it."""
+        self._discarded = False
         self._tag = ""
 
     def resume_from(self, parts: list[StagedPart], tag: str = "") -> None:
@@ -110,11 +110,23 @@ class PartWriter:
             self._written += len(chunk)
 
     def _flush_sync(self, data: bytes) -> None:
-        if self._file is None:
-            self._open_sync()
+        with self._io:
+            if self._discarded:
+                return
+            if self._file is None:
+                self._open_sync()
+            self._write_sync(data)
+
+    def _write_sync(self, data: bytes) -> None:
         self._emit(data if self._zip is None else self._zip.compress(data))
 
     def _close_sync(self) -> StagedPart:
+        with self._io:
+            if self._discarded:
+                raise StagingError(f"{self._uri_prefix}: the stream was discarded")
+            return self._finish_sync()
+
+    def _finish_sync(self) -> StagedPart:
         if self._zip is not None:
             self._emit(self._zip.flush())
         self._file.flush()
@@ -155,6 +167,8 @@ class PartWriter:
 
     async def write(self, envelope: Mapping[str, Any]) -> None:
         """Append one envelope; closes the current part when it reaches a threshold."""
+        if self._discarded:
+            return  # a crawl broken off: its workers' last rows are fetched again when it resumes
         line = orjson.dumps(envelope, option=orjson.OPT_APPEND_NEWLINE)
         size = len(line)
         if (
@@ -182,7 +196,8 @@ class PartWriter:
         due, no append under way): (part uri, their offset); None when the caller must ``await append()``."""
         size = len(members)
         if (
-            self._lock.locked()
+            self._discarded
+            or self._lock.locked()
             or self._buf_bytes + size >= min(_FLUSH_BYTES, self._max_bytes)
             or self._rows + 1 >= self._max_rows
             or self._written >= self._max_bytes
@@ -199,6 +214,8 @@ class PartWriter:
 
         The offset is exact because nothing is compressed here: the bytes land in the part as given.
         """
+        if self._discarded:
+            raise StagingError(f"{self._uri_prefix}: the stream was discarded")
         async with self._lock:
             uri, offset = f"{self._uri_prefix}/{self._name()}", self._written + self._buf_bytes
             self._buf.append(members)
@@ -211,13 +228,20 @@ class PartWriter:
         return uri, offset
 
     async def discard(self) -> None:
-        """Drop the open part (a crawl cancelled or broken off before it closed): its file is closed and removed,
-        the buffered rows are dropped. Parts already closed stay; a resumed run numbers new ones after them."""
+        """Drop the open part (a crawl cancelled or broken off before it closed): its file is closed and removed
+        (once a write still under way in its thread is done), the buffered rows are dropped, and rows written
+        after this are too. Parts already closed stay; a resumed run numbers new ones after them."""
+        self._discarded = True
         self._buf, self._buf_bytes, self._rows = [], 0, 0
-        file, self._file, self._zip, self._sha = self._file, None, None, None
-        self._written = 0
-        if file is not None:
-            await asyncio.to_thread(_drop, file)
+        await asyncio.to_thread(self._drop_sync)
+
+    def _drop_sync(self) -> None:
+        with self._io:
+            file, self._file, self._zip, self._sha = self._file, None, None, None
+            self._written = 0
+            if file is not None:
+                file.close()
+                Path(file.name).unlink(missing_ok=True)
 
     async def close(self) -> list[StagedPart]:
         """Close the open part (if any rows are pending) and return every part written."""

@@ -180,15 +180,22 @@ async def crawl_source(
                     staged = METRICS.records_staged.labels(source.name)
                     for kind in OutcomeKind:  # from 0: increase() sees a short crawl's outcomes too
                         METRICS.outcomes.labels(source.name, kind.value)
-                    async for item in connector_for(source, ctx, frontier).fetch():
-                        if isinstance(item, Settled):
-                            await frontier.settled(item)
-                        elif isinstance(item, Idle):
-                            await frontier.idle()
-                        else:
-                            await stage.records.write(item.envelope())
-                            staged.inc()
-                            staged_rows += 1
+                    items = connector_for(source, ctx, frontier).fetch()
+                    try:
+                        async for item in items:
+                            if isinstance(item, Settled):
+                                await frontier.settled(item)
+                            elif isinstance(item, Idle):
+                                await frontier.idle()
+                            else:
+                                await stage.records.write(item.envelope())
+                                staged.inc()
+                                staged_rows += 1
+                    finally:
+                        # However the loop ends, the connector's workers have stopped before the archive and the
+                        # streams close: no page is archived, no row written after that.
+                        if (aclose := getattr(items, "aclose", None)) is not None:
+                            await aclose()
                 except TrawlError as exc:
                     error = redact(str(exc))  # it is shown in logs, the UI and the CLI: no tokens from URLs
                 except Exception as exc:  # a bug in one source must not take the others down
@@ -203,7 +210,7 @@ async def crawl_source(
             except BaseException:
                 # Cancelled (or broken) before the streams were closed: their open parts' files are closed and
                 # dropped here, not left to the garbage collector (a checkpointed part stays; resume refetches the rest).
-                await stage.discard()
+                await stage.discard()  # logs what it could not drop; the crawl's own exception is the one raised
                 raise
     finally:
         unbind("source")

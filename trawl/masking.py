@@ -53,10 +53,10 @@ def register_secret(value: str) -> None:
         if spellings <= _values:
             return
         _values.update(spellings)
-        global _generation
-        _generation += 1
         # Longest first: a secret that contains another is masked whole.
         _pattern = re.compile("|".join(re.escape(v) for v in sorted(_values, key=len, reverse=True)))
+        global _generation
+        _generation += 1  # after the pattern: whoever sees the new generation masks with the new pattern
 
 
 def clear_secrets() -> None:

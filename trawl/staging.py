@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any, Literal, Protocol, Self
 
 import orjson
+import structlog
 
 from trawl.archive import ArchiveSink
 from trawl.errors import StagingError
@@ -56,6 +57,9 @@ MANIFEST = "_manifest.json"
 RUN_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}"
 """A run id, whole (``re.fullmatch``): it becomes a path segment, so no ``/``, ``\\`` or leading dot."""
 _SOURCE_SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,99}"
+
+
+log = structlog.get_logger("trawl.staging")
 
 
 def check_run_id(run_id: str) -> str:
@@ -271,8 +275,11 @@ class SourceStage:
 
     async def discard(self) -> None:
         """Drop every stream's open part: the crawl was cancelled (or broke) before it could close them."""
-        for _, writer in self.streams():
-            await writer.discard()
+        for kind, writer in self.streams():
+            try:
+                await writer.discard()
+            except Exception as exc:  # the others are dropped all the same; the crawl's own error is what it raises
+                log.warning("open part not dropped", stream=kind, source=self.source, error=str(exc))
 
     async def commit(
         self,

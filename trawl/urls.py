@@ -12,7 +12,7 @@ _AUTHORITY = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://([^/?#\\]*)")
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 # The common spelling, read without urlsplit (~1 µs instead of ~8): a lower-case http(s) scheme, a plain host name
 # or IPv4 address (no userinfo, brackets or escapes), an optional port. Anything else goes the long way.
-_PLAIN = re.compile(r"(https?)://([A-Za-z0-9.\-]+)(?::(\d{1,5}))?(?=[/?#]|\Z)")
+_PLAIN = re.compile(r"(https?)://([A-Za-z0-9.\-]+)(?::([0-9]{1,5}))?(?=[/?#]|\Z)")
 
 
 def split_plain(url: str) -> tuple[str, str, int | None] | None:

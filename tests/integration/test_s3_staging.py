@@ -125,6 +125,35 @@ async def test_a_large_part_goes_up_in_chunks_and_the_manifest_comes_last(
     assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
 
 
+async def test_a_discarded_part_mid_upload_is_aborted_and_leaves_nothing_behind(
+    s3_bucket: str, moto_endpoint: str, tmp_path: Path
+) -> None:
+    # A crawl cancelled while its part streams up in chunks: the multipart upload is aborted, the spool file and
+    # its descriptor are gone, and rows written after the discard go nowhere.
+    settings = s3_settings(s3_bucket, moto_endpoint, tmp_path, s3_part_size=5 * MIB, s3_max_concurrency=2)
+    s3 = client(moto_endpoint)
+    fds_before = len(await asyncio.to_thread(os.listdir, "/proc/self/fd"))
+    async with await asyncio.to_thread(open_stager, settings.staging, settings=settings) as stager:
+        st = stager.open_source("shop", RUN, STARTED)
+        i = 0
+        while not s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads"):
+            for _ in range(500):
+                await st.records.write(envelope(i, os.urandom(1000).hex()))
+                i += 1
+            await asyncio.sleep(0.05)
+            assert i < 30_000, "the part never started to stream"
+        await st.discard()
+        await st.records.write(envelope(i))  # a worker's last row after the discard: dropped, no new part opened
+        for _ in range(100):
+            if not s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads"):
+                break
+            await asyncio.sleep(0.05)
+        assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+        spooled = await asyncio.to_thread(lambda: [p.name for p in (tmp_path / "spool").rglob("*") if p.is_file()])
+        assert spooled == []
+    assert len(await asyncio.to_thread(os.listdir, "/proc/self/fd")) <= fds_before
+
+
 async def test_a_tampered_or_missing_part_is_a_loud_failure(s3_bucket: str, moto_endpoint: str, tmp_path: Path) -> None:
     settings = s3_settings(s3_bucket, moto_endpoint, tmp_path, part_max_records=5)
     s3 = client(moto_endpoint)

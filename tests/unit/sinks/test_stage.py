@@ -183,6 +183,23 @@ async def test_parts_roll_at_part_max_bytes(tmp_path: Path) -> None:
     assert keys == list(range(n))
 
 
+async def test_a_discarded_stream_drops_its_open_part_and_what_comes_after(tmp_path: Path) -> None:
+    stager = await local_stager(tmp_path, part_max_records=1_000_000, part_max_bytes=64 * 1024 * 1024)
+    stage = stager.open_source("blobs", RUN, STARTED)
+    for i in range(3000):  # past the flush threshold: the part's file is open
+        await stage.records.write({"i": i, "blob": "x" * 200})
+    files = await asyncio.to_thread(lambda: sorted(p.name for p in tmp_path.rglob("*") if p.is_file()))
+    assert files == ["part-00001.jsonl.gz.partial"]
+    await stage.discard()
+    await stage.records.write({"i": -1})  # a worker's row after the discard: dropped
+    assert stage.records.parts == [] and stage.records.rows == 0
+    assert stage.archive is not None
+    with pytest.raises(StagingError, match="discarded"):
+        await stage.archive.append(b"member")
+    stage.records._flush_sync(b"late")  # a write that was still under way in its thread: no file reopened
+    assert await asyncio.to_thread(lambda: [p for p in tmp_path.rglob("*") if p.is_file()]) == []
+
+
 async def test_nothing_is_loadable_before_commit(tmp_path: Path) -> None:
     stager = await local_stager(tmp_path, part_max_records=10)
     done = await stage_records(stager, 3, source="done", run_id="run-a")

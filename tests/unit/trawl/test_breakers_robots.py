@@ -11,22 +11,21 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from tests.helpers.net import LocalHost
 from trawl.errors import BlockedNetworkError, BreakerOpen, PermanentFetchError, RobotsDisallowed, TransientFetchError
 from trawl.fetch import Fetcher
 from trawl.netguard import GuardedResolver, NetworkGuard, RefusedAddress
 from trawl.settings import Settings
 
 
-class Host:
+class Host(LocalHost):
     """One local host: /page fails with 500 while ``failing``; /robots.txt serves ``robots`` (or a status)."""
 
     def __init__(self, ip: str = "127.0.0.1") -> None:
-        self.ip = ip
+        super().__init__(ip)
         self.failing = False
         self.robots: str | bytes | int = 404
         self.hits: Counter[str] = Counter()
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
     @property
     def url(self) -> str:
@@ -45,20 +44,6 @@ class Host:
         if self.failing:
             return web.Response(status=500)
         return web.Response(text="<p>ok</p>", content_type="text/html")
-
-    async def __aenter__(self) -> Host:
-        app = web.Application()
-        app.router.add_get("/{tail:.*}", self.handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.ip, 0)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
 
 
 @pytest.fixture

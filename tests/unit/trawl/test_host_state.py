@@ -6,26 +6,24 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from typing import Any
 
 import orjson
 import pytest
 from aiohttp import web
 
-from tests.helpers.net import start_app
+from tests.helpers.net import LocalHost
 from trawl.errors import BreakerOpen, FetchError
 from trawl.fetch import Fetcher
 from trawl.settings import Settings
 from trawl.urls import host_of
 
 
-class Host:
+class Host(LocalHost):
     """/robots.txt with a Crawl-delay, /slow answering 429 once, /down 500, the rest 200; counts requests by path."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.hits: Counter[str] = Counter()
-        self.port = 0
-        self._runner: web.AppRunner | None = None
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -39,14 +37,6 @@ class Host:
         if request.path == "/down":
             return web.Response(status=500)
         return web.Response(text="ok")
-
-    async def __aenter__(self) -> Host:
-        self._runner, self.port = await start_app(self.handle)
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
 
 
 @pytest.fixture

@@ -11,25 +11,24 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.helpers.net import start_app
+from tests.helpers.net import LocalHost
 from trawl.errors import BreakerOpen, HostBusy, ThrottleBudgetSpent, TransientFetchError
 from trawl.fetch import Fetcher, _HostGate
 from trawl.metrics import METRICS
 from trawl.settings import Settings
 
 
-class Throttling:
+class Throttling(LocalHost):
     """A local host whose /page answers ``mode``: ``ok``, ``429`` (Retry-After ``after``), ``503`` (with Retry-After),
     ``503-bare`` (none) or ``500``; the first ``refuse`` requests of each path only, when it is set."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.mode = "ok"
         self.after = "0.1"
         self.refuse: int | None = None
         self.hits: Counter[str] = Counter()
         self.times: list[float] = []
-        self.port = 0
-        self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
@@ -47,14 +46,6 @@ class Throttling:
         if self.mode == "503":
             return web.Response(status=503, headers={"Retry-After": self.after})
         return web.Response(status=503 if self.mode == "503-bare" else 500)
-
-    async def __aenter__(self) -> Throttling:
-        self._runner, self.port = await start_app(self.handle)
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
 
 
 @pytest.fixture

@@ -165,27 +165,30 @@ class PartWriter:
     async def _part_closed(self, part: StagedPart, path: Path) -> None:
         """After a part's file is complete and renamed to ``path``."""
 
+    def _fits(self, size: int) -> bool:
+        """Whether ``size`` more bytes only go into the buffer: no append under way, no flush or part close due."""
+        return (
+            not self._lock.locked()
+            and self._buf_bytes + size < min(_FLUSH_BYTES, self._max_bytes)
+            and self._rows + 1 < self._max_rows
+            and self._written < self._max_bytes
+        )
+
+    def _buffer(self, data: bytes) -> None:
+        self._buf.append(data)
+        self._buf_bytes += len(data)
+        self._rows += 1
+
     async def write(self, envelope: Mapping[str, Any]) -> None:
         """Append one envelope; closes the current part when it reaches a threshold."""
         if self._discarded:
             return  # a crawl broken off: its workers' last rows are fetched again when it resumes
         line = orjson.dumps(envelope, option=orjson.OPT_APPEND_NEWLINE)
-        size = len(line)
-        if (
-            not self._lock.locked()
-            and self._buf_bytes + size < min(_FLUSH_BYTES, self._max_bytes)
-            and self._rows + 1 < self._max_rows
-            and self._written < self._max_bytes
-        ):
-            # Into the buffer, nothing else due: no lock to take (most rows; a flush or a part to close takes it).
-            self._buf.append(line)
-            self._buf_bytes += size
-            self._rows += 1
+        if self._fits(len(line)):  # nothing else due: no lock to take (most rows; a flush or a part to close takes it)
+            self._buffer(line)
             return
         async with self._lock:
-            self._buf.append(line)
-            self._buf_bytes += len(line)
-            self._rows += 1
+            self._buffer(line)
             if self._buf_bytes >= min(_FLUSH_BYTES, self._max_bytes):
                 await self._flush()
             if self._rows >= self._max_rows or self._written >= self._max_bytes:
@@ -194,19 +197,10 @@ class PartWriter:
     def append_nowait(self, members: bytes) -> tuple[str, int] | None:
         """:meth:`append` without waiting, when the members only go into the buffer (no flush or part to close is
         due, no append under way): (part uri, their offset); None when the caller must ``await append()``."""
-        size = len(members)
-        if (
-            self._discarded
-            or self._lock.locked()
-            or self._buf_bytes + size >= min(_FLUSH_BYTES, self._max_bytes)
-            or self._rows + 1 >= self._max_rows
-            or self._written >= self._max_bytes
-        ):
+        if self._discarded or not self._fits(len(members)):
             return None
         where = f"{self._uri_prefix}/{self._name()}", self._written + self._buf_bytes
-        self._buf.append(members)
-        self._buf_bytes += size
-        self._rows += 1
+        self._buffer(members)
         return where
 
     async def append(self, members: bytes) -> tuple[str, int]:
@@ -218,9 +212,7 @@ class PartWriter:
             raise StagingError(f"{self._uri_prefix}: the stream was discarded")
         async with self._lock:
             uri, offset = f"{self._uri_prefix}/{self._name()}", self._written + self._buf_bytes
-            self._buf.append(members)
-            self._buf_bytes += len(members)
-            self._rows += 1
+            self._buffer(members)
             if self._buf_bytes >= min(_FLUSH_BYTES, self._max_bytes):
                 await self._flush()
             if self._rows >= self._max_rows or self._written >= self._max_bytes:

@@ -157,30 +157,24 @@ def _prepare(ex: Exchange, max_bytes: int) -> _Job:
 
 
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
-_request_cache: dict[tuple[tuple[tuple[str, str], ...], frozenset[str]], str] = {}
+_request_cache: dict[tuple[tuple[tuple[str, str], ...], frozenset[str], int], str] = {}
 
 
 def _request_lines(headers: Mapping[str, str], secret: frozenset[str]) -> str:
     """A request's header lines after ``Host`` (masked), ending the head: most requests of a crawl send the same
-    headers, so each set is built once (while the secret registry is unchanged)."""
-    key = (tuple(headers.items()), secret)
-    registered = generation()
-    cached = _request_cache.get(key)
-    if cached is not None and _request_cache_secrets[0] == registered:
-        return cached
-    if _request_cache_secrets[0] != registered or len(_request_cache) > 256:
-        _request_cache.clear()
-        _request_cache_secrets[0] = registered
-    lines = "".join(
-        f"{name}: {_header_value(name.lower(), value, secret)}\r\n"
-        for name, value in headers.items()
-        if name.lower() != "host"
-    )
-    _request_cache[key] = lines = lines + "\r\n"
+    headers, so each set is built once per state of the secret registry (its generation is part of the key)."""
+    key = (tuple(headers.items()), secret, generation())
+    lines = _request_cache.get(key)
+    if lines is None:
+        if len(_request_cache) > 256:  # bounded: old generations' entries go too
+            _request_cache.clear()
+        lines = "".join(
+            f"{name}: {_header_value(name.lower(), value, secret)}\r\n"
+            for name, value in headers.items()
+            if name.lower() != "host"
+        )
+        _request_cache[key] = lines = lines + "\r\n"
     return lines
-
-
-_request_cache_secrets = [-1]  # the secret registry's generation the cache was built with
 
 
 def _warc(

@@ -862,7 +862,7 @@ class Fetcher:
         ``adaptive``: the response time feeds the host's rate (politeness ``adaptive``); ``park``: a throttled host
         with no room raises HostBusy instead of holding the caller.
         """
-        gate = self._gates.get(host) or self._gate(host, concurrency, delay)
+        gate = self._gate(host, concurrency, delay)
         return HostTurn(gate, self.breakers.get(host), url, source, adaptive=adaptive, park=park)
 
     def throttle_signals(self, source: str, hosts: set[str]) -> dict[str, int]:
